@@ -1,0 +1,233 @@
+"""Bytes <-> envelopes: Avro (plain or Confluent wire format) and JSON.
+
+Outputs are Avro by default because the schemas are the contract; JSON is offered because
+many upstream services cannot speak Avro. Decoding never raises anything but
+:class:`DecodeError`, so a stage can turn any bad input into a dead letter with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import fastavro
+from pydantic import ValidationError
+
+from pipeline.envelopes import Envelope
+
+E = TypeVar("E", bound=Envelope)
+
+CONTENT_TYPE_HEADER = "content-type"
+JSON = "application/json"
+AVRO = "application/vnd.llmpipe.avro"
+CONFLUENT_AVRO = "application/vnd.confluent.avro"
+CONFLUENT_MAGIC = 0
+JSON_FIELD_MARK = "llmpipe.json"
+
+OutputFormat = Literal["avro", "json", "confluent"]
+
+DEFAULT_SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+class DecodeError(Exception):
+    """Bytes that do not make an envelope; ``reason`` is the dead-letter reason code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def load_schemas(directory: Path = DEFAULT_SCHEMAS_DIR) -> dict[str, dict[str, Any]]:
+    """Read every ``*.avsc`` and return the raw schemas by full name.
+
+    Raw (unparsed) schemas are kept because fastavro drops custom properties such as the
+    JSON-field mark, and the codec needs them.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.glob("*.avsc")):
+        schema = json.loads(path.read_text())
+        raw[f"{schema['namespace']}.{schema['name']}"] = schema
+    return raw
+
+
+class Codec:
+    """Encodes and decodes every envelope type with one set of schemas."""
+
+    def __init__(
+        self,
+        schemas: Mapping[str, dict[str, Any]] | None = None,
+        output_format: OutputFormat = "avro",
+        schema_id_for: Callable[[str], int] | None = None,
+    ) -> None:
+        self._raw = dict(schemas if schemas is not None else load_schemas())
+        self._parsed = _parse_all(self._raw)
+        self.output_format = output_format
+        if output_format == "confluent" and schema_id_for is None:
+            raise ValueError("the Confluent wire format needs a schema id source")
+        self._schema_id_for = schema_id_for
+
+    def schema_name(self, cls: type[Envelope]) -> str:
+        return f"llmpipe.{cls.__name__}"
+
+    def encode(self, envelope: Envelope) -> tuple[bytes, str]:
+        """Return the bytes and the content type to put in the ``content-type`` header."""
+        if self.output_format == "json":
+            return envelope.model_dump_json().encode(), JSON
+        name = self.schema_name(type(envelope))
+        record = _to_avro(envelope.model_dump(), self._raw[name], self._raw)
+        buffer = io.BytesIO()
+        if self.output_format == "confluent":
+            assert self._schema_id_for is not None
+            buffer.write(struct.pack(">bI", CONFLUENT_MAGIC, self._schema_id_for(name)))
+        fastavro.schemaless_writer(buffer, self._parsed[name], record)
+        content_type = CONFLUENT_AVRO if self.output_format == "confluent" else AVRO
+        return buffer.getvalue(), content_type
+
+    def decode_fields(
+        self, data: bytes, cls: type[Envelope], content_type: str | None = None
+    ) -> dict[str, Any]:
+        """Decode to plain fields without validating them against the model.
+
+        Kept separate from :meth:`decode` so the validation stage can tell "not a message at
+        all" (``decode_error``) from "a message with a missing or bad field".
+        """
+        kind = _detect(data, content_type)
+        try:
+            if kind == JSON:
+                value = json.loads(data.decode("utf-8"))
+                if not isinstance(value, dict):
+                    raise DecodeError("decode_error", "JSON message is not an object")
+                return value
+            name = self.schema_name(cls)
+            body = data
+            if kind == CONFLUENT_AVRO:
+                if len(data) < 5:
+                    raise DecodeError("decode_error", "Confluent frame shorter than 5 bytes")
+                body = data[5:]
+            stream = io.BytesIO(body)
+            record = fastavro.schemaless_reader(stream, self._parsed[name], None)
+            if stream.tell() != len(body):
+                raise DecodeError("decode_error", "trailing bytes after the Avro record")
+            fields = _from_avro(record, self._raw[name], self._raw)
+            if not isinstance(fields, dict):
+                raise DecodeError("decode_error", "Avro record did not decode to an object")
+            return fields
+        except DecodeError:
+            raise
+        except RecursionError:
+            raise DecodeError("decode_error", "message nested too deeply") from None
+        except UnicodeDecodeError as exc:
+            raise DecodeError("decode_error", f"invalid UTF-8 at byte {exc.start}") from None
+        except json.JSONDecodeError as exc:
+            raise DecodeError("decode_error", f"invalid JSON: {exc.msg} at {exc.pos}") from None
+        except Exception as exc:  # fastavro raises many unrelated types on corrupt input
+            raise DecodeError("decode_error", f"invalid Avro: {type(exc).__name__}") from None
+
+    def decode(self, data: bytes, cls: type[E], content_type: str | None = None) -> E:
+        fields = self.decode_fields(data, cls, content_type)
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            raise DecodeError("invalid_envelope", _first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    return f"{loc}: {err['msg']}"
+
+
+def _detect(data: bytes, content_type: str | None) -> str:
+    """Header first; otherwise sniff: ``{`` cannot start a valid Avro record of ours."""
+    if content_type:
+        lowered = content_type.lower()
+        if "json" in lowered:
+            return JSON
+        if "confluent" in lowered:
+            return CONFLUENT_AVRO
+        if "avro" in lowered:
+            return AVRO
+    stripped = data.lstrip(b" \t\r\n\xef\xbb\xbf")
+    if stripped[:1] == b"{":
+        return JSON
+    if data[:1] == bytes([CONFLUENT_MAGIC]) and len(data) >= 5:
+        return CONFLUENT_AVRO
+    return AVRO
+
+
+def _parse_all(raw: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """Parse in dependency order so each schema can refer to records defined in other files."""
+    named: dict[str, Any] = {}
+    parsed: dict[str, Any] = {}
+    pending = dict(raw)
+    while pending:
+        progress = False
+        for name, schema in list(pending.items()):
+            try:
+                parsed[name] = fastavro.parse_schema(schema, named_schemas=named)
+            except fastavro.schema.UnknownType:
+                continue
+            del pending[name]
+            progress = True
+        if not progress:
+            raise ValueError(f"unresolvable schema references in {sorted(pending)}")
+    return parsed
+
+
+def _resolve(schema: Any, raw: Mapping[str, dict[str, Any]]) -> Any:
+    if isinstance(schema, str) and schema in raw:
+        return raw[schema]
+    if isinstance(schema, dict) and isinstance(schema.get("type"), str) and schema["type"] in raw:
+        return raw[schema["type"]]
+    return schema
+
+
+def _to_avro(value: Any, schema: Any, raw: Mapping[str, dict[str, Any]]) -> Any:
+    schema = _resolve(schema, raw)
+    if isinstance(schema, list):
+        if value is None:
+            return None
+        branch = next(s for s in schema if s != "null")
+        return _to_avro(value, branch, raw)
+    if not isinstance(schema, dict):
+        return value
+    if schema.get(JSON_FIELD_MARK):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    kind = schema["type"]
+    if kind == "record":
+        return {f["name"]: _to_avro(value.get(f["name"]), f["type"], raw) for f in schema["fields"]}
+    if kind == "array":
+        return [_to_avro(v, schema["items"], raw) for v in value]
+    if kind == "map":
+        return {k: _to_avro(v, schema["values"], raw) for k, v in value.items()}
+    if isinstance(kind, dict | list):
+        return _to_avro(value, kind, raw)
+    return value
+
+
+def _from_avro(value: Any, schema: Any, raw: Mapping[str, dict[str, Any]]) -> Any:
+    schema = _resolve(schema, raw)
+    if isinstance(schema, list):
+        if value is None:
+            return None
+        branch = next(s for s in schema if s != "null")
+        return _from_avro(value, branch, raw)
+    if not isinstance(schema, dict):
+        return value
+    if schema.get(JSON_FIELD_MARK):
+        return json.loads(value)
+    kind = schema["type"]
+    if kind == "record":
+        return {f["name"]: _from_avro(value[f["name"]], f["type"], raw) for f in schema["fields"]}
+    if kind == "array":
+        return [_from_avro(v, schema["items"], raw) for v in value]
+    if kind == "map":
+        return {k: _from_avro(v, schema["values"], raw) for k, v in value.items()}
+    if isinstance(kind, dict | list):
+        return _from_avro(value, kind, raw)
+    return value

@@ -1,0 +1,95 @@
+"""All configuration in one place: environment variables with the ``LLMPIPE_`` prefix.
+
+One settings class means one table in the README and one place to look when a worker
+behaves differently in two environments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Every field maps to ``LLMPIPE_<FIELD>`` in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMPIPE_", extra="ignore")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    topic_prefix: str = Field("", description="Prefix for every topic and consumer group.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol, passed to every client."
+    )
+    sasl_mechanism: str | None = Field(None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512.")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL listeners.")
+
+    model_base_url: str = Field(
+        "http://127.0.0.1:8400/v1", description="OpenAI-compatible base URL (ends in /v1)."
+    )
+    model_api_key: SecretStr | None = Field(None, description="Bearer token for the model endpoint.")
+    model_timeout_s: float = Field(30.0, description="Upper bound on one model call; a prompt may set less.")
+    model_max_attempts: int = Field(3, description="Attempts per model call on timeouts, 429 and 5xx.")
+
+    prompts_dir: Path = Field(REPO_ROOT / "prompts", description="Directory of prompt files.")
+    topics_dir: Path = Field(REPO_ROOT / "topics", description="Directory of topic declarations.")
+    output_format: Literal["avro", "json"] = Field("avro", description="Encoding of produced messages.")
+
+    max_in_flight: int = Field(64, description="Messages processed concurrently per stage and worker.")
+    max_request_bytes: int = Field(1_000_000, description="Larger requests are dead-lettered (too_large).")
+    max_variable_chars: int = Field(50_000, description="Longest rendered prompt, in characters.")
+    max_prompt_tokens: int = Field(8_000, description="Estimated prompt tokens allowed per request.")
+    deny_patterns: list[str] = Field(
+        default_factory=list, description="Regexes that block a request (blocked_content)."
+    )
+    pii_policy: Literal["allow", "flag", "block"] = Field(
+        "flag", description="What to do when variables contain personal data."
+    )
+
+    review_db: str = Field("sqlite:///llmpipe-review.db", description="Review queue database URL.")
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}llmpipe.{name}"
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka-style keys shared by confluent-kafka clients (admin, replay, tools)."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            config["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_cafile:
+            config["ssl.ca.location"] = str(self.ssl_cafile)
+        return config
+
+    def aiokafka_config(self) -> dict[str, Any]:
+        """The same settings in aiokafka's spelling, for the asyncio workers."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl_mechanism"] = self.sasl_mechanism
+            config["sasl_plain_username"] = self.sasl_username
+            config["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.ssl_cafile:
+            import ssl
+
+            config["ssl_context"] = ssl.create_default_context(cafile=str(self.ssl_cafile))
+        return config
