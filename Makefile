@@ -1,0 +1,42 @@
+# The README names these targets; .ci/run uses the same ones.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install kafka-up kafka-down topics demo test lint typecheck check clean
+
+install: $(BIN)/llmpipe
+$(BIN)/llmpipe: pyproject.toml requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(PY) -m uv venv --quiet --allow-existing $(VENV)
+	$(PY) -m uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(PY) -m uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+kafka-up: install
+	bash infra/kafka/kafka.sh up
+
+kafka-down:
+	bash infra/kafka/kafka.sh down
+
+topics: kafka-up
+	$(BIN)/llmpipe topics apply
+
+## The demo: broker, topics, fake model, workers, ~200 requests, a table of where they went.
+demo: kafka-up
+	$(BIN)/llmpipe demo
+
+## The tests: lint, types, prompt lock, then the suite against a real broker.
+test: kafka-up lint typecheck
+	$(BIN)/llmpipe prompts check
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
+
+typecheck: install
+	$(BIN)/mypy pipeline
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
