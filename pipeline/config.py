@@ -25,26 +25,42 @@ class Settings(BaseSettings):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol, passed to every client."
     )
-    sasl_mechanism: str | None = Field(None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512.")
+    sasl_mechanism: str | None = Field(
+        None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512."
+    )
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
     ssl_cafile: Path | None = Field(None, description="CA bundle for SSL listeners.")
 
     model_base_url: str = Field(
-        "http://127.0.0.1:8400/v1", description="OpenAI-compatible base URL (ends in /v1)."
+        "http://127.0.0.1:8089/v1", description="OpenAI-compatible base URL (ends in /v1)."
     )
-    model_api_key: SecretStr | None = Field(None, description="Bearer token for the model endpoint.")
-    model_timeout_s: float = Field(30.0, description="Upper bound on one model call; a prompt may set less.")
-    model_max_attempts: int = Field(3, description="Attempts per model call on timeouts, 429 and 5xx.")
+    model_api_key: SecretStr | None = Field(
+        None, description="Bearer token for the model endpoint."
+    )
+    model_timeout_s: float = Field(
+        30.0, description="Upper bound on one model call; a prompt may set less."
+    )
+    model_max_attempts: int = Field(
+        3, description="Attempts per model call on timeouts, 429 and 5xx."
+    )
 
     prompts_dir: Path = Field(REPO_ROOT / "prompts", description="Directory of prompt files.")
     topics_dir: Path = Field(REPO_ROOT / "topics", description="Directory of topic declarations.")
-    output_format: Literal["avro", "json"] = Field("avro", description="Encoding of produced messages.")
+    output_format: Literal["avro", "json"] = Field(
+        "avro", description="Encoding of produced messages."
+    )
 
-    max_in_flight: int = Field(64, description="Messages processed concurrently per stage and worker.")
-    max_request_bytes: int = Field(1_000_000, description="Larger requests are dead-lettered (too_large).")
+    max_in_flight: int = Field(
+        64, description="Messages processed concurrently per stage and worker."
+    )
+    max_request_bytes: int = Field(
+        1_000_000, description="Larger requests are dead-lettered (too_large)."
+    )
     max_variable_chars: int = Field(50_000, description="Longest rendered prompt, in characters.")
-    max_prompt_tokens: int = Field(8_000, description="Estimated prompt tokens allowed per request.")
+    max_prompt_tokens: int = Field(
+        8_000, description="Estimated prompt tokens allowed per request."
+    )
     deny_patterns: list[str] = Field(
         default_factory=list, description="Regexes that block a request (blocked_content)."
     )

@@ -6,8 +6,11 @@ Partition counts are never lowered (Kafka cannot, and keys would move partitions
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from confluent_kafka.admin import (
@@ -121,7 +124,9 @@ def apply(admin: AdminClient, specs: list[TopicSpec], prefix: str = "") -> Plan:
     ]
     if creates:
         _wait(admin.create_topics(creates, operation_timeout=ADMIN_TIMEOUT_S))
-    grows = [NewPartitions(c.topic, c.partitions) for c in result.changes if c.action == "add_partitions"]
+    grows = [
+        NewPartitions(c.topic, c.partitions) for c in result.changes if c.action == "add_partitions"
+    ]
     if grows:
         _wait(admin.create_partitions(grows))
     alters = [
@@ -152,6 +157,6 @@ def _describe(admin: AdminClient, topics: list[str]) -> dict[str, dict[str, str]
     return out
 
 
-def _wait(futures: dict[object, object]) -> None:
+def _wait(futures: Mapping[Any, Future[Any]]) -> None:
     for future in futures.values():
-        future.result(timeout=ADMIN_TIMEOUT_S)  # type: ignore[attr-defined]
+        future.result(timeout=ADMIN_TIMEOUT_S)

@@ -1,0 +1,205 @@
+"""The ``llmpipe`` command. User mistakes end in one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from pipeline.config import REPO_ROOT, Settings
+
+app = typer.Typer(help="llmpipe: make LLM output safe to use in production.", no_args_is_help=True)
+kafka_app = typer.Typer(
+    help="Run a local Kafka broker (KRaft, single node, loopback).", no_args_is_help=True
+)
+topics_app = typer.Typer(
+    help="Topics as code: topics/*.yaml against the cluster.", no_args_is_help=True
+)
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(topics_app, name="topics")
+
+console = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line without a traceback."""
+
+
+def friendly(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+def _kafka(command: str) -> None:
+    result = subprocess.run(["bash", str(KAFKA_SCRIPT), command], check=False)
+    raise typer.Exit(result.returncode)
+
+
+@kafka_app.command("up")
+def kafka_up() -> None:
+    """Fetch the jars once, format storage, start the broker and wait until it answers."""
+    _kafka("up")
+
+
+@kafka_app.command("down")
+def kafka_down() -> None:
+    """Stop the broker started by `kafka up`."""
+    _kafka("down")
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    """Exit 0 when the broker is running."""
+    _kafka("status")
+
+
+def _admin() -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient(settings().kafka_client_config())
+
+
+def _specs(directory: Path | None) -> Any:
+    from pipeline.topics import TopicSpecError, load_specs
+
+    try:
+        return load_specs(directory or settings().topics_dir)
+    except TopicSpecError as exc:
+        raise UserError(str(exc)) from None
+
+
+@topics_app.command("plan")
+@friendly
+def topics_plan(
+    topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
+) -> None:
+    """Show what `topics apply` would change, without changing anything."""
+    from pipeline.topics import plan
+
+    result = plan(_admin(), _specs(topics_dir), settings().topic_prefix)
+    for change in result.changes:
+        console.print(f"{change.action:15} {change.topic}: {change.detail}")
+    for problem in result.errors:
+        err.print(f"[red]refused[/red] {problem}")
+    if result.empty:
+        console.print("no changes: the cluster matches the topic files")
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@topics_app.command("apply")
+@friendly
+def topics_apply(
+    topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
+) -> None:
+    """Create missing topics, add partitions and update configs. Idempotent."""
+    from pipeline.topics import TopicPlanError, apply
+
+    try:
+        result = apply(_admin(), _specs(topics_dir), settings().topic_prefix)
+    except TopicPlanError as exc:
+        raise UserError(str(exc)) from None
+    for change in result.changes:
+        console.print(f"{change.action:15} {change.topic}: {change.detail}")
+    if result.empty:
+        console.print("no changes: the cluster matches the topic files")
+
+
+@app.command()
+@friendly
+def worker(
+    stages: Annotated[
+        str, typer.Option(help="Comma-separated stages to run.")
+    ] = "validate,model,settle,fallback",
+) -> None:
+    """Run pipeline stages until SIGTERM/SIGINT."""
+    from pipeline.logs import configure_logging
+    from pipeline.prompts.errors import PromptLoadError
+    from pipeline.worker import run_worker
+
+    configure_logging()
+    try:
+        run_worker(settings(), [s.strip() for s in stages.split(",") if s.strip()])
+    except (PromptLoadError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+@app.command()
+@friendly
+def send(
+    prompt: Annotated[str, typer.Argument(help="Prompt name.")],
+    variables: Annotated[str, typer.Option("--vars", help="Variables as a JSON object.")] = "{}",
+    request_id: Annotated[
+        str | None, typer.Option(help="Request id (default: a new UUID).")
+    ] = None,
+    version: Annotated[int | None, typer.Option(help="Ask for this prompt version.")] = None,
+) -> None:
+    """Publish one JSON request to llm.requests (handy for trying things out)."""
+    import uuid
+
+    from confluent_kafka import Producer
+
+    try:
+        parsed = json.loads(variables)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--vars is not JSON: {exc}") from None
+    rid = request_id or str(uuid.uuid4())
+    body: dict[str, Any] = {"request_id": rid, "prompt": prompt, "variables": parsed}
+    if version is not None:
+        body["prompt_version"] = version
+    s = settings()
+    producer = Producer(s.kafka_client_config())
+    producer.produce(
+        s.topic("llm.requests"),
+        json.dumps(body).encode(),
+        rid.encode(),
+        headers=[("content-type", b"application/json")],
+    )
+    if producer.flush(30) != 0:
+        raise UserError("the request was not acknowledged by the broker within 30 s")
+    console.print(rid)
+
+
+@app.command()
+@friendly
+def demo(
+    count: Annotated[int, typer.Option(help="Number of requests to publish.")] = 200,
+    keep: Annotated[bool, typer.Option(help="Leave what the demo started running.")] = False,
+) -> None:
+    """Start what is missing, publish a mix of requests, and show where each one ended."""
+    from pipeline.demo import run_demo
+
+    sys.exit(run_demo(settings(), count=count, keep=keep, console=console))
+
+
+def _register_optional() -> None:
+    """Sub-apps owned by their own modules register here, so this file stays the index."""
+    from pipeline.fakellm.cli import fake_llm
+    from pipeline.prompts.cli import prompts_app
+
+    app.add_typer(prompts_app, name="prompts")
+    app.command("fake-llm")(fake_llm)
+
+
+_register_optional()

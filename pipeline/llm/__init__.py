@@ -1,0 +1,1 @@
+"""Model clients: one protocol, one implementation per wire protocol, resilience around it."""

@@ -1,0 +1,119 @@
+"""OpenAI-compatible chat completions over httpx.
+
+The same wire protocol is served by OpenAI, vLLM, Ollama, llama.cpp server, LM Studio and
+most gateways, so one client covers them all. It classifies failures but never retries:
+retrying is the job of :mod:`pipeline.llm.retry`, which knows the request's budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+
+MAX_RESPONSE_BYTES = 8_000_000
+
+
+class OpenAIChatClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def complete(self, request: ChatRequest) -> ChatCompletion:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+        }
+        if request.logprobs:
+            body["logprobs"] = True
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(
+                "/chat/completions", json=body, timeout=httpx.Timeout(request.timeout_s)
+            )
+        except httpx.TimeoutException as exc:
+            raise ModelError("timeout", f"no answer within {request.timeout_s}s") from exc
+        except httpx.TransportError as exc:
+            raise ModelError("connection", f"{type(exc).__name__}: {exc}") from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        if response.status_code != 200:
+            raise _status_error(response)
+        if len(response.content) > MAX_RESPONSE_BYTES:
+            raise ModelError("bad_response", f"response of {len(response.content)} bytes")
+        return _parse(response, request.model, latency_ms)
+
+
+def _status_error(response: httpx.Response) -> ModelError:
+    status = response.status_code
+    text = response.text[:200]
+    if status == 429:
+        return ModelError(
+            "rate_limited",
+            f"429 from model endpoint: {text}",
+            retry_after_s=retry_after_seconds(response.headers.get("retry-after")),
+            status=status,
+        )
+    if status in (408, 409) or status >= 500:
+        return ModelError("server_error", f"{status} from model endpoint: {text}", status=status)
+    return ModelError("client_error", f"{status} from model endpoint: {text}", status=status)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` is either delta-seconds or an HTTP date; both are honoured."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _parse(response: httpx.Response, requested_model: str, latency_ms: float) -> ChatCompletion:
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        text = choice["message"].get("content") or ""
+        if not isinstance(text, str):
+            raise TypeError("content is not a string")
+        usage = data.get("usage") or {}
+        logprob_items = ((choice.get("logprobs") or {}).get("content")) or []
+        logprobs = [float(item["logprob"]) for item in logprob_items if "logprob" in item]
+        return ChatCompletion(
+            text=text,
+            model=str(data.get("model") or requested_model),
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            token_logprobs=logprobs,
+            latency_ms=latency_ms,
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ModelError("bad_response", f"unexpected response shape: {exc!r}"[:200]) from exc

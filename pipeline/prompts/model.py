@@ -1,0 +1,433 @@
+"""The prompt file format (``prompts/<name>/v<N>.yaml``) as Pydantic models.
+
+Every model forbids unknown keys and validates strictly (no "0.2" -> 0.2
+coercion) because a prompt file is code: a misspelt key such as
+``temprature`` must fail the load, not silently fall back to a default. Checks
+that need more than one field (template variables against the input schema,
+rule field paths against the output schema, the safe default against the
+output schema) run here too, so that anything a loaded ``PromptVersion``
+promises has been verified once, at load, instead of on the first event.
+
+``PromptSpec`` is exactly what a file may contain; ``PromptVersion`` adds what
+the loader knows about the file (where it came from and its content hash) so
+those can never be written in, or faked by, the file itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from jinja2 import TemplateSyntaxError
+from jsonschema import Draft202012Validator, SchemaError
+from jsonschema.exceptions import ValidationError as SchemaValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.prompts.references import Reference, parse_reference
+from pipeline.prompts.templating import template_variables
+
+PROMPT_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+FieldPath = Annotated[str, Field(pattern=r"^[^.\s]+(\.[^.\s]+)*$")]
+"""A field of the model's output object; dots walk into nested objects."""
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """Name and version implied by a file's path, passed as validation context.
+
+    The path is what people grep for and what the lock records; a file whose
+    body claims another identity would make both lie, so it is rejected.
+    """
+
+    name: str
+    version: int
+
+
+class ModelParams(_Strict):
+    """How to call the model; ``fallback_models`` are ordered alternates for resilience."""
+
+    model: str = Field(min_length=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=512, ge=1)
+    logprobs: bool = False
+    timeout_s: float = Field(default=30.0, gt=0.0)
+    fallback_models: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _alternates_are_distinct(self) -> ModelParams:
+        seen = [self.model, *self.fallback_models]
+        duplicates = sorted({m for m in seen if seen.count(m) > 1})
+        if duplicates:
+            raise ValueError(f"fallback_models repeats {', '.join(duplicates)}")
+        return self
+
+
+class MessageTemplate(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+    @field_validator("content")
+    @classmethod
+    def _parses(cls, content: str) -> str:
+        try:
+            template_variables(content)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"template syntax error on line {exc.lineno}: {exc.message}") from exc
+        return content
+
+
+class OutputRules(_Strict):
+    """Deterministic checks applied to the parsed output after schema validation.
+
+    They exist next to the JSON Schema because some constraints are awkward or
+    impossible to express there (banned phrases over the whole output, checks
+    against the input variables) and because their error strings are what the
+    re-ask prompt shows the model.
+    """
+
+    regex: dict[FieldPath, str] = Field(default_factory=dict)
+    max_length: dict[FieldPath, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    min_length: dict[FieldPath, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    enum: dict[FieldPath, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    banned_phrases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    checks: list[str] = Field(default_factory=list)
+
+    @field_validator("regex")
+    @classmethod
+    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for field, pattern in patterns.items():
+            _compile_pattern(field, pattern)
+        return patterns
+
+    @field_validator("checks")
+    @classmethod
+    def _references_parse(cls, checks: list[str]) -> list[str]:
+        for check in checks:
+            parse_reference(check)
+        if len(set(checks)) != len(checks):
+            raise ValueError("a check is listed twice")
+        return checks
+
+    @model_validator(mode="after")
+    def _bounds_are_consistent(self) -> OutputRules:
+        for field, low in self.min_length.items():
+            high = self.max_length.get(field)
+            if high is not None and low > high:
+                raise ValueError(f"min_length {low} > max_length {high} for {field!r}")
+        return self
+
+    def fields(self) -> set[str]:
+        """Every output field path some rule refers to."""
+        return {*self.regex, *self.max_length, *self.min_length, *self.enum}
+
+
+class ConfidencePolicy(_Strict):
+    """What to do with an answer, given its confidence score.
+
+    ``policy`` applies below ``accept``: "review" sends it to a human,
+    "fallback" uses the prompt's fallback instead, "clarify" turns it into a
+    clarifying question, which needs ``clarify_field`` to know which output
+    field carries the model's own request for clarification.
+    """
+
+    accept: Probability = 0.7
+    policy: Literal["review", "fallback", "clarify"] = "review"
+    clarify_field: str | None = None
+    self_check: bool = False
+
+    @model_validator(mode="after")
+    def _clarify_has_field(self) -> ConfidencePolicy:
+        if self.policy == "clarify" and self.clarify_field is None:
+            raise ValueError("policy 'clarify' needs clarify_field")
+        return self
+
+
+class FallbackSpec(_Strict):
+    """How to answer without the model.
+
+    ``rule`` runs first; when it returns None (or is absent) ``default`` is
+    used; with neither, the fallback is always human review.
+    """
+
+    rule: str | None = None
+    default: dict[str, Any] | None = None
+
+    @field_validator("rule")
+    @classmethod
+    def _reference_parses(cls, rule: str | None) -> str | None:
+        if rule is not None:
+            parse_reference(rule)
+        return rule
+
+
+class TestExpectation(_Strict):
+    """What a recorded answer must produce offline; keys are output field paths.
+
+    ``output_contains`` is a case-sensitive substring test and
+    ``output_matches`` a full regex match, the same as ``rules.regex``, so an
+    expectation reads like the rule it exercises.
+    """
+
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
+
+    route: Literal["result", "review", "fallback", "dead_letter"] | None = None
+    output_equals: dict[FieldPath, Any] = Field(default_factory=dict)
+    output_contains: dict[FieldPath, str] = Field(default_factory=dict)
+    output_matches: dict[FieldPath, str] = Field(default_factory=dict)
+    confidence_above: Probability | None = None
+    confidence_below: Probability | None = None
+
+    @field_validator("output_matches")
+    @classmethod
+    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for field, pattern in patterns.items():
+            _compile_pattern(field, pattern)
+        return patterns
+
+    @model_validator(mode="after")
+    def _confidence_window_not_empty(self) -> TestExpectation:
+        above, below = self.confidence_above, self.confidence_below
+        if above is not None and below is not None and above >= below:
+            raise ValueError(f"confidence_above {above} must be below confidence_below {below}")
+        return self
+
+
+class PromptTestCase(_Strict):
+    """A recorded model answer and what the pipeline must do with it; runs offline in CI."""
+
+    __test__: ClassVar[bool] = False
+
+    name: str = Field(min_length=1)
+    variables: dict[str, Any]
+    model_answer: str
+    expect: TestExpectation
+
+
+class PromptSpec(_Strict):
+    """Exactly what one ``v<N>.yaml`` file may contain.
+
+    Field order matters: the schemas are declared before the fields whose
+    validators compare against them (``info.data`` only holds earlier fields).
+    """
+
+    name: str = Field(pattern=PROMPT_NAME_PATTERN)
+    version: int = Field(ge=1)
+    description: str = Field(min_length=1)
+    model: ModelParams
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    messages: list[MessageTemplate] = Field(min_length=1)
+    rules: OutputRules = Field(default_factory=OutputRules)
+    confidence: ConfidencePolicy = Field(default_factory=ConfidencePolicy)
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    reask: int = Field(default=1, ge=0, le=3)
+    tests: list[PromptTestCase] = Field(default_factory=list)
+
+    _input_validator: Draft202012Validator = PrivateAttr()
+    _output_validator: Draft202012Validator = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._input_validator = _validator(self.input_schema)
+        self._output_validator = _validator(self.output_schema)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def input_validator(self) -> Draft202012Validator:
+        """Built once per version; validating every event must not rebuild it."""
+        return self._input_validator
+
+    @property
+    def output_validator(self) -> Draft202012Validator:
+        return self._output_validator
+
+    def references(self) -> list[tuple[str, Reference]]:
+        """Every function reference with the field it came from, for hashing and resolving."""
+        found = [
+            (f"rules.checks[{i}]", parse_reference(c)) for i, c in enumerate(self.rules.checks)
+        ]
+        if self.fallback.rule is not None:
+            found.append(("fallback.rule", parse_reference(self.fallback.rule)))
+        return found
+
+    @field_validator("name")
+    @classmethod
+    def _name_matches_directory(cls, name: str, info: ValidationInfo) -> str:
+        identity = info.context
+        if isinstance(identity, FileIdentity) and name != identity.name:
+            raise ValueError(f"{name!r} does not match its directory {identity.name!r}")
+        return name
+
+    @field_validator("version")
+    @classmethod
+    def _version_matches_file_name(cls, version: int, info: ValidationInfo) -> int:
+        identity = info.context
+        if isinstance(identity, FileIdentity) and version != identity.version:
+            raise ValueError(f"{version} does not match the file name v{identity.version}.yaml")
+        return version
+
+    @field_validator("input_schema", "output_schema")
+    @classmethod
+    def _is_object_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            where = "".join(f"/{p}" for p in exc.absolute_path) or "/"
+            raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from exc
+        if schema.get("type") != "object":
+            raise ValueError("must describe an object (type: object)")
+        return schema
+
+    @field_validator("messages")
+    @classmethod
+    def _variables_are_declared(
+        cls, messages: list[MessageTemplate], info: ValidationInfo
+    ) -> list[MessageTemplate]:
+        declared = info.data.get("input_schema", {}).get("properties")
+        if not isinstance(declared, Mapping):
+            return messages
+        for index, message in enumerate(messages):
+            unknown = sorted(template_variables(message.content) - declared.keys())
+            if unknown:
+                raise ValueError(
+                    f"messages[{index}] uses {', '.join(unknown)}, "
+                    "not declared in input_schema.properties"
+                )
+        return messages
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_fields_exist(cls, rules: OutputRules, info: ValidationInfo) -> OutputRules:
+        _require_paths(info, rules.fields(), "rules refer to")
+        return rules
+
+    @field_validator("confidence")
+    @classmethod
+    def _clarify_field_exists(
+        cls, confidence: ConfidencePolicy, info: ValidationInfo
+    ) -> ConfidencePolicy:
+        if confidence.clarify_field is not None:
+            _require_paths(info, {confidence.clarify_field}, "clarify_field refers to")
+        return confidence
+
+    @field_validator("fallback")
+    @classmethod
+    def _default_matches_output_schema(
+        cls, fallback: FallbackSpec, info: ValidationInfo
+    ) -> FallbackSpec:
+        schema = info.data.get("output_schema")
+        if fallback.default is not None and schema is not None:
+            error = _first_error(_validator(schema), fallback.default)
+            if error is not None:
+                raise ValueError(f"default does not match output_schema: {error}")
+        return fallback
+
+    @field_validator("tests")
+    @classmethod
+    def _test_names_unique(cls, tests: list[PromptTestCase]) -> list[PromptTestCase]:
+        names = [t.name for t in tests]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate test names: {', '.join(duplicates)}")
+        return tests
+
+
+class PromptVersion(PromptSpec):
+    """A validated prompt file plus what only the loader knows.
+
+    ``content_hash`` identifies the behaviour (see ``pipeline.prompts.hashing``);
+    ``code_files`` maps each local file covered by the hash to its own digest,
+    so a lock violation can say which file to look at.
+    """
+
+    source_path: Path
+    content_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    code_files: dict[str, str] = Field(default_factory=dict)
+
+
+def _compile_pattern(field: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid regex for {field!r}: {exc}") from exc
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _first_error(validator: Draft202012Validator, instance: Any) -> str | None:
+    errors: list[SchemaValidationError] = list(validator.iter_errors(instance))
+    if not errors:
+        return None
+    first = min(errors, key=lambda e: e.json_path)
+    return f"{first.json_path}: {first.message}"
+
+
+def _require_paths(info: ValidationInfo, paths: set[str], what: str) -> None:
+    schema = info.data.get("output_schema")
+    if schema is None:
+        return
+    missing = sorted(p for p in paths if not schema_has_path(schema, p))
+    if missing:
+        raise ValueError(f"{what} {', '.join(missing)}, not a property in output_schema")
+
+
+def schema_has_path(schema: Mapping[str, Any], path: str) -> bool:
+    """Whether some branch of ``schema`` declares the dotted property ``path``.
+
+    Follows ``properties``, the combinators, ``if/then/else`` and local
+    ``$ref``s, which covers the schemas prompts use. It exists so a typo in a
+    rule's field name fails at load instead of the rule silently never firing.
+    """
+    visited: set[tuple[int, int]] = set()
+
+    def walk(node: Any, parts: tuple[str, ...]) -> bool:
+        if not isinstance(node, Mapping) or (id(node), len(parts)) in visited:
+            return False
+        if not parts:
+            return True
+        visited.add((id(node), len(parts)))
+        branches: list[Any] = [node.get("then"), node.get("else")]
+        for combinator in ("allOf", "anyOf", "oneOf"):
+            branches.extend(node.get(combinator, []))
+        reference = node.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#"):
+            branches.append(_resolve_pointer(schema, reference))
+        properties = node.get("properties")
+        if isinstance(properties, Mapping) and walk(properties.get(parts[0]), parts[1:]):
+            return True
+        return any(walk(branch, parts) for branch in branches)
+
+    return walk(schema, tuple(path.split(".")))
+
+
+def _resolve_pointer(schema: Mapping[str, Any], reference: str) -> Any:
+    node: Any = schema
+    for token in reference.removeprefix("#").strip("/").split("/"):
+        if not token:
+            continue
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(token.replace("~1", "/").replace("~0", "~"))
+    return node

@@ -1,0 +1,137 @@
+"""Stage 2: call the model once per validated request and keep the raw answer.
+
+The raw completion goes to ``llm.stage.completions`` before any parsing, so that a parser
+fix or a new rule can be replayed over stored answers without paying for the calls again.
+A request that cannot be sent (kill switch, disabled prompt, passed deadline) or whose
+call fails after its retries goes to the fallback path with the reason: it is never lost.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+from pipeline.control import PROMPT_ENABLED, ControlState
+from pipeline.envelopes import (
+    Completion,
+    Escalation,
+    Usage,
+    ValidatedRequest,
+    ValidationReport,
+    utc_now,
+)
+from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
+from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.registry import PromptRegistry
+from pipeline.prompts.render import render_messages
+from pipeline.stages.decisions import (
+    COMPLETIONS,
+    FALLBACK,
+    DeadLetter,
+    Decision,
+    Emit,
+    emit_escalation,
+)
+from pipeline.stages.validate import deadline_escalation
+
+STAGE = "model"
+
+
+class CallingClient(Protocol):
+    """A model client that knows the request's deadline (the retry layer and above)."""
+
+    async def complete(
+        self, request: ChatRequest, deadline: datetime | None = None
+    ) -> ChatCompletion: ...
+
+
+def chat_request(
+    pv: PromptVersion, messages: list[dict[str, str]], timeout_cap_s: float
+) -> ChatRequest:
+    params = pv.model
+    return ChatRequest(
+        model=params.model,
+        messages=messages,
+        temperature=params.temperature,
+        max_tokens=params.max_tokens,
+        logprobs=params.logprobs,
+        timeout_s=min(params.timeout_s, timeout_cap_s),
+    )
+
+
+class ModelCaller:
+    def __init__(
+        self,
+        registry: PromptRegistry,
+        client: CallingClient,
+        control: ControlState,
+        timeout_cap_s: float = 30.0,
+    ) -> None:
+        self._registry = registry
+        self._client = client
+        self._control = control
+        self._timeout_cap_s = timeout_cap_s
+
+    async def __call__(self, validated: ValidatedRequest, now: datetime | None = None) -> Decision:
+        now = now or utc_now()
+        request = validated.request
+        try:
+            pv = self._registry.get(validated.prompt.name, validated.prompt.version)
+        except (UnknownPromptError, UnknownPromptVersionError) as exc:
+            return DeadLetter(
+                STAGE,
+                "unknown_prompt_version",
+                type(exc).__name__,
+                str(exc),
+                request.request_id,
+                validated.prompt,
+            )
+        if request.deadline is not None and request.deadline <= now:
+            return emit_escalation(FALLBACK, deadline_escalation(validated, now))
+        if not self._control.model_calls_enabled(pv.name, pv.model.model):
+            return self._skip(
+                validated, "model_calls_disabled", "model calls are switched off", now
+            )
+        if not self._control.flag(PROMPT_ENABLED, pv.name):
+            return self._skip(validated, "prompt_disabled", f"prompt {pv.name} is disabled", now)
+        call = chat_request(pv, render_messages(pv, request.variables), self._timeout_cap_s)
+        try:
+            answer = await self._client.complete(call, deadline=request.deadline)
+        except ModelError as exc:
+            escalation = Escalation(
+                validated=validated,
+                reason=f"model_{exc.kind}",
+                detail=str(exc)[:500],
+                model=call.model,
+                attempts=exc.attempts,
+                validation=ValidationReport(checks=["model_call"], errors=[f"model_{exc.kind}"]),
+                escalated_at=utc_now(),
+            )
+            return emit_escalation(FALLBACK, escalation)
+        completion = Completion(
+            validated=validated,
+            model=answer.model,
+            raw_text=answer.text,
+            finish_reason=answer.finish_reason,
+            usage=Usage(
+                prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens
+            ),
+            token_logprobs=answer.token_logprobs,
+            latency_ms=answer.latency_ms,
+            attempts=answer.attempts,
+            completed_at=utc_now(),
+        )
+        return Emit(COMPLETIONS, completion, request.request_id, validated.prompt)
+
+    def _skip(
+        self, validated: ValidatedRequest, reason: str, detail: str, now: datetime
+    ) -> Decision:
+        escalation = Escalation(
+            validated=validated,
+            reason=reason,
+            detail=detail,
+            validation=ValidationReport(checks=["control"], errors=[reason]),
+            escalated_at=now,
+        )
+        return emit_escalation(FALLBACK, escalation)

@@ -1,0 +1,290 @@
+"""Stage 3: parse, check, score and route one completion.
+
+A failed parse earns a bounded number of re-asks with the errors fed back (the cheapest
+repair there is); a still-invalid answer goes to the fallback path. A valid answer is
+scored, and the prompt's thresholds decide: accept into ``llm.results``, or follow the
+prompt's low-confidence policy (review, fallback or a clarifying question).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pipeline.control import FORCE_REVIEW, ControlState
+from pipeline.envelopes import (
+    Completion,
+    Escalation,
+    Result,
+    ResultStatus,
+    Usage,
+    ValidatedRequest,
+    ValidationReport,
+    utc_now,
+)
+from pipeline.llm.protocol import ModelError
+from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
+from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.registry import PromptRegistry
+from pipeline.prompts.render import render_messages
+from pipeline.stages.decisions import (
+    FALLBACK,
+    REVIEW,
+    DeadLetter,
+    Decision,
+    emit_escalation,
+    emit_result,
+)
+from pipeline.stages.model_call import CallingClient, chat_request
+from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
+from pipeline.stages.score import score
+from pipeline.telemetry import current_trace_id
+
+STAGE = "settle"
+DEFAULT_CLARIFY_QUESTION = "Your request is ambiguous. Could you add the missing details?"
+REASK_TEMPLATE = (
+    "Your previous answer was rejected:\n{errors}\n"
+    "Reply again with only a JSON object that satisfies the schema and the rules."
+)
+
+
+class Settler:
+    def __init__(
+        self,
+        registry: PromptRegistry,
+        control: ControlState,
+        client: CallingClient | None,
+        timeout_cap_s: float = 30.0,
+    ) -> None:
+        """``client`` is None for re-parse replays: then no re-ask is ever made."""
+        self._registry = registry
+        self._control = control
+        self._client = client
+        self._timeout_cap_s = timeout_cap_s
+
+    def _checks(self, pv: PromptVersion) -> Callable[[str], CheckFn]:
+        return lambda ref: self._registry.resolve_check(pv, ref)
+
+    async def __call__(self, completion: Completion, now: datetime | None = None) -> Decision:
+        validated = completion.validated
+        request = validated.request
+        try:
+            pv = self._registry.get(validated.prompt.name, validated.prompt.version)
+        except (UnknownPromptError, UnknownPromptVersionError) as exc:
+            return DeadLetter(
+                STAGE,
+                "unknown_prompt_version",
+                type(exc).__name__,
+                str(exc),
+                request.request_id,
+                validated.prompt,
+                completion.attempts,
+            )
+        text = completion.raw_text
+        attempts = completion.attempts
+        usage = completion.usage
+        logprobs = completion.token_logprobs
+        finish = completion.finish_reason
+        outcome = parse_output(pv, text, request.variables, self._checks(pv))
+        reasks = 0
+        while (
+            not outcome.ok
+            and not outcome.refusal
+            and reasks < pv.reask
+            and self._client is not None
+            and self._control.model_calls_enabled(pv.name, pv.model.model)
+        ):
+            reasks += 1
+            messages = [
+                *render_messages(pv, request.variables),
+                {"role": "assistant", "content": text[:4000]},
+                {
+                    "role": "user",
+                    "content": REASK_TEMPLATE.format(errors="\n".join(outcome.errors)),
+                },
+            ]
+            try:
+                answer = await self._client.complete(
+                    chat_request(pv, messages, self._timeout_cap_s), deadline=request.deadline
+                )
+            except ModelError as exc:
+                attempts += exc.attempts
+                break
+            attempts += answer.attempts
+            usage = Usage(
+                prompt_tokens=usage.prompt_tokens + answer.prompt_tokens,
+                completion_tokens=usage.completion_tokens + answer.completion_tokens,
+            )
+            text, logprobs, finish = answer.text, answer.token_logprobs, answer.finish_reason
+            outcome = parse_output(pv, text, request.variables, self._checks(pv))
+        if not outcome.ok:
+            reason = "refusal" if outcome.refusal else "invalid_output"
+            report = ValidationReport(
+                checks=outcome.checks, warnings=outcome.warnings, errors=outcome.errors
+            )
+            return emit_escalation(
+                FALLBACK,
+                self._escalation(
+                    validated,
+                    completion,
+                    reason,
+                    outcome,
+                    report,
+                    text,
+                    usage,
+                    attempts,
+                    "; ".join(outcome.errors)[:500] or reason,
+                ),
+            )
+        assert outcome.output is not None
+        confidence, components = score(logprobs, outcome.warnings, finish, validated.flags, reasks)
+        report = ValidationReport(
+            checks=outcome.checks, warnings=outcome.warnings, confidence_components=components
+        )
+        if self._control.flag(FORCE_REVIEW, pv.name):
+            esc = self._escalation(
+                validated,
+                completion,
+                "force_review",
+                outcome,
+                report,
+                text,
+                usage,
+                attempts,
+                "force_review is on for this prompt",
+                confidence,
+            )
+            return emit_escalation(REVIEW, esc)
+        policy = pv.confidence
+        clarify_field = policy.clarify_field
+        if clarify_field and outcome.output.get(clarify_field):
+            return emit_result(
+                self._result(
+                    validated,
+                    completion,
+                    "needs_clarification",
+                    _question(outcome.output),
+                    confidence,
+                    report,
+                    usage,
+                    attempts,
+                    now,
+                    "model_asked_for_clarification",
+                )
+            )
+        if confidence >= policy.accept:
+            return emit_result(
+                self._result(
+                    validated,
+                    completion,
+                    "ok",
+                    outcome.output,
+                    confidence,
+                    report,
+                    usage,
+                    attempts,
+                    now,
+                    None,
+                )
+            )
+        if policy.policy == "clarify":
+            return emit_result(
+                self._result(
+                    validated,
+                    completion,
+                    "needs_clarification",
+                    _question(outcome.output),
+                    confidence,
+                    report,
+                    usage,
+                    attempts,
+                    now,
+                    "low_confidence",
+                )
+            )
+        topic = REVIEW if policy.policy == "review" else FALLBACK
+        detail = f"confidence {confidence:.3f} below accept threshold {policy.accept}"
+        esc = self._escalation(
+            validated,
+            completion,
+            "low_confidence",
+            outcome,
+            report,
+            text,
+            usage,
+            attempts,
+            detail,
+            confidence,
+        )
+        return emit_escalation(topic, esc)
+
+    def _result(
+        self,
+        validated: ValidatedRequest,
+        completion: Completion,
+        status: ResultStatus,
+        output: dict[str, Any],
+        confidence: float,
+        report: ValidationReport,
+        usage: Usage,
+        attempts: int,
+        now: datetime | None,
+        reason: str | None,
+    ) -> Result:
+        produced = now or utc_now()
+        return Result(
+            request_id=validated.request.request_id,
+            status=status,
+            output=output,
+            confidence=confidence,
+            source="model",
+            prompt=validated.prompt,
+            model=completion.model,
+            usage=usage,
+            latency_ms=_elapsed_ms(validated, produced),
+            attempts=attempts,
+            validation=report,
+            metadata=validated.request.metadata,
+            trace_id=current_trace_id(),
+            reason=reason,
+            produced_at=produced,
+        )
+
+    @staticmethod
+    def _escalation(
+        validated: ValidatedRequest,
+        completion: Completion,
+        reason: str,
+        outcome: ParseOutcome,
+        report: ValidationReport,
+        text: str,
+        usage: Usage,
+        attempts: int,
+        detail: str,
+        confidence: float | None = None,
+    ) -> Escalation:
+        return Escalation(
+            validated=validated,
+            reason=reason,
+            detail=detail,
+            output=outcome.output,
+            raw_text=text[:20_000],
+            model=completion.model,
+            confidence=confidence,
+            validation=report,
+            usage=usage,
+            attempts=attempts,
+            escalated_at=utc_now(),
+        )
+
+
+def _question(output: dict[str, Any]) -> dict[str, Any]:
+    question = output.get("question")
+    if not isinstance(question, str) or not question.strip():
+        question = DEFAULT_CLARIFY_QUESTION
+    return {"question": question}
+
+
+def _elapsed_ms(validated: ValidatedRequest, now: datetime) -> float:
+    return max(0.0, (now - validated.received_at).total_seconds() * 1000)

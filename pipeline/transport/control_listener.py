@@ -1,0 +1,75 @@
+"""Feeds ``llm.control`` into the worker's :class:`ControlState`.
+
+It reads the compacted topic from the beginning without a consumer group (every worker
+needs every event) and signals ``ready`` once it has caught up with the end offsets seen at
+start, so that a starting worker never serves a request under stale flags or pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.codec import Codec, DecodeError
+from pipeline.control import ControlState
+from pipeline.envelopes import ControlEvent
+
+log = logging.getLogger("llmpipe.control")
+
+
+class ControlListener:
+    def __init__(
+        self, topic: str, state: ControlState, codec: Codec, kafka_config: dict[str, Any]
+    ) -> None:
+        self._topic = topic
+        self._state = state
+        self._codec = codec
+        self._kafka_config = kafka_config
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(enable_auto_commit=False, **self._kafka_config)
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(self._topic)
+            if not partitions:
+                raise RuntimeError(
+                    f"control topic {self._topic} does not exist; run `llmpipe topics apply`"
+                )
+            tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            pending = {tp for tp in tps if end[tp] > 0}
+            if not pending:
+                self.ready.set()
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for record in records:
+                        self._apply(record.value, record.headers)
+                if pending:
+                    for tp in list(pending):
+                        if await consumer.position(tp) >= end[tp]:
+                            pending.discard(tp)
+                    if not pending:
+                        log.info("control state loaded: %d events", self._state.applied)
+                        self.ready.set()
+        finally:
+            await consumer.stop()
+
+    def _apply(self, value: bytes | None, headers: Any) -> None:
+        if value is None:
+            return
+        content_type = next(
+            (v.decode() for k, v in headers or () if k == "content-type" and v), None
+        )
+        try:
+            event = self._codec.decode(value, ControlEvent, content_type)
+            self._state.apply(event)
+        except (DecodeError, ValueError) as exc:
+            log.error("ignoring a bad control event: %s", exc)

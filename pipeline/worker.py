@@ -1,0 +1,183 @@
+"""A worker process: the stages it was asked to run, wired to Kafka, sharing one producer.
+
+Each stage is its own consumer group on its own input topic, so stages can run together in
+one process (the default, simplest to operate) or be scaled separately, e.g. more model
+workers than validators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from pipeline.codec import Codec, DecodeError
+from pipeline.config import Settings
+from pipeline.control import ControlState
+from pipeline.envelopes import Completion, Envelope, Escalation, ValidatedRequest
+from pipeline.llm.openai import OpenAIChatClient
+from pipeline.llm.retry import RetryingClient
+from pipeline.prompts.registry import PromptRegistry
+from pipeline.redact import Redactor
+from pipeline.stages.decisions import DeadLetter, Decision
+from pipeline.stages.fallback import FallbackWorker
+from pipeline.stages.model_call import ModelCaller
+from pipeline.stages.settle import Settler
+from pipeline.stages.validate import ContentRules, InputLimits, Validator
+from pipeline.telemetry import configure_tracing
+from pipeline.transport import headers as h
+from pipeline.transport.control_listener import ControlListener
+from pipeline.transport.runner import Handler, Inbound, StageRunner
+
+log = logging.getLogger("llmpipe.worker")
+
+STAGES = ("validate", "model", "settle", "fallback")
+INPUT_TOPICS = {
+    "validate": "llm.requests",
+    "model": "llm.stage.validated",
+    "settle": "llm.stage.completions",
+    "fallback": "llm.fallback",
+}
+
+
+def envelope_handler(
+    codec: Codec,
+    cls: type[Envelope],
+    stage: str,
+    step: Callable[[Any], Decision | Awaitable[Decision]],
+) -> Handler:
+    """Decode the stage's input envelope; an undecodable one is a dead letter, not a crash."""
+
+    async def handle(message: Inbound) -> Decision:
+        try:
+            envelope = codec.decode(
+                message.value or b"", cls, h.text(message.headers, h.CONTENT_TYPE)
+            )
+        except DecodeError as exc:
+            return DeadLetter(
+                stage, exc.reason, "DecodeError", exc.detail, h.text(message.headers, h.REQUEST_ID)
+            )
+        outcome = step(envelope)
+        return await outcome if inspect.isawaitable(outcome) else outcome
+
+    return handle
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        stages: Sequence[str] = STAGES,
+        registry: PromptRegistry | None = None,
+    ) -> None:
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+        self.settings = settings
+        self.stage_names = list(stages)
+        self.registry = registry or PromptRegistry.load(settings.prompts_dir)
+        self.codec = Codec(output_format=settings.output_format)
+        self.control = ControlState()
+        self.redactor = Redactor()
+        self.runners: list[StageRunner] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        configure_tracing()
+        settings = self.settings
+        kafka = settings.aiokafka_config()
+        client = RetryingClient(
+            OpenAIChatClient(
+                settings.model_base_url,
+                settings.model_api_key.get_secret_value() if settings.model_api_key else None,
+                max_connections=max(settings.max_in_flight * 2, 16),
+            ),
+            max_attempts=settings.model_max_attempts,
+            budget_s=settings.model_timeout_s * settings.model_max_attempts + 10,
+        )
+        producer = AIOKafkaProducer(
+            enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=262_144, **kafka
+        )
+        await producer.start()
+        listener = ControlListener(settings.topic("llm.control"), self.control, self.codec, kafka)
+        control_task = asyncio.create_task(listener.run(stop))
+        try:
+            await _first(listener.ready.wait(), control_task)
+            handlers = self._handlers(client)
+            self.runners = [
+                StageRunner(
+                    stage=name,
+                    input_topic=settings.topic(INPUT_TOPICS[name]),
+                    group=settings.group(name),
+                    handler=handlers[name],
+                    producer=producer,
+                    codec=self.codec,
+                    redactor=self.redactor,
+                    topic_name=settings.topic,
+                    kafka_config=kafka,
+                    max_in_flight=settings.max_in_flight,
+                )
+                for name in self.stage_names
+            ]
+            tasks = [asyncio.create_task(r.run(stop)) for r in self.runners]
+            await asyncio.gather(*tasks, control_task)
+        finally:
+            stop.set()
+            control_task.cancel()
+            await asyncio.gather(control_task, return_exceptions=True)
+            await producer.stop()
+            await client.aclose()
+
+    def _handlers(self, client: RetryingClient) -> dict[str, Handler]:
+        s = self.settings
+        validator = Validator(
+            self.codec,
+            self.registry,
+            self.control,
+            self.redactor,
+            InputLimits(s.max_request_bytes, s.max_variable_chars, s.max_prompt_tokens),
+            ContentRules(tuple(re.compile(p) for p in s.deny_patterns), s.pii_policy),
+        )
+
+        async def validate(message: Inbound) -> Decision:
+            return validator(message.value, message.key, h.text(message.headers, h.CONTENT_TYPE))
+
+        caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s)
+        settler = Settler(self.registry, self.control, client, s.model_timeout_s)
+        fallback = FallbackWorker(self.registry, self.control)
+        return {
+            "validate": validate,
+            "model": envelope_handler(self.codec, ValidatedRequest, "model", caller),
+            "settle": envelope_handler(self.codec, Completion, "settle", settler),
+            "fallback": envelope_handler(self.codec, Escalation, "fallback", fallback),
+        }
+
+
+async def _first(awaitable: Awaitable[Any], failing: asyncio.Task[None]) -> None:
+    """Wait for ``awaitable`` unless ``failing`` ends first (then re-raise its error)."""
+    waiter = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({waiter, failing}, return_when=asyncio.FIRST_COMPLETED)
+    if failing in done:
+        waiter.cancel()
+        failing.result()
+        raise RuntimeError("the control listener stopped before it was ready")
+
+
+def run_worker(settings: Settings, stages: Sequence[str] = STAGES) -> None:
+    """Blocking entry point for the CLI: SIGTERM and SIGINT stop the worker cleanly."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        worker = Worker(settings, stages)
+        log.info("worker starting stages %s", ",".join(worker.stage_names))
+        await worker.run(stop)
+
+    asyncio.run(main())

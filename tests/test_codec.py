@@ -1,0 +1,85 @@
+"""Decoding is total: any bytes give an envelope or a typed DecodeError with a reason."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.codec import AVRO, CONFLUENT_AVRO, JSON, Codec, DecodeError
+from pipeline.envelopes import Request, Result
+
+CODEC = Codec()
+REQUEST = Request(
+    request_id="r-1",
+    prompt="ticket_triage",
+    variables={"text": "My invoice is wrong", "nested": {"a": [1, 2.5, None, True]}},
+    metadata={"tenant": "acme"},
+)
+
+
+def test_json_and_avro_requests_decode_to_the_same_envelope() -> None:
+    avro_bytes, content_type = CODEC.encode(REQUEST)
+    assert content_type == AVRO
+    json_bytes = json.dumps(
+        {
+            "request_id": "r-1",
+            "prompt": "ticket_triage",
+            "variables": REQUEST.variables,
+            "metadata": {"tenant": "acme"},
+        }
+    ).encode()
+    from_avro = CODEC.decode(avro_bytes, Request)
+    assert CODEC.decode(json_bytes, Request) == from_avro == REQUEST
+    assert CODEC.decode(json_bytes, Request, JSON) == REQUEST
+    assert CODEC.decode(avro_bytes, Request, AVRO) == REQUEST
+
+
+def test_confluent_wire_format_carries_the_schema_id() -> None:
+    codec = Codec(output_format="confluent", schema_id_for=lambda name: 42)
+    encoded, content_type = codec.encode(REQUEST)
+    assert content_type == CONFLUENT_AVRO
+    assert encoded[0] == 0 and struct.unpack(">I", encoded[1:5])[0] == 42
+    assert codec.decode(encoded, Request) == REQUEST
+    assert CODEC.decode(encoded, Request, CONFLUENT_AVRO) == REQUEST
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "reason", "fragment"),
+    [
+        (b"not json at all", JSON, "decode_error", "invalid JSON"),
+        (b"\xff\xfe\xfa", JSON, "decode_error", "invalid UTF-8"),
+        (b"[1, 2]", None, "decode_error", "invalid Avro"),
+        (b"[1, 2]", JSON, "decode_error", "not an object"),
+        (b"{" * 100_000 + b"}" * 100_000, None, "decode_error", ""),
+        (b'{"request_id": "x"}', JSON, "invalid_envelope", "prompt"),
+        (b"\x02ab\x00", AVRO, "decode_error", ""),
+    ],
+)
+def test_malformed_bytes_give_a_typed_error(
+    data: bytes, content_type: str | None, reason: str, fragment: str
+) -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(data, Request, content_type)
+    assert caught.value.reason == reason
+    assert fragment in caught.value.detail
+
+
+def test_trailing_bytes_after_avro_are_refused() -> None:
+    encoded, _ = CODEC.encode(REQUEST)
+    with pytest.raises(DecodeError, match="trailing"):
+        CODEC.decode(encoded + b"\x00", Request)
+
+
+@given(st.binary(max_size=512), st.sampled_from([None, JSON, AVRO, CONFLUENT_AVRO]))
+def test_arbitrary_bytes_never_raise_anything_but_decode_error(
+    data: bytes, content_type: str | None
+) -> None:
+    for cls in (Request, Result):
+        try:
+            CODEC.decode(data, cls, content_type)
+        except DecodeError as exc:
+            assert exc.reason in {"decode_error", "invalid_envelope"}

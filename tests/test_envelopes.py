@@ -1,0 +1,104 @@
+"""The pydantic envelopes and the Avro schemas describe the same messages."""
+
+from __future__ import annotations
+
+import types
+import typing
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.codec import JSON_FIELD_MARK, Codec, load_schemas
+from pipeline.envelopes import ENVELOPES, Envelope
+
+RAW = load_schemas()
+CODEC = Codec()
+JSON_CODEC = Codec(output_format="json")
+
+json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+timestamps = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+).map(lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000))
+CONSTRAINED = {
+    "confidence": st.floats(0.0, 1.0),
+    "request_id": st.text(min_size=1, max_size=20),
+    "prompt": st.text(min_size=1, max_size=20),
+}
+
+
+def strategy(schema: Any, field: str | None = None) -> st.SearchStrategy[Any]:
+    if field in CONSTRAINED and schema in ("string", "double"):
+        return CONSTRAINED[field]
+    if isinstance(schema, str) and schema in RAW:
+        return strategy(RAW[schema])
+    if isinstance(schema, list):
+        return st.one_of(*(strategy(s, field) for s in schema))
+    if isinstance(schema, dict):
+        if schema.get(JSON_FIELD_MARK):
+            return json_objects
+        kind = schema["type"]
+        if schema.get("logicalType") == "timestamp-millis":
+            return timestamps
+        if kind == "record":
+            return st.fixed_dictionaries(
+                {f["name"]: strategy(f["type"], f["name"]) for f in schema["fields"]}
+            )
+        if kind == "array":
+            return st.lists(strategy(schema["items"]), max_size=3)
+        if kind == "map":
+            return st.dictionaries(st.text(max_size=8), strategy(schema["values"]), max_size=3)
+        if kind == "enum":
+            return st.sampled_from(schema["symbols"])
+        return strategy(kind, field)
+    return {
+        "null": st.none(),
+        "string": st.text(max_size=30),
+        "int": st.integers(-(2**31), 2**31 - 1),
+        "long": st.integers(-(2**63), 2**63 - 1),
+        "double": st.floats(allow_nan=False, allow_infinity=False),
+        "boolean": st.booleans(),
+    }[schema]
+
+
+def _optional(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+@pytest.mark.parametrize("name", sorted(ENVELOPES))
+def test_fields_and_nullability_match_the_schema(name: str) -> None:
+    schema = RAW[f"llmpipe.{name}"]
+    model = ENVELOPES[name]
+    avro_fields = {f["name"]: f for f in schema["fields"]}
+    assert list(avro_fields) == list(model.model_fields), f"{name}: field names or order differ"
+    for field_name, info in model.model_fields.items():
+        avro_type = avro_fields[field_name]["type"]
+        avro_nullable = isinstance(avro_type, list) and "null" in avro_type
+        if field_name == "value" and name == "ControlEvent":
+            continue  # Any: JSON value that may be null by design
+        assert _optional(info.annotation) == avro_nullable, (
+            f"{name}.{field_name}: nullability differs"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(ENVELOPES))
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_generated_instances_round_trip_avro_and_json(name: str, data: st.DataObject) -> None:
+    fields = data.draw(strategy(RAW[f"llmpipe.{name}"]))
+    model: type[Envelope] = ENVELOPES[name]
+    envelope = model.model_validate(fields)
+    for codec in (CODEC, JSON_CODEC):
+        encoded, content_type = codec.encode(envelope)
+        assert codec.decode(encoded, model, content_type) == envelope
