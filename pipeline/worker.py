@@ -37,6 +37,8 @@ from pipeline.transport.runner import Handler, Inbound, StageRunner
 
 log = logging.getLogger("llmpipe.worker")
 
+# Dead letters carry the original value, so the producer must accept what llm.requests accepts.
+MAX_MESSAGE_BYTES = 10_485_760
 STAGES = ("validate", "model", "settle", "fallback")
 INPUT_TOPICS = {
     "validate": "llm.requests",
@@ -101,7 +103,12 @@ class Worker:
             budget_s=settings.model_timeout_s * settings.model_max_attempts + 10,
         )
         producer = AIOKafkaProducer(
-            enable_idempotence=True, acks="all", linger_ms=5, max_batch_size=262_144, **kafka
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=262_144,
+            max_request_size=MAX_MESSAGE_BYTES,
+            **kafka,
         )
         await producer.start()
         listener = ControlListener(settings.topic("llm.control"), self.control, self.codec, kafka)

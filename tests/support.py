@@ -1,0 +1,78 @@
+"""Helpers for tests that use the real broker and real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from pipeline.config import Settings
+from pipeline.topics import apply, load_specs
+from pipeline.worker import STAGES, Worker
+
+
+def make_settings(bootstrap: str, **overrides: Any) -> Settings:
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    return Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, **overrides)
+
+
+def create_topics(settings: Settings, topics_dir: Path | None = None) -> None:
+    admin = AdminClient(settings.kafka_client_config())
+    apply(admin, load_specs(topics_dir or settings.topics_dir), settings.topic_prefix)
+
+
+def produce(
+    settings: Settings,
+    topic: str,
+    messages: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+) -> None:
+    producer = Producer(
+        {
+            **settings.kafka_client_config(),
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "message.max.bytes": 10_485_760,
+        }
+    )
+    for key, value, headers in messages:
+        producer.produce(settings.topic(topic), value=value, key=key, headers=headers)
+        producer.poll(0)
+    assert producer.flush(30) == 0, "broker did not acknowledge every message"
+
+
+@contextmanager
+def running_worker(
+    settings: Settings, stages: tuple[str, ...] = STAGES, **kwargs: Any
+) -> Iterator[Worker]:
+    """A real worker on its own event loop in a thread; stopped cleanly on exit."""
+    worker = Worker(settings, stages, **kwargs)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(worker.run(stop))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, name="worker", daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+    assert not thread.is_alive(), "worker did not stop within 60 s"
+    if errors:
+        raise errors[0]
