@@ -203,3 +203,7 @@ def _register_optional() -> None:
 
 
 _register_optional()
+
+
+if __name__ == "__main__":
+    app()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -76,3 +80,37 @@ def running_worker(
     assert not thread.is_alive(), "worker did not stop within 60 s"
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def worker_process(
+    settings: Settings, *extra_env: tuple[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``llmpipe worker`` as a real OS process, the way an operator runs it."""
+    env = {**os.environ, **settings_env(settings), **dict(extra_env)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {
+        "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
+        "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
+        "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
+        "LLMPIPE_MAX_IN_FLIGHT": str(settings.max_in_flight),
+    }

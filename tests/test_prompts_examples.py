@@ -43,7 +43,9 @@ def parse_answer(answer: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def violations(prompt: PromptVersion, output: dict[str, Any], variables: dict[str, Any]) -> list[str]:
+def violations(
+    prompt: PromptVersion, output: dict[str, Any], variables: dict[str, Any]
+) -> list[str]:
     found = [e.message for e in prompt.output_validator.iter_errors(output)]
     if found:
         return found

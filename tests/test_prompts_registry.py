@@ -177,6 +177,8 @@ def copy_examples(tmp_path: Path) -> Path:
         ),
         (variant(fallback__default={"reply": 3}), "fallback", "default does not match"),
         (variant(model__fallback_models=["fake-model"]), "model", "repeats fake-model"),
+        (variant(content_hash="sha256:" + "0" * 64), "content_hash", "unknown field"),
+        (variant(source_path="/etc/passwd"), "source_path", "unknown field"),
     ],
 )
 def test_invalid_content_names_file_and_field(
@@ -187,6 +189,25 @@ def test_invalid_content_names_file_and_field(
     assert [(p.path, p.field) for p in error.problems] == [(path, field)]
     assert message in error.problems[0].message
     assert str(path) in str(error) and field in str(error)
+
+
+def test_rule_paths_follow_nested_properties_refs_and_combinators(tmp_path: Path) -> None:
+    output_schema = {
+        "type": "object",
+        "$defs": {"party": {"type": "object", "properties": {"name": {"type": "string"}}}},
+        "properties": {
+            "buyer": {"$ref": "#/$defs/party"},
+            "lines": {"type": "object", "properties": {"first": {"type": "string"}}},
+        },
+        "anyOf": [{"properties": {"note": {"type": "string"}}}],
+    }
+    rules = {"max_length": {"buyer.name": 5, "lines.first": 9, "note": 3}}
+    write_prompt(tmp_path, variant(output_schema=output_schema, rules=rules))
+    assert PromptRegistry.load(tmp_path).get("echo").rules.max_length["buyer.name"] == 5
+    write_prompt(
+        tmp_path, variant(output_schema=output_schema, rules={"enum": {"buyer.nmae": [1]}})
+    )
+    assert "buyer.nmae, not a property in output_schema" in str(load_error(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from pipeline.prompts.diff import canonical_yaml, diff_versions
 from pipeline.prompts.errors import (
@@ -49,7 +47,7 @@ PromptsDir = Annotated[
     ),
 ]
 VersionOption = Annotated[
-    int | None, typer.Option("--version", "-v", help="Version number; default: the newest.")
+    int | None, typer.Option("--version", help="Version number; default: the newest.")
 ]
 
 
@@ -85,15 +83,18 @@ def list_command(prompts_dir: PromptsDir = Path("prompts")) -> None:
     with _errors_as_exit_codes():
         registry = _registry(prompts_dir)
         locked = read_lock(prompts_dir / LOCK_FILE_NAME)
-    table = Table("prompt", "model", "lock", "hash", "description")
+    rows = [("PROMPT", "MODEL", "LOCK", "HASH", "DESCRIPTION")]
     for prompt in registry:
-        status = "new" if prompt.ref not in locked else "released"
-        if locked.get(prompt.ref, prompt.content_hash) != prompt.content_hash:
-            status = "CHANGED"
-        table.add_row(
-            prompt.ref, prompt.model.model, status, prompt.content_hash[:19], prompt.description
-        )
-    Console().print(table)
+        released = locked.get(prompt.ref)
+        status = "new" if released is None else "CHANGED"
+        if released == prompt.content_hash:
+            status = "released"
+        hash_prefix = prompt.content_hash[:19]
+        rows.append((prompt.ref, prompt.model.model, status, hash_prefix, prompt.description))
+    # Plain aligned columns rather than a boxed table: greppable, and never wrapped.
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[4]]))
 
 
 @prompts_app.command("show")

@@ -33,6 +33,9 @@ log = logging.getLogger("llmpipe.runner")
 
 COMMIT_INTERVAL_S = 0.5
 REVOKE_GRACE_S = 10.0
+# Long enough for the revoke handler to finish in-flight work, short enough that a member
+# killed mid-rebalance does not stall the group for long.
+REBALANCE_TIMEOUT_MS = 20_000
 PRODUCE_RETRY_MAX_S = 5.0
 
 
@@ -99,7 +102,8 @@ class StageRunner:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=1_048_576,
             fetch_max_bytes=8_388_608,
-            max_poll_interval_ms=600_000,
+            max_poll_interval_ms=300_000,
+            rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
             **self._kafka_config,
         )
         self._consumer = consumer
