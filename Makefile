@@ -23,7 +23,7 @@ topics: kafka-up
 	$(BIN)/llmpipe topics apply
 
 ## The demo: broker, topics, fake model, workers, ~200 requests, a table of where they went.
-demo: kafka-up
+demo: install
 	$(BIN)/llmpipe demo
 
 ## The tests: lint, types, prompt lock, then the suite against a real broker.

@@ -1,0 +1,177 @@
+"""``llmpipe demo``: the whole pipeline on this machine, with every route exercised.
+
+It starts what is not already running (broker, topics under a fresh prefix, the fake model
+server, a worker process), publishes a seeded mix of good requests, bad inputs and model
+failures, follows them to their terminal topics, and prints where each kind ended up next
+to where it should have. It stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.codec import Codec
+from pipeline.config import REPO_ROOT, Settings
+from pipeline.envelopes import Result
+from pipeline.fakellm import running_fake_llm
+from pipeline.ledger import Ledger, read_terminal
+from pipeline.scenarios import PlannedRequest, mixed_requests
+from pipeline.topics import apply, load_specs
+
+KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
+DEMO_MODEL_TIMEOUT_S = 2.0
+
+
+def _broker_running() -> bool:
+    status = subprocess.run(["bash", str(KAFKA_SCRIPT), "status"], capture_output=True, check=False)
+    return status.returncode == 0
+
+
+def run_demo(settings: Settings, count: int, keep: bool, console: Console) -> int:
+    with ExitStack() as stack:
+        if not _broker_running():
+            console.print("[bold]starting Kafka[/bold] (infra/kafka/kafka.sh up)")
+            subprocess.run(["bash", str(KAFKA_SCRIPT), "up"], check=True)
+            if not keep:
+                stack.callback(subprocess.run, ["bash", str(KAFKA_SCRIPT), "down"], check=False)
+        prefix = settings.topic_prefix or f"demo-{time.strftime('%Y%m%d-%H%M%S')}."
+        settings = settings.model_copy(update={"topic_prefix": prefix})
+        admin = AdminClient(settings.kafka_client_config())
+        apply(admin, load_specs(settings.topics_dir), prefix)
+        console.print(f"[bold]topics[/bold] created under prefix [cyan]{prefix}[/cyan]")
+        fake = stack.enter_context(running_fake_llm())
+        console.print(f"[bold]fake model[/bold] listening on {fake.url}")
+        settings = settings.model_copy(
+            update={"model_base_url": fake.url, "model_timeout_s": DEMO_MODEL_TIMEOUT_S}
+        )
+        worker = _start_worker(settings, stack, keep)
+        console.print(
+            f"[bold]worker[/bold] pid {worker.pid} (stages validate, model, settle, fallback)"
+        )
+        planned = mixed_requests(count, seed=int(time.time()) % 10_000, prefix="demo")
+        _publish(settings, planned)
+        console.print(
+            f"[bold]published[/bold] {len(planned)} requests to {settings.topic('llm.requests')}"
+        )
+        ledger = _follow(settings, [p.request_id for p in planned], console)
+        calls = fake.counters()["total_calls"]
+    expected = {p.request_id: (p.fault, p.expected, p.expected_reason) for p in planned}
+    _report(ledger, expected, calls, console)
+    return 0 if not ledger.missing and not ledger.duplicates else 1
+
+
+def _start_worker(settings: Settings, stack: ExitStack, keep: bool) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
+        "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
+        "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
+    }
+    log = open(REPO_ROOT / "demo-worker.log", "wb")  # noqa: SIM115 - closed by the stack
+    stack.callback(log.close)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log, stderr=log
+    )
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+    if not keep:
+        stack.callback(stop)
+    return process
+
+
+def _publish(settings: Settings, planned: list[PlannedRequest]) -> None:
+    producer = Producer(
+        {
+            **settings.kafka_client_config(),
+            "enable.idempotence": True,
+            "message.max.bytes": 10_485_760,
+        }
+    )
+    for p in planned:
+        producer.produce(
+            settings.topic("llm.requests"), value=p.value, key=p.key, headers=p.headers
+        )
+        producer.poll(0)
+    producer.flush(60)
+
+
+def _follow(settings: Settings, ids: list[str], console: Console) -> Ledger:
+    with Progress(
+        TextColumn("[bold]waiting for terminal topics"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("requests", total=len(ids))
+
+        def update(ledger: Ledger) -> None:
+            progress.update(task, completed=len(ledger.expected) - len(ledger.missing))
+
+        return read_terminal(settings, ids, timeout_s=180, settle_s=1, progress=update)
+
+
+def _report(
+    ledger: Ledger, expected: dict[str, tuple[str, str, str | None]], calls: int, console: Console
+) -> None:
+    rows: Counter[tuple[str, str, str, str]] = Counter()
+    mismatches = 0
+    for rid, (fault, route, reason) in expected.items():
+        if rid not in ledger.seen:
+            rows[(fault, f"{route}", reason or "-", "MISSING")] += 1
+            mismatches += 1
+            continue
+        seen = ledger.first(rid)
+        matches = (seen.outcome, seen.reason) == (route, reason)
+        mismatches += not matches
+        verdict = "yes" if matches else f"no (want {route})"
+        rows[(fault, seen.outcome, seen.reason or "-", verdict)] += 1
+    table = Table(title="Where every request ended up")
+    for column in ("input / fault", "route", "reason", "as expected", "count"):
+        table.add_column(column, justify="right" if column == "count" else "left")
+    for (fault, route, reason, ok), n in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        table.add_row(fault, route, reason, ok, str(n))
+    console.print(table)
+    summary = ledger.summary()
+    console.print(
+        f"requests {summary['requests']}  found {summary['found']}  missing {summary['missing']}  "
+        f"duplicates {summary['duplicates']}  unexpected routes {mismatches}  model calls {calls}"
+    )
+    for sightings in ledger.seen.values():
+        result = sightings[0].result
+        if result is not None and result.source == "model":
+            console.print("[bold]sample result[/bold] (llm.results)")
+            console.print_json(_result_json(result))
+            break
+    for sightings in ledger.seen.values():
+        if sightings[0].route == "dead_letter":
+            headers = {k: v.decode("utf-8", "replace") for k, v in sightings[0].headers.items()}
+            console.print(
+                "[bold]sample dead letter[/bold] (llm.dlq headers; the value is the original bytes)"
+            )
+            console.print_json(json.dumps(headers))
+            break
+
+
+def _result_json(result: Result) -> str:
+    encoded, _ = Codec(output_format="json").encode(result)
+    return encoded.decode()
