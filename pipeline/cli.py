@@ -158,7 +158,7 @@ def send(
     """Publish one JSON request to llm.requests (handy for trying things out)."""
     import uuid
 
-    from confluent_kafka import Producer
+    from pipeline.transport.batch import produce_batch
 
     try:
         parsed = json.loads(variables)
@@ -168,16 +168,8 @@ def send(
     body: dict[str, Any] = {"request_id": rid, "prompt": prompt, "variables": parsed}
     if version is not None:
         body["prompt_version"] = version
-    s = settings()
-    producer = Producer(s.kafka_client_config())
-    producer.produce(
-        s.topic("llm.requests"),
-        json.dumps(body).encode(),
-        rid.encode(),
-        headers=[("content-type", b"application/json")],
-    )
-    if producer.flush(30) != 0:
-        raise UserError("the request was not acknowledged by the broker within 30 s")
+    headers = [("content-type", b"application/json")]
+    produce_batch(settings(), "llm.requests", [(rid.encode(), json.dumps(body).encode(), headers)])
     console.print(rid)
 
 

@@ -10,12 +10,13 @@ import getpass
 import uuid
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
 from pipeline.config import Settings
 from pipeline.control import ControlState
 from pipeline.envelopes import ControlEvent, utc_now
+from pipeline.transport.batch import produce_batch
 
 CONTROL_TOPIC = "llm.control"
 
@@ -35,15 +36,8 @@ def publish(
         key=key, value=value, actor=actor or default_actor(), reason=reason, at=utc_now()
     )
     data, content_type = Codec().encode(event)
-    producer = Producer({**settings.kafka_client_config(), "enable.idempotence": True})
-    producer.produce(
-        settings.topic(CONTROL_TOPIC),
-        value=data,
-        key=key.encode(),
-        headers=[(CONTENT_TYPE_HEADER, content_type.encode())],
-    )
-    if producer.flush(30) != 0:
-        raise RuntimeError("the control event was not acknowledged within 30 s")
+    headers = [(CONTENT_TYPE_HEADER, content_type.encode())]
+    produce_batch(settings, CONTROL_TOPIC, [(key.encode(), data, headers)])
     return event
 
 

@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,8 +26,9 @@ from pipeline.config import REPO_ROOT, Settings
 from pipeline.envelopes import Result
 from pipeline.fakellm import running_fake_llm
 from pipeline.ledger import Ledger, read_terminal
-from pipeline.scenarios import PlannedRequest, mixed_requests
+from pipeline.scenarios import mixed_requests
 from pipeline.topics import apply, load_specs
+from pipeline.transport.batch import produce_batch
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 DEMO_MODEL_TIMEOUT_S = 2.0
@@ -61,7 +61,7 @@ def run_demo(settings: Settings, count: int, keep: bool, console: Console) -> in
             f"[bold]worker[/bold] pid {worker.pid} (stages validate, model, settle, fallback)"
         )
         planned = mixed_requests(count, seed=int(time.time()) % 10_000, prefix="demo")
-        _publish(settings, planned)
+        produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
         console.print(
             f"[bold]published[/bold] {len(planned)} requests to {settings.topic('llm.requests')}"
         )
@@ -96,22 +96,6 @@ def _start_worker(settings: Settings, stack: ExitStack, keep: bool) -> subproces
     if not keep:
         stack.callback(stop)
     return process
-
-
-def _publish(settings: Settings, planned: list[PlannedRequest]) -> None:
-    producer = Producer(
-        {
-            **settings.kafka_client_config(),
-            "enable.idempotence": True,
-            "message.max.bytes": 10_485_760,
-        }
-    )
-    for p in planned:
-        producer.produce(
-            settings.topic("llm.requests"), value=p.value, key=p.key, headers=p.headers
-        )
-        producer.poll(0)
-    producer.flush(60)
 
 
 def _follow(settings: Settings, ids: list[str], console: Console) -> Ledger:

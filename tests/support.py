@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,11 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
 from pipeline.topics import apply, load_specs
+from pipeline.transport.batch import Message, produce_batch
 from pipeline.worker import STAGES, Worker
 
 
@@ -32,23 +31,8 @@ def create_topics(settings: Settings, topics_dir: Path | None = None) -> None:
     apply(admin, load_specs(topics_dir or settings.topics_dir), settings.topic_prefix)
 
 
-def produce(
-    settings: Settings,
-    topic: str,
-    messages: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
-) -> None:
-    producer = Producer(
-        {
-            **settings.kafka_client_config(),
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            "message.max.bytes": 10_485_760,
-        }
-    )
-    for key, value, headers in messages:
-        producer.produce(settings.topic(topic), value=value, key=key, headers=headers)
-        producer.poll(0)
-    assert producer.flush(30) == 0, "broker did not acknowledge every message"
+def produce(settings: Settings, topic: str, messages: list[Message]) -> None:
+    produce_batch(settings, topic, messages)
 
 
 @contextmanager
