@@ -6,6 +6,7 @@ Partition counts are never lowered (Kafka cannot, and keys would move partitions
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -143,7 +144,21 @@ def apply(admin: AdminClient, specs: list[TopicSpec], prefix: str = "") -> Plan:
     ]
     if alters:
         _wait(admin.incremental_alter_configs(alters))
+    if result.changes:
+        _converge(admin, specs, prefix)
     return result
+
+
+def _converge(admin: AdminClient, specs: list[TopicSpec], prefix: str) -> None:
+    """Return only once the cluster reports the new state: metadata and configs reach all
+    brokers shortly after the admin call succeeds, and callers act on them right away."""
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while not plan(admin, specs, prefix).empty:
+        if time.monotonic() > deadline:
+            raise TopicPlanError(
+                f"the cluster did not reflect the changes within {ADMIN_TIMEOUT_S}s"
+            )
+        time.sleep(0.1)
 
 
 def _describe(admin: AdminClient, topics: list[str]) -> dict[str, dict[str, str]]:
