@@ -188,9 +188,11 @@ def demo(
 def _register_optional() -> None:
     """Sub-apps owned by their own modules register here, so this file stays the index."""
     from pipeline.fakellm.cli import fake_llm
+    from pipeline.flags_cli import flags_app
     from pipeline.prompts.cli import prompts_app
 
     app.add_typer(prompts_app, name="prompts")
+    app.add_typer(flags_app, name="flags")
     app.command("fake-llm")(fake_llm)
 
 

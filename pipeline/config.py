@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         1_000_000, description="Larger requests are dead-lettered (too_large)."
     )
-    max_variable_chars: int = Field(50_000, description="Longest rendered prompt, in characters.")
+    max_prompt_chars: int = Field(50_000, description="Longest rendered prompt, in characters.")
     max_prompt_tokens: int = Field(
         8_000, description="Estimated prompt tokens allowed per request."
     )
@@ -109,3 +109,19 @@ class Settings(BaseSettings):
 
             config["ssl_context"] = ssl.create_default_context(cafile=str(self.ssl_cafile))
         return config
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated so that docs and code cannot drift."""
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        if isinstance(default, Path) and default.is_relative_to(REPO_ROOT):
+            default = f"./{default.relative_to(REPO_ROOT)}"
+        shown = f"`{default}`" if default not in (None, "", []) else "(unset)"
+        lines.append(f"| `LLMPIPE_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -147,7 +147,7 @@ class Worker:
             self.registry,
             self.control,
             self.redactor,
-            InputLimits(s.max_request_bytes, s.max_variable_chars, s.max_prompt_tokens),
+            InputLimits(s.max_request_bytes, s.max_prompt_chars, s.max_prompt_tokens),
             ContentRules(tuple(re.compile(p) for p in s.deny_patterns), s.pii_policy),
         )
 

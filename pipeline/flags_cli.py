@@ -1,0 +1,88 @@
+"""``llmpipe flags``: kill switches and feature flags, live on every worker via llm.control."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Settings
+from pipeline.control import FLAG_DEFAULTS, KNOWN_FLAGS, flag_key
+from pipeline.control_topic import current_state, publish
+
+flags_app = typer.Typer(
+    help="Kill switches and flags, applied by every worker within seconds.", no_args_is_help=True
+)
+console = Console()
+err = Console(stderr=True)
+
+Scope = Annotated[
+    str | None, typer.Option(help="Prompt name or model endpoint the flag applies to.")
+]
+
+
+def _key(name: str, scope: str | None) -> str:
+    try:
+        return flag_key(name, scope)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@flags_app.command("list")
+def list_flags() -> None:
+    """Every flag set on the control topic, with who set it, when and why."""
+    events = [e for e in current_state(Settings()).events() if e.key.startswith("flag:")]
+    table = Table(title="flags (unset flags have their defaults)")
+    for column in ("flag", "value", "set by", "at", "reason"):
+        table.add_column(column)
+    for event in events:
+        table.add_row(
+            event.key[5:], str(event.value).lower(), event.actor, event.at.isoformat(), event.reason
+        )
+    console.print(table)
+    defaults = ", ".join(f"{name}={str(value).lower()}" for name, value in FLAG_DEFAULTS.items())
+    console.print(f"defaults: {defaults}")
+
+
+@flags_app.command("get")
+def get_flag(
+    name: Annotated[str, typer.Argument(help=f"One of {', '.join(KNOWN_FLAGS)}.")],
+    scope: Scope = None,
+) -> None:
+    """The value every worker applies now."""
+    _key(name, scope)
+    value = current_state(Settings()).flag(name, scope)
+    console.print(str(value).lower())
+
+
+@flags_app.command("set")
+def set_flag(
+    name: Annotated[str, typer.Argument(help=f"One of {', '.join(KNOWN_FLAGS)}.")],
+    value: Annotated[str, typer.Argument(help="on/off, true/false, or 'default' to clear.")],
+    reason: Annotated[str, typer.Option(help="Why: recorded in the event (required).")],
+    scope: Scope = None,
+    actor: Annotated[str | None, typer.Option(help="Who (default: the OS user).")] = None,
+) -> None:
+    """Set a flag; `default` removes the setting so the default applies again."""
+    key = _key(name, scope)
+    lowered = value.lower()
+    parsed: bool | None
+    if lowered in ("on", "true", "1", "yes"):
+        parsed = True
+    elif lowered in ("off", "false", "0", "no"):
+        parsed = False
+    elif lowered == "default":
+        parsed = None
+    else:
+        err.print(f"[red]error:[/red] value must be on/off/true/false/default, not {value!r}")
+        raise typer.Exit(2)
+    if not reason.strip():
+        err.print("[red]error:[/red] --reason must say why")
+        raise typer.Exit(2)
+    event = publish(Settings(), key, parsed, actor, reason)
+    console.print(
+        f"{event.key} = {str(event.value).lower()} (by {event.actor} at {event.at.isoformat()})"
+    )
