@@ -32,8 +32,8 @@ test: kafka-up lint typecheck
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check pipeline tests bench
-	$(BIN)/ruff format --check pipeline tests bench
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
 
 typecheck: install
 	$(BIN)/mypy pipeline

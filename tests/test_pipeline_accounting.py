@@ -24,12 +24,19 @@ def test_a_thousand_mixed_requests_are_all_accounted_for(kafka_bootstrap: str) -
         create_topics(settings)
         with running_worker(settings) as worker:
             produce(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
-            ledger = read_terminal(settings, [p.request_id for p in planned], timeout_s=180, settle_s=2)
+            ledger = read_terminal(
+                settings, [p.request_id for p in planned], timeout_s=180, settle_s=2
+            )
         in_flight = {r.stage: r.stats.max_in_flight_seen for r in worker.runners}
     assert not ledger.missing, f"missing: {sorted(ledger.missing)[:10]}"
     assert not ledger.duplicates, f"duplicates: {ledger.duplicates}"
     wrong = [
-        (p.request_id, p.fault, ledger.first(p.request_id).outcome, ledger.first(p.request_id).reason)
+        (
+            p.request_id,
+            p.fault,
+            ledger.first(p.request_id).outcome,
+            ledger.first(p.request_id).reason,
+        )
         for p in planned
         if (ledger.first(p.request_id).outcome, ledger.first(p.request_id).reason)
         != (p.expected, p.expected_reason)
@@ -63,4 +70,6 @@ def test_results_carry_prompt_identity_and_headers(kafka_settings: Settings) -> 
         assert sighting.headers["x-request-id"] == rid.encode()
         assert sighting.headers["traceparent"].startswith(b"00-")
         assert result.trace_id and result.trace_id in sighting.headers["traceparent"].decode()
-        assert result.metadata == {"scenario": "valid" if result.source == "model" else "server_error"}
+        assert result.metadata == {
+            "scenario": "valid" if result.source == "model" else "server_error"
+        }
