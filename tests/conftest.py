@@ -11,7 +11,6 @@ from pipeline.config import REPO_ROOT, Settings
 from tests.support import create_topics, make_settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
-BOOTSTRAP = "127.0.0.1:9092"
 
 
 def _broker_running() -> bool:
@@ -27,7 +26,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if not _broker_running():
         subprocess.run(["bash", str(KAFKA_SCRIPT), "up"], check=True)
         started = True
-    yield BOOTSTRAP
+    yield Settings().bootstrap_servers
     if started:
         subprocess.run(["bash", str(KAFKA_SCRIPT), "down"], check=False)
 
