@@ -45,6 +45,37 @@ class Settings(BaseSettings):
         3, description="Attempts per model call on timeouts, 429 and 5xx."
     )
 
+    model_endpoints: str = Field(
+        "",
+        description="JSON: model -> base URL or {base_url, api_key_env}; others: MODEL_BASE_URL.",
+    )
+    model_rate_limits: str = Field(
+        "",
+        description="JSON: model (or `*`) -> {requests_per_minute, tokens_per_minute, "
+        "max_in_flight}, account-wide.",
+    )
+    workers: int = Field(
+        1, description="Worker processes sharing the account: rate limits and budgets divide by it."
+    )
+    breaker_min_calls: int = Field(10, description="Calls in the window before a breaker can open.")
+    breaker_failure_rate: float = Field(0.5, description="Failure rate that opens an endpoint.")
+    breaker_open_s: float = Field(30.0, description="Seconds an open breaker waits before probing.")
+    quality_breaker_min_calls: int = Field(
+        20, description="Answers per prompt version before output quality can open its breaker."
+    )
+    quality_breaker_failure_rate: float = Field(
+        0.5, description="Share of invalid or low-confidence answers that opens it."
+    )
+    quality_breaker_open_s: float = Field(
+        300.0, description="Seconds a prompt version stays on the fallback path."
+    )
+    max_request_tokens: int | None = Field(
+        None, description="Cap on estimated prompt tokens + max_tokens per request."
+    )
+    prompt_daily_tokens: str = Field(
+        "", description="JSON: prompt -> tokens per UTC day (budget_exceeded when spent)."
+    )
+
     prompts_dir: Path = Field(REPO_ROOT / "prompts", description="Directory of prompt files.")
     topics_dir: Path = Field(REPO_ROOT / "topics", description="Directory of topic declarations.")
     output_format: Literal["avro", "json"] = Field(

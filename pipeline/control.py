@@ -70,10 +70,9 @@ class ControlState:
     def flag(self, name: str, scope: str | None = None) -> bool:
         return self._flags.get(flag_key(name, scope), FLAG_DEFAULTS[name])
 
-    def model_calls_enabled(self, prompt: str, model: str | None = None) -> bool:
-        if not self.flag(GLOBAL_MODEL_CALLS):
-            return False
-        return model is None or self.flag(ENDPOINT_ENABLED, model)
+    def model_calls_enabled(self) -> bool:
+        """The global kill switch; endpoint flags are applied by the fallback chain."""
+        return self.flag(GLOBAL_MODEL_CALLS)
 
     @property
     def pins(self) -> Mapping[str, Pin]:

@@ -26,7 +26,7 @@ from pipeline.config import REPO_ROOT, Settings
 from pipeline.envelopes import Result
 from pipeline.fakellm import running_fake_llm
 from pipeline.ledger import Ledger, read_terminal
-from pipeline.scenarios import mixed_requests
+from pipeline.scenarios import SCENARIO_OVERRIDES, mixed_requests
 from pipeline.topics import apply, load_specs
 from pipeline.transport.batch import produce_batch
 
@@ -54,7 +54,11 @@ def run_demo(settings: Settings, count: int, keep: bool, console: Console) -> in
         fake = stack.enter_context(running_fake_llm())
         console.print(f"[bold]fake model[/bold] listening on {fake.url}")
         settings = settings.model_copy(
-            update={"model_base_url": fake.url, "model_timeout_s": DEMO_MODEL_TIMEOUT_S}
+            update={
+                "model_base_url": fake.url,
+                "model_timeout_s": DEMO_MODEL_TIMEOUT_S,
+                **SCENARIO_OVERRIDES,
+            }
         )
         worker = _start_worker(settings, stack, keep)
         console.print(
@@ -79,6 +83,7 @@ def _start_worker(settings: Settings, stack: ExitStack, keep: bool) -> subproces
         "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
         "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
         "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
+        **{f"LLMPIPE_{k.upper()}": str(v) for k, v in SCENARIO_OVERRIDES.items()},
     }
     log = open(REPO_ROOT / "demo-worker.log", "wb")  # noqa: SIM115 - closed by the stack
     stack.callback(log.close)

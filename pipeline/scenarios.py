@@ -42,6 +42,15 @@ OUTCOMES: dict[str, tuple[str, str | None]] = {
 }
 DIRECTIVES = {"rate_limit": "rate_limit:0.05"}
 
+# A mix fails a fixed share of calls on purpose, spread over time; with breakers at their
+# production settings the endpoint breaker would (rightly) open and send everything to the
+# fallback path, hiding the per-fault routes these scenarios check. Breakers have their own
+# tests; scenario runs set these.
+SCENARIO_OVERRIDES: dict[str, int] = {
+    "breaker_min_calls": 1_000_000,
+    "quality_breaker_min_calls": 1_000_000,
+}
+
 DEFAULT_WEIGHTS: dict[str, float] = {
     "valid": 40,
     "fenced": 5,

@@ -21,10 +21,10 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
 from pipeline.control import ControlState
 from pipeline.envelopes import Completion, Envelope, Escalation, ValidatedRequest
-from pipeline.llm.openai import OpenAIChatClient
-from pipeline.llm.retry import RetryingClient
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.redact import Redactor
+from pipeline.resilience.configure import quality_breaker, resilient_client
+from pipeline.resilience.stack import ResilientClient
 from pipeline.stages.decisions import DeadLetter, Decision
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.model_call import ModelCaller
@@ -93,15 +93,7 @@ class Worker:
         configure_tracing()
         settings = self.settings
         kafka = settings.aiokafka_config()
-        client = RetryingClient(
-            OpenAIChatClient(
-                settings.model_base_url,
-                settings.model_api_key.get_secret_value() if settings.model_api_key else None,
-                max_connections=max(settings.max_in_flight * 2, 16),
-            ),
-            max_attempts=settings.model_max_attempts,
-            budget_s=settings.model_timeout_s * settings.model_max_attempts + 10,
-        )
+        client = resilient_client(settings, self.control)
         producer = AIOKafkaProducer(
             enable_idempotence=True,
             acks="all",
@@ -140,7 +132,7 @@ class Worker:
             await producer.stop()
             await client.aclose()
 
-    def _handlers(self, client: RetryingClient) -> dict[str, Handler]:
+    def _handlers(self, client: ResilientClient) -> dict[str, Handler]:
         s = self.settings
         validator = Validator(
             self.codec,
@@ -154,8 +146,9 @@ class Worker:
         async def validate(message: Inbound) -> Decision:
             return validator(message.value, message.key, h.text(message.headers, h.CONTENT_TYPE))
 
-        caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s)
-        settler = Settler(self.registry, self.control, client, s.model_timeout_s)
+        quality = quality_breaker(s)
+        caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s, quality)
+        settler = Settler(self.registry, self.control, client, s.model_timeout_s, quality)
         fallback = FallbackWorker(self.registry, self.control)
         return {
             "validate": validate,

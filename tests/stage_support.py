@@ -59,7 +59,12 @@ class ScriptedClient:
         self.requests: list[ChatRequest] = []
 
     async def complete(
-        self, request: ChatRequest, deadline: datetime | None = None
+        self,
+        request: ChatRequest,
+        deadline: datetime | None = None,
+        *,
+        prompt: str | None = None,
+        models: Sequence[str] | None = None,
     ) -> ChatCompletion:
         self.requests.append(request)
         answer = self.answers.pop(0)

@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import Settings
 from pipeline.fakellm import running_fake_llm
 from pipeline.ledger import read_terminal
-from pipeline.scenarios import OUTCOMES, mixed_requests
+from pipeline.scenarios import OUTCOMES, SCENARIO_OVERRIDES, mixed_requests
 from tests.support import create_topics, make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
@@ -19,7 +19,11 @@ def test_a_thousand_mixed_requests_are_all_accounted_for(kafka_bootstrap: str) -
     planned = mixed_requests(1000, seed=11)
     with running_fake_llm() as fake:
         settings = make_settings(
-            kafka_bootstrap, model_base_url=fake.url, model_timeout_s=1.0, max_in_flight=64
+            kafka_bootstrap,
+            model_base_url=fake.url,
+            model_timeout_s=1.0,
+            max_in_flight=64,
+            **SCENARIO_OVERRIDES,
         )
         create_topics(settings)
         with running_worker(settings) as worker:
@@ -53,7 +57,9 @@ def test_results_carry_prompt_identity_and_headers(kafka_settings: Settings) -> 
 
     registry = PromptRegistry.load(kafka_settings.prompts_dir)
     with running_fake_llm() as fake:
-        settings = kafka_settings.model_copy(update={"model_base_url": fake.url})
+        settings = kafka_settings.model_copy(
+            update={"model_base_url": fake.url, **SCENARIO_OVERRIDES}
+        )
         with running_worker(settings):
             produce(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
             ledger = read_terminal(settings, [p.request_id for p in planned], timeout_s=60)

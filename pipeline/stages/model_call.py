@@ -8,6 +8,7 @@ call fails after its retries goes to the fallback path with the reason: it is ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -25,6 +26,8 @@ from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionErro
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
+from pipeline.resilience.breaker import QualityBreaker
+from pipeline.resilience.errors import BudgetExceeded
 from pipeline.stages.decisions import (
     COMPLETIONS,
     FALLBACK,
@@ -36,14 +39,28 @@ from pipeline.stages.decisions import (
 from pipeline.stages.validate import deadline_escalation
 
 STAGE = "model"
+BUDGET_EXCEEDED = "budget_exceeded"
 
 
 class CallingClient(Protocol):
-    """A model client that knows the request's deadline (the retry layer and above)."""
+    """The resilient client: knows the deadline, the prompt's budget and the model chain."""
 
     async def complete(
-        self, request: ChatRequest, deadline: datetime | None = None
+        self,
+        request: ChatRequest,
+        deadline: datetime | None = None,
+        *,
+        prompt: str | None = None,
+        models: Sequence[str] | None = None,
     ) -> ChatCompletion: ...
+
+
+def model_chain(pv: PromptVersion) -> list[str]:
+    return [pv.model.model, *pv.model.fallback_models]
+
+
+def failure_reason(exc: ModelError) -> str:
+    return BUDGET_EXCEEDED if isinstance(exc, BudgetExceeded) else f"model_{exc.kind}"
 
 
 def chat_request(
@@ -67,11 +84,14 @@ class ModelCaller:
         client: CallingClient,
         control: ControlState,
         timeout_cap_s: float = 30.0,
+        quality: QualityBreaker | None = None,
     ) -> None:
+        """``quality`` is shared with the settle stage, which records output quality."""
         self._registry = registry
         self._client = client
         self._control = control
         self._timeout_cap_s = timeout_cap_s
+        self._quality = quality
 
     async def __call__(self, validated: ValidatedRequest, now: datetime | None = None) -> Decision:
         now = now or utc_now()
@@ -89,23 +109,28 @@ class ModelCaller:
             )
         if request.deadline is not None and request.deadline <= now:
             return emit_escalation(FALLBACK, deadline_escalation(validated, now))
-        if not self._control.model_calls_enabled(pv.name, pv.model.model):
+        if not self._control.model_calls_enabled():
             return self._skip(
                 validated, "model_calls_disabled", "model calls are switched off", now
             )
         if not self._control.flag(PROMPT_ENABLED, pv.name):
             return self._skip(validated, "prompt_disabled", f"prompt {pv.name} is disabled", now)
+        if self._quality is not None and not self._quality.allow(pv.ref):
+            detail = f"output quality of {pv.ref} tripped its breaker"
+            return self._skip(validated, "quality_breaker_open", detail, now)
         call = chat_request(pv, render_messages(pv, request.variables), self._timeout_cap_s)
         try:
-            answer = await self._client.complete(call, deadline=request.deadline)
+            answer = await self._client.complete(
+                call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+            )
         except ModelError as exc:
             escalation = Escalation(
                 validated=validated,
-                reason=f"model_{exc.kind}",
+                reason=failure_reason(exc),
                 detail=str(exc)[:500],
                 model=call.model,
                 attempts=exc.attempts,
-                validation=ValidationReport(checks=["model_call"], errors=[f"model_{exc.kind}"]),
+                validation=ValidationReport(checks=["model_call"], errors=[failure_reason(exc)]),
                 escalated_at=utc_now(),
             )
             return emit_escalation(FALLBACK, escalation)

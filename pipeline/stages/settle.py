@@ -28,6 +28,7 @@ from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionErro
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
+from pipeline.resilience.breaker import QualityBreaker
 from pipeline.stages.decisions import (
     FALLBACK,
     REVIEW,
@@ -36,7 +37,7 @@ from pipeline.stages.decisions import (
     emit_escalation,
     emit_result,
 )
-from pipeline.stages.model_call import CallingClient, chat_request
+from pipeline.stages.model_call import CallingClient, chat_request, model_chain
 from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
 from pipeline.stages.score import score
 from pipeline.telemetry import current_trace_id
@@ -56,12 +57,22 @@ class Settler:
         control: ControlState,
         client: CallingClient | None,
         timeout_cap_s: float = 30.0,
+        quality: QualityBreaker | None = None,
     ) -> None:
-        """``client`` is None for re-parse replays: then no re-ask is ever made."""
+        """``client`` is None for re-parse replays: then no re-ask is ever made.
+
+        ``quality`` learns from every settled answer (valid and confident, or not); the
+        model stage asks it before paying for the next call of the same prompt version.
+        """
         self._registry = registry
         self._control = control
         self._client = client
         self._timeout_cap_s = timeout_cap_s
+        self._quality = quality
+
+    def _record_quality(self, pv: PromptVersion, ok: bool) -> None:
+        if self._quality is not None:
+            self._quality.record(pv.ref, ok)
 
     def _checks(self, pv: PromptVersion) -> Callable[[str], CheckFn]:
         return lambda ref: self._registry.resolve_check(pv, ref)
@@ -93,7 +104,7 @@ class Settler:
             and not outcome.refusal
             and reasks < pv.reask
             and self._client is not None
-            and self._control.model_calls_enabled(pv.name, pv.model.model)
+            and self._control.model_calls_enabled()
         ):
             reasks += 1
             messages = [
@@ -106,7 +117,10 @@ class Settler:
             ]
             try:
                 answer = await self._client.complete(
-                    chat_request(pv, messages, self._timeout_cap_s), deadline=request.deadline
+                    chat_request(pv, messages, self._timeout_cap_s),
+                    deadline=request.deadline,
+                    prompt=pv.name,
+                    models=model_chain(pv),
                 )
             except ModelError as exc:
                 attempts += exc.attempts
@@ -119,6 +133,7 @@ class Settler:
             text, logprobs, finish = answer.text, answer.token_logprobs, answer.finish_reason
             outcome = parse_output(pv, text, request.variables, self._checks(pv))
         if not outcome.ok:
+            self._record_quality(pv, ok=False)
             reason = "refusal" if outcome.refusal else "invalid_output"
             report = ValidationReport(
                 checks=outcome.checks, warnings=outcome.warnings, errors=outcome.errors
@@ -139,6 +154,7 @@ class Settler:
             )
         assert outcome.output is not None
         confidence, components = score(logprobs, outcome.warnings, finish, validated.flags, reasks)
+        self._record_quality(pv, ok=confidence >= pv.confidence.accept)
         report = ValidationReport(
             checks=outcome.checks, warnings=outcome.warnings, confidence_components=components
         )

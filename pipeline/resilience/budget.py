@@ -1,0 +1,191 @@
+"""Token budgets: a cap per request and a daily allowance per prompt.
+
+Why: one runaway prompt (a template bug that pastes a whole document, a traffic spike on
+one use case) can spend a month's model budget in an afternoon and starve every other
+prompt of its rate limit. Refusing early is cheap and explicit: a refused request goes
+to the fallback route with reason ``budget_exceeded`` instead of being silently dropped.
+
+* Per request: estimated prompt tokens (characters / 4) plus ``max_tokens`` over
+  ``max_request_tokens`` is refused before any call.
+* Per prompt per UTC day: each call reserves its estimate up front, so concurrent
+  requests cannot all slip under the limit together, and is then charged what the
+  endpoint reports it used (failed calls are not charged: nothing was generated, and
+  usage is not reported for them). A request that would push the prompt past its
+  allowance is refused; ``retry_after_s`` says when the next UTC day starts.
+
+This layer sits above the fallback chain: it is checked once per request whichever
+model ends up answering, it charges the usage of the model that did, and a refusal is
+never mistaken for a model failure (no breaker counts it, no fallback model is tried).
+
+The counts live in memory and are **per worker**: like rate limits, give each of N
+workers ``1/N`` of the allowance (:meth:`BudgetConfig.per_worker`, applied by
+:func:`pipeline.resilience.stack.build_client` from ``LLMPIPE_WORKERS``). A restart
+forgets the day's spending, which errs on the side of serving; an exact, shared budget
+would need a shared store and belongs in the ledger, not on the call path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from pipeline.llm.protocol import ChatCompletion, ChatRequest
+from pipeline.resilience.base import (
+    SYSTEM_CLOCK,
+    Clock,
+    RoutedClient,
+    estimate_request_tokens,
+    used_tokens,
+)
+from pipeline.resilience.errors import BudgetExceeded
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """``None`` means unlimited; ``daily_tokens`` maps prompt name -> tokens per UTC day."""
+
+    max_request_tokens: int | None = None
+    daily_tokens: Mapping[str, int] = field(default_factory=dict)
+    default_daily_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in [
+            ("max_request_tokens", self.max_request_tokens),
+            ("default_daily_tokens", self.default_daily_tokens),
+            *((f"daily_tokens[{p}]", v) for p, v in self.daily_tokens.items()),
+        ]:
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def daily_limit(self, prompt: str) -> int | None:
+        return self.daily_tokens.get(prompt, self.default_daily_tokens)
+
+    def per_worker(self, workers: int) -> BudgetConfig:
+        """This worker's share of daily allowances split over ``workers`` processes.
+
+        The per-request cap is a property of one request and is not divided.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if workers == 1:
+            return self
+        return replace(
+            self,
+            daily_tokens={p: max(1, v // workers) for p, v in self.daily_tokens.items()},
+            default_daily_tokens=(
+                None
+                if self.default_daily_tokens is None
+                else max(1, self.default_daily_tokens // workers)
+            ),
+        )
+
+
+@dataclass
+class PromptUsage:
+    """One prompt's day so far: tokens charged and tokens reserved by calls in flight."""
+
+    day: date
+    spent: int = 0
+    reserved: int = 0
+
+
+class BudgetedClient:
+    """Refuses requests over budget with :class:`BudgetExceeded`; passes the rest down."""
+
+    def __init__(
+        self, inner: RoutedClient, config: BudgetConfig, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self._inner = inner
+        self._config = config
+        self._clock = clock
+        self._usage: dict[str, PromptUsage] = {}
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def usage(self) -> dict[str, PromptUsage]:
+        """Today's spending per prompt (a copy), for metrics."""
+        today = self._today()
+        return {p: replace(u) for p, u in self._usage.items() if u.day == today}
+
+    def _today(self) -> date:
+        return datetime.fromtimestamp(self._clock.time(), UTC).date()
+
+    def _day_usage(self, prompt: str) -> PromptUsage:
+        today = self._today()
+        usage = self._usage.get(prompt)
+        if usage is None or usage.day != today:
+            usage = PromptUsage(today)
+            self._usage[prompt] = usage
+        return usage
+
+    def _seconds_to_midnight(self) -> float:
+        now = self._clock.time()
+        tomorrow = datetime.fromtimestamp(now, UTC).date() + timedelta(days=1)
+        midnight = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=UTC)
+        return midnight.timestamp() - now
+
+    async def complete(
+        self,
+        request: ChatRequest,
+        deadline: datetime | None = None,
+        *,
+        prompt: str | None = None,
+        models: Sequence[str] | None = None,
+    ) -> ChatCompletion:
+        estimate = estimate_request_tokens(request)
+        cap = self._config.max_request_tokens
+        if cap is not None and estimate > cap:
+            raise BudgetExceeded(
+                f"request needs up to {estimate} tokens (prompt estimate + max_tokens), "
+                f"over the per-request limit of {cap}",
+                scope="request",
+                limit=cap,
+                requested=estimate,
+                prompt=prompt,
+            )
+        limit = self._config.daily_limit(prompt) if prompt is not None else None
+        if prompt is None or limit is None:
+            return await self._inner.complete(request, deadline, models=models)
+        usage = self._day_usage(prompt)
+        committed = usage.spent + usage.reserved
+        if committed + estimate > limit:
+            raise BudgetExceeded(
+                f"prompt {prompt} has {max(limit - committed, 0)} of its {limit} tokens "
+                f"left today (UTC), the request needs up to {estimate}",
+                scope="daily",
+                limit=limit,
+                requested=estimate,
+                spent=usage.spent,
+                prompt=prompt,
+                retry_after_s=self._seconds_to_midnight(),
+            )
+        usage.reserved += estimate
+        try:
+            completion = await self._inner.complete(request, deadline, models=models)
+        finally:
+            usage.reserved -= estimate
+        # Charged to the day the call ends in: after midnight that is the new day's record.
+        self._day_usage(prompt).spent += used_tokens(completion, request)
+        return completion
+
+
+def parse_daily_budgets(raw: str | None) -> dict[str, int]:
+    """Parse ``LLMPIPE_PROMPT_DAILY_TOKENS``: a JSON object of prompt name -> tokens/day."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        data: Any = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"prompt daily budgets are not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("prompt daily budgets must be a JSON object of prompt -> tokens")
+    budgets: dict[str, int] = {}
+    for prompt, tokens in data.items():
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"daily budget for {prompt!r} must be a positive integer")
+        budgets[str(prompt)] = tokens
+    return budgets

@@ -1,0 +1,54 @@
+"""Settings -> the resilience stack, in one place, so the worker and tools build it alike."""
+
+from __future__ import annotations
+
+from pipeline.config import Settings
+from pipeline.control import ENDPOINT_ENABLED, ControlState
+from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
+from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets
+from pipeline.resilience.endpoints import parse_endpoints
+from pipeline.resilience.ratelimit import parse_rate_limits
+from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
+
+
+def stack_config(settings: Settings) -> StackConfig:
+    api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
+    rate_limits, default_limit = parse_rate_limits(settings.model_rate_limits)
+    return StackConfig(
+        endpoints=parse_endpoints(settings.model_endpoints, settings.model_base_url, api_key),
+        workers=settings.workers,
+        rate_limits=rate_limits,
+        default_rate_limit=default_limit,
+        breaker=BreakerConfig(
+            min_calls=settings.breaker_min_calls,
+            window_size=max(20, settings.breaker_min_calls),
+            failure_rate=settings.breaker_failure_rate,
+            open_s=settings.breaker_open_s,
+        ),
+        budget=BudgetConfig(
+            max_request_tokens=settings.max_request_tokens,
+            daily_tokens=parse_daily_budgets(settings.prompt_daily_tokens),
+        ),
+        max_attempts=settings.model_max_attempts,
+        retry_budget_s=settings.model_timeout_s * settings.model_max_attempts + 10,
+        max_connections=max(settings.max_in_flight * 2, 16),
+    )
+
+
+def resilient_client(settings: Settings, control: ControlState) -> ResilientClient:
+    """The model client every stage uses; endpoint kill switches come from ``control``."""
+    return build_client(
+        stack_config(settings), is_enabled=lambda model: control.flag(ENDPOINT_ENABLED, model)
+    )
+
+
+def quality_breaker(settings: Settings) -> QualityBreaker:
+    return QualityBreaker(
+        BreakerConfig(
+            window_size=max(QUALITY_DEFAULTS.window_size, settings.quality_breaker_min_calls),
+            min_calls=settings.quality_breaker_min_calls,
+            failure_rate=settings.quality_breaker_failure_rate,
+            open_s=settings.quality_breaker_open_s,
+            half_open_calls=QUALITY_DEFAULTS.half_open_calls,
+        )
+    )

@@ -1,0 +1,220 @@
+"""The composed stack with scripted endpoints: the order of the layers is what is tested.
+
+The retry layer sleeps for real (tenacity); backoff is configured in milliseconds so it
+costs nothing, and no assertion depends on how long anything took.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelClient, ModelError
+from pipeline.resilience.breaker import BreakerConfig, BreakerState
+from pipeline.resilience.budget import BudgetConfig
+from pipeline.resilience.endpoints import (
+    EndpointConfigError,
+    Endpoints,
+    ModelEndpoint,
+    ResolvedEndpoint,
+)
+from pipeline.resilience.errors import AllModelsFailed, BudgetExceeded, CircuitOpen
+from pipeline.resilience.ratelimit import RateLimit
+from pipeline.resilience.stack import StackConfig, build_client
+from pipeline.resilience.testing import completion
+
+ENDPOINTS = Endpoints(
+    "http://default/v1",
+    models={"a": ModelEndpoint("http://a/v1"), "b": ModelEndpoint("http://b/v1")},
+)
+WAIT_S = 0.001  # retry backoff: tiny, so retries cost no time
+
+
+class Endpoint:
+    """A scripted endpoint: fails with ``error`` while it is set, else answers."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.error: ModelError | None = None
+        self.calls = 0
+        self.closed = 0
+
+    async def complete(self, request: ChatRequest) -> ChatCompletion:
+        self.calls += 1
+        if self.error is not None:
+            raise ModelError(self.error.kind, str(self.error), status=self.error.status)
+        return completion(model=request.model)
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+class Fleet:
+    """The client factory: one scripted endpoint per base URL, failing from the start if told."""
+
+    def __init__(self, failing: dict[str, ModelError] | None = None) -> None:
+        self.by_url: dict[str, Endpoint] = {}
+        self._failing = failing or {}
+
+    def __call__(self, endpoint: ResolvedEndpoint) -> ModelClient:
+        built = Endpoint(endpoint.base_url)
+        built.error = self._failing.get(endpoint.base_url)
+        self.by_url[endpoint.base_url] = built
+        return built
+
+
+def req(model: str = "a", content: str = "hi") -> ChatRequest:
+    return ChatRequest(model=model, messages=[{"role": "user", "content": content}])
+
+
+async def test_breaker_counts_attempts_cuts_retries_and_the_chain_skips_it() -> None:
+    fleet = Fleet(failing={"http://a/v1": ModelError("server_error", "500", status=500)})
+    transitions: list[tuple[str, BreakerState]] = []
+    client = build_client(
+        StackConfig(
+            ENDPOINTS,
+            breaker=BreakerConfig(window_size=4, min_calls=4, open_s=60.0),
+            max_attempts=3,
+            initial_wait_s=WAIT_S,
+            max_wait_s=WAIT_S,
+        ),
+        client_factory=fleet,
+        on_breaker_change=lambda model, old, new: transitions.append((model, new)),
+    )
+    first = await client.complete(req("a"), models=["a", "b"])
+    a, b = fleet.by_url["http://a/v1"], fleet.by_url["http://b/v1"]
+    assert (first.model, first.attempts, a.calls) == ("b", 4, 3)
+    assert transitions == []  # three failed calls: fewer than min_calls
+
+    # The 4th failed call opens a's circuit; the retry's next attempt meets the open
+    # circuit (not retryable) and the chain moves on without further calls to a.
+    second = await client.complete(req("a"), models=["a", "b"])
+    assert (second.model, a.calls) == ("b", 4)
+    assert transitions == [("a", BreakerState.OPEN)]
+
+    third = await client.complete(req("a"), models=["a", "b"])
+    assert (third.model, third.attempts, a.calls) == ("b", 1, 4)  # skipped, not called
+    assert client.chain.skipped[("a", "circuit_open")] == 1
+    assert client.breakers.states()["a"] is BreakerState.OPEN
+    assert b.calls == 3
+
+
+async def test_single_model_open_circuit_surfaces_as_circuit_open() -> None:
+    fleet = Fleet()
+    client = build_client(
+        StackConfig(
+            ENDPOINTS,
+            breaker=BreakerConfig(window_size=2, min_calls=2, failure_rate=1.0),
+            max_attempts=2,
+            initial_wait_s=WAIT_S,
+            max_wait_s=WAIT_S,
+        ),
+        client_factory=fleet,
+    )
+    await client.complete(req("a"))
+    fleet.by_url["http://a/v1"].error = ModelError("timeout", "slow")
+    with pytest.raises(ModelError) as caught:
+        await client.complete(req("a"))
+    assert caught.value.kind == "timeout" and caught.value.attempts == 2
+    with pytest.raises(CircuitOpen):
+        await client.complete(req("a"))
+
+
+async def test_local_rate_limit_moves_on_without_opening_the_breaker() -> None:
+    fleet = Fleet()
+    client = build_client(
+        StackConfig(
+            ENDPOINTS,
+            rate_limits={"a": RateLimit(requests_per_minute=6, request_burst=1)},
+            breaker=BreakerConfig(window_size=1, min_calls=1),
+            initial_wait_s=WAIT_S,
+            max_wait_s=WAIT_S,
+        ),
+        client_factory=fleet,
+    )
+    await client.complete(req("a"), models=["a", "b"])
+    # a's next turn is 10 s away; the deadline is 5 s away: refused at once, b answers.
+    deadline = datetime.fromtimestamp(time.time() + 5, UTC)
+    answer = await client.complete(req("a"), deadline, models=["a", "b"])
+    assert answer.model == "b"
+    assert fleet.by_url["http://a/v1"].calls == 1
+    assert client.breakers.states()["a"] is BreakerState.CLOSED
+    assert client.rate_limits.stats()["a"].rejected == 1
+
+
+async def test_disabled_endpoint_is_skipped_and_all_failed_is_reported() -> None:
+    fleet = Fleet()
+    disabled = {"a"}
+    client = build_client(
+        StackConfig(ENDPOINTS, max_attempts=1, initial_wait_s=WAIT_S, max_wait_s=WAIT_S),
+        client_factory=fleet,
+        is_enabled=lambda model: model not in disabled,
+    )
+    assert (await client.complete(req("a"), models=["a", "b"])).model == "b"
+    assert "http://a/v1" not in fleet.by_url
+    fleet.by_url["http://b/v1"].error = ModelError("client_error", "401", status=401)
+    with pytest.raises(AllModelsFailed) as caught:
+        await client.complete(req("a"), models=["a", "b"])
+    assert caught.value.reasons == {
+        "a": "model endpoint a is disabled",
+        "b": "client_error: 401",
+    }
+    assert caught.value.attempts == 1
+
+
+async def test_budget_refuses_before_any_call_and_charges_the_answering_model() -> None:
+    fleet = Fleet()
+    client = build_client(
+        StackConfig(
+            ENDPOINTS,
+            budget=BudgetConfig(max_request_tokens=1000, daily_tokens={"p": 1060}),
+            workers=2,
+        ),
+        client_factory=fleet,
+    )
+    with pytest.raises(BudgetExceeded):
+        await client.complete(req("a", content="x" * 4000), prompt="p")
+    assert fleet.by_url == {}
+    # 530 tokens a day for each of 2 workers; a call reserves 2 + 512 and is charged 15.
+    for _ in range(2):
+        await client.complete(req("a"), prompt="p", models=["a", "b"])
+    assert client.budget.usage()["p"].spent == 30
+    with pytest.raises(BudgetExceeded):
+        await client.complete(req("a"), prompt="p")  # 30 + 514 > 530
+    assert fleet.by_url["http://a/v1"].calls == 2
+
+
+async def test_workers_divide_rate_limits() -> None:
+    client = build_client(
+        StackConfig(
+            ENDPOINTS,
+            workers=4,
+            rate_limits={"a": RateLimit(requests_per_minute=400)},
+            default_rate_limit=RateLimit(max_in_flight=8),
+        ),
+        client_factory=Fleet(),
+    )
+    assert client.rate_limits.limit_for("a") == RateLimit(requests_per_minute=100)
+    assert client.rate_limits.limit_for("zzz") == RateLimit(max_in_flight=2)
+
+
+def test_missing_api_key_fails_at_build_time() -> None:
+    endpoints = Endpoints("http://d/v1", models={"a": ModelEndpoint("http://a/v1", "A_KEY")})
+    with pytest.raises(EndpointConfigError, match="A_KEY"):
+        build_client(StackConfig(endpoints), client_factory=Fleet(), environ={})
+    build_client(StackConfig(endpoints), client_factory=Fleet(), environ={"A_KEY": "k"})
+
+
+async def test_aclose_closes_every_endpoint_client_once() -> None:
+    fleet = Fleet()
+    client = build_client(StackConfig(ENDPOINTS), client_factory=fleet)
+    for model in ("a", "b", "c", "d"):
+        await client.complete(req(model))
+    await client.aclose()
+    assert {url: e.closed for url, e in fleet.by_url.items()} == {
+        "http://a/v1": 1,
+        "http://b/v1": 1,
+        "http://default/v1": 1,
+    }
