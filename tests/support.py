@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,19 @@ def produce(settings: Settings, topic: str, messages: list[Message]) -> None:
     produce_batch(settings, topic, messages)
 
 
+def _wait_until_consuming(
+    worker: Worker, thread: threading.Thread, errors: list[BaseException], timeout_s: float = 60
+) -> None:
+    """Fail fast with the worker's own error instead of waiting for messages that never come."""
+    deadline = time.monotonic() + timeout_s
+    while not (worker.runners and all(r.started.is_set() for r in worker.runners)):
+        if errors:
+            raise errors[0]
+        assert thread.is_alive(), "the worker thread ended before it started consuming"
+        assert time.monotonic() < deadline, f"the worker did not start within {timeout_s}s"
+        time.sleep(0.02)
+
+
 @contextmanager
 def running_worker(
     settings: Settings, stages: tuple[str, ...] = STAGES, **kwargs: Any
@@ -56,10 +70,12 @@ def running_worker(
 
     thread = threading.Thread(target=main, name="worker", daemon=True)
     thread.start()
+    _wait_until_consuming(worker, thread, errors)
     try:
         yield worker
     finally:
-        loop.call_soon_threadsafe(stop.set)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
         thread.join(60)
     assert not thread.is_alive(), "worker did not stop within 60 s"
     if errors:

@@ -18,6 +18,8 @@ from pipeline.control import ControlState
 from pipeline.envelopes import ControlEvent
 
 log = logging.getLogger("llmpipe.control")
+METADATA_ATTEMPTS = 20
+METADATA_RETRY_S = 0.25
 
 
 class ControlListener:
@@ -34,12 +36,7 @@ class ControlListener:
         consumer = AIOKafkaConsumer(enable_auto_commit=False, **self._kafka_config)
         await consumer.start()
         try:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(self._topic)
-            if not partitions:
-                raise RuntimeError(
-                    f"control topic {self._topic} does not exist; run `llmpipe topics apply`"
-                )
+            partitions = await self._partitions(consumer)
             tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
@@ -61,6 +58,18 @@ class ControlListener:
                         self.ready.set()
         finally:
             await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> set[int]:
+        """A topic created a moment ago may not be in every broker's metadata yet."""
+        for _ in range(METADATA_ATTEMPTS):
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(self._topic)
+            if partitions:
+                return set(partitions)
+            await asyncio.sleep(METADATA_RETRY_S)
+        raise RuntimeError(
+            f"control topic {self._topic} does not exist; run `llmpipe topics apply`"
+        )
 
     def _apply(self, value: bytes | None, headers: Any) -> None:
         if value is None:
