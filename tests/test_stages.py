@@ -286,3 +286,44 @@ def test_json_extraction_is_strict_first_then_tolerant(text: str, warning: str |
     value, errors, warnings = extract_json(text)
     assert value is not None and not errors
     assert warnings == ([warning] if warning else [])
+
+
+CITED = {
+    "question": "When was the bridge opened?",
+    "sources": [{"id": "s1", "text": "The bridge opened to traffic in 1932 after six years."}],
+}
+CITED_ANSWER = {"answer": "It opened in 1932.", "citations": ["s1"]}
+
+
+@pytest.mark.parametrize(
+    ("grader", "status", "self_check"),
+    [
+        ('{"score": 0.95}', "ok", 0.95),
+        ('{"score": 0.1}', "needs_clarification", 0.1),
+        ("n/a", "ok", None),
+    ],
+)
+async def test_self_check_is_one_factor_of_confidence(
+    grader: str, status: str, self_check: float | None
+) -> None:
+    client = ScriptedClient([grader])
+    v = validated(prompt="cited_answer", variables=CITED)
+    decision = await Settler(REGISTRY, ControlState(), client)(completion(dumps(CITED_ANSWER), v=v))
+    assert isinstance(decision, Emit) and decision.topic == RESULTS
+    result = decision.envelope
+    assert isinstance(result, Result) and result.status == status
+    assert result.validation.confidence_components.get("self_check") == self_check
+    assert result.attempts == 2 and "Answer:" in client.requests[0].messages[-1]["content"]
+    if self_check is None:
+        assert "self_check_unusable" in result.validation.warnings
+
+
+async def test_the_model_can_ask_for_clarification() -> None:
+    v = validated(prompt="cited_answer", variables=CITED)
+    asked = {"needs_clarification": True, "question": "Which bridge do you mean?"}
+    decision = await Settler(REGISTRY, ControlState(), ScriptedClient(['{"score": 1}']))(
+        completion(dumps(asked), v=v)
+    )
+    assert isinstance(decision, Emit) and decision.topic == RESULTS
+    assert decision.envelope.status == "needs_clarification"  # type: ignore[attr-defined]
+    assert decision.envelope.output == {"question": "Which bridge do you mean?"}  # type: ignore[attr-defined]

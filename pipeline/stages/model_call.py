@@ -22,6 +22,7 @@ from pipeline.envelopes import (
     utc_now,
 )
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+from pipeline.observability.genai import chat_span
 from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
@@ -120,9 +121,11 @@ class ModelCaller:
             return self._skip(validated, "quality_breaker_open", detail, now)
         call = chat_request(pv, render_messages(pv, request.variables), self._timeout_cap_s)
         try:
-            answer = await self._client.complete(
-                call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
-            )
+            with chat_span(call, validated.prompt, request.request_id) as observed:
+                answer = await self._client.complete(
+                    call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+                )
+                observed.answered(answer)
         except ModelError as exc:
             escalation = Escalation(
                 validated=validated,

@@ -24,8 +24,11 @@ def score(
     finish_reason: str | None,
     input_flags: Sequence[str],
     reasks: int = 0,
+    self_check: float | None = None,
 ) -> tuple[float, dict[str, float]]:
     components: dict[str, float] = {}
+    if self_check is not None:
+        components["self_check"] = self_check
     if token_logprobs:
         mean = sum(token_logprobs) / len(token_logprobs)
         components["logprob"] = math.exp(max(mean, -50.0))

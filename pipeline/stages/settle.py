@@ -16,6 +16,7 @@ from pipeline.control import FORCE_REVIEW, ControlState
 from pipeline.envelopes import (
     Completion,
     Escalation,
+    Request,
     Result,
     ResultStatus,
     Usage,
@@ -23,7 +24,7 @@ from pipeline.envelopes import (
     ValidationReport,
     utc_now,
 )
-from pipeline.llm.protocol import ModelError
+from pipeline.llm.protocol import ChatCompletion, ModelError
 from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
@@ -40,6 +41,7 @@ from pipeline.stages.decisions import (
 from pipeline.stages.model_call import CallingClient, chat_request, model_chain
 from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
 from pipeline.stages.score import score
+from pipeline.stages.self_check import grade, grading_request
 from pipeline.telemetry import current_trace_id
 
 STAGE = "settle"
@@ -69,6 +71,21 @@ class Settler:
         self._client = client
         self._timeout_cap_s = timeout_cap_s
         self._quality = quality
+
+    async def _self_check(
+        self, pv: PromptVersion, request: Request, output: dict[str, Any]
+    ) -> tuple[float | None, ChatCompletion | None]:
+        assert self._client is not None
+        call = grading_request(
+            pv, render_messages(pv, request.variables), output, self._timeout_cap_s
+        )
+        try:
+            answer = await self._client.complete(
+                call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+            )
+        except ModelError:
+            return None, None
+        return grade(answer), answer
 
     def _record_quality(self, pv: PromptVersion, ok: bool) -> None:
         if self._quality is not None:
@@ -153,7 +170,27 @@ class Settler:
                 ),
             )
         assert outcome.output is not None
-        confidence, components = score(logprobs, outcome.warnings, finish, validated.flags, reasks)
+        self_score: float | None = None
+        clarify_field = pv.confidence.clarify_field
+        asks_back = bool(clarify_field and outcome.output.get(clarify_field))
+        if (
+            pv.confidence.self_check
+            and not asks_back
+            and self._client is not None
+            and self._control.model_calls_enabled()
+        ):
+            self_score, grading = await self._self_check(pv, request, outcome.output)
+            if grading is not None:
+                attempts += grading.attempts
+                usage = Usage(
+                    prompt_tokens=usage.prompt_tokens + grading.prompt_tokens,
+                    completion_tokens=usage.completion_tokens + grading.completion_tokens,
+                )
+            if self_score is None:
+                outcome.warnings.append("self_check_unusable")
+        confidence, components = score(
+            logprobs, outcome.warnings, finish, validated.flags, reasks, self_score
+        )
         self._record_quality(pv, ok=confidence >= pv.confidence.accept)
         report = ValidationReport(
             checks=outcome.checks, warnings=outcome.warnings, confidence_components=components
@@ -173,8 +210,7 @@ class Settler:
             )
             return emit_escalation(REVIEW, esc)
         policy = pv.confidence
-        clarify_field = policy.clarify_field
-        if clarify_field and outcome.output.get(clarify_field):
+        if asks_back:
             return emit_result(
                 self._result(
                     validated,
