@@ -190,8 +190,10 @@ def _register_optional() -> None:
     from pipeline.fakellm.cli import fake_llm
     from pipeline.flags_cli import flags_app
     from pipeline.prompts.cli import prompts_app
+    from pipeline.review.cli import review_app
 
     app.add_typer(prompts_app, name="prompts")
+    app.add_typer(review_app, name="review")
     app.add_typer(flags_app, name="flags")
     app.command("fake-llm")(fake_llm)
 

@@ -1,0 +1,269 @@
+"""``llmpipe review ...``: serve the UI, manage reviewers, export training data, calibrate.
+
+The lead registers this with ``app.add_typer(review_app, name="review")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import Settings
+
+review_app = typer.Typer(
+    help="Human review: the review UI, reviewers, corrections and calibration.",
+    no_args_is_help=True,
+)
+users_app = typer.Typer(help="Reviewer accounts (a users file of scrypt hashes).")
+review_app.add_typer(users_app, name="users")
+
+err = Console(stderr=True)
+SECRET_ENV = "LLMPIPE_REVIEW_SESSION_SECRET"
+USERS_ENV = "LLMPIPE_REVIEW_USERS"
+DEFAULT_USERS = Path("review-users.txt")
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(2)
+
+
+def _secret(secret_file: Path | None) -> bytes:
+    """The session key: a file, else the environment, else a random one for this process."""
+    if secret_file is not None:
+        data = secret_file.read_bytes().strip()
+    elif os.environ.get(SECRET_ENV):
+        data = os.environ[SECRET_ENV].encode()
+    else:
+        err.print(
+            f"[yellow]warning:[/yellow] no --secret-file or {SECRET_ENV}: using a random "
+            "session key, so sessions end when the server restarts"
+        )
+        return os.urandom(32)
+    if len(data) < 32:
+        raise _fail("the session secret must be at least 32 bytes")
+    return data
+
+
+@review_app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8090,
+    db: Annotated[
+        str | None, typer.Option(help="Database URL; default: LLMPIPE_REVIEW_DB / Settings.")
+    ] = None,
+    users: Annotated[
+        Path, typer.Option(envvar=USERS_ENV, help="Users file (`review users add`).")
+    ] = DEFAULT_USERS,
+    lease_minutes: Annotated[float, typer.Option(help="How long a claim lasts.")] = 10.0,
+    sla_minutes: Annotated[float, typer.Option(help="Age at which an item is overdue.")] = 60.0,
+    secret_file: Annotated[
+        Path | None, typer.Option(help=f"Session signing key (or {SECRET_ENV}).")
+    ] = None,
+    instance: Annotated[
+        str, typer.Option(help="Instance name; keep it stable across restarts.")
+    ] = "0",
+    cookie_secure: Annotated[
+        bool, typer.Option(help="Mark the session cookie Secure (behind HTTPS).")
+    ] = False,
+) -> None:
+    """Run the review UI: follows llm.review and llm.review.decisions, serves HTTP."""
+    import uvicorn
+    from starlette.concurrency import run_in_threadpool
+
+    from pipeline.review.app import ReviewConfig, create_app
+    from pipeline.review.auth import SessionSigner, UsersFile
+    from pipeline.review.runtime import ReviewRuntime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings()
+    users_file = UsersFile(users)
+    if not users_file.load():
+        raise _fail(f"no reviewers in {users}: add one with `llmpipe review users add NAME`")
+    runtime = ReviewRuntime(
+        settings,
+        db or settings.review_db,
+        lease_ms=int(lease_minutes * 60_000),
+        sla_ms=int(sla_minutes * 60_000),
+        instance=instance,
+    )
+
+    async def startup() -> None:
+        ready = await run_in_threadpool(runtime.start, 60.0)
+        if not ready:
+            err.print("[yellow]warning:[/yellow] not caught up with Kafka yet; decisions wait")
+
+    async def shutdown() -> None:
+        await run_in_threadpool(runtime.stop)
+
+    config = ReviewConfig(users_file, SessionSigner(_secret(secret_file)), cookie_secure)
+    app = create_app(runtime.service, config, on_startup=startup, on_shutdown=shutdown)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Reviewer name (shown in the audit trail).")],
+    file: Annotated[Path, typer.Option(envvar=USERS_ENV, help="Users file.")] = DEFAULT_USERS,
+    password_stdin: Annotated[
+        bool, typer.Option(help="Read the password from standard input (for scripts).")
+    ] = False,
+) -> None:
+    """Add a reviewer, or set a new password for an existing one."""
+    from pipeline.review.auth import AuthError, UsersFile
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        new = UsersFile(file).add(name, password)
+    except AuthError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"{'added' if new else 'updated'} {name} in {file}")
+
+
+@review_app.command("export")
+def export(
+    since: Annotated[
+        str | None, typer.Option(help="Only corrections decided at or after this ISO time.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="Output format: jsonl.")] = "jsonl",
+    output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Corrections from llm.corrections as chat training data (rendered prompt + fix)."""
+    from pipeline.prompts.registry import PromptRegistry
+    from pipeline.review.training import read_corrections, training_records
+
+    if format != "jsonl":
+        raise _fail(f"unknown format {format!r}; supported: jsonl")
+    cutoff = _parse_since(since)
+    settings = Settings()
+    registry = PromptRegistry.load(settings.prompts_dir)
+
+    def skipped(message: str) -> None:
+        err.print(f"[yellow]skipped[/yellow] {message}")
+
+    records = training_records(read_corrections(settings, skipped), registry, cutoff, skipped)
+    handle = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+    count = 0
+    try:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    finally:
+        if output is not None:
+            handle.close()
+    err.print(f"exported {count} correction(s)")
+
+
+def _parse_since(since: str | None) -> datetime | None:
+    if since is None:
+        return None
+    try:
+        value = datetime.fromisoformat(since)
+    except ValueError:
+        raise _fail(f"--since {since!r} is not an ISO 8601 date or time") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@review_app.command("calibration")
+def calibration(
+    prompt: Annotated[str, typer.Argument(help="Prompt name.")],
+    db: Annotated[
+        str | None, typer.Option(help="Read a review database instead of the topics.")
+    ] = None,
+    buckets: Annotated[int, typer.Option(min=2, max=50, help="Confidence buckets.")] = 10,
+    bad_accept_cost: Annotated[
+        float, typer.Option(help="Cost of auto-accepting an output a reviewer changed.")
+    ] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Reviewer verdicts against the pipeline's confidence; suggests an accept threshold."""
+    from pipeline.prompts.registry import PromptRegistry
+    from pipeline.review.store import open_store
+    from pipeline.review.training import calibrate, rows_from_kafka
+
+    settings = Settings()
+    registry = PromptRegistry.load(settings.prompts_dir)
+    if db is not None:
+        store = open_store(db)
+        try:
+            rows = store.calibration_rows(prompt)
+        finally:
+            store.close()
+    else:
+        rows = rows_from_kafka(settings, prompt)
+    report = calibrate(prompt, rows, registry, buckets=buckets, bad_accept_cost=bad_accept_cost)
+    if as_json:
+        typer.echo(json.dumps([_calibration_json(c) for c in report], indent=2))
+        return
+    console = Console()
+    if not rows:
+        console.print(f"no reviewed items with a confidence for {prompt}")
+        return
+    for part in report:
+        title = f"{prompt} (all versions)" if part.version is None else f"{prompt}@{part.version}"
+        table = Table(title=title)
+        for column in ("confidence", "n", "approve", "edit", "reject", "clarify", "approved"):
+            table.add_column(column, justify="right")
+        for b in part.buckets:
+            if b.total == 0:
+                continue
+            rate = f"{b.approve_rate:.0%}" if b.approve_rate is not None else "-"
+            table.add_row(
+                f"{b.low:.2f}-{b.high:.2f}",
+                str(b.total),
+                *(str(b.counts[a]) for a in ("approve", "edit", "reject", "clarify")),
+                rate,
+            )
+        console.print(table)
+        s = part.suggestion
+        if s is not None:
+            current = f"{part.current_accept}" if part.current_accept is not None else "unknown"
+            console.print(
+                f"suggested accept threshold: [bold]{s.threshold}[/bold] (current {current}); "
+                f"it would misroute {s.misrouted} of {s.total} reviewed items "
+                f"({s.bad_accepts} changed outputs accepted, {s.needless_reviews} needless reviews)"
+            )
+    console.print(
+        "[dim]Only items below the current threshold (or forced) reach review, so a "
+        "threshold above the current one is not tested by this data.[/dim]"
+    )
+
+
+def _calibration_json(part: Any) -> dict[str, Any]:
+    s = part.suggestion
+    return {
+        "prompt": part.prompt,
+        "version": part.version,
+        "current_accept": part.current_accept,
+        "counts": part.counts,
+        "buckets": [
+            {"low": b.low, "high": b.high, "counts": b.counts, "approve_rate": b.approve_rate}
+            for b in part.buckets
+            if b.total
+        ],
+        "suggestion": None
+        if s is None
+        else {
+            "threshold": s.threshold,
+            "misrouted": s.misrouted,
+            "bad_accepts": s.bad_accepts,
+            "needless_reviews": s.needless_reviews,
+            "total": s.total,
+        },
+    }
+
+
+if __name__ == "__main__":  # `python -m pipeline.review.cli` before the lead wires it in
+    review_app()

@@ -1,0 +1,456 @@
+"""Kafka for the review service: a follower that indexes the review topics, a transactional
+publisher for decisions, and a bounded "read a topic to its end" for the CLI.
+
+Everything here reads with ``isolation.level=read_committed``. That is load-bearing: the
+publisher writes a decision, its result and its correction in one Kafka transaction, and
+"the decision is on the topic" must mean "the whole transaction committed", never "a
+half-written attempt of a process that crashed is visible".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from pipeline.codec import Codec, DecodeError
+from pipeline.config import Settings
+from pipeline.envelopes import Envelope, Escalation, ReviewDecision
+from pipeline.review.model import Clock, IncomingItem, TopicPosition
+from pipeline.review.store import ReviewStore
+from pipeline.transport import headers as h
+
+log = logging.getLogger("llmpipe.review.kafka")
+
+REVIEW_TOPIC = "llm.review"
+DECISIONS_TOPIC = "llm.review.decisions"
+RESULTS_TOPIC = "llm.results"
+CORRECTIONS_TOPIC = "llm.corrections"
+
+E = TypeVar("E", bound=Envelope)
+T = TypeVar("T")
+Partition = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class PublishError(Exception):
+    """The transaction did not commit (it was aborted, or its outcome is unknown)."""
+
+
+def _consumer_config(settings: Settings, group: str) -> dict[str, Any]:
+    return {
+        **settings.kafka_client_config(),
+        # Offsets are kept in the review database, never committed to Kafka: the group id
+        # only satisfies the client.
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "fetch.wait.max.ms": 100,
+        "enable.partition.eof": False,
+    }
+
+
+def _with_retries(what: str, timeout_s: float, call: Callable[[], T]) -> T:
+    """Retry a metadata or offsets query through transient broker states.
+
+    Right after a topic is created, or during a leader change, the broker answers
+    "not leader" or "unknown partition" for a moment; that is no reason to fail a sync,
+    an export or the follower's start.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            code = error.code() if isinstance(error, KafkaError) else None
+            transient = code in _TRANSIENT or (isinstance(error, KafkaError) and error.retriable())
+            if not transient or time.monotonic() + delay > deadline:
+                raise
+            log.debug("%s: %s; retrying", what, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+_TRANSIENT = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError.REQUEST_TIMED_OUT,
+}
+
+
+def end_offsets(
+    consumer: Consumer, partitions: Sequence[Partition], timeout_s: float
+) -> dict[Partition, int]:
+    """The last stable offset of each partition (read_committed: committed data only)."""
+    ends: dict[Partition, int] = {}
+    for topic, partition in partitions:
+        query = functools.partial(
+            consumer.get_watermark_offsets,
+            KafkaTopicPartition(topic, partition),
+            timeout=timeout_s,
+            cached=False,
+        )
+        _, high = _with_retries(f"end offset of {topic}/{partition}", timeout_s, query)
+        ends[(topic, partition)] = int(high)
+    return ends
+
+
+def start_offset(consumer: Consumer, topic: str, partition: int, timeout_s: float) -> int:
+    tp = KafkaTopicPartition(topic, partition)
+    low, _ = _with_retries(
+        f"start offset of {topic}/{partition}",
+        timeout_s,
+        lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False),
+    )
+    return int(low)
+
+
+def list_partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[Partition]:
+    def query() -> list[Partition]:
+        metadata = consumer.list_topics(topic, timeout=timeout_s)
+        described = metadata.topics.get(topic)
+        if described is None or described.error is not None:
+            error = described.error if described is not None else None
+            raise KafkaException(error or KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        return [(topic, p) for p in sorted(described.partitions)]
+
+    return _with_retries(f"partitions of {topic}", timeout_s, query)
+
+
+def _headers(message: Any) -> dict[str, bytes]:
+    """Header map of a consumed message (librdkafka hands them back as a list of pairs)."""
+    pairs = message.headers() or []
+    return h.as_map((k, v.encode() if isinstance(v, str) else v) for k, v in pairs)
+
+
+class TopicFollower:
+    """Keeps the store in step with ``llm.review`` and ``llm.review.decisions``.
+
+    Runs a confluent-kafka consumer on a thread of its own, with manual assignment of
+    every partition starting at the positions stored in the database (or the beginning,
+    when the database is new: that is the rebuild). Each polled batch is applied with its
+    new positions in one database transaction.
+
+    :meth:`sync` is the primitive the exactly-once design rests on: it returns once
+    everything committed to the two topics *before the call* has been applied.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ReviewStore,
+        codec: Codec,
+        clock: Clock,
+        *,
+        poll_timeout_s: float = 0.1,
+        refresh_partitions_s: float = 30.0,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._codec = codec
+        self._clock = clock
+        self._poll_timeout_s = poll_timeout_s
+        self._refresh_partitions_s = refresh_partitions_s
+        self._topics = (settings.topic(REVIEW_TOPIC), settings.topic(DECISIONS_TOPIC))
+        self._group = settings.group("review")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Condition()
+        self._positions: dict[Partition, int] = {}
+        self._probe: Consumer | None = None
+        self._probe_lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.skipped = 0
+        """Messages that did not decode; logged and passed over so one cannot wedge the queue."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="review-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+
+    def sync(self, timeout_s: float) -> bool:
+        """Wait until the store reflects everything committed to the topics before this call.
+
+        The target is each partition's last stable offset taken now; the follower's
+        consumer position moves past transaction markers, so "position >= target" is the
+        exact condition. False on timeout (e.g. a transaction of another process is still
+        open and holds the stable offset back).
+        """
+        deadline = time.monotonic() + timeout_s
+        try:
+            targets = self._targets(timeout_s)
+        except KafkaException as exc:
+            log.warning("cannot read the end offsets of the review topics: %s", exc)
+            return False
+        with self._changed:
+            while True:
+                if self.error is not None:
+                    return False
+                if all(self._positions.get(tp, 0) >= end for tp, end in targets.items()):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, 0.5))
+
+    def _targets(self, timeout_s: float) -> dict[Partition, int]:
+        with self._probe_lock:
+            if self._probe is None:
+                self._probe = Consumer(_consumer_config(self._settings, self._group))
+            partitions = [
+                tp
+                for topic in self._topics
+                for tp in list_partitions(self._probe, topic, timeout_s)
+            ]
+            return end_offsets(self._probe, partitions, timeout_s)
+
+    def _run(self) -> None:
+        """Poll, apply, publish positions; survive broker hiccups, stop on database errors.
+
+        A Kafka error is retried (nothing was applied, positions did not move). A failed
+        database write is fatal for the follower: the consumer already moved past the
+        batch, so carrying on would leave a hole in the index; the service then reports
+        not ready, and a restart resumes from the stored positions.
+        """
+        consumer = Consumer(_consumer_config(self._settings, self._group))
+        assigned: set[Partition] = set()
+        refreshed = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not assigned or time.monotonic() - refreshed >= self._refresh_partitions_s:
+                        assigned = self._assign(consumer, assigned)
+                        refreshed = time.monotonic()
+                    messages = consumer.consume(num_messages=500, timeout=self._poll_timeout_s)
+                except KafkaException as exc:
+                    log.warning("review follower: %s; retrying", exc)
+                    self._stop.wait(0.5)
+                    continue
+                if messages:
+                    self._apply(messages)
+                positions = consumer.position(
+                    [KafkaTopicPartition(t, p) for t, p in sorted(assigned)]
+                )
+                with self._changed:
+                    for tp in positions:
+                        if tp.offset >= 0:
+                            self._positions[(tp.topic, tp.partition)] = tp.offset
+                    self._changed.notify_all()
+        except BaseException as exc:
+            log.exception("review follower stopped")
+            with self._changed:
+                self.error = exc
+                self._changed.notify_all()
+        finally:
+            consumer.close()
+
+    def _assign(self, consumer: Consumer, assigned: set[Partition]) -> set[Partition]:
+        """Assign partitions not yet assigned, each from its stored position.
+
+        The known starting point is also recorded as the position, because librdkafka
+        reports none until a message arrives: a partition with nothing new would
+        otherwise never count as caught up.
+        """
+        stored = self._store.positions()
+        fresh: list[KafkaTopicPartition] = []
+        seeds: dict[Partition, int] = {}
+        everything = set(assigned)
+        for topic in self._topics:
+            for tp in list_partitions(consumer, topic, 10.0):
+                if tp in assigned:
+                    continue
+                everything.add(tp)
+                if tp in stored:
+                    seeds[tp] = stored[tp]
+                    fresh.append(KafkaTopicPartition(tp[0], tp[1], stored[tp]))
+                else:
+                    seeds[tp] = start_offset(consumer, tp[0], tp[1], 10.0)
+                    fresh.append(KafkaTopicPartition(tp[0], tp[1], OFFSET_BEGINNING))
+        if fresh:
+            with self._changed:
+                self._positions.update(seeds)
+            consumer.incremental_assign(fresh)
+        return everything
+
+    def _apply(self, messages: Sequence[Any]) -> None:
+        items: list[IncomingItem] = []
+        decisions: list[ReviewDecision] = []
+        positions: dict[Partition, int] = {}
+        for message in messages:
+            if message.error() is not None:
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", message.error())
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            positions[(topic, partition)] = offset + 1
+            headers = _headers(message)
+            content_type = h.text(headers, h.CONTENT_TYPE)
+            try:
+                if topic == self._topics[0]:
+                    escalation = self._codec.decode(
+                        message.value() or b"", Escalation, content_type
+                    )
+                    items.append(
+                        IncomingItem(
+                            escalation=escalation,
+                            key=message.key(),
+                            traceparent=h.text(headers, h.TRACEPARENT),
+                            topic=topic,
+                            partition=partition,
+                            offset=offset,
+                        )
+                    )
+                else:
+                    decisions.append(
+                        self._codec.decode(message.value() or b"", ReviewDecision, content_type)
+                    )
+            except DecodeError as exc:
+                self.skipped += 1
+                log.warning("skipping %s/%s@%s: %s", topic, partition, offset, exc)
+        self._store.apply(
+            items,
+            decisions,
+            [TopicPosition(t, p, o) for (t, p), o in sorted(positions.items())],
+            self._clock(),
+        )
+
+
+class TransactionalPublisher:
+    """Writes the messages of one decision atomically: all of them become visible, or none.
+
+    The ``transactional.id`` is stable per review-service instance, so a restarted
+    process fences its previous incarnation: ``init_transactions`` aborts whatever that
+    one left open. After any failure the producer is thrown away and re-initialised for
+    the same reason, which turns "unknown outcome" into "committed or aborted", a state
+    that reading the decisions topic can then tell apart.
+    """
+
+    def __init__(self, settings: Settings, transactional_id: str, timeout_s: float = 15.0) -> None:
+        self._config = {
+            **settings.kafka_client_config(),
+            "transactional.id": transactional_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 0,
+            "transaction.timeout.ms": 60_000,
+        }
+        self._timeout_s = timeout_s
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> Producer:
+        if self._producer is None:
+            producer = Producer(self._config)
+            producer.init_transactions(self._timeout_s)
+            self._producer = producer
+        return self._producer
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        with self._lock:
+            try:
+                producer = self._ensure()
+                producer.begin_transaction()
+                for message in messages:
+                    headers: list[tuple[str, str | bytes | None]] = list(message.headers)
+                    producer.produce(
+                        message.topic, value=message.value, key=message.key, headers=headers
+                    )
+                producer.commit_transaction(self._timeout_s)
+            except KafkaException as exc:
+                self._discard()
+                raise PublishError(str(exc)) from exc
+
+    def _discard(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        # If this fails, the next init_transactions with the same id aborts it for us.
+        with contextlib.suppress(KafkaException):
+            producer.abort_transaction(self._timeout_s)
+        producer.flush(0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                self._producer.flush(self._timeout_s)
+                self._producer = None
+
+
+def read_to_end(
+    settings: Settings,
+    topic: str,
+    cls: type[E],
+    codec: Codec | None = None,
+    timeout_s: float = 30.0,
+    on_skip: Callable[[str], None] | None = None,
+) -> Iterator[tuple[E, dict[str, bytes]]]:
+    """Every committed message of ``topic`` that exists now, decoded, then stop.
+
+    For the CLI (export, calibration): bounded by the end offsets taken at the start, so
+    it terminates even while producers keep writing.
+    """
+    codec = codec or Codec()
+    full = settings.topic(topic)
+    consumer = Consumer(_consumer_config(settings, settings.group("review-export")))
+    try:
+        partitions = list_partitions(consumer, full, timeout_s)
+        ends = end_offsets(consumer, partitions, timeout_s)
+        todo = {tp for tp, end in ends.items() if end > 0}
+        consumer.assign([KafkaTopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(todo)])
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {full} to its end within {timeout_s:.0f}s")
+            for message in consumer.consume(num_messages=500, timeout=0.2):
+                if message.error() is not None:
+                    continue
+                tp = (message.topic(), message.partition())
+                headers = _headers(message)
+                try:
+                    yield (
+                        codec.decode(message.value() or b"", cls, h.text(headers, h.CONTENT_TYPE)),
+                        headers,
+                    )
+                except DecodeError as exc:
+                    if on_skip is not None:
+                        on_skip(f"{tp[0]}/{tp[1]}@{message.offset()}: {exc}")
+            for position in consumer.position([KafkaTopicPartition(t, p) for t, p in sorted(todo)]):
+                tp = (position.topic, position.partition)
+                if position.offset >= ends[tp]:
+                    todo.discard(tp)
+    finally:
+        consumer.close()

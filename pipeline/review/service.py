@@ -1,0 +1,510 @@
+"""The review service: claims, decisions and their exactly-once delivery to Kafka.
+
+Exactly once, and why it is built this way
+------------------------------------------
+A decision must reach Kafka once even after a double click, a retried POST, a crash or a
+restart with a wiped database. Three mechanisms, each covering what the others cannot:
+
+1. **One decision per request, by construction.** The decision id is
+   ``uuid5(request_id)`` and the database's primary key is the request id. A second
+   attempt (double click, another reviewer, a retry) cannot insert a second row; it gets
+   the first decision back and produces nothing.
+
+2. **Outbox with verification before every produce.** The decision row is written first
+   with state ``pending``. Before producing, the service waits until the topic follower
+   has read ``llm.review.decisions`` up to its current end (:meth:`TopicFollower.sync`)
+   and checks whether this decision id is already there. Only if it is not does it
+   produce; afterwards it marks the row ``published``. A crash between the produce and
+   that mark leaves a ``pending`` row, and the next attempt (the retry loop, or the next
+   start) finds the decision on the topic and only marks the row. Nothing is produced
+   twice, and nothing is lost: a ``pending`` row is retried until it is on the topic.
+
+3. **One Kafka transaction per decision.** The decision, the ``Result`` and (for an edit)
+   the ``Correction`` are written in one transaction with a transactional id stable per
+   instance. So "the decision is on the topic" (read committed) implies the result and
+   correction are too, and a restart fences and aborts a half-finished transaction of
+   the previous incarnation, so the check in (2) can never see a state that later
+   changes. Consumers of ``llm.results`` and ``llm.corrections`` should read committed
+   (confluent-kafka's default; aiokafka needs ``isolation_level="read_committed"``); a
+   read-uncommitted consumer may also see an aborted attempt, and can dedupe on the
+   ``x-decision-id`` header.
+
+All producing goes through one lock, so the check-then-produce in (2) cannot interleave
+with another thread's produce of the same decision.
+
+Terminal answers per action
+---------------------------
+* approve: a ``Result`` (source ``human``) with the model's output.
+* edit: a ``Result`` with the corrected output, and a ``Correction`` (training data).
+* clarify: a ``Result`` with status ``needs_clarification`` and ``{"question": ...}``.
+* reject: only the ``ReviewDecision``. There is no acceptable output to put in a
+  ``Result`` (whose contract is "use this output"), and the request already reached its
+  terminal place when it was escalated to ``llm.review``; consumers that must learn about
+  rejections read ``llm.review.decisions``, which is kept forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from opentelemetry import trace
+
+from pipeline.codec import Codec
+from pipeline.envelopes import (
+    Correction,
+    Envelope,
+    Result,
+    ReviewAction,
+    ReviewDecision,
+)
+from pipeline.prompts.errors import PromptError
+from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.registry import PromptRegistry
+from pipeline.prompts.render import render_messages
+from pipeline.review.kafka_io import (
+    CORRECTIONS_TOPIC,
+    DECISIONS_TOPIC,
+    RESULTS_TOPIC,
+    OutboundMessage,
+    PublishError,
+)
+from pipeline.review.model import (
+    AuditEntry,
+    ClaimOutcome,
+    Clock,
+    QueueFacets,
+    QueueFilter,
+    ReviewItem,
+    StoredDecision,
+    decision_id_for,
+    ms_to_datetime,
+)
+from pipeline.review.store import ReviewStore
+from pipeline.telemetry import configure_tracing, extract, inject, tracer
+from pipeline.transport import headers as h
+
+log = logging.getLogger("llmpipe.review")
+
+DECISION_ID_HEADER = "x-decision-id"
+REVIEWER_HEADER = "x-reviewer"
+ROUTE_DECISION = "review_decision"
+ROUTE_RESULT = "result"
+ROUTE_CORRECTION = "correction"
+MAX_TEXT = 2000
+MAX_OUTPUT_CHARS = 200_000
+HUMAN_CONFIDENCE = 1.0
+"""A reviewer vouched for the output; the model's own score stays in ``validation``."""
+
+
+class ReviewError(Exception):
+    """A decision or claim the service refuses; ``status`` is the HTTP status to show."""
+
+    status = 400
+
+    def __init__(self, message: str, errors: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+
+class NotFound(ReviewError):
+    status = 404
+
+
+class NotClaimed(ReviewError):
+    status = 409
+
+
+class NotReady(ReviewError):
+    status = 503
+
+
+class Publisher(Protocol):
+    def publish(self, messages: Sequence[OutboundMessage]) -> None: ...
+
+
+class TopicState(Protocol):
+    """What the service needs from the topic follower."""
+
+    def sync(self, timeout_s: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DecideOutcome:
+    decision: StoredDecision
+    duplicate: bool
+    """True when this call found an earlier decision and did nothing."""
+
+    @property
+    def delivered(self) -> bool:
+        return self.decision.state == "published"
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """Everything the item page shows, prepared so the template only formats."""
+
+    item: ReviewItem
+    prompt: PromptVersion | None
+    messages: list[dict[str, str]]
+    render_error: str | None
+    audit: list[AuditEntry]
+    output_json: str | None
+    variables_json: str
+    holder: str | None
+    age_ms: int
+    overdue: bool
+
+
+@dataclass
+class DeliveryStats:
+    published: int = 0
+    found_on_topic: int = 0
+    deferred: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class ReviewService:
+    def __init__(
+        self,
+        store: ReviewStore,
+        registry: PromptRegistry,
+        publisher: Publisher,
+        topics: TopicState,
+        topic_name: Callable[[str], str],
+        clock: Clock,
+        *,
+        codec: Codec | None = None,
+        lease_ms: int = 10 * 60_000,
+        sla_ms: int = 60 * 60_000,
+        sync_timeout_s: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self.lease_ms = lease_ms
+        self.sla_ms = sla_ms
+        self._publisher = publisher
+        self._topics = topics
+        self._topic_name = topic_name
+        self._codec = codec or Codec()
+        self._sync_timeout_s = sync_timeout_s
+        self._publish_lock = threading.Lock()
+        self._ready = threading.Event()
+        self.stats = DeliveryStats()
+        configure_tracing()
+
+    # -- readiness ----------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def become_ready(self, timeout_s: float) -> bool:
+        """Catch up with the topics, then re-drive decisions left pending by a crash.
+
+        Decisions are refused until this succeeds: with a freshly rebuilt database, an
+        item could otherwise be decided again before its earlier decision is read back.
+        """
+        if not self._topics.sync(timeout_s):
+            return False
+        self._ready.set()
+        self.deliver_pending()
+        return True
+
+    # -- reading ------------------------------------------------------------------------
+
+    def queue(self, query: QueueFilter) -> list[ReviewItem]:
+        return self.store.open_items(query, self.clock())
+
+    def facets(self) -> QueueFacets:
+        return self.store.facets()
+
+    def view(self, request_id: str) -> ItemView:
+        item = self.store.item(request_id)
+        if item is None:
+            raise NotFound(f"no review item {request_id!r}")
+        esc = item.escalation
+        prompt: PromptVersion | None = None
+        messages: list[dict[str, str]] = []
+        render_error: str | None = None
+        try:
+            prompt = self.registry.get(esc.validated.prompt.name, esc.validated.prompt.version)
+            messages = render_messages(prompt, esc.validated.request.variables)
+        except PromptError as exc:
+            render_error = str(exc)
+        now = self.clock()
+        age = item.age_ms(now)
+        return ItemView(
+            item=item,
+            prompt=prompt,
+            messages=messages,
+            render_error=render_error,
+            audit=self.store.audit_trail(request_id),
+            output_json=_pretty(esc.output) if esc.output is not None else None,
+            variables_json=_pretty(esc.validated.request.variables),
+            holder=item.holder(now),
+            age_ms=age,
+            overdue=age >= self.sla_ms,
+        )
+
+    # -- claims -------------------------------------------------------------------------
+
+    def claim(self, request_id: str, reviewer: str) -> ClaimOutcome:
+        return self.store.claim(request_id, reviewer, self.clock(), self.lease_ms)
+
+    def claim_next(self, reviewer: str, query: QueueFilter) -> str | None:
+        """Claim the oldest free item; a lost race just moves on to the next candidate."""
+        now = self.clock()
+        for request_id in self.store.next_claimable(query, now):
+            if self.store.claim(request_id, reviewer, now, self.lease_ms).ok:
+                return request_id
+        return None
+
+    def release(self, request_id: str, reviewer: str) -> bool:
+        return self.store.release(request_id, reviewer, self.clock())
+
+    # -- decisions ----------------------------------------------------------------------
+
+    def decide(
+        self,
+        request_id: str,
+        reviewer: str,
+        action: str,
+        *,
+        output_text: str | None = None,
+        reason: str | None = None,
+        question: str | None = None,
+    ) -> DecideOutcome:
+        """Record and deliver a decision; idempotent per request.
+
+        Refuses (``ReviewError``) unless the reviewer holds a live claim and the input is
+        valid; an edit must be a JSON object that the prompt version's output schema
+        accepts. A request that already has a decision returns it unchanged.
+        """
+        if not self.ready:
+            raise NotReady("the review queue is still catching up with Kafka; try again")
+        item = self.store.item(request_id)
+        if item is None:
+            raise NotFound(f"no review item {request_id!r}")
+        if item.decision is not None:
+            return DecideOutcome(item.decision, duplicate=True)
+        now = self.clock()
+        if item.holder(now) != reviewer:
+            holder = item.holder(now)
+            raise NotClaimed(
+                f"claimed by {holder}" if holder else "claim the item before deciding",
+            )
+        decision = self._build_decision(item, reviewer, action, output_text, reason, question)
+        if not self.store.record_decision(decision, now):
+            existing = self.store.decision(request_id)
+            assert existing is not None
+            return DecideOutcome(existing, duplicate=True)
+        self._deliver(decision.request_id)
+        stored = self.store.decision(request_id)
+        assert stored is not None
+        return DecideOutcome(stored, duplicate=False)
+
+    def deliver_pending(self) -> DeliveryStats:
+        """Re-drive every decision not yet known to be on Kafka (after a crash or outage)."""
+        for pending in self.store.pending_decisions():
+            self._deliver(pending.decision.request_id)
+        return self.stats
+
+    def _deliver(self, request_id: str) -> None:
+        """Produce the decision's messages unless the decisions topic already has it."""
+        with self._publish_lock:
+            stored = self.store.decision(request_id)
+            if stored is None or stored.state == "published":
+                return
+            if not self._topics.sync(self._sync_timeout_s):
+                self.stats.deferred += 1
+                log.warning("decision %s deferred: decisions topic not readable", request_id)
+                return
+            stored = self.store.decision(request_id)
+            assert stored is not None
+            decision = stored.decision
+            if stored.on_topic or stored.state == "published":
+                self.stats.found_on_topic += 1
+                self.store.mark_published(decision.decision_id, self.clock())
+                self.store.audit(
+                    "system",
+                    request_id,
+                    "delivered",
+                    "already on the decisions topic",
+                    self.clock(),
+                )
+                return
+            item = self.store.item(request_id)
+            if item is None:  # the decision row exists only for a known item
+                return
+            try:
+                self._publisher.publish(self._messages(item, decision))
+            except PublishError as exc:
+                self.stats.failures.append(str(exc))
+                self.store.audit("system", request_id, "delivery_failed", str(exc), self.clock())
+                log.warning("decision %s not delivered (%s); will retry", request_id, exc)
+                return
+            self.stats.published += 1
+            self.store.mark_published(decision.decision_id, self.clock())
+            produced = {
+                "approve": "decision and result",
+                "edit": "decision, result and correction",
+                "clarify": "decision and clarification result",
+                "reject": "decision",
+            }
+            note = f"{produced[decision.action]} produced in one transaction"
+            self.store.audit("system", request_id, "delivered", note, self.clock())
+
+    def _build_decision(
+        self,
+        item: ReviewItem,
+        reviewer: str,
+        action: str,
+        output_text: str | None,
+        reason: str | None,
+        question: str | None,
+    ) -> ReviewDecision:
+        esc = item.escalation
+        output: dict[str, Any] | None
+        chosen: ReviewAction
+        if action == "approve":
+            if esc.output is None:
+                raise ReviewError("there is no parsed model output to approve; edit it instead")
+            chosen, output, reason = "approve", esc.output, None
+        elif action == "edit":
+            chosen, output, reason = "edit", self._validated_output(item, output_text), None
+        elif action == "reject":
+            reason = (reason or "").strip()
+            if not reason:
+                raise ReviewError("a rejection needs a reason", ["reason: required"])
+            chosen, output = "reject", None
+        elif action == "clarify":
+            question = (question or "").strip()
+            if not question:
+                raise ReviewError("a clarification needs a question", ["question: required"])
+            chosen, output, reason = "clarify", {"question": question[:MAX_TEXT]}, None
+        else:
+            raise ReviewError(f"unknown action {action!r}")
+        return ReviewDecision(
+            decision_id=decision_id_for(item.request_id),
+            request_id=item.request_id,
+            action=chosen,
+            reviewer=reviewer,
+            output=output,
+            reason=reason[:MAX_TEXT] if reason else None,
+            prompt=esc.validated.prompt,
+            decided_at=ms_to_datetime(self.clock()),
+        )
+
+    def _validated_output(self, item: ReviewItem, text: str | None) -> dict[str, Any]:
+        """Parse and schema-check an edited output; every problem is reported at once."""
+        if text is None or not text.strip():
+            raise ReviewError("the corrected output is empty", ["output: required"])
+        if len(text) > MAX_OUTPUT_CHARS:
+            raise ReviewError("the corrected output is too long", ["output: too long"])
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ReviewError(
+                "the corrected output is not JSON",
+                [f"line {exc.lineno} column {exc.colno}: {exc.msg}"],
+            ) from None
+        if not isinstance(value, dict):
+            raise ReviewError("the corrected output must be a JSON object", ["$: not an object"])
+        ref = item.escalation.validated.prompt
+        try:
+            prompt = self.registry.get(ref.name, ref.version)
+        except PromptError as exc:
+            raise ReviewError(
+                f"{ref.ref} is not loaded here, so an edit cannot be validated", [str(exc)]
+            ) from None
+        errors = sorted(prompt.output_validator.iter_errors(value), key=lambda e: e.json_path)
+        if errors:
+            raise ReviewError(
+                "the corrected output does not match the output schema",
+                [f"{e.json_path}: {e.message}" for e in errors],
+            )
+        return value
+
+    # -- what goes to Kafka -------------------------------------------------------------
+
+    def _messages(self, item: ReviewItem, decision: ReviewDecision) -> list[OutboundMessage]:
+        """Deterministic in the decision: a re-driven delivery produces the same content."""
+        esc = item.escalation
+        request = esc.validated.request
+        key = item.key if item.key is not None else request.request_id.encode()
+        parent = extract([(h.TRACEPARENT, item.traceparent.encode())] if item.traceparent else [])
+        with tracer().start_as_current_span(
+            "review decide", context=parent, kind=trace.SpanKind.PRODUCER
+        ) as span:
+            span.set_attribute("llmpipe.review.action", decision.action)
+            span.set_attribute("llmpipe.request_id", request.request_id)
+            trace_headers = inject()
+            trace_id = format(span.get_span_context().trace_id, "032x")
+        envelopes: list[tuple[str, str, Envelope]] = [(DECISIONS_TOPIC, ROUTE_DECISION, decision)]
+        if decision.action in ("approve", "edit", "clarify"):
+            assert decision.output is not None
+            envelopes.append((RESULTS_TOPIC, ROUTE_RESULT, self._result(item, decision, trace_id)))
+        if decision.action == "edit":
+            assert decision.output is not None
+            correction = Correction(
+                request_id=request.request_id,
+                prompt=esc.validated.prompt,
+                variables=request.variables,
+                original_output=esc.output,
+                corrected_output=decision.output,
+                reviewer=decision.reviewer,
+                decided_at=decision.decided_at,
+            )
+            envelopes.append((CORRECTIONS_TOPIC, ROUTE_CORRECTION, correction))
+        messages = []
+        for topic, route, envelope in envelopes:
+            value, content_type = self._codec.encode(envelope)
+            headers = h.output_headers(
+                request.request_id,
+                esc.validated.prompt,
+                route,
+                content_type,
+                trace_headers,
+                f"review_{decision.action}",
+            )
+            headers += [
+                (DECISION_ID_HEADER, decision.decision_id.encode()),
+                (REVIEWER_HEADER, decision.reviewer.encode()),
+            ]
+            messages.append(OutboundMessage(self._topic_name(topic), key, value, headers))
+        return messages
+
+    @staticmethod
+    def _result(item: ReviewItem, decision: ReviewDecision, trace_id: str) -> Result:
+        esc = item.escalation
+        validated = esc.validated
+        assert decision.output is not None
+        elapsed = (decision.decided_at - validated.received_at).total_seconds() * 1000
+        return Result(
+            request_id=validated.request.request_id,
+            status="needs_clarification" if decision.action == "clarify" else "ok",
+            output=decision.output,
+            confidence=HUMAN_CONFIDENCE,
+            source="human",
+            prompt=validated.prompt,
+            model=esc.model,
+            usage=esc.usage,
+            latency_ms=max(0.0, elapsed),
+            attempts=esc.attempts,
+            validation=esc.validation,
+            metadata=validated.request.metadata,
+            trace_id=trace_id,
+            reason=f"review_{decision.action}",
+            reviewer=decision.reviewer,
+            produced_at=decision.decided_at,
+        )
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)

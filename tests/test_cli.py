@@ -1,0 +1,71 @@
+"""The command line: help everywhere, user mistakes as one clear line, compose in step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import REPO_ROOT, Settings
+
+
+def _commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Typer may ship its own copy of click, so groups are recognised by shape."""
+    found = []
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        found.append(path)
+        if hasattr(command, "commands"):
+            found.extend(_commands(command, path))
+    return found
+
+
+ALL = _commands(typer.main.get_command(app))  # type: ignore[arg-type]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_every_command_has_help() -> None:
+    assert len(ALL) >= 15
+    runner = CliRunner()
+    for path in ALL:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage" in result.output and "--help" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("send", "ticket_triage", "--vars", "{not json"), "--vars is not JSON"),
+        (("worker", "--stages", "validate,bogus"), "unknown stages"),
+        (("flags", "set", "force_review", "on", "--reason", "x"), "needs a scope"),
+        (("flags", "set", "nope", "on", "--reason", "x"), "unknown flag"),
+    ],
+)
+def test_user_mistakes_are_one_line_without_traceback(args: tuple[str, ...], fragment: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2, result
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_compose_uses_real_settings_and_commands() -> None:
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    env = compose["x-llmpipe-env"]
+    known = {f"LLMPIPE_{name.upper()}" for name in Settings.model_fields}
+    assert {k for k in env if k.startswith("LLMPIPE_")} <= known
+    top_level = {path[0] for path in ALL}
+    for name, service in compose["services"].items():
+        if service.get("build") and service.get("command"):
+            assert service["command"][0] in top_level, f"{name}: unknown command"

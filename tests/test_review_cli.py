@@ -1,0 +1,184 @@
+"""``llmpipe review`` commands: users, export, calibration, and serve as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.codec import Codec
+from pipeline.config import Settings
+from pipeline.envelopes import Correction, ReviewAction, ReviewDecision
+from pipeline.review.auth import UsersFile
+from pipeline.review.cli import review_app
+from pipeline.review.model import CalibrationRow, decision_id_for
+from pipeline.review.training import calibrate, suggest_threshold
+from pipeline.transport import headers as h
+from tests.support import produce, settings_env
+from tests.test_review_support import escalation, registry, review_message, wait_for
+
+runner = CliRunner()
+
+
+def test_users_add_writes_a_private_scrypt_hash(tmp_path: Path) -> None:
+    users = tmp_path / "users.txt"
+    result = runner.invoke(
+        review_app,
+        ["users", "add", "alice", "--file", str(users), "--password-stdin"],
+        input="a long enough password\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert users.stat().st_mode & 0o777 == 0o600
+    assert "a long enough password" not in users.read_text()
+    assert UsersFile(users).verify("alice", "a long enough password")
+    short = runner.invoke(
+        review_app, ["users", "add", "bob", "--file", str(users), "--password-stdin"], input="x\n"
+    )
+    assert short.exit_code == 2
+
+
+def test_threshold_suggestion_routes_reviewed_items_best() -> None:
+    rows = [
+        CalibrationRow(2, 0.30, "reject"),
+        CalibrationRow(2, 0.45, "edit"),
+        CalibrationRow(2, 0.55, "edit"),
+        CalibrationRow(2, 0.62, "approve"),
+        CalibrationRow(2, 0.66, "edit"),
+        CalibrationRow(2, 0.70, "approve"),
+        CalibrationRow(2, 0.72, "approve"),
+    ]
+    best = suggest_threshold(rows)
+    assert best is not None
+    assert (best.threshold, best.bad_accepts, best.needless_reviews) == (0.7, 0, 1)
+    cautious = suggest_threshold(rows, bad_accept_cost=0.5)
+    assert cautious is not None and cautious.threshold == 0.62  # cheap bad accepts: accept more
+    report = calibrate("ticket_triage", [*rows, CalibrationRow(1, 0.9, "approve")], registry())
+    assert [c.version for c in report] == [None, 1, 2]
+    assert report[2].current_accept == 0.75
+    bucket = next(b for b in report[2].buckets if b.low == 0.6)
+    assert bucket.counts == {"approve": 1, "edit": 1, "reject": 0, "clarify": 0}
+
+
+@pytest.mark.kafka
+def test_export_and_calibration_read_the_topics(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, setting in settings_env(kafka_settings).items():
+        monkeypatch.setenv(name, setting)
+    codec = Codec()
+    old = datetime(2029, 1, 1, tzinfo=UTC)
+    new = datetime(2030, 1, 1, tzinfo=UTC)
+    Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+    corrections: list[Message] = []
+    items: list[Message] = []
+    decisions: list[Message] = []
+    verdicts: list[tuple[datetime, float, ReviewAction]] = [
+        (old, 0.4, "edit"),
+        (new, 0.5, "edit"),
+        (new, 0.7, "approve"),
+    ]
+    for i, (when, confidence, action) in enumerate(verdicts):
+        esc = escalation(f"r{i}", confidence=confidence, escalated_at=when)
+        items.append(review_message(kafka_settings, esc))
+        fixed = {"label": "bug", "priority": "high", "summary": f"fixed {i}"}
+        decision = ReviewDecision(
+            decision_id=decision_id_for(f"r{i}"),
+            request_id=f"r{i}",
+            action=action,
+            reviewer="alice",
+            output=fixed,
+            prompt=esc.validated.prompt,
+            decided_at=when,
+        )
+        decisions.append((f"r{i}".encode(), codec.encode(decision)[0], []))
+        if action == "edit":
+            correction = Correction(
+                request_id=f"r{i}",
+                prompt=esc.validated.prompt,
+                variables=esc.validated.request.variables,
+                original_output=esc.output,
+                corrected_output=fixed,
+                reviewer="alice",
+                decided_at=when,
+            )
+            value, content_type = codec.encode(correction)
+            corrections.append((f"r{i}".encode(), value, [(h.CONTENT_TYPE, content_type.encode())]))
+    produce(kafka_settings, "llm.review", items)
+    produce(kafka_settings, "llm.review.decisions", decisions)
+    produce(kafka_settings, "llm.corrections", corrections)
+
+    out = tmp_path / "train.jsonl"
+    result = runner.invoke(
+        review_app, ["export", "--since", "2029-06-01", "--format", "jsonl", "--output", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["metadata"]["request_id"] == "r1"
+    assert (
+        record["messages"][-1]["content"] == '{"label":"bug","priority":"high","summary":"fixed 1"}'
+    )
+    assert [m["role"] for m in record["messages"]][:1] == ["system"]
+    assert runner.invoke(review_app, ["export", "--format", "csv"]).exit_code == 2
+
+    result = runner.invoke(review_app, ["calibration", "ticket_triage", "--json"])
+    assert result.exit_code == 0, result.output
+    overall = json.loads(result.output)[0]
+    assert overall["counts"] == {"approve": 1, "edit": 2, "reject": 0, "clarify": 0}
+    assert overall["suggestion"]["threshold"] == 0.7
+    assert overall["suggestion"]["misrouted"] == 0
+    text = runner.invoke(review_app, ["calibration", "ticket_triage"])
+    assert "suggested accept threshold" in text.output
+
+
+@pytest.mark.kafka
+def test_serve_runs_and_refuses_to_start_without_reviewers(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    users = tmp_path / "users.txt"
+    env = {
+        **os.environ,
+        **settings_env(kafka_settings),
+        "LLMPIPE_REVIEW_DB": f"sqlite:///{tmp_path / 'review.db'}",
+        "LLMPIPE_REVIEW_SESSION_SECRET": "s" * 32,
+    }
+    command = [sys.executable, "-m", "pipeline.review.cli", "serve", "--users", str(users)]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no reviewers" in refused.stderr
+
+    UsersFile(users).add("alice", "a long enough password", log_n=10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                return False
+
+        wait_for(healthy, timeout_s=30, what="the review server")
+        login = httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+        assert login.status_code == 200 and "csrf_token" in login.text
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
