@@ -136,3 +136,23 @@ def test_rate_limit_holds_at_the_model_server(kafka_settings: Settings) -> None:
     allowed = burst + per_minute / 60 * elapsed
     assert calls <= allowed, f"{calls} calls in {elapsed:.1f}s exceeds {allowed:.0f}"
     assert elapsed >= (60 - burst) / (per_minute / 60) * 0.9
+
+
+def test_daily_token_budget_sends_the_rest_to_fallback(kafka_settings: Settings) -> None:
+    with running_fake_llm() as fake:
+        settings = kafka_settings.model_copy(
+            update={
+                "model_base_url": fake.url,
+                "prompt_daily_tokens": json.dumps({"ticket_triage": 3_000}),
+                "max_in_flight": 1,
+            }
+        )
+        with running_worker(settings):
+            ids = _send(settings, 12, 9)
+            ledger = read_terminal(settings, ids, timeout_s=60)
+    assert not ledger.missing
+    outcomes = [(ledger.first(i).outcome, ledger.first(i).reason) for i in ids]
+    answered = outcomes.count(("result:model", None))
+    over = outcomes.count(("result:fallback", "budget_exceeded"))
+    assert answered >= 1 and over >= 1 and answered + over == len(ids), outcomes
+    assert fake.counters()["total_calls"] == answered
