@@ -29,6 +29,7 @@ demo: install
 ## The tests: lint, types, prompt lock, then the suite against a real broker.
 test: kafka-up lint typecheck
 	$(BIN)/llmpipe prompts check
+	$(BIN)/llmpipe prompts test
 	$(BIN)/pytest -q
 
 lint: install

@@ -61,11 +61,12 @@ class ControlState:
                 if event.key.startswith("pin:"):
                     self._pins.pop(event.key[4:], None)
                 return
-            self._events[event.key] = event
-            if event.key.startswith("flag:"):
-                self._flags[event.key] = bool(event.value)
-            elif event.key.startswith("pin:"):
+            if event.key.startswith("pin:"):
+                # Validate first: a rejected pin must not show up as the current setting.
                 self._pins[event.key[4:]] = _pin_from(event.key[4:], event.value, event)
+            elif event.key.startswith("flag:"):
+                self._flags[event.key] = bool(event.value)
+            self._events[event.key] = event
 
     def flag(self, name: str, scope: str | None = None) -> bool:
         return self._flags.get(flag_key(name, scope), FLAG_DEFAULTS[name])

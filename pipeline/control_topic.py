@@ -7,10 +7,11 @@ operators change it with these functions, which record who, when and why in ever
 from __future__ import annotations
 
 import getpass
+import time
 import uuid
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from pipeline.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
 from pipeline.config import Settings
@@ -58,8 +59,7 @@ def read_history(settings: Settings, timeout_s: float = 10.0) -> list[ControlEve
         metadata = consumer.list_topics(topic, timeout=timeout_s)
         partitions = list(metadata.topics[topic].partitions)
         ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
-            for p in partitions
+            p: _high_watermark(consumer, TopicPartition(topic, p), timeout_s) for p in partitions
         }
         pending = {p for p, end in ends.items() if end > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -81,6 +81,18 @@ def read_history(settings: Settings, timeout_s: float = 10.0) -> list[ControlEve
     finally:
         consumer.close()
     return events
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> int:
+    """Retry while a just-created topic's leader is still being elected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(tp, timeout=timeout_s)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def current_state(settings: Settings) -> ControlState:

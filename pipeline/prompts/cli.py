@@ -1,14 +1,20 @@
-"""``llmpipe prompts ...``: inspect, render, diff, lock and check prompt versions.
+"""``llmpipe prompts ...``: inspect, test, ship, pin, roll back and shadow prompt versions.
 
 Every failure prints one line per problem to stderr and exits non-zero
-without a traceback: 1 when the prompts (or the lock) are wrong, which is
-what CI gates on, 2 when the command was used wrongly (unknown prompt, bad
-``--vars``). The main CLI mounts ``prompts_app``.
+without a traceback: 1 when the prompts (or the lock, a test case, Kafka)
+are wrong, which is what CI gates on, 2 when the command was used wrongly
+(unknown prompt, bad ``--vars``, an incoherent pin). The main CLI mounts
+``prompts_app``.
+
+The commands that need Kafka, the stages or a model client import them
+inside the command, because the main CLI imports this module on every
+start and ``llmpipe prompts list`` should stay instant.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +39,7 @@ EXIT_USAGE = 2
 
 prompts_app = typer.Typer(
     name="prompts",
-    help="Versioned prompts: list, show, render, diff, lock and check.",
+    help="Versioned prompts: list, show, render, diff, test, lock, check, pin, roll back, shadow.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -166,3 +172,298 @@ def check_command(prompts_dir: PromptsDir = Path("prompts")) -> None:
         raise typer.Exit(EXIT_FAILED)
     count = sum(1 for _ in registry)
     typer.echo(f"ok: {count} prompt versions load; no released version changed")
+
+
+@prompts_app.command("test")
+def test_command(
+    name: Annotated[str | None, typer.Argument(help="Prompt name; default: every prompt.")] = None,
+    version: VersionOption = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Call the model at LLMPIPE_MODEL_BASE_URL instead of replaying recorded answers.",
+        ),
+    ] = False,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Also write a JUnit XML report here.")
+    ] = None,
+    prompts_dir: PromptsDir = Path("prompts"),
+) -> None:
+    """Run every test case through the pipeline's stage code; exits 1 on any failure.
+
+    Offline by default: each case's recorded model_answer is the model's reply
+    (to re-asks too), so the run is deterministic and needs no server.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from pipeline.prompts.testing import (
+        CaseResult,
+        results_table,
+        run_tests,
+        selected_versions,
+        summary_line,
+        write_junit,
+    )
+
+    if version is not None and name is None:
+        _fail("--version needs a prompt NAME", EXIT_USAGE)
+    with _errors_as_exit_codes():
+        registry = _registry(prompts_dir)
+        versions = selected_versions(registry, name, version)
+    if not any(prompt.tests for prompt in versions):
+        _fail(f"no test cases in {', '.join(p.ref for p in versions)}", EXIT_FAILED)
+
+    async def run() -> list[CaseResult]:
+        if not live:
+            return await run_tests(registry, versions)
+        from pipeline.config import Settings
+        from pipeline.prompts.harness import live_client
+
+        settings = Settings()
+        client = live_client(settings)
+        try:
+            return await run_tests(registry, versions, client, settings.model_timeout_s)
+        finally:
+            await client.aclose()
+
+    results = asyncio.run(run())
+    mode = "live model" if live else "recorded answers"
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(results_table(results, f"prompt tests ({mode})"))
+    if junit is not None:
+        write_junit(junit, results)
+    for result in results:
+        if not result.passed:
+            typer.echo(f"FAIL {result.prompt} {result.case!r}: {result.reason}", err=True)
+    typer.echo(summary_line(results))
+    if any(not r.passed for r in results):
+        raise typer.Exit(EXIT_FAILED)
+
+
+Actor = Annotated[
+    str | None,
+    typer.Option("--actor", help="Who is making the change; default: the OS user name."),
+]
+Reason = Annotated[str, typer.Option("--reason", help="Why; recorded in the control event.")]
+
+
+@contextmanager
+def _kafka_errors() -> Iterator[None]:
+    """Broker trouble is an environment failure (exit 1) with one line, not a traceback."""
+    from confluent_kafka import KafkaException
+
+    try:
+        yield
+    except (KafkaException, TimeoutError, RuntimeError, LookupError) as exc:
+        _fail(f"Kafka: {exc} (LLMPIPE_BOOTSTRAP_SERVERS, LLMPIPE_TOPIC_PREFIX)", EXIT_FAILED)
+
+
+@prompts_app.command("pin")
+def pin_command(
+    name: str,
+    version: int,
+    reason: Reason,
+    candidate: Annotated[
+        int | None, typer.Option("--candidate", help="Canary this version next to VERSION.")
+    ] = None,
+    percent: Annotated[
+        float | None,
+        typer.Option("--percent", help="Share of keys (0-100) the candidate serves."),
+    ] = None,
+    actor: Actor = None,
+    prompts_dir: PromptsDir = Path("prompts"),
+) -> None:
+    """Serve VERSION of NAME on every worker (optionally canarying --candidate), live."""
+    from pipeline.config import Settings
+    from pipeline.control import pin_key
+    from pipeline.control_topic import default_actor, publish
+    from pipeline.envelopes import utc_now
+    from pipeline.prompts.pins import PinError, pin_value, serving
+
+    who = actor or default_actor()
+    with _errors_as_exit_codes():
+        registry = _registry(prompts_dir)
+        try:
+            value = pin_value(registry, name, version, candidate, percent, who, reason, utc_now())
+        except PinError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        released = read_lock(prompts_dir / LOCK_FILE_NAME)
+    for pinned in {version, candidate} - {None}:
+        if f"{name}@{pinned}" not in released:
+            typer.echo(
+                f"warning: {name}@{pinned} is not in {LOCK_FILE_NAME} (not released)", err=True
+            )
+    with _kafka_errors():
+        event = publish(Settings(), pin_key(name), value, who, reason)
+    typer.echo(
+        f"pinned {serving(registry, name, value).describe(name)} "
+        f"by {event.actor} at {event.at.isoformat()}: {reason}"
+    )
+
+
+@prompts_app.command("rollback")
+def rollback_command(
+    name: str,
+    reason: Reason,
+    actor: Actor = None,
+    prompts_dir: PromptsDir = Path("prompts"),
+) -> None:
+    """Undo NAME's last pin change, live: restore the pin before it, or unpin if none.
+
+    Each rollback steps one pin further back, never forward; see
+    ``pipeline.prompts.pins`` for why, and for what it refuses.
+    """
+    from pipeline.config import Settings
+    from pipeline.control import pin_key
+    from pipeline.control_topic import publish, read_history
+    from pipeline.prompts.pins import (
+        ROLLBACK_REASON_PREFIX,
+        PinError,
+        check_rollback,
+        plan_rollback,
+    )
+
+    if not reason.strip():
+        _fail("--reason must say why (it is recorded with the rollback)", EXIT_USAGE)
+    settings = Settings()
+    with _errors_as_exit_codes():
+        registry = _registry(prompts_dir)
+        registry.versions(name)
+    with _kafka_errors():
+        history = read_history(settings)
+    try:
+        plan = plan_rollback(history, name)
+        before, after = check_rollback(registry, plan)
+    except PinError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    with _kafka_errors():
+        event = publish(settings, pin_key(name), plan.value, actor, ROLLBACK_REASON_PREFIX + reason)
+    restored = ""
+    if plan.restores is not None:
+        restored = (
+            f" (the pin set by {plan.restores.actor} at {plan.restores.at.isoformat()}: "
+            f"{plan.restores.reason or '-'})"
+        )
+    typer.echo(
+        f"rolled back {name}: {before.describe(name)} -> {after.describe(name)}{restored} "
+        f"by {event.actor} at {event.at.isoformat()}"
+    )
+
+
+@prompts_app.command("pins")
+def pins_command(
+    history: Annotated[
+        bool, typer.Option("--history", help="List every pin event still on the topic.")
+    ] = False,
+    prompts_dir: PromptsDir = Path("prompts"),
+) -> None:
+    """Show what each prompt serves now, read from the control topic like a worker does."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.config import Settings
+    from pipeline.control_topic import read_history
+    from pipeline.prompts.pins import fold, pin_events
+
+    with _kafka_errors():
+        events = read_history(Settings())
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    if history:
+        table = Table(title="pin events (oldest first)")
+        for column in ("at", "prompt", "value", "actor", "reason"):
+            table.add_column(column, overflow="fold")
+        for event in pin_events(events):
+            value = "unpin" if event.value is None else json.dumps(event.value)
+            table.add_row(event.at.isoformat(), event.key[4:], value, event.actor, event.reason)
+        console.print(table)
+        return
+    state, rejected = fold(events)
+    pins = state.pins
+    names = sorted(set(pins))
+    newest: dict[str, int] = {}
+    if prompts_dir.is_dir():
+        with _errors_as_exit_codes():
+            registry = PromptRegistry.load(prompts_dir)
+        newest = {n: registry.get(n).version for n in registry.names()}
+        names = sorted(set(names) | set(newest))
+    table = Table(title="prompt serving")
+    for column in ("prompt", "serves", "canary", "pinned by", "at", "reason"):
+        table.add_column(column, overflow="fold")
+    for prompt in names:
+        pin = pins.get(prompt)
+        if pin is None:
+            table.add_row(prompt, f"@{newest[prompt]} (newest, unpinned)", "-", "-", "-", "-")
+            continue
+        canary = f"@{pin.candidate} at {pin.canary_percent:g}%" if pin.candidate else "-"
+        table.add_row(
+            prompt, f"@{pin.version} (pinned)", canary, pin.actor, pin.at.isoformat(), pin.reason
+        )
+    console.print(table)
+    for event in rejected:
+        typer.echo(
+            f"warning: workers ignore {event.key} = {event.value!r} (not a valid pin)", err=True
+        )
+
+
+@prompts_app.command("shadow")
+def shadow_command(
+    name: str,
+    candidate: Annotated[int, typer.Option("--candidate", help="Version to evaluate.")],
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Replay this many most recent requests.")
+    ] = 50,
+    scan: Annotated[
+        int,
+        typer.Option("--scan", min=1, help="Read at most this many messages back per partition."),
+    ] = 5_000,
+    samples: Annotated[
+        int, typer.Option("--samples", min=0, help="Differing outputs to show.")
+    ] = 5,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Model calls in flight.")
+    ] = 8,
+    prompts_dir: PromptsDir = Path("prompts"),
+) -> None:
+    """Replay recent requests of NAME on --candidate and compare with what served; writes nothing.
+
+    Reads llm.stage.validated and the outcome topics without committing, calls
+    the model at LLMPIPE_MODEL_BASE_URL, and produces no message anywhere.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from pipeline.config import Settings
+    from pipeline.control_topic import read_history
+    from pipeline.prompts.harness import live_client
+    from pipeline.prompts.pins import fold
+    from pipeline.prompts.shadow import ShadowReport, report_renderable, shadow_run
+
+    with _errors_as_exit_codes():
+        registry = _registry(prompts_dir)
+        registry.get(name, candidate)
+    settings = Settings()
+    with _kafka_errors():
+        # Honour production's endpoint kill switches: a shadow run must not call a model
+        # endpoint that operators switched off.
+        control, _ = fold(read_history(settings))
+
+    async def run() -> ShadowReport:
+        client = live_client(settings, control)
+        try:
+            return await shadow_run(
+                settings, registry, name, candidate, limit, client, scan, samples, concurrency
+            )
+        finally:
+            await client.aclose()
+
+    with _kafka_errors():
+        report = asyncio.run(run())
+    if report.serving.requests == 0:
+        _fail(
+            f"no recent requests for {name} on {settings.topic('llm.stage.validated')}", EXIT_FAILED
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(report_renderable(report))

@@ -1,0 +1,237 @@
+"""Run one request through the pipeline's own stage code, in process, without Kafka.
+
+``llmpipe prompts test`` and ``llmpipe prompts shadow`` must judge a prompt
+exactly as production would, so neither re-implements parsing, re-asks,
+scoring, routing or fallbacks: both drive the real ``Validator``,
+``ModelCaller``, ``Settler`` and ``FallbackWorker`` and follow the decisions
+they return, topic by topic, the way the transport would. Only the model
+client differs (a recorded answer offline, a real endpoint with ``--live``)
+and nothing is ever produced: the decisions are read, not sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pipeline.codec import Codec
+from pipeline.config import Settings
+from pipeline.control import ControlState
+from pipeline.envelopes import (
+    Completion,
+    Escalation,
+    PromptRef,
+    Request,
+    Result,
+    Usage,
+    ValidatedRequest,
+)
+from pipeline.llm.protocol import ChatCompletion, ChatRequest
+from pipeline.prompts.registry import PromptRegistry
+from pipeline.redact import Redactor
+from pipeline.resilience.configure import resilient_client
+from pipeline.resilience.stack import ResilientClient
+from pipeline.stages.decisions import DeadLetter, Decision
+from pipeline.stages.fallback import FallbackWorker
+from pipeline.stages.model_call import CallingClient, ModelCaller
+from pipeline.stages.parse import extract_json
+from pipeline.stages.settle import Settler
+from pipeline.stages.validate import Validator, estimate_tokens
+
+Route = Literal["result", "fallback", "review", "dead_letter"]
+ROUTES: tuple[Route, ...] = ("result", "fallback", "review", "dead_letter")
+
+# Escalation reasons under which the model's answer itself passed every check (it was only
+# not confident enough, or a flag held it back); every other reason means it was invalid.
+VALID_ANSWER_REASONS = frozenset({"low_confidence", "force_review"})
+_JSON = "application/json"
+# validate -> model -> settle -> fallback -> review is the longest path; more is a loop.
+_MAX_HOPS = 8
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where one request ended and what it carried there, as the pipeline delivered it.
+
+    ``route`` uses the names of ``TestExpectation.route``: "fallback" is a
+    result whose source is the fallback. ``answer`` is the model's own parsed
+    answer when the model path succeeded; it differs from ``output`` only for
+    clarifications, where the pipeline delivers ``{"question": ...}``.
+    """
+
+    route: Route
+    output: dict[str, Any] | None = None
+    confidence: float | None = None
+    reason: str | None = None
+    detail: str = ""
+    status: str | None = None
+    prompt: PromptRef | None = None
+    usage: Usage = field(default_factory=Usage)
+    answer_valid: bool = False
+    answer: dict[str, Any] | None = None
+
+    @classmethod
+    def from_result(cls, result: Result, answer: dict[str, Any] | None = None) -> Outcome:
+        if result.source == "model":
+            route: Route = "result"
+        elif result.source == "fallback":
+            route = "fallback"
+        else:  # a human decided it: the pipeline itself had routed it to review
+            route = "review"
+        return cls(
+            route=route,
+            output=result.output,
+            confidence=result.confidence,
+            reason=result.reason,
+            status=result.status,
+            prompt=result.prompt,
+            usage=result.usage,
+            answer_valid=result.source == "model" or result.reason in VALID_ANSWER_REASONS,
+            answer=answer if result.source == "model" else None,
+        )
+
+    @classmethod
+    def from_review(cls, escalation: Escalation) -> Outcome:
+        return cls(
+            route="review",
+            output=escalation.output,
+            confidence=escalation.confidence,
+            reason=escalation.reason,
+            detail=escalation.detail,
+            prompt=escalation.validated.prompt,
+            usage=escalation.usage,
+            answer_valid=escalation.reason in VALID_ANSWER_REASONS,
+        )
+
+    @classmethod
+    def from_dead_letter(cls, dead: DeadLetter) -> Outcome:
+        return cls(
+            route="dead_letter",
+            reason=dead.reason,
+            detail=f"{dead.stage}: {dead.error_class}: {dead.message}",
+            prompt=dead.prompt,
+        )
+
+    def checked_output(self) -> dict[str, Any] | None:
+        """The object test expectations look at: the delivered output, except clarifications.
+
+        A clarification is delivered as ``{"question": ...}`` with status
+        ``needs_clarification``, which is not an instance of the prompt's
+        output schema; authors write expectations against that schema (e.g.
+        ``needs_clarification: true``), so they see the model's answer with the
+        question as delivered.
+        """
+        if self.status == "needs_clarification" and self.answer is not None:
+            return {**self.answer, **(self.output or {})}
+        return self.output
+
+
+class RecordedAnswerClient:
+    """A model client that answers every call, re-asks included, with one recorded text.
+
+    Offline tests must be deterministic and free, and a recorded answer
+    replayed on a re-ask is exactly what a stubborn model does, which is
+    the case re-ask and fallback handling exist for. No token log
+    probabilities are recorded, so confidence has no logprob component.
+    """
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def complete(
+        self,
+        request: ChatRequest,
+        deadline: datetime | None = None,
+        *,
+        prompt: str | None = None,
+        models: Sequence[str] | None = None,
+    ) -> ChatCompletion:
+        self.calls += 1
+        prompt_text = "\n".join(m["content"] for m in request.messages)
+        return ChatCompletion(
+            text=self.answer,
+            model=request.model,
+            finish_reason="stop",
+            prompt_tokens=estimate_tokens(prompt_text),
+            completion_tokens=estimate_tokens(self.answer),
+        )
+
+
+class _LastAnswer:
+    """Wraps a client to remember the last text it returned (what the Settler parsed last)."""
+
+    def __init__(self, inner: CallingClient) -> None:
+        self._inner = inner
+        self.text: str | None = None
+
+    async def complete(
+        self,
+        request: ChatRequest,
+        deadline: datetime | None = None,
+        *,
+        prompt: str | None = None,
+        models: Sequence[str] | None = None,
+    ) -> ChatCompletion:
+        answer = await self._inner.complete(request, deadline, prompt=prompt, models=models)
+        self.text = answer.text
+        return answer
+
+
+def live_client(settings: Settings, control: ControlState | None = None) -> ResilientClient:
+    """The client a worker builds from ``settings``: endpoints, keys, retries, fallback models.
+
+    ``control`` supplies the operators' ``endpoint_enabled`` switches, so a
+    tool never calls an endpoint that production has switched off; without
+    it every endpoint counts as enabled.
+    """
+    return resilient_client(settings, control or ControlState())
+
+
+class StageHarness:
+    """The four stages wired in memory, with an empty control state (no pins, no flags).
+
+    Control state is deliberately empty: a test or a shadow run names the
+    version it wants, and a kill switch or ``force_review`` flag active in
+    production must not make a prompt's own tests fail or pass. For the same
+    reason no quality breaker is attached: evaluation traffic must neither
+    be cut short by production's breaker state nor feed it. Input limits and
+    content rules are the code defaults (which are also ``Settings``'
+    defaults), so a prompt's verdict does not depend on where it is run.
+    """
+
+    def __init__(self, registry: PromptRegistry, timeout_cap_s: float = 30.0) -> None:
+        self._registry = registry
+        self._control = ControlState()
+        self._timeout_cap_s = timeout_cap_s
+        self._validator = Validator(Codec(), registry, self._control, Redactor())
+        self._fallback = FallbackWorker(registry, self._control)
+
+    async def run(
+        self, request: Request, client: CallingClient, key: bytes | None = None
+    ) -> Outcome:
+        """Follow ``request`` from validation to its terminal route, as the workers would."""
+        recorder = _LastAnswer(client)
+        caller = ModelCaller(self._registry, recorder, self._control, self._timeout_cap_s)
+        settler = Settler(self._registry, self._control, recorder, self._timeout_cap_s)
+        decision: Decision = self._validator(request.model_dump_json().encode(), key, _JSON)
+        for _ in range(_MAX_HOPS):
+            if isinstance(decision, DeadLetter):
+                return Outcome.from_dead_letter(decision)
+            envelope = decision.envelope
+            if isinstance(envelope, ValidatedRequest):
+                decision = await caller(envelope)
+            elif isinstance(envelope, Completion):
+                decision = await settler(envelope)
+            elif isinstance(envelope, Result):
+                answer = extract_json(recorder.text)[0] if recorder.text is not None else None
+                return Outcome.from_result(envelope, answer)
+            elif isinstance(envelope, Escalation) and decision.route == "fallback":
+                decision = self._fallback(envelope)
+            elif isinstance(envelope, Escalation):
+                return Outcome.from_review(envelope)
+            else:
+                raise TypeError(f"unexpected {type(envelope).__name__} on {decision.topic}")
+        raise RuntimeError(f"request {request.request_id} did not settle in {_MAX_HOPS} stages")
