@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.envelopes import Envelope, Escalation, PromptRef, Result
+from pipeline.envelopes import Envelope, Escalation, PromptRef, Result, ValidatedRequest
+from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
+from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.registry import PromptRegistry
 
 # Logical topic names; the transport adds the configured prefix.
 VALIDATED = "llm.stage.validated"
@@ -64,3 +67,22 @@ def emit_escalation(topic: str, escalation: Escalation) -> Emit:
     return Emit(
         topic, escalation, request.request_id, escalation.validated.prompt, escalation.reason
     )
+
+
+def bind_prompt(
+    registry: PromptRegistry, validated: ValidatedRequest, stage: str, attempts: int = 1
+) -> PromptVersion | DeadLetter:
+    """The prompt version a request was validated against, or a dead letter if this worker
+    does not have it (a deploy removed it between stages): never a silent substitute."""
+    try:
+        return registry.get(validated.prompt.name, validated.prompt.version)
+    except (UnknownPromptError, UnknownPromptVersionError) as exc:
+        return DeadLetter(
+            stage,
+            "unknown_prompt_version",
+            type(exc).__name__,
+            str(exc),
+            validated.request.request_id,
+            validated.prompt,
+            attempts,
+        )

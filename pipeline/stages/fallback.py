@@ -13,9 +13,15 @@ from typing import Any
 
 from pipeline.control import FORCE_REVIEW, ControlState
 from pipeline.envelopes import Escalation, Result, ValidationReport, utc_now
-from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.stages.decisions import REVIEW, DeadLetter, Decision, emit_escalation, emit_result
+from pipeline.stages.decisions import (
+    REVIEW,
+    DeadLetter,
+    Decision,
+    bind_prompt,
+    emit_escalation,
+    emit_result,
+)
 from pipeline.stages.parse import rule_errors, schema_errors
 from pipeline.telemetry import current_trace_id
 
@@ -35,18 +41,9 @@ class FallbackWorker:
         now = now or utc_now()
         validated = escalation.validated
         request = validated.request
-        try:
-            pv = self._registry.get(validated.prompt.name, validated.prompt.version)
-        except (UnknownPromptError, UnknownPromptVersionError) as exc:
-            return DeadLetter(
-                STAGE,
-                "unknown_prompt_version",
-                type(exc).__name__,
-                str(exc),
-                request.request_id,
-                validated.prompt,
-                escalation.attempts,
-            )
+        pv = bind_prompt(self._registry, validated, STAGE, escalation.attempts)
+        if isinstance(pv, DeadLetter):
+            return pv
         checks = ["fallback"]
         problem = ""
         output: dict[str, Any] | None = None

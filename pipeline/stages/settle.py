@@ -25,7 +25,6 @@ from pipeline.envelopes import (
     utc_now,
 )
 from pipeline.llm.protocol import ChatCompletion, ModelError
-from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
@@ -35,6 +34,7 @@ from pipeline.stages.decisions import (
     REVIEW,
     DeadLetter,
     Decision,
+    bind_prompt,
     emit_escalation,
     emit_result,
 )
@@ -97,18 +97,9 @@ class Settler:
     async def __call__(self, completion: Completion, now: datetime | None = None) -> Decision:
         validated = completion.validated
         request = validated.request
-        try:
-            pv = self._registry.get(validated.prompt.name, validated.prompt.version)
-        except (UnknownPromptError, UnknownPromptVersionError) as exc:
-            return DeadLetter(
-                STAGE,
-                "unknown_prompt_version",
-                type(exc).__name__,
-                str(exc),
-                request.request_id,
-                validated.prompt,
-                completion.attempts,
-            )
+        pv = bind_prompt(self._registry, validated, STAGE, completion.attempts)
+        if isinstance(pv, DeadLetter):
+            return pv
         text = completion.raw_text
         attempts = completion.attempts
         usage = completion.usage
@@ -210,51 +201,31 @@ class Settler:
             )
             return emit_escalation(REVIEW, esc)
         policy = pv.confidence
-        if asks_back:
+
+        def settled(status: ResultStatus, output: dict[str, Any], reason: str | None) -> Decision:
             return emit_result(
                 self._result(
                     validated,
                     completion,
-                    "needs_clarification",
-                    _question(outcome.output),
+                    status,
+                    output,
                     confidence,
                     report,
                     usage,
                     attempts,
                     now,
-                    "model_asked_for_clarification",
+                    reason,
                 )
+            )
+
+        if asks_back:
+            return settled(
+                "needs_clarification", _question(outcome.output), "model_asked_for_clarification"
             )
         if confidence >= policy.accept:
-            return emit_result(
-                self._result(
-                    validated,
-                    completion,
-                    "ok",
-                    outcome.output,
-                    confidence,
-                    report,
-                    usage,
-                    attempts,
-                    now,
-                    None,
-                )
-            )
+            return settled("ok", outcome.output, None)
         if policy.policy == "clarify":
-            return emit_result(
-                self._result(
-                    validated,
-                    completion,
-                    "needs_clarification",
-                    _question(outcome.output),
-                    confidence,
-                    report,
-                    usage,
-                    attempts,
-                    now,
-                    "low_confidence",
-                )
-            )
+            return settled("needs_clarification", _question(outcome.output), "low_confidence")
         topic = REVIEW if policy.policy == "review" else FALLBACK
         detail = f"confidence {confidence:.3f} below accept threshold {policy.accept}"
         esc = self._escalation(
