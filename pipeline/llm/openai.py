@@ -7,6 +7,7 @@ retrying is the job of :mod:`pipeline.llm.retry`, which knows the request's budg
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from email.utils import parsedate_to_datetime
@@ -17,6 +18,7 @@ import httpx
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 
 MAX_RESPONSE_BYTES = 8_000_000
+CONNECTIONS_PER_SHARD = 8
 
 
 class OpenAIChatClient:
@@ -28,18 +30,31 @@ class OpenAIChatClient:
         max_connections: int = 256,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``max_connections`` is spread over shards of ``CONNECTIONS_PER_SHARD``.
+
+        httpcore's pool scans every connection for every queued request on each state
+        change, so one pool of 128 connections spends most of its time scanning (the
+        overhead benchmark measured 320 calls/s with one pool of 128 and 1,250 with 8
+        pools of 8, against the same server). Round-robin over small pools keeps the scan
+        short and the total connection count unchanged.
+        """
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
-        )
+        per_shard = min(CONNECTIONS_PER_SHARD, max_connections)
+        shards = max(1, max_connections // per_shard)
+        self._shards = [
+            httpx.AsyncClient(
+                base_url=base_url.rstrip("/"),
+                headers=headers,
+                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+                transport=transport,
+            )
+            for _ in range(shards)
+        ]
+        self._next = itertools.cycle(self._shards)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for shard in self._shards:
+            await shard.aclose()
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
         body: dict[str, Any] = {
@@ -52,7 +67,7 @@ class OpenAIChatClient:
             body["logprobs"] = True
         started = time.perf_counter()
         try:
-            response = await self._http.post(
+            response = await next(self._next).post(
                 "/chat/completions", json=body, timeout=httpx.Timeout(request.timeout_s)
             )
         except httpx.TimeoutException as exc:
