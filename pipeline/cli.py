@@ -187,6 +187,7 @@ def demo(
 
 def _register_optional() -> None:
     """Sub-apps owned by their own modules register here, so this file stays the index."""
+    from pipeline.dlq.cli import dlq_app
     from pipeline.fakellm.cli import fake_llm
     from pipeline.flags_cli import flags_app
     from pipeline.prompts.cli import prompts_app
@@ -194,6 +195,7 @@ def _register_optional() -> None:
 
     app.add_typer(prompts_app, name="prompts")
     app.add_typer(review_app, name="review")
+    app.add_typer(dlq_app, name="dlq")
     app.add_typer(flags_app, name="flags")
     app.command("fake-llm")(fake_llm)
 
