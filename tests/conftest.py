@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
 from tests.support import create_topics, make_settings
@@ -37,3 +39,22 @@ def kafka_settings(kafka_bootstrap: str) -> Settings:
     settings = make_settings(kafka_bootstrap)
     create_topics(settings)
     return settings
+
+
+TEST_TOPIC = re.compile(r"^(t[0-9a-f]{10}|topics-[0-9a-f]{8})\.")
+
+
+@pytest.fixture(autouse=True)
+def _delete_test_topics(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Delete the topics a broker test created: thousands of leftover partitions exhaust
+    the broker's heap over a full run."""
+    if "kafka_bootstrap" not in request.fixturenames:
+        yield
+        return
+    admin = AdminClient(Settings().kafka_client_config())
+    before = set(admin.list_topics(timeout=30).topics)
+    yield
+    created = [t for t in set(admin.list_topics(timeout=30).topics) - before if TEST_TOPIC.match(t)]
+    if created:
+        for future in admin.delete_topics(created, operation_timeout=30).values():
+            future.result(timeout=60)

@@ -16,7 +16,7 @@
 #   LLMPIPE_KAFKA_CONTROLLER_PORT  KRaft controller port (PORT + 1)
 #   LLMPIPE_KAFKA_HOME             jar cache (~/.cache/llmpipe/kafka-VERSION); jars in HOME/libs
 #   LLMPIPE_KAFKA_DATA             config, logs, pid file and log.dirs (~/.cache/llmpipe/kafka-data)
-#   LLMPIPE_KAFKA_HEAP             JVM heap options ("-Xms256m -Xmx512m")
+#   LLMPIPE_KAFKA_HEAP             JVM heap options ("-Xms512m -Xmx2g")
 #   LLMPIPE_KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (60)
 set -euo pipefail
 
@@ -31,7 +31,7 @@ KAFKA_PORT="${LLMPIPE_KAFKA_PORT:-9092}"
 CONTROLLER_PORT="${LLMPIPE_KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_HOME="${LLMPIPE_KAFKA_HOME:-${HOME}/.cache/llmpipe/kafka-${KAFKA_VERSION}}"
 KAFKA_DATA="${LLMPIPE_KAFKA_DATA:-${HOME}/.cache/llmpipe/kafka-data}"
-KAFKA_HEAP="${LLMPIPE_KAFKA_HEAP:--Xms256m -Xmx512m}"
+KAFKA_HEAP="${LLMPIPE_KAFKA_HEAP:--Xms512m -Xmx2g}"
 START_TIMEOUT="${LLMPIPE_KAFKA_START_TIMEOUT:-60}"
 readonly KAFKA_VERSION KAFKA_PORT CONTROLLER_PORT KAFKA_HOME KAFKA_DATA KAFKA_HEAP START_TIMEOUT
 
