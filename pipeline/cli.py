@@ -190,6 +190,7 @@ def _register_optional() -> None:
     from pipeline.dlq.cli import dlq_app
     from pipeline.fakellm.cli import fake_llm
     from pipeline.flags_cli import flags_app
+    from pipeline.observability.trace_cli import trace
     from pipeline.prompts.cli import prompts_app
     from pipeline.review.cli import review_app
 
@@ -198,6 +199,7 @@ def _register_optional() -> None:
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(flags_app, name="flags")
     app.command("fake-llm")(fake_llm)
+    app.command("trace")(trace)
 
 
 _register_optional()

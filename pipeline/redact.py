@@ -84,9 +84,7 @@ class Redactor:
                 found.append(Finding("card", m.start(), m.end()))
         for kind, pattern in (("ip", IPV4), ("ip", IPV6)):
             found.extend(Finding(kind, m.start(), m.end()) for m in pattern.finditer(text))
-        for m in PHONE.finditer(text):
-            if 8 <= sum(c.isdigit() for c in m.group()) <= 15 and not ISO_DATE.match(m.group()):
-                found.append(Finding("phone", m.start(), m.end()))
+        found.extend(_phones(text))
         for pattern in self._extra:
             found.extend(Finding("custom", m.start(), m.end()) for m in pattern.finditer(text))
         return _non_overlapping(found)
@@ -115,6 +113,22 @@ class Redactor:
         if isinstance(value, list | tuple):
             return [self.value(v) for v in value]
         return value
+
+
+def _phones(text: str) -> list[Finding]:
+    """A run of digit groups longer than a phone number may still start with one
+    ("+30 100 100 1000 4000..."): then the longest leading groups that fit are the phone."""
+    found: list[Finding] = []
+    for m in PHONE.finditer(text):
+        run = m.group()
+        ends = [g.end() for g in re.finditer(r"\S+", run)]
+        for end in reversed(ends):
+            candidate = run[:end].rstrip(" ().-")
+            digits = sum(c.isdigit() for c in candidate)
+            if 8 <= digits <= 15 and not ISO_DATE.match(candidate):
+                found.append(Finding("phone", m.start(), m.start() + len(candidate)))
+                break
+    return found
 
 
 def _non_overlapping(findings: list[Finding]) -> list[Finding]:

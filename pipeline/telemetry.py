@@ -2,7 +2,9 @@
 
 The W3C ``traceparent`` header carries one trace per request across every Kafka hop; the
 transport extracts it into the current context before a stage runs and injects it into
-every message the stage produces.
+every message the stage produces. Providers, exporters and metrics are configured in
+:mod:`pipeline.observability.setup`; this module keeps the small API the stages, the
+transport and the review service already use.
 """
 
 from __future__ import annotations
@@ -11,32 +13,30 @@ from collections.abc import Iterable, Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from pipeline.observability.setup import configure_observability, current
+
 PROPAGATOR = TraceContextTextMapPropagator()
-_configured = False
+TRACEPARENT = "traceparent"
 
 
 def configure_tracing() -> None:
-    """Install an SDK tracer provider once, so trace ids exist even without an exporter."""
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
+    """Kept for existing callers: configures tracing *and* metrics from ``OTEL_*``."""
+    configure_observability()
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("llmpipe")
+    """The current telemetry's tracer (tests swap it with ``observability.setup.install``)."""
+    return current().tracer
 
 
 def extract(headers: Iterable[tuple[str, bytes | None]]) -> Context:
+    """The upstream span as a parent context; an absent or malformed header starts a trace."""
     carrier = {
         k.lower(): v.decode("latin-1")
         for k, v in headers
-        if v is not None and k.lower() == "traceparent"
+        if v is not None and k.lower() == TRACEPARENT
     }
     return PROPAGATOR.extract(carrier)
 

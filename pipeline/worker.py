@@ -21,6 +21,7 @@ from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
 from pipeline.control import ControlState
 from pipeline.envelopes import Completion, Envelope, Escalation, ValidatedRequest
+from pipeline.observability import configure_observability
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.redact import Redactor
 from pipeline.resilience.configure import quality_breaker, resilient_client
@@ -30,7 +31,6 @@ from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.model_call import ModelCaller
 from pipeline.stages.settle import Settler
 from pipeline.stages.validate import ContentRules, InputLimits, Validator
-from pipeline.telemetry import configure_tracing
 from pipeline.transport import headers as h
 from pipeline.transport.control_listener import ControlListener
 from pipeline.transport.runner import Handler, Inbound, StageRunner
@@ -90,7 +90,7 @@ class Worker:
         self.runners: list[StageRunner] = []
 
     async def run(self, stop: asyncio.Event) -> None:
-        configure_tracing()
+        configure_observability()  # tracing + metrics from OTEL_*; idempotent
         settings = self.settings
         kafka = settings.aiokafka_config()
         client = resilient_client(settings, self.control)

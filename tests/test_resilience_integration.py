@@ -243,6 +243,7 @@ async def test_requests_per_minute_limit_holds_at_the_server(fake: FakeLLMServer
     for start in sent:
         in_window = sum(1 for at in sent if start <= at <= start + limit.period_s)
         assert in_window <= 1 + 5, sent  # burst + rate x window
-    assert sent[-1] - sent[0] >= (count - 1) / 5 * 0.9
+    # The first send can lag its slot (a fresh connection), so allow one interval of slack.
+    assert sent[-1] - sent[0] >= (count - 2) / 5 * 0.9
     stats = client.rate_limits.stats()["fake-model"]
     assert (stats.calls, stats.waits, stats.rejected) == (count, count - 1, 0)

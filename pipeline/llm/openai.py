@@ -41,12 +41,14 @@ class OpenAIChatClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         per_shard = min(CONNECTIONS_PER_SHARD, max_connections)
         shards = max(1, max_connections // per_shard)
+        tls = httpx.create_ssl_context()  # one CA bundle load, not one per shard
         self._shards = [
             httpx.AsyncClient(
                 base_url=base_url.rstrip("/"),
                 headers=headers,
                 limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
                 transport=transport,
+                verify=tls,
             )
             for _ in range(shards)
         ]

@@ -4,6 +4,9 @@ Only failures that can succeed on a second try are retried (timeouts, connection
 429, 5xx). Waits use exponential backoff with full jitter, except that a server's
 ``Retry-After`` is obeyed. The whole thing stops when the attempt count or the time budget
 (the smaller of the configured budget and the request's deadline) runs out.
+
+Each attempt is its own span (and ``gen_ai.client.operation.duration`` sample), because the
+provider bills, rate-limits and fails individual calls, not requests.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelClient, ModelError
+from pipeline.observability.genai import attempt_span
 
 
 class RetryingClient:
@@ -76,7 +80,9 @@ class RetryingClient:
                         raise ModelError("timeout", "time budget spent before the call")
                     timeout = min(request.timeout_s, remaining)
                     call = replace(request, timeout_s=timeout)
-                    completion = await self._inner.complete(call)
+                    with attempt_span(call, attempts) as observed:
+                        completion = await self._inner.complete(call)
+                        observed.answered(completion)
         except ModelError as exc:
             exc.attempts = attempts
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.config import Settings
 from pipeline.control import ENDPOINT_ENABLED, ControlState
+from pipeline.observability.metrics import record_breaker_change
 from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
 from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets
 from pipeline.resilience.endpoints import parse_endpoints
@@ -38,7 +39,9 @@ def stack_config(settings: Settings) -> StackConfig:
 def resilient_client(settings: Settings, control: ControlState) -> ResilientClient:
     """The model client every stage uses; endpoint kill switches come from ``control``."""
     return build_client(
-        stack_config(settings), is_enabled=lambda model: control.flag(ENDPOINT_ENABLED, model)
+        stack_config(settings),
+        is_enabled=lambda model: control.flag(ENDPOINT_ENABLED, model),
+        on_breaker_change=record_breaker_change,
     )
 
 
@@ -50,5 +53,6 @@ def quality_breaker(settings: Settings) -> QualityBreaker:
             failure_rate=settings.quality_breaker_failure_rate,
             open_s=settings.quality_breaker_open_s,
             half_open_calls=QUALITY_DEFAULTS.half_open_calls,
-        )
+        ),
+        on_state_change=record_breaker_change,
     )

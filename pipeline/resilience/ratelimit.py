@@ -62,6 +62,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
+from pipeline.observability.metrics import record_rate_limit_rejection, record_rate_limit_wait
 from pipeline.resilience.base import (
     SYSTEM_CLOCK,
     Clock,
@@ -307,8 +308,10 @@ class RateLimitedClient:
                 self._give(state, reserved, clock.monotonic(), request_too=True)
                 raise
         if slot_waited or wait > 0:
+            waited = clock.monotonic() - started
             state.stats.waits += 1
-            state.stats.waited_s += clock.monotonic() - started
+            state.stats.waited_s += waited
+            record_rate_limit_wait(request.model, waited)
         state.stats.calls += 1
         call = request
         if deadline is not None:
@@ -341,6 +344,7 @@ class RateLimitedClient:
         state: _ModelLimiter, model: str, message: str, wait: float | None
     ) -> RateLimitExceeded:
         state.stats.rejected += 1
+        record_rate_limit_rejection(model)
         return RateLimitExceeded(model, message, retry_after_s=wait)
 
 

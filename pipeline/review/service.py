@@ -62,6 +62,8 @@ from pipeline.envelopes import (
     ReviewAction,
     ReviewDecision,
 )
+from pipeline.observability import semconv
+from pipeline.observability.metrics import record_human_decision
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
@@ -351,6 +353,7 @@ class ReviewService:
                 return
             self.stats.published += 1
             self.store.mark_published(decision.decision_id, self.clock())
+            record_human_decision(decision.action, item.escalation.validated.prompt)
             produced = {
                 "approve": "decision and result",
                 "edit": "decision, result and correction",
@@ -442,8 +445,8 @@ class ReviewService:
         with tracer().start_as_current_span(
             "review decide", context=parent, kind=trace.SpanKind.PRODUCER
         ) as span:
-            span.set_attribute("llmpipe.review.action", decision.action)
-            span.set_attribute("llmpipe.request_id", request.request_id)
+            span.set_attribute(semconv.REVIEW_ACTION, decision.action)
+            span.set_attribute(semconv.REQUEST_ID, request.request_id)
             trace_headers = inject()
             trace_id = format(span.get_span_context().trace_id, "032x")
         envelopes: list[tuple[str, str, Envelope]] = [(DECISIONS_TOPIC, ROUTE_DECISION, decision)]

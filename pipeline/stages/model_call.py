@@ -23,7 +23,6 @@ from pipeline.envelopes import (
 )
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.observability.genai import chat_span
-from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
@@ -35,6 +34,7 @@ from pipeline.stages.decisions import (
     DeadLetter,
     Decision,
     Emit,
+    bind_prompt,
     emit_escalation,
 )
 from pipeline.stages.validate import deadline_escalation
@@ -97,17 +97,9 @@ class ModelCaller:
     async def __call__(self, validated: ValidatedRequest, now: datetime | None = None) -> Decision:
         now = now or utc_now()
         request = validated.request
-        try:
-            pv = self._registry.get(validated.prompt.name, validated.prompt.version)
-        except (UnknownPromptError, UnknownPromptVersionError) as exc:
-            return DeadLetter(
-                STAGE,
-                "unknown_prompt_version",
-                type(exc).__name__,
-                str(exc),
-                request.request_id,
-                validated.prompt,
-            )
+        pv = bind_prompt(self._registry, validated, STAGE)
+        if isinstance(pv, DeadLetter):
+            return pv
         if request.deadline is not None and request.deadline <= now:
             return emit_escalation(FALLBACK, deadline_escalation(validated, now))
         if not self._control.model_calls_enabled():

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.codec import Codec, DecodeError
 from pipeline.control import ControlState
 from pipeline.envelopes import ControlEvent
+from pipeline.observability.metrics import record_control_change
 
 log = logging.getLogger("llmpipe.control")
 METADATA_ATTEMPTS = 20
@@ -80,5 +81,6 @@ class ControlListener:
         try:
             event = self._codec.decode(value, ControlEvent, content_type)
             self._state.apply(event)
+            record_control_change(event.key)
         except (DecodeError, ValueError) as exc:
             log.error("ignoring a bad control event: %s", exc)

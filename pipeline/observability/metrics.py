@@ -1,0 +1,338 @@
+"""Every instrument llmpipe records, built once per meter provider.
+
+Why a class instead of module-level instruments: a meter provider's readers are fixed when
+it is built, so tests (and the overhead benchmark) need a fresh provider with an in-memory
+reader per run. :class:`PipelineMetrics` is cheap to build against any provider, and the
+process-wide one lives in :mod:`pipeline.observability.setup` next to the tracer.
+
+Who records what:
+
+* the stage runner: one :meth:`PipelineMetrics.record_decision` per input message (routes,
+  reasons, terminal outcomes, fallbacks, reviews, dead letters, validation failures, stage
+  and end-to-end latency) and the in-flight and consumer-lag gauges;
+* the retry layer: one :meth:`PipelineMetrics.record_model_call` per attempt (the GenAI
+  duration and token histograms) and the retries;
+* the resilience layer, the control listener and the review service call the module
+  functions at the bottom (:func:`record_breaker_change` is a ready-made
+  ``on_state_change`` listener).
+
+Attributes always carry the prompt name and version when they are known, because "did
+version 3 make things worse than version 2" is the question these numbers answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from pipeline.envelopes import Escalation, PromptRef, Result, utc_now
+from pipeline.observability import semconv as sc
+from pipeline.stages.decisions import DeadLetter, Decision, Emit
+
+log = logging.getLogger("llmpipe.metrics")
+
+Attributes = dict[str, str | int]
+LagSource = Callable[[], Iterable[tuple[Mapping[str, str | int], int]]]
+"""Returns ``(attributes, lag)`` pairs; called from the metric reader's thread."""
+
+# Escalations from the settle stage that mean "the model's output failed our checks"
+# (force_review is an operator's choice, not a failure).
+OUTPUT_VALIDATION_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})
+
+
+def prompt_attributes(prompt: PromptRef | None) -> Attributes:
+    if prompt is None:
+        return {}
+    return {sc.GEN_AI_PROMPT_NAME: prompt.name, sc.GEN_AI_PROMPT_VERSION: prompt.version}
+
+
+class PipelineMetrics:
+    def __init__(self, meter: Meter) -> None:
+        self.operation_duration = meter.create_histogram(
+            sc.GEN_AI_CLIENT_OPERATION_DURATION,
+            unit="s",
+            description="Duration of each model call (one per attempt).",
+            explicit_bucket_boundaries_advisory=sc.GEN_AI_DURATION_BUCKETS,
+        )
+        self.token_usage = meter.create_histogram(
+            sc.GEN_AI_CLIENT_TOKEN_USAGE,
+            unit="{token}",
+            description="Input and output tokens per model call.",
+            explicit_bucket_boundaries_advisory=sc.GEN_AI_TOKEN_BUCKETS,
+        )
+        self.requests = meter.create_counter(
+            sc.REQUESTS, unit="{request}", description="Requests by terminal route and reason."
+        )
+        self.stage_messages = meter.create_counter(
+            sc.STAGE_MESSAGES, unit="{message}", description="Stage decisions by route."
+        )
+        self.stage_duration = meter.create_histogram(
+            sc.STAGE_DURATION,
+            unit="s",
+            description="Time one stage spent on one message, produce included.",
+            explicit_bucket_boundaries_advisory=sc.LATENCY_BUCKETS,
+        )
+        self.stage_in_flight = meter.create_up_down_counter(
+            sc.STAGE_IN_FLIGHT, unit="{message}", description="Messages being processed."
+        )
+        self.request_duration = meter.create_histogram(
+            sc.REQUEST_DURATION,
+            unit="s",
+            description="End to end: request received to terminal message produced.",
+            explicit_bucket_boundaries_advisory=sc.LATENCY_BUCKETS,
+        )
+        self.validation_failures = meter.create_counter(
+            sc.VALIDATION_FAILURES,
+            unit="{failure}",
+            description="Input refusals and output check failures by rule.",
+        )
+        self.fallbacks = meter.create_counter(
+            sc.FALLBACKS, unit="{request}", description="Requests sent to the fallback worker."
+        )
+        self.reviews = meter.create_counter(
+            sc.REVIEWS, unit="{request}", description="Requests sent to human review."
+        )
+        self.dead_letters = meter.create_counter(
+            sc.DEAD_LETTERS, unit="{message}", description="Messages dead-lettered."
+        )
+        self.model_retries = meter.create_counter(
+            sc.MODEL_RETRIES, unit="{retry}", description="Model call attempts after the first."
+        )
+        self.model_in_flight = meter.create_up_down_counter(
+            sc.MODEL_IN_FLIGHT, unit="{call}", description="Model calls waiting for an answer."
+        )
+        self.breaker_transitions = meter.create_counter(
+            sc.BREAKER_TRANSITIONS, unit="{transition}", description="Circuit breaker changes."
+        )
+        self.rate_limit_waits = meter.create_counter(
+            sc.RATE_LIMIT_WAITS, unit="{wait}", description="Calls that waited for a rate limit."
+        )
+        self.rate_limit_wait_duration = meter.create_histogram(
+            sc.RATE_LIMIT_WAIT_DURATION,
+            unit="s",
+            description="Time spent waiting for a rate-limit slot or tokens.",
+            explicit_bucket_boundaries_advisory=sc.LATENCY_BUCKETS,
+        )
+        self.rate_limit_rejections = meter.create_counter(
+            sc.RATE_LIMIT_REJECTIONS,
+            unit="{call}",
+            description="Calls refused locally because the limit could not fit the deadline.",
+        )
+        self.control_changes = meter.create_counter(
+            sc.CONTROL_CHANGES, unit="{change}", description="Flag and pin changes applied."
+        )
+        self.human_decisions = meter.create_counter(
+            sc.HUMAN_DECISIONS, unit="{decision}", description="Reviewer decisions by action."
+        )
+        self._lock = threading.Lock()
+        self._breakers: dict[str, int] = {}
+        self._lag_sources: dict[int, LagSource] = {}
+        self._next_source = 0
+        meter.create_observable_gauge(
+            sc.BREAKER_STATE_GAUGE,
+            callbacks=[self._observe_breakers],
+            unit="{state}",  # not "1": Prometheus would append "_ratio" to the name
+            description="Breaker state: 0 closed, 1 half-open, 2 open.",
+        )
+        meter.create_observable_gauge(
+            sc.CONSUMER_LAG,
+            callbacks=[self._observe_lag],
+            unit="{message}",
+            description="High watermark minus the stage consumer's position.",
+        )
+
+    # -- stage runner -------------------------------------------------------------------
+
+    def record_decision(
+        self,
+        stage: str,
+        decision: Decision,
+        *,
+        duration_s: float,
+        inbound_timestamp_ms: int | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Everything one stage decision tells us, recorded after the output is durable."""
+        route = decision.route if isinstance(decision, Emit) else "dead_letter"
+        reason = decision.reason
+        prompt = prompt_attributes(decision.prompt)
+        routed: Attributes = {sc.STAGE: stage, sc.ROUTE: route}
+        if reason:
+            routed[sc.REASON] = reason
+        self.stage_messages.add(1, {**routed, **prompt})
+        self.stage_duration.record(duration_s, {sc.STAGE: stage, sc.ROUTE: route})
+        if isinstance(decision, DeadLetter):
+            self.dead_letters.add(1, {**routed, sc.ERROR_TYPE: decision.error_class, **prompt})
+            if stage == "validate":
+                self.validation_failures.add(1, {**routed, sc.RULE: decision.error_class, **prompt})
+        elif route == "fallback":
+            self.fallbacks.add(1, {**routed, **prompt})
+        elif route == "review":
+            self.reviews.add(1, {**routed, **prompt})
+        if stage == "settle" and reason in OUTPUT_VALIDATION_REASONS:
+            self.validation_failures.add(1, {**routed, sc.RULE: reason or "", **prompt})
+        if route not in sc.TERMINAL_ROUTES:
+            return
+        outcome: Attributes = {sc.ROUTE: route, **prompt}
+        if reason:
+            outcome[sc.REASON] = reason
+        envelope = decision.envelope if isinstance(decision, Emit) else None
+        if isinstance(envelope, Result):
+            outcome[sc.RESULT_SOURCE] = envelope.source
+        self.requests.add(1, outcome)
+        elapsed = _end_to_end_s(envelope, inbound_timestamp_ms, now)
+        if elapsed is not None:
+            self.request_duration.record(elapsed, outcome)
+
+    def stage_started(self, stage: str) -> None:
+        self.stage_in_flight.add(1, {sc.STAGE: stage})
+
+    def stage_finished(self, stage: str) -> None:
+        self.stage_in_flight.add(-1, {sc.STAGE: stage})
+
+    def watch_lag(self, source: LagSource) -> Callable[[], None]:
+        """Report a consumer's lag until the returned function is called."""
+        with self._lock:
+            key = self._next_source
+            self._next_source += 1
+            self._lag_sources[key] = source
+
+        def unregister() -> None:
+            with self._lock:
+                self._lag_sources.pop(key, None)
+
+        return unregister
+
+    # -- model calls ----------------------------------------------------------------------
+
+    def record_model_call(
+        self,
+        attributes: Mapping[str, str | int],
+        *,
+        duration_s: float,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """One attempt; ``attributes`` are the GenAI ones (model, provider, prompt, error)."""
+        attrs = dict(attributes)
+        self.operation_duration.record(duration_s, attrs)
+        if input_tokens is not None:
+            self.token_usage.record(
+                input_tokens, {**attrs, sc.GEN_AI_TOKEN_TYPE: sc.GEN_AI_TOKEN_TYPE_INPUT}
+            )
+        if output_tokens is not None:
+            self.token_usage.record(
+                output_tokens, {**attrs, sc.GEN_AI_TOKEN_TYPE: sc.GEN_AI_TOKEN_TYPE_OUTPUT}
+            )
+
+    def record_retry(self, attributes: Mapping[str, str | int]) -> None:
+        self.model_retries.add(1, dict(attributes))
+
+    def model_call_started(self, attributes: Mapping[str, str | int]) -> None:
+        self.model_in_flight.add(1, dict(attributes))
+
+    def model_call_finished(self, attributes: Mapping[str, str | int]) -> None:
+        self.model_in_flight.add(-1, dict(attributes))
+
+    # -- resilience, control, review -----------------------------------------------------
+
+    def breaker_state_changed(self, name: str, old: Any, new: Any) -> None:
+        """Matches the resilience layer's ``StateListener(name, old, new)``."""
+        old_s, new_s = str(old), str(new)
+        with self._lock:
+            self._breakers[name] = sc.BREAKER_STATE_VALUES.get(new_s, -1)
+        self.breaker_transitions.add(
+            1,
+            {sc.BREAKER_NAME: name, sc.BREAKER_PREVIOUS_STATE: old_s, sc.BREAKER_STATE: new_s},
+        )
+
+    def rate_limit_waited(self, model: str, waited_s: float) -> None:
+        attrs: Attributes = {sc.GEN_AI_REQUEST_MODEL: model}
+        self.rate_limit_waits.add(1, attrs)
+        self.rate_limit_wait_duration.record(max(0.0, waited_s), attrs)
+
+    def rate_limit_rejected(self, model: str) -> None:
+        self.rate_limit_rejections.add(1, {sc.GEN_AI_REQUEST_MODEL: model})
+
+    def control_changed(self, key: str) -> None:
+        """``flag:force_review:ticket_triage`` -> kind flag, name force_review, scope ..."""
+        kind, _, rest = key.partition(":")
+        name, _, scope = rest.partition(":") if kind == "flag" else (rest, "", "")
+        attrs: Attributes = {sc.CONTROL_KIND: kind or "unknown", sc.CONTROL_NAME: name}
+        if scope:
+            attrs[sc.CONTROL_SCOPE] = scope
+        self.control_changes.add(1, attrs)
+
+    def human_decided(self, action: str, prompt: PromptRef | None = None) -> None:
+        self.human_decisions.add(1, {sc.REVIEW_ACTION: action, **prompt_attributes(prompt)})
+
+    # -- observable callbacks (run on the metric reader's thread) ----------------------
+
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            states = dict(self._breakers)
+        return [Observation(value, {sc.BREAKER_NAME: name}) for name, value in states.items()]
+
+    def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._lag_sources.values())
+        observations: list[Observation] = []
+        for source in sources:
+            try:
+                observations.extend(Observation(lag, dict(attrs)) for attrs, lag in source())
+            except Exception:  # a gauge must never break the export of everything else
+                log.debug("consumer lag source failed", exc_info=True)
+        return observations
+
+
+def _end_to_end_s(
+    envelope: object, inbound_timestamp_ms: int | None, now: datetime | None
+) -> float | None:
+    """From ``ValidatedRequest.received_at`` when the envelope has it, else the Kafka
+    timestamp of the message being processed (for a dead letter from validate, that is
+    the request's own timestamp)."""
+    if isinstance(envelope, Result):
+        return max(0.0, envelope.latency_ms / 1000)
+    current = now or utc_now()
+    if isinstance(envelope, Escalation):
+        return max(0.0, (current - envelope.validated.received_at).total_seconds())
+    if inbound_timestamp_ms is not None and inbound_timestamp_ms > 0:
+        return max(0.0, current.timestamp() - inbound_timestamp_ms / 1000)
+    return None
+
+
+# -- process-wide entry points for layers that do not hold a metrics object ---------------
+
+
+def _metrics() -> PipelineMetrics:
+    from pipeline.observability.setup import current
+
+    return current().metrics
+
+
+def record_breaker_change(name: str, old: Any, new: Any) -> None:
+    """Pass as ``build_client(on_breaker_change=record_breaker_change)``."""
+    _metrics().breaker_state_changed(name, old, new)
+
+
+def record_rate_limit_wait(model: str, waited_s: float) -> None:
+    _metrics().rate_limit_waited(model, waited_s)
+
+
+def record_rate_limit_rejection(model: str) -> None:
+    _metrics().rate_limit_rejected(model)
+
+
+def record_control_change(key: str) -> None:
+    """Call with ``ControlEvent.key`` for every event the control listener applies."""
+    _metrics().control_changed(key)
+
+
+def record_human_decision(action: str, prompt: PromptRef | None = None) -> None:
+    """Call once per reviewer decision (approve, edit, reject, clarify)."""
+    _metrics().human_decided(action, prompt)
