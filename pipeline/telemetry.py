@@ -9,7 +9,7 @@ transport and the review service already use.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -50,7 +50,3 @@ def inject() -> dict[str, str]:
 def current_trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
-
-
-def header_map(headers: Iterable[tuple[str, bytes | None]]) -> Mapping[str, bytes]:
-    return {k.lower(): v for k, v in headers if v is not None}

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -69,11 +69,9 @@ Handler = Callable[[Inbound], Awaitable[Decision]]
 
 @dataclass
 class RunnerStats:
-    consumed: int = 0
-    by_route: dict[str, int] = field(default_factory=dict)
-    by_reason: dict[str, int] = field(default_factory=dict)
+    """What tests and benchmarks read off a runner; operational numbers are OTel metrics."""
+
     max_in_flight_seen: int = 0
-    commits: int = 0
 
 
 class StageRunner:
@@ -166,7 +164,6 @@ class StageRunner:
             headers=h.as_map(record.headers),
         )
         self._tracker.start(tp.topic, tp.partition, record.offset)
-        self.stats.consumed += 1
         previous: asyncio.Task[None] | None = None
         if inbound.key is not None and h.ORDERED in inbound.headers:
             previous = self._key_chains.get(inbound.key)
@@ -214,16 +211,12 @@ class StageRunner:
             with message_scope(scope), self._consumer_span(inbound, scope) as span:
                 decision = await self._decide(inbound, span, scope.request_id)
                 route = decision.route if isinstance(decision, Emit) else "dead_letter"
-                reason = decision.reason
                 _annotate(span, decision, route, scope)
                 await self._deliver(inbound, decision)
                 # Inside the span: latency samples carry it as an exemplar.
                 self._record(inbound, decision, time.perf_counter() - started)
         finally:
             self._metrics.stage_finished(self.stage)
-        self.stats.by_route[route] = self.stats.by_route.get(route, 0) + 1
-        if reason:
-            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
         self._tracker.done(inbound.topic, inbound.partition, inbound.offset)
 
     def _record(self, inbound: Inbound, decision: Decision, duration_s: float) -> None:
@@ -439,7 +432,6 @@ class StageRunner:
             return
         for tp, position in offsets.items():
             self._tracker.mark_committed(tp.topic, tp.partition, position)
-        self.stats.commits += 1
 
     async def _drain(self, grace_s: float, partitions: set[TopicPartition] | None = None) -> None:
         def idle() -> bool:
