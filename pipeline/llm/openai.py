@@ -19,6 +19,7 @@ from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 
 MAX_RESPONSE_BYTES = 8_000_000
 CONNECTIONS_PER_SHARD = 8
+MAX_TOKEN_COUNT = 2**31 - 1
 
 
 class OpenAIChatClient:
@@ -127,10 +128,20 @@ def _parse(response: httpx.Response, requested_model: str, latency_ms: float) ->
             text=text,
             model=str(data.get("model") or requested_model),
             finish_reason=choice.get("finish_reason"),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=_token_count(usage.get("prompt_tokens")),
+            completion_tokens=_token_count(usage.get("completion_tokens")),
             token_logprobs=logprobs,
             latency_ms=latency_ms,
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ModelError("bad_response", f"unexpected response shape: {exc!r}"[:200]) from exc
+
+
+def _token_count(value: Any) -> int:
+    """Usage is reported by the server, so it is untrusted: clamp it to what the envelopes
+    hold (an Avro int) instead of letting a bogus number fail the whole request."""
+    try:
+        count = int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return min(max(count, 0), MAX_TOKEN_COUNT)

@@ -210,9 +210,10 @@ class StageRunner:
             # Started here, inside this message's own task: span and scope are its alone.
             with message_scope(scope), self._consumer_span(inbound, scope) as span:
                 decision = await self._decide(inbound, span, scope.request_id)
+                decision, encoded = self._encode(decision)
                 route = decision.route if isinstance(decision, Emit) else "dead_letter"
                 _annotate(span, decision, route, scope)
-                await self._deliver(inbound, decision)
+                await self._deliver(inbound, decision, encoded)
                 # Inside the span: latency samples carry it as an exemplar.
                 self._record(inbound, decision, time.perf_counter() - started)
         finally:
@@ -308,13 +309,37 @@ class StageRunner:
             record_exception=False,
         )
 
-    async def _deliver(self, inbound: Inbound, decision: Decision) -> None:
+    def _encode(self, decision: Decision) -> tuple[Decision, tuple[bytes, str] | None]:
+        """Encode before routing: a value Avro cannot hold (a lone surrogate from model text,
+        a token count beyond a long) turns into a dead letter instead of a stuck offset."""
+        if not isinstance(decision, Emit):
+            return decision, None
+        try:
+            return decision, self._codec.encode(decision.envelope)
+        except Exception as exc:  # fastavro raises several unrelated types on bad values
+            message = f"{decision.topic} envelope cannot be encoded: {exc}"[:500]
+            return (
+                DeadLetter(
+                    self.stage,
+                    "unencodable",
+                    type(exc).__name__,
+                    message,
+                    decision.request_id,
+                    decision.prompt,
+                ),
+                None,
+            )
+
+    async def _deliver(
+        self, inbound: Inbound, decision: Decision, encoded: tuple[bytes, str] | None
+    ) -> None:
         if isinstance(decision, Emit):
+            assert encoded is not None
             topic = self._topic_name(decision.topic)
             key = inbound.key if inbound.key is not None else decision.request_id.encode()
             span = self._producer_span(decision.topic, topic, key, decision, decision.route)
             with trace.use_span(span, end_on_exit=True, record_exception=False):
-                value, content_type = self._codec.encode(decision.envelope)
+                value, content_type = encoded
                 headers = h.output_headers(
                     decision.request_id,
                     decision.prompt,

@@ -1,0 +1,98 @@
+"""Cost of features: the overhead run with tracing and redaction switched on and off.
+
+Switches are the ones operators have (see ``pipeline/observability/setup.py`` and
+``pipeline/config.py``): ``OTEL_SDK_DISABLED=true`` (no-op tracer and meter, no trace ids),
+the default (SDK on, spans built but not exported: ``OTEL_TRACES_EXPORTER`` unset),
+``OTEL_TRACES_EXPORTER=console`` / ``OTEL_METRICS_EXPORTER=console`` with stdout sent to
+/dev/null (the cost of serialising every span), and ``LLMPIPE_PII_POLICY=allow`` (no
+personal-data scan of the variables) against the default ``flag``. Variants are run
+interleaved, so slow drifts of the shared machine's load hit them all alike.
+
+    python -m bench.features [--quick]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.common import FakeLLMProcess, Report, base_args, finish, plot_bars, table
+from bench.runs import Run, measure_pipeline, median_run, valid_requests
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "default (SDK on, no exporter, PII flag)": {},
+    "tracing off (OTEL_SDK_DISABLED)": {"OTEL_SDK_DISABLED": "true"},
+    "traces exported (console to /dev/null)": {"OTEL_TRACES_EXPORTER": "console"},
+    "traces + metrics exported (console)": {
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_METRICS_EXPORTER": "console",
+        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+    },
+    "redaction off (PII allow)": {"LLMPIPE_PII_POLICY": "allow"},
+}
+
+
+def run(quick: bool, bootstrap: str) -> Report:
+    started = time.monotonic()
+    count = 3_000 if quick else 6_000
+    repeats = 1 if quick else 2
+    report = Report(
+        "features",
+        "Cost of features: tracing and redaction on/off (one worker, instant model)",
+        {"requests": count, "repeats": repeats},
+    )
+    planned = valid_requests(count, seed=4)
+    runs: dict[str, list[Run]] = {k: [] for k in VARIANTS}
+    with FakeLLMProcess() as fake:
+        for _ in range(repeats):
+            for label, env in VARIANTS.items():
+                runs[label].append(
+                    measure_pipeline(
+                        bootstrap, planned, fake, label=label, extra_env=env, discard_stdout=True
+                    )
+                )
+    chosen = {k: median_run(v) for k, v in runs.items()}
+    base = chosen["default (SDK on, no exporter, PII flag)"]
+    rows: list[dict[str, Any]] = []
+    for label, r in chosen.items():
+        cpu_ms = r.cpu_s.get("worker0", float("nan")) / count * 1000
+        rows.append(
+            {
+                "variant": label,
+                "rate": round(r.rate, 1),
+                "ratio_vs_default": round(r.rate / base.rate, 3),
+                "worker_cpu_ms_per_request": round(cpu_ms, 2),
+                "repeats": r.extra.get("repeats"),
+            }
+        )
+    report.results = {"variants": rows}
+    report.markdown += table(
+        ["variant", "steady req/s", "vs default", "worker CPU ms / request", "repeats"],
+        [
+            (
+                r["variant"],
+                r["rate"],
+                r["ratio_vs_default"],
+                r["worker_cpu_ms_per_request"],
+                r["repeats"],
+            )
+            for r in rows
+        ],
+    )
+    report.notes.append(
+        "CPU ms per request is the steadier figure on a shared machine: the rate also moves "
+        "with whatever else is running, the worker's own CPU time much less."
+    )
+    plot_bars(
+        report, "rates", [r["variant"] for r in rows], [r["rate"] for r in rows], "requests/s"
+    )
+    return finish(report, started, bootstrap)
+
+
+def main() -> None:
+    args = base_args(__doc__.splitlines()[0]).parse_args()
+    run(args.quick, args.bootstrap)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Added latency: what the pipeline adds on top of the model, at half of its maximum load.
+
+First the maximum is measured in this run (one worker, instant model, backlog drained).
+Then requests are produced open-loop at half that rate (an upstream does not wait for
+answers), and for each request:
+
+- end-to-end = result's Kafka timestamp - request's Kafka timestamp (both CreateTime,
+  set by the producer of each message, same clock);
+- model time = ``Completion.latency_ms`` (the HTTP call as the worker timed it);
+- added = end-to-end - model time: queueing, three Kafka hops (fetch, linger, acks),
+  validation, rendering, parsing, checks, Avro.
+
+Per-hop times come from the intermediate topics' timestamps (same key on every hop).
+Run with ``--model-latency 0.2`` to see that the added part does not depend on the model.
+
+    python -m bench.latency [--quick] [--model-latency S]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from confluent_kafka import Producer
+
+from bench.common import (
+    FakeLLMProcess,
+    Record,
+    Report,
+    base_args,
+    finish,
+    fresh_topics,
+    percentile,
+    plot_lines,
+    read_all,
+    stage_groups,
+    table,
+    wait_groups_stable,
+    workers,
+)
+from bench.runs import measure_pipeline, valid_requests
+from pipeline.codec import Codec
+from pipeline.config import Settings
+from pipeline.envelopes import Completion
+from pipeline.scenarios import PlannedRequest
+
+WARMUP_S = 3.0
+
+
+def paced_produce(settings: Settings, planned: Sequence[PlannedRequest], rate: float) -> None:
+    """Open loop: one request every 1/rate seconds, whatever the pipeline is doing.
+
+    The short sleeps here pace the load generator; they synchronise nothing.
+    """
+    producer = Producer({**settings.kafka_client_config(), "linger.ms": 1, "acks": "all"})
+    topic = settings.topic("llm.requests")
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    for p in planned:
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        producer.produce(topic, value=p.value, key=p.key, headers=list(p.headers))
+        producer.poll(0)
+        next_at += interval
+    if producer.flush(60):
+        raise RuntimeError("paced producer: messages not acknowledged")
+
+
+def _by_key(records: Sequence[Record]) -> dict[bytes, int]:
+    return {r.key: r.timestamp_ms for r in records if r.key is not None}
+
+
+def run(quick: bool, bootstrap: str, model_latency: float = 0.0) -> Report:
+    started = time.monotonic()
+    duration_s = 20.0 if quick else 60.0
+    report = Report(
+        "latency",
+        "Added latency at half of the measured maximum load",
+        {"duration_s": duration_s, "model_latency_s": model_latency, "warmup_s": WARMUP_S},
+    )
+    with FakeLLMProcess() as instant:
+        peak = measure_pipeline(
+            bootstrap, valid_requests(3_000 if quick else 6_000, seed=6), instant, label="max"
+        )
+    rate = peak.rate / 2
+    count = int(rate * duration_s)
+    planned = valid_requests(count, seed=7)
+    codec = Codec()
+    with (
+        FakeLLMProcess(latency=model_latency) as fake,
+        fresh_topics(bootstrap, model_base_url=fake.url) as settings,
+        workers(settings, 1),
+    ):
+        wait_groups_stable(settings, stage_groups(settings), 1, 90)
+        paced_produce(settings, planned, rate)
+        results = read_all(settings, ["llm.results"], count, timeout_s=300)
+        requests = _by_key(read_all(settings, ["llm.requests"], count))
+        validated = _by_key(read_all(settings, ["llm.stage.validated"], count))
+        completion_records = read_all(settings, ["llm.stage.completions"], count)
+    completions = {r.key: r for r in completion_records}
+    first_ts = min(requests.values())
+    e2e: list[float] = []
+    model: list[float] = []
+    added: list[float] = []
+    hop1: list[float] = []
+    hop2: list[float] = []
+    hop3: list[float] = []
+    for r in results:
+        key = r.key
+        if key is None or key not in requests or key not in completions:
+            continue
+        if requests[key] - first_ts < WARMUP_S * 1000:
+            continue
+        comp = completions[key]
+        content_type = comp.headers.get("content-type", b"").decode()
+        c = codec.decode(comp.value or b"", Completion, content_type)
+        total = float(r.timestamp_ms - requests[key])
+        e2e.append(total)
+        model.append(c.latency_ms)
+        added.append(total - c.latency_ms)
+        hop1.append(float(validated[key] - requests[key]))
+        hop2.append(float(comp.timestamp_ms - validated[key]) - c.latency_ms)
+        hop3.append(float(r.timestamp_ms - comp.timestamp_ms))
+
+    def pcts(values: list[float]) -> dict[str, float]:
+        return {f"p{q}": round(percentile(values, q), 1) for q in (50, 95, 99)}
+
+    report.results = {
+        "max_rate": round(peak.rate, 1),
+        "offered_rate": round(rate, 1),
+        "requests": count,
+        "measured": len(e2e),
+        "end_to_end_ms": pcts(e2e),
+        "model_ms": pcts(model),
+        "added_ms": pcts(added),
+        "hop_validate_ms": pcts(hop1),
+        "hop_model_minus_call_ms": pcts(hop2),
+        "hop_settle_ms": pcts(hop3),
+    }
+    report.markdown += [
+        f"Maximum measured in this run: {peak.rate:.0f} req/s; offered open-loop: "
+        f"{rate:.0f} req/s for {duration_s:.0f} s ({len(e2e)} requests after a "
+        f"{WARMUP_S:.0f} s warm-up).",
+        "",
+    ]
+    report.markdown += table(
+        ["ms", "p50", "p95", "p99"],
+        [
+            (name, *report.results[key].values())
+            for name, key in (
+                ("end to end", "end_to_end_ms"),
+                ("model call", "model_ms"),
+                ("**added by the pipeline**", "added_ms"),
+                ("hop 1: requests -> validated", "hop_validate_ms"),
+                ("hop 2: validated -> completions, minus the call", "hop_model_minus_call_ms"),
+                ("hop 3: completions -> results", "hop_settle_ms"),
+            )
+        ],
+    )
+    ordered = sorted(added)
+    plot_lines(
+        report,
+        "cdf",
+        {"added latency": (ordered, [i / len(ordered) for i in range(len(ordered))])},
+        "added latency (ms)",
+        "fraction of requests",
+    )
+    return finish(report, started, bootstrap)
+
+
+def main() -> None:
+    parser = base_args(__doc__.splitlines()[0])
+    parser.add_argument("--model-latency", type=float, default=0.0)
+    args = parser.parse_args()
+    run(args.quick, args.bootstrap, args.model_latency)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Overhead: one worker through all stages vs a raw-Kafka relay over the same three hops.
+
+20,000 "valid" requests (quick: 5,000), the fake model answering instantly, so the model
+costs nothing and what is left is the pipeline itself: validation, prompt rendering, the
+HTTP call, parsing and checks, Avro, tracing and offset bookkeeping. The baselines are
+measured in the same run on the same broker (the machine is shared and noisy), so the
+ratios are what to read, not the absolute rates.
+
+Second part, "what limits it": the worker is CPU-bound on one core (see ``cores``), and
+the profile puts most of that in the HTTP client. ``bench.httpclient`` measures the model
+client alone, with no Kafka, against a raw asyncio client on the same server.
+
+    python -m bench.overhead [--quick] [--profile]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import time
+from typing import Any
+
+from bench.common import (
+    OUT_DIR,
+    PYTHON,
+    FakeLLMProcess,
+    Report,
+    base_args,
+    finish,
+    plot_bars,
+    table,
+)
+from bench.runs import Run, measure_pipeline, measure_relay, median_run, valid_requests
+
+
+def client_alone(fake: FakeLLMProcess, requests: int, repeats: int) -> list[dict[str, Any]]:
+    """The model client without Kafka: pipeline client (httpx) vs raw asyncio streams."""
+    variants: list[tuple[str, list[str]]] = [
+        ("raw asyncio HTTP/1.1, 64 connections", ["--client", "raw"]),
+        ("pipeline client (httpx), pool 128 as the worker sets it", ["--pool", "128"]),
+        ("pipeline client (httpx), pool 64", ["--pool", "64"]),
+        ("pipeline client (httpx), pool 16, 16 in flight", ["--pool", "16", "--concurrency", "16"]),
+        ("pipeline client (httpx), pool 512", ["--pool", "512"]),
+    ]
+    rows: list[dict[str, Any]] = []
+    for label, extra in variants:
+        rates: list[float] = []
+        cpu: list[float] = []
+        for _ in range(repeats):
+            argv = [PYTHON, "-m", "bench.httpclient", "--url", fake.url]
+            out = subprocess.run(
+                [*argv, "--requests", str(requests), *extra],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            data = json.loads(out.strip().splitlines()[-1])
+            rates.append(data["rate"])
+            cpu.append(data["cpu_ms_per_call"])
+        rates.sort()
+        cpu.sort()
+        rows.append(
+            {
+                "client": label,
+                "calls_per_s": rates[len(rates) // 2],
+                "cpu_ms_per_call": cpu[len(cpu) // 2],
+                "repeats": rates,
+            }
+        )
+    return rows
+
+
+def profile_worker(bootstrap: str, count: int) -> str:
+    """A pyinstrument profile of one worker draining ``count`` requests (if installed)."""
+    if importlib.util.find_spec("pyinstrument") is None:
+        return "pyinstrument not installed: profile skipped"
+    out = OUT_DIR / "overhead-profile.txt"
+    argv = [PYTHON, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(out)]
+    argv += ["-m", "pipeline.cli", "worker"]
+    with FakeLLMProcess() as fake:
+        measure_pipeline(bootstrap, valid_requests(count), fake, label="profiled", argv=argv)
+    return str(out.relative_to(OUT_DIR.parent))
+
+
+def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
+    started = time.monotonic()
+    count = 5_000 if quick else 20_000
+    repeats = 1 if quick else 2
+    report = Report(
+        "overhead",
+        "Overhead: pipeline vs raw-Kafka relay (3 hops, instant model)",
+        {
+            "requests": count,
+            "relay_messages": 50_000 if quick else 100_000,
+            "scenario": "valid",
+            "repeats": repeats,
+            "max_in_flight": 64,
+        },
+    )
+    planned = valid_requests(count)
+    # The relay drains tens of thousands of messages a second: over only `count` messages
+    # its 10-90 % window would be a few milliseconds (timestamps are in ms), so it moves
+    # the same requests repeated to a larger backlog.
+    relay_count = 50_000 if quick else 100_000
+    relay_planned = (planned * (relay_count // count + 1))[:relay_count]
+    runs: dict[str, list[Run]] = {"relay_confluent": [], "relay_aiokafka": [], "pipeline": []}
+    with FakeLLMProcess() as fake:
+        for _ in range(repeats):  # interleaved, so drifting background load hits all alike
+            runs["relay_confluent"].append(measure_relay(bootstrap, relay_planned))
+            runs["relay_aiokafka"].append(
+                measure_relay(bootstrap, relay_planned, client="aiokafka")
+            )
+            runs["pipeline"].append(measure_pipeline(bootstrap, planned, fake, label="pipeline"))
+        clients = client_alone(fake, 2_000 if quick else 5_000, repeats + 1)
+    chosen = {k: median_run(v) for k, v in runs.items()}
+    pipe = chosen["pipeline"]
+    ratios = {
+        "pipeline_vs_confluent_relay": pipe.rate / chosen["relay_confluent"].rate,
+        "pipeline_vs_aiokafka_relay": pipe.rate / chosen["relay_aiokafka"].rate,
+        "aiokafka_relay_vs_confluent_relay": chosen["relay_aiokafka"].rate
+        / chosen["relay_confluent"].rate,
+    }
+    worker_cpu_ms = pipe.cpu_s.get("worker0", float("nan")) / count * 1000
+    report.results = {
+        "runs": {k: v.as_dict() for k, v in chosen.items()},
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+        "worker_cpu_ms_per_request": round(worker_cpu_ms, 2),
+        "model_client_alone": clients,
+    }
+    report.markdown += table(
+        ["variant", "steady msg/s", "wall msg/s", "CPU s by process", "cores used"],
+        [(v.label, v.rate, v.wall_rate, _fmt(v.cpu_s), _fmt(v.cores)) for v in chosen.values()],
+    )
+    report.markdown += [
+        "",
+        f"**Ratio pipeline / confluent relay: {ratios['pipeline_vs_confluent_relay']:.4f}** "
+        f"(1 / {1 / ratios['pipeline_vs_confluent_relay']:.0f}); "
+        f"pipeline / aiokafka relay: {ratios['pipeline_vs_aiokafka_relay']:.4f}; "
+        f"aiokafka relay / confluent relay: {ratios['aiokafka_relay_vs_confluent_relay']:.2f}.",
+        f"The worker spends {worker_cpu_ms:.2f} ms of CPU per request (all stages).",
+        "",
+        "Model client alone (no Kafka), instant fake model, 64 calls in flight unless noted:",
+        "",
+    ]
+    raw_rate = clients[0]["calls_per_s"]
+    report.markdown += table(
+        ["client", "calls/s", "CPU ms per call", "vs raw"],
+        [
+            (c["client"], c["calls_per_s"], c["cpu_ms_per_call"], c["calls_per_s"] / raw_rate)
+            for c in clients
+        ],
+    )
+    if profile:
+        report.results["profile"] = profile_worker(bootstrap, 3_000 if quick else 5_000)
+        report.notes.append(f"pyinstrument profile of one worker: {report.results['profile']}")
+    plot_bars(
+        report,
+        "rates",
+        [v.label for v in chosen.values()],
+        [v.rate for v in chosen.values()],
+        "messages/s (steady state, log scale)",
+        log=True,
+    )
+    return finish(report, started, bootstrap)
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in values.items())
+
+
+def main() -> None:
+    parser = base_args(__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="also profile with pyinstrument")
+    args = parser.parse_args()
+    run(args.quick, args.bootstrap, args.profile)
+
+
+if __name__ == "__main__":
+    main()

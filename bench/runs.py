@@ -1,0 +1,196 @@
+"""One measured run: start processes on empty topics, produce a backlog, time the output.
+
+Shared by the overhead, feature-cost, slow-model, scale-out and memory benchmarks so
+they all measure the same way (see :mod:`bench.common` for why Kafka timestamps and the
+middle 80 % of messages).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.common import (
+    PYTHON,
+    CpuMeter,
+    FakeLLMProcess,
+    Proc,
+    TopicCounter,
+    broker_process,
+    fresh_topics,
+    read_all,
+    stage_groups,
+    steady_rate,
+    wait_groups_stable,
+    wait_until,
+    workers,
+)
+from pipeline.config import Settings
+from pipeline.scenarios import PlannedRequest, mixed_requests
+from pipeline.transport.batch import produce_batch
+
+GROUP_JOIN_TIMEOUT_S = 90.0
+
+
+@dataclass
+class Run:
+    """What one run measured; ``rate`` is the steady-state messages/s on the output topic."""
+
+    label: str
+    count: int
+    rate: float
+    wall_rate: float
+    wall_s: float
+    cpu_s: dict[str, float]
+    cores: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rate"] = round(self.rate, 1)
+        data["wall_rate"] = round(self.wall_rate, 1)
+        data["wall_s"] = round(self.wall_s, 2)
+        return data
+
+
+def valid_requests(count: int, seed: int = 1) -> list[PlannedRequest]:
+    """Scenario "valid": every request should end as a model result in llm.results."""
+    return mixed_requests(count, seed=seed, weights={"valid": 1}, prefix="bench")
+
+
+def _send(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
+    produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+
+
+def _time_outputs(
+    settings: Settings,
+    count: int,
+    procs: Mapping[str, Proc],
+    label: str,
+    timeout_s: float,
+    t0: float,
+    meter: CpuMeter,
+    sampler: Callable[[int], None] | None = None,
+) -> Run:
+    """Wait for ``count`` results, then compute rates and CPU shares from their timestamps."""
+    with TopicCounter(settings, ["llm.results"]) as counter:
+
+        def done() -> bool:
+            for name, proc in procs.items():
+                if not proc.alive():
+                    raise RuntimeError(f"{name} exited: {proc.log_tail()}")
+            seen = counter.count()
+            if sampler is not None:
+                sampler(seen)
+            return seen >= count
+
+        wait_until(done, timeout_s, f"{count} results ({label})", 0.25)
+        meter.stop()
+    records = read_all(settings, ["llm.results"], count, timeout_s=120)
+    stamps = [r.timestamp_ms for r in records]
+    wall_s = (max(stamps) / 1000 - t0) if stamps else float("nan")
+    return Run(
+        label=label,
+        count=count,
+        rate=steady_rate(stamps),
+        wall_rate=count / wall_s if wall_s > 0 else float("nan"),
+        wall_s=wall_s,
+        cpu_s=meter.result,
+        cores=meter.utilisation(),
+    )
+
+
+def measure_pipeline(
+    bootstrap: str,
+    planned: Sequence[PlannedRequest],
+    fake: FakeLLMProcess,
+    *,
+    label: str,
+    processes: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+    argv: Sequence[str] | None = None,
+    timeout_s: float = 900.0,
+    sampler: Callable[[int], None] | None = None,
+    on_start: Callable[[list[Proc]], None] | None = None,
+    preload: bool | None = None,
+    discard_stdout: bool = False,
+    **overrides: Any,
+) -> Run:
+    """``processes`` real ``llmpipe worker`` processes through all stages.
+
+    One process: the backlog is produced *before* it starts, so the harness's producer
+    never limits the rate and the measured window is pure draining. Several processes:
+    they are started on empty topics and the backlog is produced once every group is
+    stable, so no rebalance falls inside the measured window.
+    """
+    overrides.setdefault("model_timeout_s", 30.0)
+    preload = processes == 1 if preload is None else preload
+    with fresh_topics(bootstrap, model_base_url=fake.url, **overrides) as settings:
+        if preload:
+            _send(settings, planned)
+        t0 = time.time()
+        with workers(settings, processes, extra_env, argv, discard_stdout) as procs:
+            named: dict[str, Proc] = {p.name: p for p in procs}
+            if fake.proc is not None:
+                named["fakellm"] = fake.proc
+            meter = CpuMeter({**named, "broker": broker_process(bootstrap)})
+            if preload:
+                meter.start()
+            else:
+                wait_groups_stable(
+                    settings, stage_groups(settings), processes, GROUP_JOIN_TIMEOUT_S
+                )
+                meter.start()
+                t0 = time.time()
+                _send(settings, planned)
+            if on_start is not None:
+                on_start(procs)
+            return _time_outputs(
+                settings, len(planned), named, label, timeout_s, t0, meter, sampler
+            )
+
+
+def measure_relay(
+    bootstrap: str,
+    planned: Sequence[PlannedRequest],
+    *,
+    client: str = "confluent",
+    timeout_s: float = 300.0,
+) -> Run:
+    """The no-processing baseline through the same three hops (see :mod:`bench.relay`).
+
+    The backlog is produced first, then the relay starts and drains it: at tens of
+    thousands of messages a second the relay would otherwise just follow the producer.
+    """
+    with fresh_topics(bootstrap) as settings:
+        _send(settings, planned)
+        argv = [PYTHON, "-m", "bench.relay", "--bootstrap", bootstrap]
+        argv += ["--prefix", settings.topic_prefix, "--client", client]
+        t0 = time.time()
+        relay = Proc(f"relay-{client}", argv, _env())
+        try:
+            meter = CpuMeter({"relay": relay, "broker": broker_process(bootstrap)})
+            meter.start()
+            return _time_outputs(
+                settings, len(planned), {"relay": relay}, f"relay ({client})", timeout_s, t0, meter
+            )
+        finally:
+            relay.stop()
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    from bench.common import pythonpath
+
+    return {**os.environ, "PYTHONPATH": pythonpath()}
+
+
+def median_run(runs: Sequence[Run]) -> Run:
+    """The run with the median rate: one number per variant, robust to one noisy repeat."""
+    ordered = sorted(runs, key=lambda r: r.rate)
+    chosen = ordered[len(ordered) // 2]
+    chosen.extra["repeats"] = [round(r.rate, 1) for r in runs]
+    return chosen
