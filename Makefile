@@ -33,11 +33,11 @@ test: kafka-up lint typecheck
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check pipeline tests
-	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
 
 typecheck: install
-	$(BIN)/mypy pipeline
+	$(BIN)/mypy pipeline bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

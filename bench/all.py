@@ -146,9 +146,14 @@ def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--no-broker", action="store_true", help="skip broker chaos")
+    parser.add_argument(
+        "--readme-only", action="store_true", help="run nothing; rebuild the README from bench/out"
+    )
     args = parser.parse_args()
     runners = _runners(args.bootstrap, args.quick, not args.no_broker)
     names = [n for n in args.only.split(",") if n] or list(runners)
+    if args.readme_only:
+        names = []
     reports: dict[str, Report] = {}
     failures: dict[str, str] = {}
     for name in names:

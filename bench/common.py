@@ -515,8 +515,10 @@ def broker_process(bootstrap: str) -> psutil.Process | None:
     port = int(bootstrap.rsplit(":", 1)[1])
     with contextlib.suppress(psutil.Error):
         for conn in psutil.net_connections(kind="tcp"):
-            listening = conn.status == psutil.CONN_LISTEN and conn.laddr
-            if listening and conn.laddr.port == port and conn.pid:
+            address = conn.laddr
+            if conn.status != psutil.CONN_LISTEN or not isinstance(address, tuple) or not address:
+                continue
+            if address[1] == port and conn.pid:
                 return psutil.Process(conn.pid)
     return None
 

@@ -2,9 +2,9 @@
 
 The strategies and the accounting live in :mod:`bench.fuzz` (``python -m bench.fuzz``
 runs the long campaign). Here: one short seeded campaign must account for every input
-with the worker alive and no stage raising; and the classes of input the campaign once
+with the worker alive and no stage raising; the classes of input the campaign once
 found to lose requests (values Avro cannot encode: lone surrogates, token counts beyond
-an int) must now end in a terminal place.
+an int) must now end in a terminal place, including a request id that cannot be encoded.
 """
 
 from __future__ import annotations
@@ -52,5 +52,17 @@ def test_unencodable_values_still_end_in_a_terminal_place(kafka_bootstrap: str) 
         ),
     ]
     outcome = fuzz.campaign(kafka_bootstrap, cases=cases, timeout_s=15)
+    assert outcome.worker_alive
+    assert outcome.missing == 0, outcome.examples_missing
+
+
+def test_unencodable_request_id_without_a_header_is_dead_lettered(kafka_bootstrap: str) -> None:
+    rid = fuzz.tracking_id("h")
+    body = fuzz.request_case(
+        rid, {"request_id": rid + "\ud800", "prompt": "ticket_triage", "variables": {}}
+    )
+    # The same request, minus the header that would otherwise give the dead letter its id.
+    headless = fuzz.Case("request", rid, body.value, [("content-type", b"application/json")], "")
+    outcome = fuzz.campaign(kafka_bootstrap, cases=[headless], timeout_s=15)
     assert outcome.worker_alive
     assert outcome.missing == 0, outcome.examples_missing

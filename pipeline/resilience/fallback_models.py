@@ -84,6 +84,7 @@ class FallbackChainClient:
         chain = self.chain_for(request, models)
         reasons: dict[str, str] = {}
         errors: list[ModelError] = []
+        called: list[ModelError] = []  # failures of models actually called, not skipped
         attempts = 0
         for index, model in enumerate(chain):
             skipped = self._skip(model, deadline)
@@ -105,6 +106,7 @@ class FallbackChainClient:
                 attempts += exc.attempts
                 reasons[model] = f"{exc.kind}: {exc}"
                 errors.append(exc)
+                called.append(exc)
                 self.failed[model] += 1
                 continue
             self.answered_by[model] += 1
@@ -113,7 +115,10 @@ class FallbackChainClient:
             errors[0].attempts = attempts
             raise errors[0]
         waits = [e.retry_after_s for e in errors if e.retry_after_s is not None]
-        kinds = {e.kind for e in errors}
+        # The reason reported is how the called models failed; alternates skipped because
+        # their circuit is open (they only ever see traffic that failed already) must not
+        # mask the primary's timeout or 5xx as a vaguer "unavailable".
+        kinds = {e.kind for e in called} or {e.kind for e in errors}
         raise AllModelsFailed(
             reasons,
             attempts=attempts,

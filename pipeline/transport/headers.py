@@ -45,6 +45,13 @@ DLQ_HEADERS = (
 )
 MAX_ERROR_MESSAGE = 512
 
+
+def _utf8(text: str) -> bytes:
+    """Header values come partly from untrusted input (request ids, prompt names): a lone
+    surrogate must not make a header unencodable, or the message could never be sent."""
+    return text.encode("utf-8", "replace")
+
+
 Headers = list[tuple[str, bytes]]
 
 
@@ -70,16 +77,16 @@ def output_headers(
     headers: dict[str, bytes] = {}
     if passthrough and ORDERED in passthrough:
         headers[ORDERED] = passthrough[ORDERED]
-    headers[REQUEST_ID] = request_id.encode()
-    headers[ROUTE] = route.encode()
-    headers[CONTENT_TYPE] = content_type.encode()
+    headers[REQUEST_ID] = _utf8(request_id)
+    headers[ROUTE] = _utf8(route)
+    headers[CONTENT_TYPE] = _utf8(content_type)
     if prompt is not None:
-        headers[PROMPT] = prompt.ref.encode()
-        headers[PROMPT_HASH] = prompt.hash.encode()
+        headers[PROMPT] = _utf8(prompt.ref)
+        headers[PROMPT_HASH] = _utf8(prompt.hash)
     if reason:
-        headers[REASON] = reason.encode()
+        headers[REASON] = _utf8(reason)
     for key, value in trace.items():
-        headers[key] = value.encode()
+        headers[key] = _utf8(value)
     return list(headers.items())
 
 
@@ -107,28 +114,28 @@ def dead_letter_headers(
     """
     now = now or datetime.now(UTC)
     merged = {k: v for k, v in original.items() if not k.startswith(DLQ_PREFIX) and k != ROUTE}
-    first = original.get(DLQ_FIRST_FAILURE) or now.isoformat(timespec="milliseconds").encode()
+    first = original.get(DLQ_FIRST_FAILURE) or _utf8(now.isoformat(timespec="milliseconds"))
     replays = original.get(DLQ_REPLAY_COUNT) or b"0"
     merged.update(
         {
-            DLQ_TOPIC: topic.encode(),
-            DLQ_PARTITION: str(partition).encode(),
-            DLQ_OFFSET: str(offset).encode(),
-            DLQ_TIMESTAMP: str(timestamp_ms if timestamp_ms is not None else -1).encode(),
-            DLQ_GROUP: group.encode(),
-            DLQ_STAGE: stage.encode(),
-            DLQ_REASON: reason.encode(),
-            DLQ_ERROR_CLASS: error_class.encode(),
-            DLQ_ERROR_MESSAGE: error_message[:MAX_ERROR_MESSAGE].encode("utf-8", "replace"),
-            DLQ_ATTEMPTS: str(attempts).encode(),
+            DLQ_TOPIC: _utf8(topic),
+            DLQ_PARTITION: _utf8(str(partition)),
+            DLQ_OFFSET: _utf8(str(offset)),
+            DLQ_TIMESTAMP: _utf8(str(timestamp_ms if timestamp_ms is not None else -1)),
+            DLQ_GROUP: _utf8(group),
+            DLQ_STAGE: _utf8(stage),
+            DLQ_REASON: _utf8(reason),
+            DLQ_ERROR_CLASS: _utf8(error_class),
+            DLQ_ERROR_MESSAGE: _utf8(error_message[:MAX_ERROR_MESSAGE]),
+            DLQ_ATTEMPTS: _utf8(str(attempts)),
             DLQ_FIRST_FAILURE: first,
             DLQ_REPLAY_COUNT: replays,
             ROUTE: b"dead_letter",
         }
     )
     if request_id and REQUEST_ID not in original:
-        merged[REQUEST_ID] = request_id.encode()
+        merged[REQUEST_ID] = _utf8(request_id)
     if prompt is not None:
-        merged[PROMPT] = prompt.ref.encode()
-        merged[PROMPT_HASH] = prompt.hash.encode()
+        merged[PROMPT] = _utf8(prompt.ref)
+        merged[PROMPT_HASH] = _utf8(prompt.hash)
     return list(merged.items())
