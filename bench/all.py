@@ -41,6 +41,8 @@ CI runs the short chaos and fuzz versions in `tests/test_chaos.py` and
 - `python -m bench.memory`: worker RSS while a 100,000-request backlog drains
 - `python -m bench.scaleout`: 1 vs 2 vs 3 worker processes on 6 partitions
 - `python -m bench.features`: tracing off / on / exported, redaction on / off
+- `python -m bench.tracing`: tracing in detail: off, default, OTLP export, exported content,
+  10 % sampling (a real OTLP receiver; results in docs/observability.md)
 - `python -m bench.chaos`: SIGKILL loops, takeover, model outage, broker restart (its own
   broker on port 9292), each ending with the ledger
 - `python -m bench.fuzz`: hypothesis campaign of arbitrary bytes, adversarial JSON and

@@ -1,6 +1,6 @@
 """What tracing costs: messages/s of one worker draining the same backlog, telemetry off vs on.
 
-    python -m pipeline.observability.overhead [--count 2000] [--repeats 3]
+    python -m bench.tracing [--count 2000] [--repeats 3]
 
 Method, and why:
 
