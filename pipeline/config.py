@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     breaker_min_calls: int = Field(10, description="Calls in the window before a breaker can open.")
     breaker_failure_rate: float = Field(0.5, description="Failure rate that opens an endpoint.")
     breaker_open_s: float = Field(30.0, description="Seconds an open breaker waits before probing.")
+    breaker_wait_s: float = Field(
+        30.0,
+        description="How long a request waits for open breakers to probe before taking the "
+        "fallback path (it holds its slot: back-pressure).",
+    )
     quality_breaker_min_calls: int = Field(
         20, description="Answers per prompt version before output quality can open its breaker."
     )

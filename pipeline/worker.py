@@ -147,7 +147,9 @@ class Worker:
             return validator(message.value, message.key, h.text(message.headers, h.CONTENT_TYPE))
 
         quality = quality_breaker(s)
-        caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s, quality)
+        caller = ModelCaller(
+            self.registry, client, self.control, s.model_timeout_s, quality, s.breaker_wait_s
+        )
         settler = Settler(self.registry, self.control, client, s.model_timeout_s, quality)
         fallback = FallbackWorker(self.registry, self.control)
         return {

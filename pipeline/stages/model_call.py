@@ -8,8 +8,9 @@ call fails after its retries goes to the fallback path with the reason: it is ne
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from pipeline.control import PROMPT_ENABLED, ControlState
@@ -86,6 +87,7 @@ class ModelCaller:
         control: ControlState,
         timeout_cap_s: float = 30.0,
         quality: QualityBreaker | None = None,
+        breaker_wait_s: float = 0.0,
     ) -> None:
         """``quality`` is shared with the settle stage, which records output quality."""
         self._registry = registry
@@ -93,6 +95,7 @@ class ModelCaller:
         self._control = control
         self._timeout_cap_s = timeout_cap_s
         self._quality = quality
+        self._breaker_wait_s = breaker_wait_s
 
     async def __call__(self, validated: ValidatedRequest, now: datetime | None = None) -> Decision:
         now = now or utc_now()
@@ -113,11 +116,7 @@ class ModelCaller:
             return self._skip(validated, "quality_breaker_open", detail, now)
         call = chat_request(pv, render_messages(pv, request.variables), self._timeout_cap_s)
         try:
-            with chat_span(call, validated.prompt, request.request_id) as observed:
-                answer = await self._client.complete(
-                    call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
-                )
-                observed.answered(answer)
+            answer = await self._call(call, validated, pv)
         except ModelError as exc:
             escalation = Escalation(
                 validated=validated,
@@ -143,6 +142,40 @@ class ModelCaller:
             completed_at=utc_now(),
         )
         return Emit(COMPLETIONS, completion, request.request_id, validated.prompt)
+
+    async def _call(
+        self, call: ChatRequest, validated: ValidatedRequest, pv: PromptVersion
+    ) -> ChatCompletion:
+        """Call the model; while every endpoint's breaker is open, wait for the probe.
+
+        Waiting holds this message's in-flight slot, so when every slot waits the stage
+        stops fetching and the backlog stays in Kafka, instead of draining a brief outage's
+        whole backlog into fallback answers. The wait is bounded by ``breaker_wait_s``, the
+        request's deadline and the kill switch; past them the request takes the fallback.
+        """
+        request = validated.request
+        waited = 0.0
+        while True:
+            try:
+                with chat_span(call, validated.prompt, request.request_id) as observed:
+                    answer = await self._client.complete(
+                        call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+                    )
+                    observed.answered(answer)
+                return answer
+            except ModelError as exc:
+                pause = exc.retry_after_s
+                deadline = request.deadline
+                if (
+                    exc.kind != "unavailable"
+                    or pause is None
+                    or waited + pause > self._breaker_wait_s
+                    or not self._control.model_calls_enabled()
+                    or (deadline is not None and utc_now() + timedelta(seconds=pause) >= deadline)
+                ):
+                    raise
+            await asyncio.sleep(pause)
+            waited += pause
 
     def _skip(
         self, validated: ValidatedRequest, reason: str, detail: str, now: datetime
