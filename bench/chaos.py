@@ -1,8 +1,8 @@
 """Chaos runs: crash workers, the broker and the model mid-stream; then count every request.
 
-Each scenario produces a known mix of requests (:func:`pipeline.scenarios.mixed_requests`),
+Each scenario produces a known mix of requests (:func:`pipeline.harness.scenarios.mixed_requests`),
 does damage while many calls are in flight, lets the pipeline recover, and ends with the
-ledger (:mod:`pipeline.ledger`): requests in, found in results / review / dead letters,
+ledger (:mod:`pipeline.harness.ledger`): requests in, found in results / review / dead letters,
 **missing (must be 0)** and duplicates. Duplicates are expected: delivery is
 at-least-once, so work that was in flight, or produced but not yet committed, when
 something died is done again. They are counted and bounded, never hidden.
@@ -51,9 +51,9 @@ from bench.common import (
 )
 from bench.common import start_worker as _start_worker
 from pipeline.config import Settings
-from pipeline.fakellm import FakeLLMServer
-from pipeline.ledger import Ledger, read_terminal
-from pipeline.scenarios import DEFAULT_WEIGHTS, PlannedRequest, mixed_requests
+from pipeline.harness.fakellm import FakeLLMServer
+from pipeline.harness.ledger import Ledger, read_terminal
+from pipeline.harness.scenarios import DEFAULT_WEIGHTS, PlannedRequest, mixed_requests
 from pipeline.transport.batch import produce_batch
 
 CHAOS_PORT = 9292

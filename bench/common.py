@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
-from pipeline.topics import apply, load_specs
+from pipeline.transport.topics import apply, load_specs
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -315,7 +315,7 @@ def partitions_of(settings: Settings, logical: str) -> int:
 
 def stage_groups(settings: Settings) -> dict[str, int]:
     """The worker's consumer groups and the partition count each must own in total."""
-    from pipeline.worker import INPUT_TOPICS
+    from pipeline.runtime.worker import INPUT_TOPICS
 
     return {settings.group(s): partitions_of(settings, t) for s, t in INPUT_TOPICS.items()}
 
@@ -474,7 +474,7 @@ class FakeLLMProcess:
         argv = [
             PYTHON,
             "-m",
-            "pipeline.fakellm",
+            "pipeline.harness.fakellm",
             "--port",
             str(self.port),
             "--latency",

@@ -56,8 +56,8 @@ from bench.common import (
     table,
 )
 from pipeline.config import Settings
-from pipeline.fakellm.behaviors import BehaviorSpec
-from pipeline.fakellm.responses import render_content
+from pipeline.harness.fakellm.behaviors import BehaviorSpec
+from pipeline.harness.fakellm.responses import render_content
 from pipeline.transport.batch import produce_batch
 
 TERMINAL = {"llm.results": "result", "llm.review": "review", "llm.dlq": "dead_letter"}
@@ -389,7 +389,7 @@ def completion_for(body: bytes) -> bytes:
 class TextModel:
     """A minimal OpenAI-shaped HTTP/1.1 server answering with text chosen by the request.
 
-    The fake model (:mod:`pipeline.fakellm`) renders answers from JSON blocks, so its
+    The fake model (:mod:`pipeline.harness.fakellm`) renders answers from JSON blocks, so its
     content is always JSON-ish; fuzzing needs *any* text (and any log-probs, usage and
     finish reason), so this server decodes a base64 spec hidden in the prompt.
     """

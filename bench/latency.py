@@ -39,10 +39,10 @@ from bench.common import (
     workers,
 )
 from bench.runs import measure_pipeline, valid_requests
-from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.envelopes import Completion
-from pipeline.scenarios import PlannedRequest
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Completion
+from pipeline.harness.scenarios import PlannedRequest
 
 WARMUP_S = 3.0
 

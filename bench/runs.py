@@ -28,7 +28,7 @@ from bench.common import (
     workers,
 )
 from pipeline.config import Settings
-from pipeline.scenarios import PlannedRequest, mixed_requests
+from pipeline.harness.scenarios import PlannedRequest, mixed_requests
 from pipeline.transport.batch import produce_batch
 
 GROUP_JOIN_TIMEOUT_S = 90.0

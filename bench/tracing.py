@@ -48,10 +48,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.harness.scenarios import mixed_requests
 from pipeline.observability.testing import running_otlp_receiver
-from pipeline.scenarios import mixed_requests
-from pipeline.topics import apply, load_specs
 from pipeline.transport.batch import produce_batch
+from pipeline.transport.topics import apply, load_specs
 
 
 def modes(otlp_endpoint: str) -> dict[str, dict[str, str]]:
@@ -100,7 +100,7 @@ def _free_port() -> int:
 def fake_model() -> Iterator[str]:
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.fakellm", "--port", str(port)],
+        [sys.executable, "-m", "pipeline.harness.fakellm", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

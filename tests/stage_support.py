@@ -8,7 +8,14 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.config import Settings
-from pipeline.envelopes import Completion, PromptRef, Request, Usage, ValidatedRequest, utc_now
+from pipeline.contract.envelopes import (
+    Completion,
+    PromptRef,
+    Request,
+    Usage,
+    ValidatedRequest,
+    utc_now,
+)
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.prompts.registry import PromptRegistry
 

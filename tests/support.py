@@ -17,9 +17,9 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
-from pipeline.topics import apply, load_specs
+from pipeline.runtime.worker import STAGES, Worker
 from pipeline.transport.batch import Message, produce_batch
-from pipeline.worker import STAGES, Worker
+from pipeline.transport.topics import apply, load_specs
 
 
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Settings
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
-from pipeline.scenarios import mixed_requests
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.harness.scenarios import mixed_requests
 from tests.support import produce, running_worker
 
 pytestmark = pytest.mark.kafka

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.codec import AVRO, CONFLUENT_AVRO, JSON, Codec, DecodeError
-from pipeline.envelopes import Request, Result
+from pipeline.contract.codec import AVRO, CONFLUENT_AVRO, JSON, Codec, DecodeError
+from pipeline.contract.envelopes import Request, Result
 
 CODEC = Codec()
 REQUEST = Request(

@@ -9,12 +9,12 @@ from collections.abc import Callable
 import pytest
 
 from pipeline.config import Settings
-from pipeline.control import FORCE_REVIEW, GLOBAL_MODEL_CALLS, PROMPT_ENABLED, flag_key
-from pipeline.control_topic import publish
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
-from pipeline.scenarios import SCENARIO_OVERRIDES, mixed_requests
-from pipeline.worker import Worker
+from pipeline.control.state import FORCE_REVIEW, GLOBAL_MODEL_CALLS, PROMPT_ENABLED, flag_key
+from pipeline.control.topic import publish
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.harness.scenarios import SCENARIO_OVERRIDES, mixed_requests
+from pipeline.runtime.worker import Worker
 from tests.support import produce, running_worker
 
 pytestmark = pytest.mark.kafka

@@ -23,17 +23,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from typer.testing import CliRunner
 
-from pipeline.codec import Codec
 from pipeline.config import REPO_ROOT, Settings
-from pipeline.control import ControlState
-from pipeline.dlq import engine
-from pipeline.dlq.cli import dlq_app
-from pipeline.dlq.model import DeadLetterView, SourceRecord, build_filter
-from pipeline.dlq.reader import consumer_config, partitions, scan, to_record
-from pipeline.dlq.render import inspect_json
-from pipeline.dlq.reparse import REPARSE_SOURCE, ReparseSelector
-from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import (
     Completion,
     PromptRef,
     Request,
@@ -42,10 +34,18 @@ from pipeline.envelopes import (
     ValidatedRequest,
     utc_now,
 )
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
+from pipeline.control.state import ControlState
+from pipeline.dlq import engine
+from pipeline.dlq.cli import dlq_app
+from pipeline.dlq.model import DeadLetterView, SourceRecord, build_filter
+from pipeline.dlq.reader import consumer_config, partitions, scan, to_record
+from pipeline.dlq.render import inspect_json
+from pipeline.dlq.reparse import REPARSE_SOURCE, ReparseSelector
+from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.harness.scenarios import mixed_requests, plan_request
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.scenarios import mixed_requests, plan_request
 from pipeline.transport import headers as h
 from tests.support import create_topics, make_settings, produce, running_worker, settings_env
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import Settings
+from pipeline.contract.envelopes import PromptRef
 from pipeline.dlq.engine import (
     PlanItem,
     _limit_stops,
@@ -29,9 +30,8 @@ from pipeline.dlq.model import (
 from pipeline.dlq.render import inspect_json
 from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector, replayed_headers
 from pipeline.dlq.stats import collect
-from pipeline.envelopes import PromptRef
+from pipeline.runtime.worker import INPUT_TOPICS
 from pipeline.transport import headers as h
-from pipeline.worker import INPUT_TOPICS
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 PREFIX = "u."

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import JSON_FIELD_MARK, Codec, load_schemas
-from pipeline.envelopes import ENVELOPES, Envelope
+from pipeline.contract.codec import JSON_FIELD_MARK, Codec, load_schemas
+from pipeline.contract.envelopes import ENVELOPES, Envelope
 
 RAW = load_schemas()
 CODEC = Codec()

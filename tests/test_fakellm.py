@@ -22,7 +22,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from pipeline.fakellm import (
+from pipeline.harness.fakellm import (
     FakeLLMServer,
     choose_behavior,
     main,
@@ -31,10 +31,10 @@ from pipeline.fakellm import (
     parse_profile,
     running_fake_llm,
 )
-from pipeline.fakellm.behaviors import BehaviorSpec, find_answer
-from pipeline.fakellm.cli import fake_llm
-from pipeline.fakellm.responses import GARBAGE, INVALID_JSON, REFUSAL, tokenize
-from pipeline.fakellm.schema_instance import SchemaInstanceError
+from pipeline.harness.fakellm.behaviors import BehaviorSpec, find_answer
+from pipeline.harness.fakellm.cli import fake_llm
+from pipeline.harness.fakellm.responses import GARBAGE, INVALID_JSON, REFUSAL, tokenize
+from pipeline.harness.fakellm.schema_instance import SchemaInstanceError
 
 # -- fixtures and helpers --------------------------------------------------------------------
 

@@ -25,14 +25,17 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 from typer.testing import CliRunner
 
-from pipeline.codec import Codec
+from pipeline.cli.trace import trace
 from pipeline.config import Settings
-from pipeline.envelopes import Escalation
-from pipeline.fakellm import FakeLLMServer, running_fake_llm
-from pipeline.ledger import Ledger, read_terminal
-from pipeline.logs import JsonFormatter
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Escalation
+from pipeline.harness.fakellm import FakeLLMServer, running_fake_llm
+from pipeline.harness.ledger import Ledger, read_terminal
+from pipeline.harness.scenarios import PlannedRequest, mixed_requests, plan_request
 from pipeline.observability import semconv as sc
+from pipeline.observability.logs import JsonFormatter
 from pipeline.observability.metrics import OUTPUT_VALIDATION_REASONS
+from pipeline.observability.redact import iban_ok, luhn_ok
 from pipeline.observability.testing import (
     Captured,
     OtlpReceiver,
@@ -40,10 +43,7 @@ from pipeline.observability.testing import (
     otlp_http_processor,
     running_otlp_receiver,
 )
-from pipeline.observability.trace_cli import trace
-from pipeline.redact import iban_ok, luhn_ok
-from pipeline.scenarios import PlannedRequest, mixed_requests, plan_request
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.support import create_topics, make_settings, produce, running_worker, settings_env
 
 pytestmark = pytest.mark.kafka

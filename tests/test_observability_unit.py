@@ -23,16 +23,18 @@ from opentelemetry.semconv._incubating.attributes import messaging_attributes as
 from opentelemetry.semconv.attributes import error_attributes
 from opentelemetry.trace import SpanKind
 
-from pipeline.codec import Codec
+from pipeline.cli.trace import parse_since, trace_id_of
 from pipeline.config import REPO_ROOT
-from pipeline.envelopes import Escalation, PromptRef, utc_now
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Escalation, PromptRef, utc_now
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
-from pipeline.llm.retry import RetryingClient
-from pipeline.logs import JsonFormatter
 from pipeline.observability import semconv as sc
 from pipeline.observability.context import MessageScope, current_scope, message_scope
 from pipeline.observability.genai import chat_span
+from pipeline.observability.logs import JsonFormatter
 from pipeline.observability.metrics import PipelineMetrics
+from pipeline.observability.propagation import inject
+from pipeline.observability.redact import Redactor
 from pipeline.observability.setup import (
     ObservabilityConfigError,
     build_telemetry,
@@ -42,12 +44,10 @@ from pipeline.observability.setup import (
     span_processors_from_env,
 )
 from pipeline.observability.testing import Captured, captured_telemetry, metric_points
-from pipeline.observability.trace_cli import parse_since, trace_id_of
-from pipeline.redact import Redactor
 from pipeline.resilience.breaker import BreakerConfig, CircuitBreaker
 from pipeline.resilience.errors import CircuitOpen
+from pipeline.resilience.retry import RetryingClient
 from pipeline.stages.decisions import FALLBACK, REVIEW, VALIDATED, DeadLetter, Decision, Emit
-from pipeline.telemetry import inject
 from pipeline.transport.runner import Inbound, StageRunner
 from tests.stage_support import validated
 
@@ -102,7 +102,7 @@ def test_attribute_names_live_only_in_semconv() -> None:
     offenders = []
     for path in [
         REPO_ROOT / "pipeline" / "transport" / "runner.py",
-        REPO_ROOT / "pipeline" / "llm" / "retry.py",
+        REPO_ROOT / "pipeline" / "resilience" / "retry.py",
         REPO_ROOT / "pipeline" / "stages" / "model_call.py",
         *sorted((REPO_ROOT / "pipeline" / "observability").glob("*.py")),
     ]:
@@ -608,7 +608,7 @@ def test_infra_files_parse() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["pipeline.llm.retry", "pipeline.observability.genai", "pipeline.stages.model_call"],
+    ["pipeline.resilience.retry", "pipeline.observability.genai", "pipeline.stages.model_call"],
 )
 def test_modules_import_on_their_own(module: str) -> None:
     """The retry layer, the resilience package and the GenAI helpers import each other;

@@ -9,8 +9,8 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.fakellm import running_fake_llm
-from pipeline.scenarios import mixed_requests
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.scenarios import mixed_requests
 from tests.support import produce, running_worker
 
 pytestmark = pytest.mark.kafka

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 from pipeline.config import Settings
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
-from pipeline.scenarios import OUTCOMES, SCENARIO_OVERRIDES, mixed_requests
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.harness.scenarios import OUTCOMES, SCENARIO_OVERRIDES, mixed_requests
 from tests.support import create_topics, make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka

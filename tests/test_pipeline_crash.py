@@ -11,9 +11,9 @@ import signal
 
 import pytest
 
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
-from pipeline.scenarios import mixed_requests
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.harness.scenarios import mixed_requests
 from tests.support import create_topics, make_settings, produce, worker_process
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.cli.prompts import prompts_app
 from pipeline.config import Settings
-from pipeline.envelopes import Result
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
+from pipeline.contract.envelopes import Result
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
 from pipeline.prompts import PromptRegistry, canary_bucket, select
-from pipeline.prompts.cli import prompts_app
-from pipeline.worker import Worker
+from pipeline.runtime.worker import Worker
 from tests.support import produce, running_worker
 
 pytestmark = pytest.mark.kafka

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.prompts.cli import prompts_app
+from pipeline.cli.prompts import prompts_app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
 runner = CliRunner()

@@ -19,18 +19,18 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.envelopes import Request
-from pipeline.fakellm import running_fake_llm
-from pipeline.prompts import PromptRegistry, PromptVersion, TestExpectation
-from pipeline.prompts.cli import prompts_app
-from pipeline.prompts.harness import Outcome, RecordedAnswerClient, StageHarness
-from pipeline.prompts.testing import (
+from pipeline.cli.prompts import prompts_app
+from pipeline.contract.envelopes import Request
+from pipeline.evaluation.harness import Outcome, RecordedAnswerClient, StageHarness
+from pipeline.evaluation.prompt_tests import (
     CaseResult,
     check_expectation,
     junit_xml,
     run_tests,
     same_json,
 )
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.prompts import PromptRegistry, PromptVersion, TestExpectation
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)

@@ -12,13 +12,10 @@ import pytest
 from confluent_kafka import KafkaException
 from typer.testing import CliRunner
 
+from pipeline.cli.prompts import prompts_app
 from pipeline.config import Settings
-from pipeline.control import pin_key
-from pipeline.control_topic import publish, read_history
-from pipeline.envelopes import ControlEvent
-from pipeline.prompts import PromptRegistry, UnknownPromptVersionError
-from pipeline.prompts.cli import prompts_app
-from pipeline.prompts.pins import (
+from pipeline.contract.envelopes import ControlEvent
+from pipeline.control.pins import (
     ROLLBACK_REASON_PREFIX,
     PinError,
     check_rollback,
@@ -26,6 +23,9 @@ from pipeline.prompts.pins import (
     pin_value,
     plan_rollback,
 )
+from pipeline.control.state import pin_key
+from pipeline.control.topic import publish, read_history
+from pipeline.prompts import PromptRegistry, UnknownPromptVersionError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)

@@ -15,14 +15,11 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from typer.testing import CliRunner
 
+from pipeline.cli.prompts import prompts_app
 from pipeline.config import Settings
-from pipeline.envelopes import PromptRef, Request, Usage, ValidatedRequest
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import read_terminal
-from pipeline.prompts import PromptRegistry
-from pipeline.prompts.cli import prompts_app
-from pipeline.prompts.harness import Outcome, live_client
-from pipeline.prompts.shadow import (
+from pipeline.contract.envelopes import PromptRef, Request, Usage, ValidatedRequest
+from pipeline.evaluation.harness import Outcome, live_client
+from pipeline.evaluation.shadow import (
     NOT_FOUND,
     Served,
     ShadowReport,
@@ -33,7 +30,10 @@ from pipeline.prompts.shadow import (
     resolve_outcome,
     shadow_run,
 )
-from pipeline.topics import load_specs
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.prompts import PromptRegistry
+from pipeline.transport.topics import load_specs
 from tests.support import produce, running_worker
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.redact import Redactor
+from pipeline.observability.redact import Redactor
 
 R = Redactor(extra_patterns=[r"ACME-\d{6}"], extra_fields=["customer_secret"])
 

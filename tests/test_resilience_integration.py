@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pipeline.control import ENDPOINT_ENABLED, ControlState, flag_key
-from pipeline.envelopes import ControlEvent
-from pipeline.fakellm import FakeLLMServer, running_fake_llm
+from pipeline.contract.envelopes import ControlEvent
+from pipeline.control.state import ENDPOINT_ENABLED, ControlState, flag_key
+from pipeline.harness.fakellm import FakeLLMServer, running_fake_llm
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelClient, ModelError
 from pipeline.resilience.breaker import BreakerConfig, BreakerState

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import Settings
-from pipeline.envelopes import Correction, Result
+from pipeline.contract.envelopes import Correction, Result
 from pipeline.review.app import ReviewConfig, create_app
 from pipeline.review.auth import SessionSigner, UsersFile
 from pipeline.review.kafka_io import read_to_end

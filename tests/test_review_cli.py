@@ -14,9 +14,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.envelopes import Correction, ReviewAction, ReviewDecision
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Correction, ReviewAction, ReviewDecision
 from pipeline.review.auth import UsersFile
 from pipeline.review.cli import review_app
 from pipeline.review.model import CalibrationRow, decision_id_for

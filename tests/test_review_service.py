@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import Settings
-from pipeline.envelopes import Correction, Result, ReviewDecision
+from pipeline.contract.envelopes import Correction, Result, ReviewDecision
 from pipeline.review.kafka_io import PublishError, read_to_end
 from pipeline.review.model import QueueFilter
 from pipeline.review.runtime import ReviewRuntime

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.codec import Codec
-from pipeline.envelopes import Correction, Result, ReviewDecision
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Correction, Result, ReviewDecision
 from pipeline.review.model import QueueFilter, TopicPosition, decision_id_for
 from pipeline.review.service import NotClaimed, NotReady, ReviewError, ReviewService
 from pipeline.review.store import SqlReviewStore, StoreError, open_store

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar
 
-from pipeline.codec import Codec
 from pipeline.config import REPO_ROOT, Settings
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import (
     Escalation,
     PromptRef,
     Request,

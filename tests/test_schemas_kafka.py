@@ -10,9 +10,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import Codec, load_schemas
 from pipeline.config import Settings
-from pipeline.envelopes import ENVELOPES, Envelope
+from pipeline.contract.codec import Codec, load_schemas
+from pipeline.contract.envelopes import ENVELOPES, Envelope
 from pipeline.transport.batch import produce_batch
 from tests.test_envelopes import strategy
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.codec import Codec
-from pipeline.control import ControlState, flag_key
-from pipeline.envelopes import ControlEvent, Escalation, Request, Result, utc_now
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import ControlEvent, Escalation, Request, Result, utc_now
+from pipeline.control.state import ControlState, flag_key
 from pipeline.llm.protocol import ModelError
-from pipeline.redact import Redactor
+from pipeline.observability.redact import Redactor
 from pipeline.stages.decisions import (
     COMPLETIONS,
     FALLBACK,

@@ -11,7 +11,7 @@ import yaml
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from pipeline.config import REPO_ROOT
-from pipeline.topics import TopicPlanError, apply, load_specs, plan
+from pipeline.transport.topics import TopicPlanError, apply, load_specs, plan
 
 pytestmark = pytest.mark.kafka
 

@@ -430,7 +430,7 @@ def reparse_command(
     as_json: AsJson = False,
 ) -> None:
     """Settle stored completions again with today's rules: no model call, ever."""
-    from pipeline.control_topic import current_state
+    from pipeline.control.topic import current_state
     from pipeline.dlq.reparse import REPARSE_REASONS, SOURCES, ReparseSelector
     from pipeline.prompts.errors import PromptLoadError
     from pipeline.prompts.registry import PromptRegistry

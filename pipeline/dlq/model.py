@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from pipeline.codec import Codec, DecodeError
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import (
     Completion,
     Envelope,
     Escalation,
@@ -23,11 +23,11 @@ from pipeline.envelopes import (
     Result,
     ValidatedRequest,
 )
-from pipeline.redact import DEFAULT_REDACTOR
+from pipeline.observability.redact import DEFAULT_REDACTOR
 from pipeline.transport import headers as h
 
 # The envelope each stage consumes, i.e. what the value of a dead letter from that stage is.
-# Kept beside ``pipeline.worker.INPUT_TOPICS`` (same keys; a test keeps them in step).
+# Kept beside ``pipeline.runtime.worker.INPUT_TOPICS`` (same keys; a test keeps them in step).
 STAGE_ENVELOPES: dict[str, type[Envelope]] = {
     "validate": Request,
     "model": ValidatedRequest,
@@ -75,7 +75,7 @@ class SourceRecord:
 
     @property
     def request_id(self) -> str | None:
-        """The ``x-request-id`` header, else the key: the same rule as :mod:`pipeline.ledger`.
+        """The ``x-request-id`` header, else the key: the rule of :mod:`pipeline.harness.ledger`.
 
         Dead letters of undecodable messages cannot carry the id from the body, but every
         producer in the pipeline (and the documented upstream contract) keys by request id.

@@ -8,10 +8,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.contract.envelopes import Request
 from pipeline.dlq.engine import Plan, PlanItem, RunReport
 from pipeline.dlq.model import DeadLetterView, from_ms, headers_dict, human_age, raw_preview
 from pipeline.dlq.stats import AGE_BUCKETS, Stats
-from pipeline.envelopes import Request
 from pipeline.transport import headers as h
 
 ERROR_WIDTH = 60

@@ -23,9 +23,10 @@ from typing import Any
 from confluent_kafka import Consumer
 from opentelemetry import trace
 
-from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.control import ControlState
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Completion, Escalation, Result
+from pipeline.control.state import ControlState
 from pipeline.dlq.engine import Outgoing, PlanItem, marker_value
 from pipeline.dlq.model import (
     DeadLetterView,
@@ -36,12 +37,11 @@ from pipeline.dlq.model import (
     decode_value,
 )
 from pipeline.dlq.reader import consumer_config, read_ranges, snapshot_ranges
-from pipeline.envelopes import Completion, Escalation, Result
+from pipeline.observability.propagation import configure_tracing, extract, inject, tracer
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.decisions import DLQ, FALLBACK, RESULTS, REVIEW, DeadLetter, Decision, Emit
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.settle import Settler
-from pipeline.telemetry import configure_tracing, extract, inject, tracer
 from pipeline.transport import headers as h
 
 REPARSE_SOURCE = "x-reparse-source"

@@ -82,7 +82,7 @@ class ReplaySelector:
             return view.original_topic
         # Imported here: the worker module pulls in the whole model-calling stack, which
         # the DLQ tools otherwise never need (and this branch is for malformed dead letters).
-        from pipeline.worker import INPUT_TOPICS
+        from pipeline.runtime.worker import INPUT_TOPICS
 
         logical = INPUT_TOPICS.get(view.stage)
         return self._settings.topic(logical) if logical else None

@@ -2,7 +2,7 @@
 
 The same wire protocol is served by OpenAI, vLLM, Ollama, llama.cpp server, LM Studio and
 most gateways, so one client covers them all. It classifies failures but never retries:
-retrying is the job of :mod:`pipeline.llm.retry`, which knows the request's budget.
+retrying is the job of :mod:`pipeline.resilience.retry`, which knows the request's budget.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@
 * :mod:`~pipeline.observability.metrics`: the instruments and the hooks other layers call;
 * :mod:`~pipeline.observability.genai`: model-call and per-attempt spans;
 * :mod:`~pipeline.observability.context`: the message being worked on, per asyncio task;
-* :mod:`~pipeline.observability.trace_cli`: ``llmpipe trace REQUEST_ID``.
 
 See ``docs/observability.md``.
 """

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from pipeline.envelopes import PromptRef
+from pipeline.contract.envelopes import PromptRef
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.observability import semconv as sc
 from pipeline.observability.context import current_scope

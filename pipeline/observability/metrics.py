@@ -30,7 +30,7 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from pipeline.envelopes import Escalation, PromptRef, Result, utc_now
+from pipeline.contract.envelopes import Escalation, PromptRef, Result, utc_now
 from pipeline.observability import semconv as sc
 from pipeline.stages.decisions import DeadLetter, Decision, Emit
 

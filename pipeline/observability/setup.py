@@ -57,7 +57,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from pipeline.observability.metrics import PipelineMetrics
-from pipeline.redact import DEFAULT_REDACTOR, Redactor
+from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
 
 log = logging.getLogger("llmpipe.observability")
 

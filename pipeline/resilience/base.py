@@ -1,7 +1,7 @@
 """What every resilience layer shares: the call shape, the clock, and token estimates.
 
 Every layer has the same ``complete(request, deadline=None)`` method as the retry layer
-(:class:`pipeline.llm.retry.RetryingClient`) so layers stack in any order and each can be
+(:class:`pipeline.resilience.retry.RetryingClient`) so layers stack in any order and each can be
 tested alone against a scripted inner client. The two outermost layers (budget and fallback
 chain) additionally take keyword-only routing hints (``prompt``, ``models``) that only they
 understand; they still satisfy the plain shape, so :class:`pipeline.stages.model_call.ModelCaller`

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Settings
-from pipeline.control import ENDPOINT_ENABLED, ControlState
+from pipeline.control.state import ENDPOINT_ENABLED, ControlState
 from pipeline.observability.metrics import record_breaker_change
 from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
 from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets

@@ -30,7 +30,7 @@ Calls in flight
     deadline.
 
 When there is no deadline
-    The bound is ``request.timeout_s``. Below :class:`~pipeline.llm.retry.RetryingClient`
+    The bound is ``request.timeout_s``. Below :class:`~pipeline.resilience.retry.RetryingClient`
     (which does not pass the deadline on, but shrinks ``timeout_s`` to what is left of its
     budget and the deadline) that is exactly the time left whenever the deadline is near.
 

@@ -52,7 +52,7 @@ Router at the bottom
     left before the deadline into the HTTP timeout and refuses to send a call whose
     deadline has passed.
 
-:class:`~pipeline.llm.retry.RetryingClient` does not pass the deadline down; it shrinks
+:class:`~pipeline.resilience.retry.RetryingClient` does not pass the deadline down; it shrinks
 ``timeout_s`` to what is left instead, which is what the layers below use as their
 bound when they are given no deadline.
 """
@@ -64,13 +64,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
-from pipeline.llm.retry import RetryingClient
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock
 from pipeline.resilience.breaker import BreakerClient, BreakerConfig, StateListener
 from pipeline.resilience.budget import BudgetConfig, BudgetedClient
 from pipeline.resilience.endpoints import ClientFactory, EndpointRouter, Endpoints, openai_factory
 from pipeline.resilience.fallback_models import FallbackChainClient
 from pipeline.resilience.ratelimit import RateLimit, RateLimitedClient
+from pipeline.resilience.retry import RetryingClient
 
 
 @dataclass(frozen=True)

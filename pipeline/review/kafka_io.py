@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.envelopes import Envelope, Escalation, ReviewDecision
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import Envelope, Escalation, ReviewDecision
 from pipeline.review.model import Clock, IncomingItem, TopicPosition
 from pipeline.review.store import ReviewStore
 from pipeline.transport import headers as h

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from pipeline.envelopes import Escalation, ReviewDecision
+from pipeline.contract.envelopes import Escalation, ReviewDecision
 
 Clock = Callable[[], int]
 """Milliseconds since the epoch. Injected everywhere so tests can move time (lease expiry)."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from pipeline.codec import Codec
 from pipeline.config import Settings
+from pipeline.contract.codec import Codec
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.review.kafka_io import TopicFollower, TransactionalPublisher
 from pipeline.review.model import Clock, system_clock

@@ -54,8 +54,8 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from pipeline.codec import Codec
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import (
     Correction,
     Envelope,
     Result,
@@ -64,6 +64,7 @@ from pipeline.envelopes import (
 )
 from pipeline.observability import semconv
 from pipeline.observability.metrics import record_human_decision
+from pipeline.observability.propagation import configure_tracing, extract, inject, tracer
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
@@ -87,7 +88,6 @@ from pipeline.review.model import (
     ms_to_datetime,
 )
 from pipeline.review.store import ReviewStore
-from pipeline.telemetry import configure_tracing, extract, inject, tracer
 from pipeline.transport import headers as h
 
 log = logging.getLogger("llmpipe.review")

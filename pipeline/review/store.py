@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from pipeline.envelopes import Escalation, ReviewDecision
+from pipeline.contract.envelopes import Escalation, ReviewDecision
 from pipeline.review.model import (
     AuditEntry,
     CalibrationRow,

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.envelopes import Correction, Escalation, ReviewDecision
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Correction, Escalation, ReviewDecision
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.envelopes import Envelope, Escalation, PromptRef, Result, ValidatedRequest
+from pipeline.contract.envelopes import Envelope, Escalation, PromptRef, Result, ValidatedRequest
 from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry

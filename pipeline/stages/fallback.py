@@ -11,8 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pipeline.control import FORCE_REVIEW, ControlState
-from pipeline.envelopes import Escalation, Result, ValidationReport, utc_now
+from pipeline.contract.envelopes import Escalation, Result, ValidationReport, utc_now
+from pipeline.control.state import FORCE_REVIEW, ControlState
+from pipeline.observability.propagation import current_trace_id
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.decisions import (
     REVIEW,
@@ -23,7 +24,6 @@ from pipeline.stages.decisions import (
     emit_result,
 )
 from pipeline.stages.parse import rule_errors, schema_errors
-from pipeline.telemetry import current_trace_id
 
 STAGE = "fallback"
 # A fallback answer is deterministic but not a model's judgement; these fixed, documented

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from pipeline.control import PROMPT_ENABLED, ControlState
-from pipeline.envelopes import (
+from pipeline.contract.envelopes import (
     Completion,
     Escalation,
     Usage,
@@ -22,6 +21,7 @@ from pipeline.envelopes import (
     ValidationReport,
     utc_now,
 )
+from pipeline.control.state import PROMPT_ENABLED, ControlState
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.observability.genai import chat_span
 from pipeline.prompts.model import PromptVersion

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from pipeline.control import FORCE_REVIEW, ControlState
-from pipeline.envelopes import (
+from pipeline.contract.envelopes import (
     Completion,
     Escalation,
     Request,
@@ -24,7 +23,9 @@ from pipeline.envelopes import (
     ValidationReport,
     utc_now,
 )
+from pipeline.control.state import FORCE_REVIEW, ControlState
 from pipeline.llm.protocol import ChatCompletion, ModelError
+from pipeline.observability.propagation import current_trace_id
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
@@ -42,7 +43,6 @@ from pipeline.stages.model_call import CallingClient, chat_request, model_chain
 from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
 from pipeline.stages.score import score
 from pipeline.stages.self_check import grade, grading_request
-from pipeline.telemetry import current_trace_id
 
 STAGE = "settle"
 DEFAULT_CLARIFY_QUESTION = "Your request is ambiguous. Could you add the missing details?"

@@ -15,9 +15,8 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from pipeline.codec import Codec, DecodeError
-from pipeline.control import ControlState
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import (
     Escalation,
     PromptRef,
     Request,
@@ -25,6 +24,8 @@ from pipeline.envelopes import (
     ValidationReport,
     utc_now,
 )
+from pipeline.control.state import ControlState
+from pipeline.observability.redact import Redactor
 from pipeline.prompts.errors import (
     TemplateRenderError,
     UnknownPromptError,
@@ -33,7 +34,6 @@ from pipeline.prompts.errors import (
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import input_errors, render_messages
 from pipeline.prompts.serving import select
-from pipeline.redact import Redactor
 from pipeline.stages.decisions import (
     FALLBACK,
     VALIDATED,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-from pipeline.envelopes import PromptRef
+from pipeline.contract.envelopes import PromptRef
 
 REQUEST_ID = "x-request-id"
 PROMPT = "x-prompt"

@@ -30,14 +30,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from pipeline.codec import Codec
+from pipeline.contract.codec import Codec
 from pipeline.observability import semconv as sc
 from pipeline.observability.context import MessageScope, message_scope, parse_prompt_ref
 from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
+from pipeline.observability.propagation import extract, inject
+from pipeline.observability.redact import Redactor
 from pipeline.observability.setup import current
-from pipeline.redact import Redactor
 from pipeline.stages.decisions import DLQ, DeadLetter, Decision, Emit
-from pipeline.telemetry import extract, inject
 from pipeline.transport import headers as h
 from pipeline.transport.offsets import OffsetTracker
 

@@ -81,7 +81,7 @@ def _admin() -> Any:
 
 
 def _specs(directory: Path | None) -> Any:
-    from pipeline.topics import TopicSpecError, load_specs
+    from pipeline.transport.topics import TopicSpecError, load_specs
 
     try:
         return load_specs(directory or settings().topics_dir)
@@ -95,7 +95,7 @@ def topics_plan(
     topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
 ) -> None:
     """Show what `topics apply` would change, without changing anything."""
-    from pipeline.topics import plan
+    from pipeline.transport.topics import plan
 
     result = plan(_admin(), _specs(topics_dir), settings().topic_prefix)
     for change in result.changes:
@@ -114,7 +114,7 @@ def topics_apply(
     topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
 ) -> None:
     """Create missing topics, add partitions and update configs. Idempotent."""
-    from pipeline.topics import TopicPlanError, apply
+    from pipeline.transport.topics import TopicPlanError, apply
 
     try:
         result = apply(_admin(), _specs(topics_dir), settings().topic_prefix)
@@ -134,9 +134,9 @@ def worker(
     ] = "validate,model,settle,fallback",
 ) -> None:
     """Run pipeline stages until SIGTERM/SIGINT."""
-    from pipeline.logs import configure_logging
+    from pipeline.observability.logs import configure_logging
     from pipeline.prompts.errors import PromptLoadError
-    from pipeline.worker import run_worker
+    from pipeline.runtime.worker import run_worker
 
     configure_logging()
     try:
@@ -180,18 +180,18 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Leave what the demo started running.")] = False,
 ) -> None:
     """Start what is missing, publish a mix of requests, and show where each one ended."""
-    from pipeline.demo import run_demo
+    from pipeline.harness.demo import run_demo
 
     sys.exit(run_demo(settings(), count=count, keep=keep, console=console))
 
 
 def _register_optional() -> None:
     """Sub-apps owned by their own modules register here, so this file stays the index."""
+    from pipeline.cli.prompts import prompts_app
+    from pipeline.cli.trace import trace
+    from pipeline.control.cli import flags_app
     from pipeline.dlq.cli import dlq_app
-    from pipeline.fakellm.cli import fake_llm
-    from pipeline.flags_cli import flags_app
-    from pipeline.observability.trace_cli import trace
-    from pipeline.prompts.cli import prompts_app
+    from pipeline.harness.fakellm.cli import fake_llm
     from pipeline.review.cli import review_app
 
     app.add_typer(prompts_app, name="prompts")
@@ -203,7 +203,3 @@ def _register_optional() -> None:
 
 
 _register_optional()
-
-
-if __name__ == "__main__":
-    app()

@@ -1,7 +1,7 @@
 """Scripted request mixes with known outcomes, for the demo, the tests and the benchmarks.
 
 Each planned request says which fault it carries and where it must end up, so that a run
-can be checked with :mod:`pipeline.ledger`: every request found exactly once, each on the
+can be checked with :mod:`pipeline.harness.ledger`: every request found exactly once, each on the
 route its fault implies. Model faults are steered with the fake model server's directives
 (``[[fake:...]]``) and answer blocks (``[[answer:...]]``) inside the ticket text.
 """
@@ -12,8 +12,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from pipeline.codec import Codec
-from pipeline.envelopes import Request
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Request
 
 PROMPT = "ticket_triage"
 

@@ -17,13 +17,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.control import ControlState
-from pipeline.envelopes import Completion, Envelope, Escalation, ValidatedRequest
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import Completion, Envelope, Escalation, ValidatedRequest
+from pipeline.control.listener import ControlListener
+from pipeline.control.state import ControlState
 from pipeline.observability import configure_observability
+from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.redact import Redactor
 from pipeline.resilience.configure import quality_breaker, resilient_client
 from pipeline.resilience.stack import ResilientClient
 from pipeline.stages.decisions import DeadLetter, Decision
@@ -32,7 +33,6 @@ from pipeline.stages.model_call import ModelCaller
 from pipeline.stages.settle import Settler
 from pipeline.stages.validate import ContentRules, InputLimits, Validator
 from pipeline.transport import headers as h
-from pipeline.transport.control_listener import ControlListener
 from pipeline.transport.runner import Handler, Inbound, StageRunner
 
 log = logging.getLogger("llmpipe.worker")

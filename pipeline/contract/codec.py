@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import fastavro
 from pydantic import ValidationError
 
-from pipeline.envelopes import Envelope
+from pipeline.contract.envelopes import Envelope
 
 E = TypeVar("E", bound=Envelope)
 
@@ -30,7 +30,7 @@ JSON_FIELD_MARK = "llmpipe.json"
 
 OutputFormat = Literal["avro", "json", "confluent"]
 
-DEFAULT_SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
 class DecodeError(Exception):

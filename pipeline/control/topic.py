@@ -1,6 +1,6 @@
 """Reading and writing the compacted ``llm.control`` topic from tools (CLI, tests).
 
-Workers fold the topic with :class:`~pipeline.transport.control_listener.ControlListener`;
+Workers fold the topic with :class:`~pipeline.control.listener.ControlListener`;
 operators change it with these functions, which record who, when and why in every event.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from pipeline.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.control import ControlState
-from pipeline.envelopes import ControlEvent, utc_now
+from pipeline.contract.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
+from pipeline.contract.envelopes import ControlEvent, utc_now
+from pipeline.control.state import ControlState
 from pipeline.transport.batch import produce_batch
 
 CONTROL_TOPIC = "llm.control"

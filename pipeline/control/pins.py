@@ -21,7 +21,7 @@ would not change which versions serve is refused, as is one for a prompt
 that is not pinned: both are almost certainly a mistake made under pressure.
 
 The pure functions here take the history as a list; the CLI reads and
-writes Kafka through :mod:`pipeline.control_topic`.
+writes Kafka through :mod:`pipeline.control.topic`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.control import ControlState, pin_key
-from pipeline.envelopes import ControlEvent
+from pipeline.contract.envelopes import ControlEvent
+from pipeline.control.state import ControlState, pin_key
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.serving import Pin

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from pipeline.codec import Codec
 from pipeline.config import Settings
-from pipeline.control import ControlState
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import (
     Completion,
     Escalation,
     PromptRef,
@@ -28,9 +27,10 @@ from pipeline.envelopes import (
     Usage,
     ValidatedRequest,
 )
+from pipeline.control.state import ControlState
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
+from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.redact import Redactor
 from pipeline.resilience.configure import resilient_client
 from pipeline.resilience.stack import ResilientClient
 from pipeline.stages.decisions import DeadLetter, Decision

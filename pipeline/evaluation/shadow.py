@@ -5,7 +5,7 @@ would have answered the requests the serving version just answered. The
 shadow run reads them from ``llm.stage.validated`` (which records the
 version that served each one) and their outcomes from the terminal topics,
 runs the candidate on the same variables through the same stage code as
-the workers (:mod:`pipeline.prompts.harness`), and compares.
+the workers (:mod:`pipeline.evaluation.harness`), and compares.
 
 It is read-only towards the pipeline by construction: consumers are
 assigned partitions directly and never commit (so no consumer group's
@@ -32,10 +32,10 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from rich.console import Group
 from rich.table import Table
 
-from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.envelopes import Escalation, Result, ValidatedRequest
-from pipeline.prompts.harness import ROUTES, Outcome, StageHarness
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import Escalation, Result, ValidatedRequest
+from pipeline.evaluation.harness import ROUTES, Outcome, StageHarness
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.decisions import DLQ, FALLBACK, RESULTS, REVIEW, VALIDATED

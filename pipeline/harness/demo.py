@@ -21,14 +21,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pipeline.codec import Codec
 from pipeline.config import REPO_ROOT, Settings
-from pipeline.envelopes import Result
-from pipeline.fakellm import running_fake_llm
-from pipeline.ledger import Ledger, read_terminal
-from pipeline.scenarios import SCENARIO_OVERRIDES, mixed_requests
-from pipeline.topics import apply, load_specs
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Result
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import Ledger, read_terminal
+from pipeline.harness.scenarios import SCENARIO_OVERRIDES, mixed_requests
 from pipeline.transport.batch import produce_batch
+from pipeline.transport.topics import apply, load_specs
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 DEMO_MODEL_TIMEOUT_S = 2.0

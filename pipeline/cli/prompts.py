@@ -199,7 +199,7 @@ def test_command(
 
     from rich.console import Console
 
-    from pipeline.prompts.testing import (
+    from pipeline.evaluation.prompt_tests import (
         CaseResult,
         results_table,
         run_tests,
@@ -220,7 +220,7 @@ def test_command(
         if not live:
             return await run_tests(registry, versions)
         from pipeline.config import Settings
-        from pipeline.prompts.harness import live_client
+        from pipeline.evaluation.harness import live_client
 
         settings = Settings()
         client = live_client(settings)
@@ -278,10 +278,10 @@ def pin_command(
 ) -> None:
     """Serve VERSION of NAME on every worker (optionally canarying --candidate), live."""
     from pipeline.config import Settings
-    from pipeline.control import pin_key
-    from pipeline.control_topic import default_actor, publish
-    from pipeline.envelopes import utc_now
-    from pipeline.prompts.pins import PinError, pin_value, serving
+    from pipeline.contract.envelopes import utc_now
+    from pipeline.control.pins import PinError, pin_value, serving
+    from pipeline.control.state import pin_key
+    from pipeline.control.topic import default_actor, publish
 
     who = actor or default_actor()
     with _errors_as_exit_codes():
@@ -314,17 +314,17 @@ def rollback_command(
     """Undo NAME's last pin change, live: restore the pin before it, or unpin if none.
 
     Each rollback steps one pin further back, never forward; see
-    ``pipeline.prompts.pins`` for why, and for what it refuses.
+    ``pipeline.control.pins`` for why, and for what it refuses.
     """
     from pipeline.config import Settings
-    from pipeline.control import pin_key
-    from pipeline.control_topic import publish, read_history
-    from pipeline.prompts.pins import (
+    from pipeline.control.pins import (
         ROLLBACK_REASON_PREFIX,
         PinError,
         check_rollback,
         plan_rollback,
     )
+    from pipeline.control.state import pin_key
+    from pipeline.control.topic import publish, read_history
 
     if not reason.strip():
         _fail("--reason must say why (it is recorded with the rollback)", EXIT_USAGE)
@@ -365,8 +365,8 @@ def pins_command(
     from rich.table import Table
 
     from pipeline.config import Settings
-    from pipeline.control_topic import read_history
-    from pipeline.prompts.pins import fold, pin_events
+    from pipeline.control.pins import fold, pin_events
+    from pipeline.control.topic import read_history
 
     with _kafka_errors():
         events = read_history(Settings())
@@ -437,10 +437,10 @@ def shadow_command(
     from rich.console import Console
 
     from pipeline.config import Settings
-    from pipeline.control_topic import read_history
-    from pipeline.prompts.harness import live_client
-    from pipeline.prompts.pins import fold
-    from pipeline.prompts.shadow import ShadowReport, report_renderable, shadow_run
+    from pipeline.control.pins import fold
+    from pipeline.control.topic import read_history
+    from pipeline.evaluation.harness import live_client
+    from pipeline.evaluation.shadow import ShadowReport, report_renderable, shadow_run
 
     with _errors_as_exit_codes():
         registry = _registry(prompts_dir)

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.fakellm.behaviors import parse_behavior, parse_profile
-from pipeline.fakellm.server import DEFAULT_PORT, serve
+from pipeline.harness.fakellm.behaviors import parse_behavior, parse_profile
+from pipeline.harness.fakellm.server import DEFAULT_PORT, serve
 
 
 def fake_llm(

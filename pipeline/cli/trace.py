@@ -28,9 +28,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.envelopes import (
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import (
     Completion,
     Correction,
     Envelope,

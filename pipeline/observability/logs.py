@@ -19,7 +19,7 @@ from typing import Any
 from opentelemetry import trace
 
 from pipeline.observability.context import current_scope
-from pipeline.redact import DEFAULT_REDACTOR, Redactor
+from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
 
 RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 # Identifiers, not content: kept verbatim so they can be searched for.

@@ -2,11 +2,11 @@
 
 Tests, benchmarks and the demo point the pipeline at it to get every failure mode a real
 model endpoint produces (bad JSON, refusals, hedging, 429s, 500s, resets, hangs, slowness)
-on demand and reproducibly. See :mod:`pipeline.fakellm.server` for behaviour precedence and
-:mod:`pipeline.fakellm.behaviors` for the directive syntax.
+on demand and reproducibly. See :mod:`pipeline.harness.fakellm.server` for behaviour precedence and
+:mod:`pipeline.harness.fakellm.behaviors` for the directive syntax.
 """
 
-from pipeline.fakellm.behaviors import (
+from pipeline.harness.fakellm.behaviors import (
     BEHAVIORS,
     BehaviorSpec,
     Profile,
@@ -14,8 +14,8 @@ from pipeline.fakellm.behaviors import (
     parse_behavior,
     parse_profile,
 )
-from pipeline.fakellm.schema_instance import SchemaInstanceError, minimal_instance
-from pipeline.fakellm.server import (
+from pipeline.harness.fakellm.schema_instance import SchemaInstanceError, minimal_instance
+from pipeline.harness.fakellm.server import (
     DEFAULT_PORT,
     FakeLLMServer,
     ServerConfig,

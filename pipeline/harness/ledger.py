@@ -16,9 +16,9 @@ from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from pipeline.codec import Codec, DecodeError
 from pipeline.config import Settings
-from pipeline.envelopes import Result
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import Result
 
 TERMINAL_TOPICS = ("llm.results", "llm.review", "llm.dlq")
 ROUTE_OF_TOPIC = {"llm.results": "result", "llm.review": "review", "llm.dlq": "dead_letter"}

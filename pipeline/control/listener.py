@@ -13,9 +13,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.codec import Codec, DecodeError
-from pipeline.control import ControlState
-from pipeline.envelopes import ControlEvent
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import ControlEvent
+from pipeline.control.state import ControlState
 from pipeline.observability.metrics import record_control_change
 
 log = logging.getLogger("llmpipe.control")

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import Settings
-from pipeline.control import FLAG_DEFAULTS, KNOWN_FLAGS, flag_key
-from pipeline.control_topic import current_state, publish
+from pipeline.control.state import FLAG_DEFAULTS, KNOWN_FLAGS, flag_key
+from pipeline.control.topic import current_state, publish
 
 flags_app = typer.Typer(
     help="Kill switches and flags, applied by every worker within seconds.", no_args_is_help=True

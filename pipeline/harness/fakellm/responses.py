@@ -16,13 +16,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.fakellm.behaviors import (
+from pipeline.harness.fakellm.behaviors import (
     BehaviorSpec,
     find_answer,
     find_output_schema,
     message_text,
 )
-from pipeline.fakellm.schema_instance import minimal_instance
+from pipeline.harness.fakellm.schema_instance import minimal_instance
 
 __all__ = [
     "DEFAULT_ANSWER",

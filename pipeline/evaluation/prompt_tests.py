@@ -2,7 +2,7 @@
 
 Each test case in a prompt file is a recorded model answer plus what the
 pipeline must do with it. The runner sends the case's variables through the
-real stage code (:mod:`pipeline.prompts.harness`), so a case passes only if
+real stage code (:mod:`pipeline.evaluation.harness`), so a case passes only if
 production would route and answer the same way: a rule that rejects the
 answer, a re-ask that gets the same answer back, a fallback that answers
 instead, all happen here as they would on Kafka. That makes the cases a
@@ -25,8 +25,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.envelopes import Request
-from pipeline.prompts.harness import Outcome, RecordedAnswerClient, StageHarness
+from pipeline.contract.envelopes import Request
+from pipeline.evaluation.harness import Outcome, RecordedAnswerClient, StageHarness
 from pipeline.prompts.model import PromptTestCase, PromptVersion, TestExpectation
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.model_call import CallingClient

@@ -12,7 +12,7 @@ Behaviour precedence for a chat request (first that applies wins):
 2. the ``x-fake-behavior`` request header;
 3. a ``[[fake:...]]`` directive in the messages;
 4. ``default_behavior`` set through ``POST /control`` or the constructor;
-5. the seeded profile draw (:func:`pipeline.fakellm.behaviors.choose_behavior`).
+5. the seeded profile draw (:func:`pipeline.harness.fakellm.behaviors.choose_behavior`).
 
 A header or directive with ``times=N`` is skipped once it has served N requests of the same
 conversation (same first user message), so a test can script "fail twice, then succeed".
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from pipeline.fakellm.behaviors import (
+from pipeline.harness.fakellm.behaviors import (
     BehaviorSpec,
     Profile,
     ProfileLike,
@@ -50,14 +50,14 @@ from pipeline.fakellm.behaviors import (
     parse_behavior,
     parse_profile,
 )
-from pipeline.fakellm.http11 import HttpError, Request, RequestParser, build_response
-from pipeline.fakellm.responses import (
+from pipeline.harness.fakellm.http11 import HttpError, Request, RequestParser, build_response
+from pipeline.harness.fakellm.responses import (
     completion_body,
     error_body,
     render_content,
     valid_answer,
 )
-from pipeline.fakellm.schema_instance import SchemaInstanceError
+from pipeline.harness.fakellm.schema_instance import SchemaInstanceError
 
 __all__ = [
     "DEFAULT_PORT",
@@ -68,7 +68,7 @@ __all__ = [
     "serve",
 ]
 
-log = logging.getLogger("pipeline.fakellm")
+log = logging.getLogger("pipeline.harness.fakellm")
 
 DEFAULT_PORT = 8089
 BEHAVIOR_HEADER = "x-fake-behavior"
@@ -833,7 +833,7 @@ def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.fakellm`` entry point (same options as ``llmpipe fake-llm``)."""
+    """``python -m pipeline.harness.fakellm`` entry point (same options as ``llmpipe fake-llm``)."""
     parser = argparse.ArgumentParser(prog="fakellm", description="Scripted fake OpenAI server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.envelopes import ControlEvent
+from pipeline.contract.envelopes import ControlEvent
 from pipeline.prompts.serving import Pin
 
 GLOBAL_MODEL_CALLS = "model_calls_enabled"
