@@ -29,8 +29,8 @@ benchmark measures its own baseline in the same run: the machine is small and sh
 **read the ratios**, not the absolute rates. Each benchmark is one command
 (`python -m bench.<name> [--quick]`) and writes `bench/out/<name>.json` (all numbers),
 `bench/out/<name>.md` and its plots. None of this is part of the test suite's pass/fail;
-CI runs the short chaos and fuzz versions in `tests/test_chaos.py` and
-`tests/test_fuzz_pipeline.py`, which call the same code.
+CI runs the short chaos and fuzz versions in `tests/e2e/test_chaos.py` and
+`tests/e2e/test_fuzz_pipeline.py`, which call the same code.
 
 - `python -m bench.overhead [--profile]`: one worker vs a no-processing relay over the
   same 3 hops (confluent-kafka and aiokafka); the model client alone; a pyinstrument profile

@@ -7,7 +7,7 @@ ledger (:mod:`pipeline.harness.ledger`): requests in, found in results / review 
 at-least-once, so work that was in flight, or produced but not yet committed, when
 something died is done again. They are counted and bounded, never hidden.
 
-The same functions run in two sizes: ``tests/test_chaos.py`` calls them small enough for
+The same functions run in two sizes: ``tests/e2e/test_chaos.py`` calls them small enough for
 CI (< 90 s in total), ``python -m bench.chaos`` runs the long versions and writes
 ``bench/out/chaos.json``. The broker scenario starts its *own* broker (port 9292, data in
 ``/tmp/bench-kafka-data``) through ``infra/kafka/kafka.sh`` and only ever stops that one;

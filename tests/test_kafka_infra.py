@@ -9,15 +9,15 @@ import os
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from pipeline.config import REPO_ROOT
+
 pytestmark = pytest.mark.kafka
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 BOOTSTRAP = f"127.0.0.1:{os.environ.get('LLMPIPE_KAFKA_PORT', '9092')}"
 

@@ -1,7 +1,7 @@
 """Message shapes: one pydantic model per Avro record in ``schemas/``.
 
 These models are the only definition of what travels between stages. They mirror the
-Avro schemas field by field (``tests/test_envelopes.py`` keeps both in step), so a
+Avro schemas field by field (``tests/contract/test_envelopes.py`` keeps both in step), so a
 consumer written against the ``.avsc`` files and one written against these classes see
 the same thing. Fields the Avro schema stores as JSON text (marked ``"llmpipe.json"``)
 are plain Python objects here; the codec turns them into text on the way out.

@@ -8,7 +8,7 @@ The names follow the OpenTelemetry semantic conventions where a convention exist
 (messaging, Kafka, GenAI, ``error.type``); ours live under ``llmpipe.``. We copy the
 strings instead of importing ``opentelemetry.semconv._incubating``: that package is
 explicitly unstable, and a rename there must not silently rename our telemetry
-(``tests/test_observability_unit.py`` checks the copies against it instead).
+(``tests/observability/test_observability_unit.py`` checks the copies against it instead).
 """
 
 from __future__ import annotations

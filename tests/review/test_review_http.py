@@ -22,7 +22,7 @@ from pipeline.review.auth import (
 )
 from pipeline.review.service import ReviewService
 from pipeline.review.store import SqlReviewStore, open_store
-from tests.test_review_support import (
+from tests.review.test_review_support import (
     XSS_SUMMARY,
     FakeClock,
     MemoryKafka,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import REPO_ROOT
 from pipeline.prompts import (
     LOCK_FILE_NAME,
     LockFileError,
@@ -16,7 +17,7 @@ from pipeline.prompts import (
     read_lock,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 
 
 def copy_examples(tmp_path: Path) -> Path:

@@ -32,8 +32,14 @@ from pipeline.review.auth import SessionSigner, UsersFile
 from pipeline.review.kafka_io import read_to_end
 from pipeline.review.model import QueueFilter
 from pipeline.review.runtime import ReviewRuntime
+from tests.review.test_review_support import (
+    XSS_SUMMARY,
+    escalation,
+    registry,
+    review_message,
+    wait_for,
+)
 from tests.support import produce
-from tests.test_review_support import XSS_SUMMARY, escalation, registry, review_message, wait_for
 
 pytestmark = pytest.mark.kafka
 

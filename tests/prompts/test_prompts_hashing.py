@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline.config import REPO_ROOT
 from pipeline.prompts import PromptRegistry
 from pipeline.prompts.hashing import canonical_json, content_hash
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 
 
 def copy_examples(tmp_path: Path) -> Path:

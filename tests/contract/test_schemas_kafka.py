@@ -14,7 +14,7 @@ from pipeline.config import Settings
 from pipeline.contract.codec import Codec, load_schemas
 from pipeline.contract.envelopes import ENVELOPES, Envelope
 from pipeline.transport.batch import produce_batch
-from tests.test_envelopes import strategy
+from tests.contract.test_envelopes import strategy
 
 pytestmark = pytest.mark.kafka
 

@@ -17,7 +17,7 @@ from pipeline.review.model import QueueFilter, TopicPosition, decision_id_for
 from pipeline.review.service import NotClaimed, NotReady, ReviewError, ReviewService
 from pipeline.review.store import SqlReviewStore, StoreError, open_store
 from pipeline.transport import headers as h
-from tests.test_review_support import (
+from tests.review.test_review_support import (
     TRACEPARENT,
     FakeClock,
     MemoryKafka,

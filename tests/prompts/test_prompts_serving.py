@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pipeline.config import REPO_ROOT
 from pipeline.prompts import (
     Pin,
     PromptRegistry,
@@ -21,7 +21,7 @@ from pipeline.prompts import (
     select,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)
 NAME = "ticket_triage"
 

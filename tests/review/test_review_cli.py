@@ -22,8 +22,8 @@ from pipeline.review.cli import review_app
 from pipeline.review.model import CalibrationRow, decision_id_for
 from pipeline.review.training import calibrate, suggest_threshold
 from pipeline.transport import headers as h
+from tests.review.test_review_support import escalation, registry, review_message, wait_for
 from tests.support import produce, settings_env
-from tests.test_review_support import escalation, registry, review_message, wait_for
 
 runner = CliRunner()
 

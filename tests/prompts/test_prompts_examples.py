@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.prompts import prompts_app
+from pipeline.config import REPO_ROOT
 from pipeline.contract.envelopes import Request
 from pipeline.evaluation.harness import Outcome, RecordedAnswerClient, StageHarness
 from pipeline.evaluation.prompt_tests import (
@@ -32,7 +33,7 @@ from pipeline.evaluation.prompt_tests import (
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.prompts import PromptRegistry, PromptVersion, TestExpectation
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)
 CASES = [(prompt, case) for prompt in REGISTRY for case in prompt.tests]
 runner = CliRunner()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import REPO_ROOT
 from pipeline.prompts import PromptRegistry, canonical_yaml, diff_versions
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 
 
 def test_diff_shows_behaviour_changes_line_by_line() -> None:

@@ -14,13 +14,12 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.prompts import prompts_app
-from pipeline.config import Settings
+from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract.envelopes import Result
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import read_terminal
@@ -30,7 +29,7 @@ from tests.support import produce, running_worker
 
 pytestmark = pytest.mark.kafka
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 NAME = "ticket_triage"
 # A valid answer for both versions (v1 accepts no customer_tier, so none is sent).
 ANSWER = {"label": "billing", "priority": "normal", "summary": "Customer was charged twice."}

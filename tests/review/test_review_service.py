@@ -17,8 +17,8 @@ from pipeline.review.kafka_io import PublishError, read_to_end
 from pipeline.review.model import QueueFilter
 from pipeline.review.runtime import ReviewRuntime
 from pipeline.review.training import calibrate, rows_from_kafka, training_records
+from tests.review.test_review_support import FakeClock, escalation, registry, review_message
 from tests.support import produce
-from tests.test_review_support import FakeClock, escalation, registry, review_message
 
 pytestmark = pytest.mark.kafka
 

@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.prompts import prompts_app
+from pipeline.config import REPO_ROOT
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 runner = CliRunner()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.config import REPO_ROOT
 from pipeline.prompts import (
     PromptLoadError,
     PromptRegistry,
@@ -19,7 +20,7 @@ from pipeline.prompts import (
     UnknownReferenceError,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 
 MINIMAL: dict[str, Any] = {
     "name": "echo",

@@ -6,7 +6,6 @@ import asyncio
 import json
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pipeline.cli.prompts import prompts_app
-from pipeline.config import Settings
+from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract.envelopes import PromptRef, Request, Usage, ValidatedRequest
 from pipeline.evaluation.harness import Outcome, live_client
 from pipeline.evaluation.shadow import (
@@ -36,7 +35,7 @@ from pipeline.prompts import PromptRegistry
 from pipeline.transport.topics import load_specs
 from tests.support import produce, running_worker
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)
 NAME = "ticket_triage"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from confluent_kafka import KafkaException
 from typer.testing import CliRunner
 
 from pipeline.cli.prompts import prompts_app
-from pipeline.config import Settings
+from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract.envelopes import ControlEvent
 from pipeline.control.pins import (
     ROLLBACK_REASON_PREFIX,
@@ -27,7 +26,7 @@ from pipeline.control.state import pin_key
 from pipeline.control.topic import publish, read_history
 from pipeline.prompts import PromptRegistry, UnknownPromptVersionError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)
 NAME = "ticket_triage"
 AT = datetime(2024, 5, 1, tzinfo=UTC)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 from jinja2.exceptions import SecurityError
 
+from pipeline.config import REPO_ROOT
 from pipeline.prompts import (
     SCHEMA_INSTRUCTION,
     SCHEMA_LINE_PREFIX,
@@ -19,7 +19,7 @@ from pipeline.prompts import (
     render_messages,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "prompts"
+EXAMPLES = REPO_ROOT / "prompts"
 
 
 def spec(*messages: tuple[str, str], properties: dict[str, Any] | None = None) -> PromptSpec:
