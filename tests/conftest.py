@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
+from tests.real_model import local_model  # noqa: F401 - the shared real-model fixture
 from tests.support import create_topics, make_settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"

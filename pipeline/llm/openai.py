@@ -67,7 +67,9 @@ class OpenAIChatClient:
             "max_tokens": request.max_tokens,
         }
         if request.logprobs:
+            # llama.cpp's server returns no logprobs unless top_logprobs is set as well.
             body["logprobs"] = True
+            body["top_logprobs"] = 0
         started = time.perf_counter()
         try:
             response = await next(self._next).post(
