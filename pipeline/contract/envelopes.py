@@ -119,6 +119,7 @@ class Escalation(Envelope):
     validated: ValidatedRequest
     reason: str
     detail: str = ""
+    risk_rules: list[str] = Field(default_factory=list)
     output: JsonObject | None = None
     raw_text: str | None = None
     model: str | None = None

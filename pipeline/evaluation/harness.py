@@ -37,6 +37,7 @@ from pipeline.stages.decisions import DeadLetter, Decision
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.model_call import CallingClient, ModelCaller
 from pipeline.stages.parse import extract_json
+from pipeline.stages.policy import REVIEW_REASONS
 from pipeline.stages.settle import Settler
 from pipeline.stages.validate import Validator, estimate_tokens
 
@@ -44,8 +45,8 @@ Route = Literal["result", "fallback", "review", "dead_letter"]
 ROUTES: tuple[Route, ...] = ("result", "fallback", "review", "dead_letter")
 
 # Escalation reasons under which the model's answer itself passed every check (it was only
-# not confident enough, or a flag held it back); every other reason means it was invalid.
-VALID_ANSWER_REASONS = frozenset({"low_confidence", "force_review"})
+# not confident enough, or a policy or a flag held it back); any other reason: it was invalid.
+VALID_ANSWER_REASONS = frozenset(REVIEW_REASONS)
 _JSON = "application/json"
 # validate -> model -> settle -> fallback -> review is the longest path; more is a loop.
 _MAX_HOPS = 8

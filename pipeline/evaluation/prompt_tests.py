@@ -27,11 +27,12 @@ from rich.text import Text
 
 from pipeline.contract.envelopes import Request
 from pipeline.evaluation.harness import Outcome, RecordedAnswerClient, StageHarness
+from pipeline.prompts.conditions import MISSING as _MISSING
+from pipeline.prompts.conditions import field_value, same_json
 from pipeline.prompts.model import PromptTestCase, PromptVersion, TestExpectation
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.model_call import CallingClient
 
-_MISSING = object()
 _SHOWN_CHARS = 60
 
 
@@ -60,31 +61,6 @@ class CaseResult:
     def route_reason(self) -> str:
         """The pipeline's own reason for the route (e.g. invalid_output), shown for passes."""
         return (self.outcome.reason or "") if self.outcome is not None else ""
-
-
-def field_value(output: dict[str, Any] | None, path: str) -> Any:
-    """The value at a dotted ``path``, or ``_MISSING`` (distinct from a JSON null)."""
-    node: Any = output
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-def same_json(expected: Any, actual: Any) -> bool:
-    """JSON equality: 1 == 1.0 (JSON has one number type) but True != 1, unlike Python's ==."""
-    if isinstance(expected, bool) or isinstance(actual, bool):
-        return type(expected) is type(actual) and expected == actual
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        return expected.keys() == actual.keys() and all(
-            same_json(v, actual[k]) for k, v in expected.items()
-        )
-    if isinstance(expected, list) and isinstance(actual, list):
-        return len(expected) == len(actual) and all(
-            same_json(e, a) for e, a in zip(expected, actual, strict=True)
-        )
-    return bool(expected == actual)
 
 
 def check_expectation(expect: TestExpectation, outcome: Outcome) -> list[str]:

@@ -43,6 +43,7 @@ LagSource = Callable[[], Iterable[tuple[Mapping[str, str | int], int]]]
 # Escalations from the settle stage that mean "the model's output failed our checks"
 # (force_review is an operator's choice, not a failure).
 OUTPUT_VALIDATION_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})
+# (high_risk, burn_in and audit send *valid* answers to a person: they are policies, too.)
 
 
 def prompt_attributes(prompt: PromptRef | None) -> Attributes:
@@ -176,6 +177,13 @@ class PipelineMetrics:
             self.reviews.add(1, {**routed, **prompt})
         if stage == "settle" and reason in OUTPUT_VALIDATION_REASONS:
             self.validation_failures.add(1, {**routed, sc.RULE: reason or "", **prompt})
+        if isinstance(decision, Emit):
+            for copy in decision.also:
+                copied: Attributes = {sc.STAGE: stage, sc.ROUTE: copy.route}
+                if copy.reason:
+                    copied[sc.REASON] = copy.reason
+                self.stage_messages.add(1, {**copied, **prompt})
+                self.reviews.add(1, {**copied, **prompt})
         if route not in sc.TERMINAL_ROUTES:
             return
         outcome: Attributes = {sc.ROUTE: route, **prompt}

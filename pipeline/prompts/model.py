@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.prompts.conditions import Condition, parse_condition
 from pipeline.prompts.references import Reference, parse_reference
 from pipeline.prompts.templating import template_variables
 
@@ -178,6 +179,88 @@ class FallbackSpec(_Strict):
         return rule
 
 
+class RiskRule(_Strict):
+    """One reason a person must see an answer that would otherwise be delivered.
+
+    ``when`` is a field comparison (:mod:`pipeline.prompts.conditions`) on the output or,
+    with ``input.``, on the variables; ``check`` names a function
+    ``f(output, variables) -> list[str]`` for anything else (a non-empty list means the
+    rule fires, and its strings say why). Exactly one of the two.
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    when: str | None = None
+    check: str | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _condition_parses(cls, when: str | None) -> str | None:
+        if when is not None:
+            parse_condition(when)
+        return when
+
+    @field_validator("check")
+    @classmethod
+    def _reference_parses(cls, check: str | None) -> str | None:
+        if check is not None:
+            parse_reference(check)
+        return check
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RiskRule:
+        if (self.when is None) == (self.check is None):
+            raise ValueError(f"risk rule {self.name!r} needs exactly one of 'when' or 'check'")
+        return self
+
+    @property
+    def condition(self) -> Condition | None:
+        return parse_condition(self.when) if self.when is not None else None
+
+
+class AuditPolicy(_Strict):
+    """A share of *accepted* answers copied to review, chosen by a hash of the request id.
+
+    The answer is delivered at once either way; the copy only asks a person for a verdict,
+    which is what makes the accepted-error rate measurable. ``supersede``: a reviewer's
+    correction of an audited answer is also published as a new result (source ``human``)
+    that supersedes the delivered one; without it the correction only goes to
+    ``llm.corrections``.
+    """
+
+    share: Probability = 0.0
+    supersede: bool = False
+
+
+class BurnInPolicy(_Strict):
+    """A new version's first ``answers`` answers, and every answer in its first ``days``,
+    wait for a person before delivery (counted fleet-wide on Kafka). Zero turns a limit off;
+    with both set, burn-in lasts until both have passed."""
+
+    answers: int = Field(default=0, ge=0)
+    days: float = Field(default=0.0, ge=0.0)
+
+    @property
+    def active(self) -> bool:
+        return self.answers > 0 or self.days > 0
+
+
+class ReviewPolicy(_Strict):
+    """When a person sees an answer although the pipeline could settle it on its own."""
+
+    risk: list[RiskRule] = Field(default_factory=list)
+    audit: AuditPolicy = Field(default_factory=AuditPolicy)
+    burn_in: BurnInPolicy = Field(default_factory=BurnInPolicy)
+
+    @field_validator("risk")
+    @classmethod
+    def _names_unique(cls, risk: list[RiskRule]) -> list[RiskRule]:
+        names = [r.name for r in risk]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate risk rule names: {', '.join(duplicates)}")
+        return risk
+
+
 class TestExpectation(_Strict):
     """What a recorded answer must produce offline; keys are output field paths.
 
@@ -238,6 +321,7 @@ class PromptSpec(_Strict):
     rules: OutputRules = Field(default_factory=OutputRules)
     confidence: ConfidencePolicy = Field(default_factory=ConfidencePolicy)
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    review: ReviewPolicy = Field(default_factory=ReviewPolicy)
     reask: int = Field(default=1, ge=0, le=3)
     tests: list[PromptTestCase] = Field(default_factory=list)
 
@@ -268,6 +352,11 @@ class PromptSpec(_Strict):
         ]
         if self.fallback.rule is not None:
             found.append(("fallback.rule", parse_reference(self.fallback.rule)))
+        found += [
+            (f"review.risk[{i}].check", parse_reference(r.check))
+            for i, r in enumerate(self.review.risk)
+            if r.check is not None
+        ]
         return found
 
     @field_validator("name")
@@ -341,6 +430,22 @@ class PromptSpec(_Strict):
             if error is not None:
                 raise ValueError(f"default does not match output_schema: {error}")
         return fallback
+
+    @field_validator("review")
+    @classmethod
+    def _risk_fields_exist(cls, review: ReviewPolicy, info: ValidationInfo) -> ReviewPolicy:
+        conditions = [c for c in (r.condition for r in review.risk) if c is not None]
+        _require_paths(info, {c.path for c in conditions if not c.on_input}, "risk rules refer to")
+        inputs = info.data.get("input_schema")
+        if inputs is not None:
+            missing = sorted(
+                c.field for c in conditions if c.on_input and not schema_has_path(inputs, c.path)
+            )
+            if missing:
+                raise ValueError(
+                    f"risk rules refer to {', '.join(missing)}, not a property in input_schema"
+                )
+        return review
 
     @field_validator("tests")
     @classmethod

@@ -73,8 +73,14 @@ class PromptRegistry:
         fallbacks: dict[str, FallbackFn] = {}
         for prompt in (p for vs in versions.values() for p in vs):
             resolved = _resolve_references(prompt, code_cache, problems)
-            for index, check in enumerate(prompt.rules.checks):
-                function = resolved.get(f"rules.checks[{index}]")
+            named = [(f"rules.checks[{i}]", c) for i, c in enumerate(prompt.rules.checks)]
+            named += [
+                (f"review.risk[{i}].check", r.check)
+                for i, r in enumerate(prompt.review.risk)
+                if r.check is not None
+            ]
+            for field, check in named:
+                function = resolved.get(field)
                 if function is not None:
                     checks[(prompt.content_hash, check)] = cast("CheckFn", function)
             rule = cast("FallbackFn | None", resolved.get("fallback.rule"))
@@ -109,7 +115,7 @@ class PromptRegistry:
             yield from self._versions[name]
 
     def resolve_check(self, prompt: PromptVersion, reference: str) -> CheckFn:
-        """The check function ``reference`` of ``prompt`` (already imported at load).
+        """The check (or risk rule) function ``reference`` of ``prompt``, imported at load.
 
         Takes the prompt because local references (``rules.py:f``) are
         relative to the prompt's directory, so the string alone is ambiguous.
@@ -178,7 +184,7 @@ def _resolve_references(
             message = f"cannot load {reference.target}:{reference.attribute}: {exc!r}"
             problems.append(LoadProblem(prompt.source_path, field, message))
             continue
-        is_check = field.startswith("rules.checks")
+        is_check = field.startswith(("rules.checks", "review.risk"))
         try:
             inspect.signature(function).bind(*([None] * (2 if is_check else 1)))
         except (TypeError, ValueError) as exc:

@@ -3,11 +3,18 @@
 A decision is either messages to produce (:class:`Emit`) or a dead letter. Keeping this a
 value (not a side effect) is what lets the transport produce first and commit after, and
 lets tests assert on decisions without a broker.
+
+One input may produce more than one message: an :class:`Emit` carries the request's one
+terminal output plus ``also``, copies that must be written with it, atomically (in the same
+transaction as the output and the input offset). Today the only copy is the audit item of
+an accepted result (route ``audit`` on ``llm.review``): the result is delivered at once and
+a person is asked for a verdict on it. A copy is never terminal; ``Emit.outputs()`` is what
+a transport produces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.contract.envelopes import Envelope, Escalation, PromptRef, Result, ValidatedRequest
 from pipeline.prompts.errors import UnknownPromptError, UnknownPromptVersionError
@@ -21,6 +28,9 @@ RESULTS = "llm.results"
 FALLBACK = "llm.fallback"
 REVIEW = "llm.review"
 DLQ = "llm.dlq"
+
+AUDIT_ROUTE = "audit"
+"""The route of an audit copy on ``llm.review``: a verdict is wanted, the request is done."""
 
 ROUTE_BY_TOPIC = {
     VALIDATED: "validated",
@@ -38,10 +48,17 @@ class Emit:
     request_id: str
     prompt: PromptRef | None
     reason: str | None = None
+    route: str = ""
+    """Defaults to the topic's route; only copies (``also``) name another one."""
+    also: tuple[Emit, ...] = ()
 
-    @property
-    def route(self) -> str:
-        return ROUTE_BY_TOPIC[self.topic]
+    def __post_init__(self) -> None:
+        if not self.route:
+            object.__setattr__(self, "route", ROUTE_BY_TOPIC[self.topic])
+
+    def outputs(self) -> tuple[Emit, ...]:
+        """Everything to produce for this input, the terminal output first."""
+        return (self, *self.also)
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,12 @@ def emit_escalation(topic: str, escalation: Escalation) -> Emit:
     return Emit(
         topic, escalation, request.request_id, escalation.validated.prompt, escalation.reason
     )
+
+
+def emit_audit(result: Emit, audit: Escalation) -> Emit:
+    """``result`` with an audit copy of it for review, produced together."""
+    copy = emit_escalation(REVIEW, audit)
+    return replace(result, also=(*result.also, replace(copy, route=AUDIT_ROUTE)))
 
 
 def bind_prompt(

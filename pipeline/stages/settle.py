@@ -4,6 +4,11 @@ A failed parse earns a bounded number of re-asks with the errors fed back (the c
 repair there is); a still-invalid answer goes to the fallback path. A valid answer is
 scored, and the prompt's thresholds decide: accept into ``llm.results``, or follow the
 prompt's low-confidence policy (review, fallback or a clarifying question).
+
+An answer that would be accepted still meets the prompt's review policy
+(:mod:`pipeline.stages.policy`): a risk rule that fires sends it to review (``high_risk``),
+a version in burn-in holds it for review (``burn_in``), and an audited one is delivered
+and copied to review in the same decision (``audit``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pipeline.contract.envelopes import (
 from pipeline.control.state import FORCE_REVIEW, ControlState
 from pipeline.llm.protocol import ChatCompletion, ModelError
 from pipeline.observability.propagation import current_trace_id
-from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.model import BurnInPolicy, PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
 from pipeline.resilience.breaker import QualityBreaker
@@ -35,12 +40,25 @@ from pipeline.stages.decisions import (
     REVIEW,
     DeadLetter,
     Decision,
+    Emit,
     bind_prompt,
+    emit_audit,
     emit_escalation,
     emit_result,
 )
 from pipeline.stages.model_call import CallingClient, chat_request, model_chain
 from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
+from pipeline.stages.policy import (
+    AUDIT,
+    BURN_IN,
+    FORCE_REVIEW_REASON,
+    HIGH_RISK,
+    LOW_CONFIDENCE,
+    BurnInGate,
+    RiskRuleError,
+    audited,
+    risk_hits,
+)
 from pipeline.stages.score import score
 from pipeline.stages.self_check import grade, grading_request
 
@@ -60,17 +78,21 @@ class Settler:
         client: CallingClient | None,
         timeout_cap_s: float = 30.0,
         quality: QualityBreaker | None = None,
+        burn_in: BurnInGate | None = None,
     ) -> None:
         """``client`` is None for re-parse replays: then no re-ask is ever made.
 
         ``quality`` learns from every settled answer (valid and confident, or not); the
         model stage asks it before paying for the next call of the same prompt version.
+        ``burn_in`` counts new versions' answers fleet-wide; without one (offline prompt
+        tests, shadow runs) no answer is held for burn-in.
         """
         self._registry = registry
         self._control = control
         self._client = client
         self._timeout_cap_s = timeout_cap_s
         self._quality = quality
+        self._burn_in = burn_in
 
     async def _self_check(
         self, pv: PromptVersion, request: Request, output: dict[str, Any]
@@ -190,7 +212,7 @@ class Settler:
             esc = self._escalation(
                 validated,
                 completion,
-                "force_review",
+                FORCE_REVIEW_REASON,
                 outcome,
                 report,
                 text,
@@ -202,7 +224,7 @@ class Settler:
             return emit_escalation(REVIEW, esc)
         policy = pv.confidence
 
-        def settled(status: ResultStatus, output: dict[str, Any], reason: str | None) -> Decision:
+        def settled(status: ResultStatus, output: dict[str, Any], reason: str | None) -> Emit:
             return emit_result(
                 self._result(
                     validated,
@@ -223,15 +245,33 @@ class Settler:
                 "needs_clarification", _question(outcome.output), "model_asked_for_clarification"
             )
         if confidence >= policy.accept:
-            return settled("ok", outcome.output, None)
+
+            def review(reason: str, detail: str, rules: list[str] | None = None) -> Escalation:
+                esc = self._escalation(
+                    validated,
+                    completion,
+                    reason,
+                    outcome,
+                    report,
+                    text,
+                    usage,
+                    attempts,
+                    detail,
+                    confidence,
+                )
+                return esc.model_copy(update={"risk_rules": rules}) if rules else esc
+
+            return await self._accepted(
+                pv, validated, outcome.output, settled("ok", outcome.output, None), review
+            )
         if policy.policy == "clarify":
-            return settled("needs_clarification", _question(outcome.output), "low_confidence")
+            return settled("needs_clarification", _question(outcome.output), LOW_CONFIDENCE)
         topic = REVIEW if policy.policy == "review" else FALLBACK
         detail = f"confidence {confidence:.3f} below accept threshold {policy.accept}"
         esc = self._escalation(
             validated,
             completion,
-            "low_confidence",
+            LOW_CONFIDENCE,
             outcome,
             report,
             text,
@@ -241,6 +281,44 @@ class Settler:
             confidence,
         )
         return emit_escalation(topic, esc)
+
+    async def _accepted(
+        self,
+        pv: PromptVersion,
+        validated: ValidatedRequest,
+        output: dict[str, Any],
+        result: Emit,
+        review: Callable[..., Escalation],
+    ) -> Decision:
+        """An acceptable answer meets the review policy: risk rules, burn-in, audit."""
+        request = validated.request
+        try:
+            hits = risk_hits(pv, output, request.variables, self._checks(pv))
+        except RiskRuleError as exc:
+            return DeadLetter(
+                STAGE,
+                "risk_rule_failed",
+                exc.error_class,
+                str(exc),
+                request.request_id,
+                validated.prompt,
+            )
+        if hits:
+            detail = "; ".join(f"{h.rule}: {h.detail}" for h in hits)
+            return emit_escalation(REVIEW, review(HIGH_RISK, detail[:2000], [h.rule for h in hits]))
+        burn_in = pv.review.burn_in
+        if (
+            burn_in.active
+            and self._burn_in is not None
+            and await self._burn_in.holds(validated.prompt, burn_in, request.request_id)
+        ):
+            detail = f"{pv.ref} is in burn-in ({_burn_in_terms(burn_in)})"
+            return emit_escalation(REVIEW, review(BURN_IN, detail))
+        if audited(pv, request.request_id):
+            share = pv.review.audit.share
+            detail = f"audit sample ({share:.2%} of accepted answers); already delivered"
+            return emit_audit(result, review(AUDIT, detail))
+        return result
 
     def _result(
         self,
@@ -300,6 +378,15 @@ class Settler:
             attempts=attempts,
             escalated_at=utc_now(),
         )
+
+
+def _burn_in_terms(policy: BurnInPolicy) -> str:
+    terms = []
+    if policy.answers:
+        terms.append(f"first {policy.answers} answers")
+    if policy.days:
+        terms.append(f"first {policy.days:g} days")
+    return " and ".join(terms)
 
 
 def _question(output: dict[str, Any]) -> dict[str, Any]:

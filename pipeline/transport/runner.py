@@ -309,13 +309,14 @@ class StageRunner:
             record_exception=False,
         )
 
-    def _encode(self, decision: Decision) -> tuple[Decision, tuple[bytes, str] | None]:
+    def _encode(self, decision: Decision) -> tuple[Decision, list[tuple[bytes, str]]]:
         """Encode before routing: a value Avro cannot hold (a lone surrogate from model text,
-        a token count beyond a long) turns into a dead letter instead of a stuck offset."""
+        a token count beyond a long) turns into a dead letter instead of a stuck offset.
+        One encoding per output of ``decision.outputs()``; none for a dead letter."""
         if not isinstance(decision, Emit):
-            return decision, None
+            return decision, []
         try:
-            return decision, self._codec.encode(decision.envelope)
+            return decision, [self._codec.encode(out.envelope) for out in decision.outputs()]
         except Exception as exc:  # fastavro raises several unrelated types on bad values
             message = f"{decision.topic} envelope cannot be encoded: {exc}"[:500]
             return (
@@ -327,29 +328,28 @@ class StageRunner:
                     decision.request_id,
                     decision.prompt,
                 ),
-                None,
+                [],
             )
 
     async def _deliver(
-        self, inbound: Inbound, decision: Decision, encoded: tuple[bytes, str] | None
+        self, inbound: Inbound, decision: Decision, encoded: list[tuple[bytes, str]]
     ) -> None:
         if isinstance(decision, Emit):
-            assert encoded is not None
-            topic = self._topic_name(decision.topic)
             key = inbound.key if inbound.key is not None else decision.request_id.encode()
-            span = self._producer_span(decision.topic, topic, key, decision, decision.route)
-            with trace.use_span(span, end_on_exit=True, record_exception=False):
-                value, content_type = encoded
-                headers = h.output_headers(
-                    decision.request_id,
-                    decision.prompt,
-                    decision.route,
-                    content_type,
-                    inject(),
-                    decision.reason,
-                    inbound.headers,
-                )
-                _annotate_sent(span, await self._send(topic, key, value, headers))
+            for out, (value, content_type) in zip(decision.outputs(), encoded, strict=True):
+                topic = self._topic_name(out.topic)
+                span = self._producer_span(out.topic, topic, key, out, out.route)
+                with trace.use_span(span, end_on_exit=True, record_exception=False):
+                    headers = h.output_headers(
+                        out.request_id,
+                        out.prompt,
+                        out.route,
+                        content_type,
+                        inject(),
+                        out.reason,
+                        inbound.headers,
+                    )
+                    _annotate_sent(span, await self._send(topic, key, value, headers))
             return
         span = self._producer_span(DLQ, self._topic_name(DLQ), inbound.key, decision, "dead_letter")
         with trace.use_span(span, end_on_exit=True, record_exception=False):
