@@ -12,7 +12,14 @@ from typing import Any
 
 import yaml
 
-from pipeline.contract.envelopes import Completion, PromptRef, Request, Usage, ValidatedRequest, utc_now
+from pipeline.contract.envelopes import (
+    Completion,
+    PromptRef,
+    Request,
+    Usage,
+    ValidatedRequest,
+    utc_now,
+)
 from pipeline.prompts.registry import PromptRegistry
 
 NAME = "refund_triage"

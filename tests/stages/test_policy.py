@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.control.state import ControlState
 from pipeline.contract.envelopes import Escalation, PromptRef, Result
+from pipeline.control.state import ControlState
+from pipeline.evaluation.prompt_tests import run_tests
 from pipeline.prompts.conditions import parse_condition
 from pipeline.prompts.errors import PromptLoadError
 from pipeline.prompts.model import BurnInPolicy
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.evaluation.prompt_tests import run_tests
 from pipeline.stages.decisions import AUDIT_ROUTE, RESULTS, REVIEW, DeadLetter, Emit
 from pipeline.stages.policy import audit_bucket
 from pipeline.stages.settle import Settler
