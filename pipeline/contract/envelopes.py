@@ -162,6 +162,12 @@ class ControlEvent(Envelope):
     at: datetime
 
 
+class BurnInClaim(Envelope):
+    prompt: PromptRef
+    request_id: str
+    claimed_at: datetime
+
+
 ENVELOPES: dict[str, type[Envelope]] = {
     cls.__name__: cls
     for cls in (
@@ -176,5 +182,6 @@ ENVELOPES: dict[str, type[Envelope]] = {
         ReviewDecision,
         Correction,
         ControlEvent,
+        BurnInClaim,
     )
 }

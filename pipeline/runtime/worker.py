@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Completion, Envelope, Escalation, ValidatedRequest
+from pipeline.control.burn_in import KafkaBurnInLedger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
 from pipeline.observability import configure_observability
@@ -88,6 +89,7 @@ class Worker:
         self.control = ControlState()
         self.redactor = Redactor()
         self.runners: list[StageRunner] = []
+        self.burn_in: KafkaBurnInLedger | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         configure_observability()  # tracing + metrics from OTEL_*; idempotent
@@ -105,9 +107,11 @@ class Worker:
         await producer.start()
         listener = ControlListener(settings.topic("llm.control"), self.control, self.codec, kafka)
         control_task = asyncio.create_task(listener.run(stop))
+        burn_in: KafkaBurnInLedger | None = None
         try:
             await _first(listener.ready.wait(), control_task)
-            handlers = self._handlers(client)
+            self.burn_in = burn_in = await self._burn_in()
+            handlers = self._handlers(client, burn_in)
             self.runners = [
                 StageRunner(
                     stage=name,
@@ -131,8 +135,22 @@ class Worker:
             await asyncio.gather(control_task, return_exceptions=True)
             await producer.stop()
             await client.aclose()
+            if burn_in is not None:
+                await asyncio.to_thread(burn_in.stop)
 
-    def _handlers(self, client: ResilientClient) -> dict[str, Handler]:
+    async def _burn_in(self) -> KafkaBurnInLedger | None:
+        """The fleet-wide burn-in counter, when this worker settles a version that has one."""
+        if "settle" not in self.stage_names:
+            return None
+        if not any(pv.review.burn_in.active for pv in self.registry):
+            return None
+        ledger = KafkaBurnInLedger(self.settings, self.codec)
+        await asyncio.to_thread(ledger.start)
+        return ledger
+
+    def _handlers(
+        self, client: ResilientClient, burn_in: KafkaBurnInLedger | None = None
+    ) -> dict[str, Handler]:
         s = self.settings
         validator = Validator(
             self.codec,
@@ -150,7 +168,7 @@ class Worker:
         caller = ModelCaller(
             self.registry, client, self.control, s.model_timeout_s, quality, s.breaker_wait_s
         )
-        settler = Settler(self.registry, self.control, client, s.model_timeout_s, quality)
+        settler = Settler(self.registry, self.control, client, s.model_timeout_s, quality, burn_in)
         fallback = FallbackWorker(self.registry, self.control)
         return {
             "validate": validate,

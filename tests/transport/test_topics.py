@@ -26,6 +26,7 @@ REQUIRED = {
     "llm.corrections",
     "llm.dlq",
     "llm.control",
+    "llm.burn_in",
 }
 
 

@@ -1,0 +1,108 @@
+"""Review policy against the real broker: burn-in counted across workers and restarts, audit
+samples delivered and copied, corrections on audit items."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from pipeline.config import Settings
+from pipeline.contract.envelopes import BurnInClaim, Request
+from pipeline.control.burn_in import BURN_IN_TOPIC
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import Ledger, read_terminal
+from pipeline.review.kafka_io import read_to_end
+from pipeline.transport.batch import Message
+from tests.policy_support import ANSWER, NAME, write_prompts
+from tests.support import create_topics, make_settings, produce, running_worker
+
+pytestmark = pytest.mark.kafka
+
+
+def requests(ids: list[str], answer: dict[str, object] = ANSWER) -> list[Message]:
+    """Requests whose fake-model answer is fixed and confident (logprobs near zero)."""
+    messages: list[Message] = []
+    for request_id in ids:
+        body = f"Please refund order {request_id}. [[answer:{json.dumps(answer)}]]"
+        request = Request(
+            request_id=request_id, prompt=NAME, variables={"subject": "Refund", "body": body}
+        )
+        value = request.model_dump_json().encode()
+        messages.append((request_id.encode(), value, [("content-type", b"application/json")]))
+    return messages
+
+
+def wait_for_settle_members(settings: Settings, count: int, timeout_s: float = 60) -> None:
+    """Until the settle group has ``count`` members that each own partitions (Kafka's view)."""
+    admin = AdminClient(settings.kafka_client_config())
+    group = settings.group("settle")
+    deadline = time.monotonic() + timeout_s
+    owners: list[int] = []
+    while time.monotonic() < deadline:
+        described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        owners = [len(m.assignment.topic_partitions) for m in described.members]
+        if len(owners) == count and all(owners):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"settle group never had {count} members with partitions: {owners}")
+
+
+def wait_terminal(settings: Settings, ids: list[str], timeout_s: float = 120) -> Ledger:
+    ledger = read_terminal(settings, ids, timeout_s=timeout_s, settle_s=1)
+    assert not ledger.missing, f"never reached a terminal topic: {sorted(ledger.missing)[:10]}"
+    return ledger
+
+
+def test_burn_in_of_20_holds_exactly_the_first_20_across_two_workers_and_a_restart(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    write_prompts(tmp_path, {"burn_in": {"answers": 20}})
+    first = [f"b1-{i:02d}" for i in range(12)]
+    second = [f"b2-{i:02d}" for i in range(18)]
+    with running_fake_llm() as fake:
+        settings = make_settings(
+            kafka_bootstrap, model_base_url=fake.url, prompts_dir=tmp_path / "prompts"
+        )
+        create_topics(settings)
+        with running_worker(settings) as worker_a:
+            with running_worker(settings) as worker_b:
+                wait_for_settle_members(settings, 2)
+                produce(settings, "llm.requests", requests(first))
+                wait_terminal(settings, first)
+            # worker b is gone; it comes back as a new process would, from the topic alone
+            with running_worker(settings) as worker_b2:
+                wait_for_settle_members(settings, 2)
+                produce(settings, "llm.requests", requests(second))
+                ledger = wait_terminal(settings, first + second)
+            claimed = [w.burn_in.claimed if w.burn_in else 0 for w in (worker_b, worker_b2)]
+            claimed.append(worker_a.burn_in.claimed if worker_a.burn_in else 0)
+        assert all(claimed), f"every worker must have counted answers, got {claimed}"
+        everything = first + second
+        claims = [c.request_id for c, _ in read_to_end(settings, BURN_IN_TOPIC, BurnInClaim)]
+        order = list(dict.fromkeys(claims))  # first claim per request, in the topic's order
+        assert set(order) <= set(everything)
+        assert len(order) >= 20, f"only {len(order)} answers were claimed"
+
+        # The 21st answer after everything above: burn-in is over, delivered directly.
+        late = ["b3-late"]
+        with running_worker(settings):
+            produce(settings, "llm.requests", requests(late))
+            late_ledger = wait_terminal(settings, late)
+
+    assert not ledger.duplicates, f"delivered twice: {ledger.duplicates}"
+    routes = {rid: (ledger.first(rid).outcome, ledger.first(rid).reason) for rid in everything}
+    held = {rid for rid, route in routes.items() if route == ("review", "burn_in")}
+    delivered = {rid for rid, route in routes.items() if route == ("result:model", None)}
+    assert len(held) == 20, f"{len(held)} held for burn-in: {Counter(routes.values())}"
+    assert held | delivered == set(everything), Counter(routes.values())
+    assert held == set(order[:20]), "the held answers must be exactly the first 20 claims"
+    assert all(rid in delivered for rid in order[20:]), "claims after the 20th are delivered"
+    assert late_ledger.first("b3-late").outcome == "result:model"
+    after = [c.request_id for c, _ in read_to_end(settings, BURN_IN_TOPIC, BurnInClaim)]
+    assert "b3-late" not in after, "once burn-in is over, no answer needs a claim"
+    print("burn-in: held", len(held), "delivered", len(delivered), "claims", len(claims))
