@@ -45,9 +45,23 @@ class Settings(BaseSettings):
         3, description="Attempts per model call on timeouts, 429 and 5xx."
     )
 
+    model_structured_output: Literal["json_schema", "json_object_schema", "json_object", "none"] = (
+        Field(
+            "none",
+            description="Structured output of the default endpoint: json_schema (OpenAI), "
+            "json_object_schema (llama.cpp), json_object or none; a prompt may override it.",
+        )
+    )
+    model_headers: str = Field(
+        "", description="JSON: extra HTTP headers for the default endpoint (gateways)."
+    )
+    model_extra_body: str = Field(
+        "", description="JSON: extra request body fields for the default endpoint."
+    )
     model_endpoints: str = Field(
         "",
-        description="JSON: model -> base URL or {base_url, api_key_env}; others: MODEL_BASE_URL.",
+        description="JSON: model -> base URL or {base_url, api_key_env, structured_output, "
+        "headers, headers_env, extra_body, token_limit_param, reasoning}; others: MODEL_BASE_URL.",
     )
     model_rate_limits: str = Field(
         "",

@@ -8,14 +8,19 @@ retrying is the job of :mod:`pipeline.resilience.retry`, which knows the request
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+from pipeline.llm.structured import StructuredOutput, response_format
+
+log = logging.getLogger("pipeline.llm.openai")
 
 MAX_RESPONSE_BYTES = 8_000_000
 CONNECTIONS_PER_SHARD = 8
@@ -54,26 +59,51 @@ class OpenAIChatClient:
             for _ in range(shards)
         ]
         self._next = itertools.cycle(self._shards)
+        self._base_url = base_url
+        self.refused: dict[tuple[str, StructuredOutput], str] = {}
+        """(model, mode) -> the server's answer when it refused that structured-output mode."""
 
     async def aclose(self) -> None:
         for shard in self._shards:
             await shard.aclose()
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
-        body: dict[str, Any] = {
-            "model": request.model,
-            "messages": request.messages,
-            "temperature": request.temperature,
-            "max_tokens": request.max_tokens,
-        }
-        if request.logprobs:
-            # llama.cpp's server returns no logprobs unless top_logprobs is set as well.
-            body["logprobs"] = True
-            body["top_logprobs"] = 0
+        mode = request.mode
+        if (request.model, mode) in self.refused:
+            mode = "none"
+        try:
+            return await self._send(request, mode)
+        except ModelError as exc:
+            if mode == "none" or not exc.refused_response_format:
+                raise
+            answer = await self._send(request, "none")  # confirms the refusal was the mode's
+            self._refuse(request.model, mode, str(exc))
+            return answer
+
+    def _refuse(self, model: str, mode: StructuredOutput, detail: str) -> None:
+        if (model, mode) in self.refused:
+            return
+        self.refused[(model, mode)] = detail
+        log.error(
+            "configuration error: the endpoint %s refuses structured_output=%s for model %s "
+            "(%s); its calls go without response_format from now on. Set structured_output "
+            "for this endpoint in LLMPIPE_MODEL_ENDPOINTS (llama.cpp: json_object_schema) "
+            "or in the prompt's model section.",
+            self._base_url,
+            mode,
+            model,
+            detail[:300],
+        )
+
+    async def _send(self, request: ChatRequest, mode: StructuredOutput) -> ChatCompletion:
+        body = chat_body(request, mode)
         started = time.perf_counter()
         try:
             response = await next(self._next).post(
-                "/chat/completions", json=body, timeout=httpx.Timeout(request.timeout_s)
+                "/chat/completions",
+                json=body,
+                headers=dict(request.endpoint.headers),
+                timeout=httpx.Timeout(request.timeout_s),
             )
         except httpx.TimeoutException as exc:
             raise ModelError("timeout", f"no answer within {request.timeout_s}s") from exc
@@ -81,15 +111,65 @@ class OpenAIChatClient:
             raise ModelError("connection", f"{type(exc).__name__}: {exc}") from exc
         latency_ms = (time.perf_counter() - started) * 1000
         if response.status_code != 200:
-            raise _status_error(response)
+            raise _status_error(response, "response_format" in body)
         if len(response.content) > MAX_RESPONSE_BYTES:
             raise ModelError("bad_response", f"response of {len(response.content)} bytes")
-        return _parse(response, request.model, latency_ms)
+        return replace(_parse(response, request.model, latency_ms), structured_output=mode)
 
 
-def _status_error(response: httpx.Response) -> ModelError:
+def chat_body(request: ChatRequest, mode: StructuredOutput | None = None) -> dict[str, Any]:
+    """The JSON body for ``request``; ``mode`` overrides its structured-output mode.
+
+    Order of precedence for extra fields: llmpipe's own fields, then the endpoint's
+    ``extra_body`` (deployment), then the prompt's (prompt logic, e.g. llama.cpp's
+    ``top_k``); neither may replace ``model`` or ``messages`` (checked where they are
+    configured). A reasoning endpoint, or a prompt that sets ``reasoning_effort``, gets
+    the reasoning-model rules (see :class:`~pipeline.llm.protocol.EndpointOptions`).
+    """
+    endpoint = request.endpoint
+    reasoning = endpoint.reasoning or request.reasoning_effort is not None
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages}
+    limit_param = "max_completion_tokens" if reasoning else endpoint.token_limit_param
+    body[limit_param] = request.max_tokens
+    if reasoning:
+        if request.reasoning_effort is not None:
+            body["reasoning_effort"] = request.reasoning_effort
+    else:
+        sampling = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+        }
+        body.update({k: v for k, v in sampling.items() if v is not None})
+        if request.logprobs:
+            # llama.cpp's server returns no logprobs unless top_logprobs is set as well.
+            body["logprobs"] = True
+            body["top_logprobs"] = 0
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.stop:
+        body["stop"] = list(request.stop)
+    chosen = request.mode if mode is None else mode
+    fmt = response_format(chosen, request.output_schema, request.schema_name, request.schema_strict)
+    if fmt is not None:
+        body["response_format"] = fmt
+    for extra in (endpoint.extra_body, request.extra_body):
+        body.update({k: v for k, v in extra.items() if k not in ("model", "messages")})
+    return body
+
+
+def _status_error(response: httpx.Response, structured: bool = False) -> ModelError:
+    """Classify a non-200 answer; ``structured`` says the body carried ``response_format``."""
     status = response.status_code
     text = response.text[:200]
+    if structured and status in (400, 422, 500) and _names_response_format(response.text):
+        return ModelError(
+            "client_error",
+            f"{status} from model endpoint, refusing response_format: {text}",
+            status=status,
+            refused_response_format=True,
+        )
     if status == 429:
         return ModelError(
             "rate_limited",
@@ -100,6 +180,12 @@ def _status_error(response: httpx.Response) -> ModelError:
     if status in (408, 409) or status >= 500:
         return ModelError("server_error", f"{status} from model endpoint: {text}", status=status)
     return ModelError("client_error", f"{status} from model endpoint: {text}", status=status)
+
+
+def _names_response_format(text: str) -> bool:
+    """Whether an error body blames the structured-output request (OpenAI names the
+    ``param``; llama.cpp's 500 carries a validation error with ``response_format``)."""
+    return "response_format" in text or "json_schema" in text
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -124,6 +210,7 @@ def _parse(response: httpx.Response, requested_model: str, latency_ms: float) ->
         if not isinstance(text, str):
             raise TypeError("content is not a string")
         usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
         logprob_items = ((choice.get("logprobs") or {}).get("content")) or []
         logprobs = [float(item["logprob"]) for item in logprob_items if "logprob" in item]
         return ChatCompletion(
@@ -134,6 +221,7 @@ def _parse(response: httpx.Response, requested_model: str, latency_ms: float) ->
             completion_tokens=_token_count(usage.get("completion_tokens")),
             token_logprobs=logprobs,
             latency_ms=latency_ms,
+            cached_tokens=_token_count(details.get("cached_tokens")),
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ModelError("bad_response", f"unexpected response shape: {exc!r}"[:200]) from exc

@@ -6,8 +6,11 @@ living inside a client, so each layer is small, testable alone and composable.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+from pipeline.llm.structured import StructuredOutput
 
 ErrorKind = Literal[
     "timeout",
@@ -21,14 +24,61 @@ ErrorKind = Literal[
 RETRYABLE: frozenset[str] = frozenset({"timeout", "connection", "rate_limited", "server_error"})
 
 
+TokenLimitParam = Literal["max_tokens", "max_completion_tokens"]
+
+
+@dataclass(frozen=True)
+class EndpointOptions:
+    """How one model's endpoint wants its requests: deployment, not prompt logic.
+
+    Set from configuration (``LLMPIPE_MODEL_ENDPOINTS`` and the ``LLMPIPE_MODEL_*``
+    defaults) by the router, so the same prompt can be served by OpenAI, a gateway and
+    llama.cpp in one fallback chain. Not part of a prompt's content hash: changing where
+    a prompt runs is a deployment change (see ``docs/models.md``).
+
+    ``reasoning`` marks a reasoning model (o-series, gpt-5...): it rejects ``temperature``,
+    ``top_p``, the penalties, ``logprobs`` and ``max_tokens``, so those are left out and
+    the limit is sent as ``max_completion_tokens``.
+    """
+
+    structured_output: StructuredOutput = "none"
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    token_limit_param: TokenLimitParam = "max_tokens"
+    reasoning: bool = False
+
+
 @dataclass(frozen=True)
 class ChatRequest:
+    """One call. The sampling fields come from the prompt file (prompt logic, hashed);
+    ``endpoint`` is filled in by the router from configuration."""
+
     model: str
     messages: list[dict[str, str]]
-    temperature: float = 0.0
+    temperature: float | None = 0.0
     max_tokens: int = 512
     logprobs: bool = False
     timeout_s: float = 30.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    reasoning_effort: str | None = None
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    output_schema: Mapping[str, Any] | None = None
+    schema_name: str = "output"
+    schema_strict: bool = False
+    structured_output: StructuredOutput | None = None
+    """The prompt's override of the endpoint's mode; None uses the endpoint's."""
+    endpoint: EndpointOptions = field(default_factory=EndpointOptions)
+
+    @property
+    def mode(self) -> StructuredOutput:
+        """The structured-output mode this call asks for."""
+        if self.structured_output is not None:
+            return self.structured_output
+        return self.endpoint.structured_output
 
 
 @dataclass(frozen=True)
@@ -41,6 +91,9 @@ class ChatCompletion:
     token_logprobs: list[float] = field(default_factory=list)
     latency_ms: float = 0.0
     attempts: int = 1
+    cached_tokens: int = 0
+    structured_output: StructuredOutput = "none"
+    """The mode the answering endpoint actually applied (``none`` after a refusal)."""
 
     def with_attempts(self, attempts: int) -> ChatCompletion:
         return replace(self, attempts=attempts)
@@ -57,12 +110,15 @@ class ModelError(Exception):
         retry_after_s: float | None = None,
         status: int | None = None,
         attempts: int = 1,
+        refused_response_format: bool = False,
     ) -> None:
+        """``refused_response_format``: the endpoint rejected the structured-output form."""
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.retry_after_s = retry_after_s
         self.status = status
         self.attempts = attempts
+        self.refused_response_format = refused_response_format
 
     @property
     def retryable(self) -> bool:

@@ -126,7 +126,8 @@ def chat_span(
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        span.set_attribute(sc.GEN_AI_REQUEST_TEMPERATURE, request.temperature)
+        if request.temperature is not None:
+            span.set_attribute(sc.GEN_AI_REQUEST_TEMPERATURE, request.temperature)
         if telemetry.trace_content:
             span.set_attribute(
                 sc.GEN_AI_INPUT_MESSAGES,

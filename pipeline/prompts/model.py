@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from pipeline.prompts.conditions import Condition, parse_condition
+from pipeline.llm.structured import StrictDecision, StructuredOutput, strict_decision
 from pipeline.prompts.references import Reference, parse_reference
 from pipeline.prompts.templating import template_variables
 
@@ -62,8 +63,43 @@ class FileIdentity:
     version: int
 
 
+# Body fields with a first-class place in the prompt file (or owned by llmpipe): an
+# ``extra_body`` that set one of them would silently override it.
+_FIRST_CLASS_BODY_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "max_tokens",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "seed",
+        "stop",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "reasoning_effort",
+        "response_format",
+        "stream",
+        "n",
+    }
+)
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
 class ModelParams(_Strict):
-    """How to call the model; ``fallback_models`` are ordered alternates for resilience."""
+    """How to call the model: the sampling parameters are prompt logic, so they live here
+    and are part of the content hash (the whole file is hashed). Where the model runs
+    (base URL, keys, gateway headers, deployment body fields, whether it is a reasoning
+    model) is deployment and lives in the endpoint configuration instead.
+
+    ``fallback_models`` are ordered alternates for resilience. ``structured_output``
+    overrides the endpoint's mode for this prompt (see ``pipeline.llm.structured``).
+    ``reasoning_effort`` marks the prompt as written for a reasoning model, which takes
+    no ``temperature``, ``top_p``, penalties or ``logprobs``. ``extra_body`` carries
+    server-specific sampling fields (llama.cpp's ``top_k``, vLLM's ``min_p``...).
+    """
 
     model: str = Field(min_length=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -71,6 +107,14 @@ class ModelParams(_Strict):
     logprobs: bool = False
     timeout_s: float = Field(default=30.0, gt=0.0)
     fallback_models: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=4)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    structured_output: StructuredOutput | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _alternates_are_distinct(self) -> ModelParams:
@@ -79,6 +123,26 @@ class ModelParams(_Strict):
         if duplicates:
             raise ValueError(f"fallback_models repeats {', '.join(duplicates)}")
         return self
+
+    @model_validator(mode="after")
+    def _reasoning_takes_no_sampling(self) -> ModelParams:
+        if self.reasoning_effort is None:
+            return self
+        sampling = {"temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs"}
+        given = sorted(sampling & self.model_fields_set)
+        if given:
+            raise ValueError(
+                f"reasoning models take no {', '.join(given)}; remove it or reasoning_effort"
+            )
+        return self
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body_adds_only(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(_FIRST_CLASS_BODY_FIELDS & set(extra))
+        if clash:
+            raise ValueError(f"extra_body may not set {', '.join(clash)}: use its own field")
+        return extra
 
 
 class MessageTemplate(_Strict):
@@ -327,10 +391,12 @@ class PromptSpec(_Strict):
 
     _input_validator: Draft202012Validator = PrivateAttr()
     _output_validator: Draft202012Validator = PrivateAttr()
+    _strict: StrictDecision = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
         self._input_validator = _validator(self.input_schema)
         self._output_validator = _validator(self.output_schema)
+        self._strict = strict_decision(self.output_schema)
 
     @property
     def ref(self) -> str:
@@ -344,6 +410,11 @@ class PromptSpec(_Strict):
     @property
     def output_validator(self) -> Draft202012Validator:
         return self._output_validator
+
+    @property
+    def strict_output(self) -> StrictDecision:
+        """Whether ``output_schema`` can go to ``json_schema`` mode with ``strict: true``."""
+        return self._strict
 
     def references(self) -> list[tuple[str, Reference]]:
         """Every function reference with the field it came from, for hashing and resolving."""

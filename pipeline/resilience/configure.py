@@ -7,7 +7,7 @@ from pipeline.control.state import ENDPOINT_ENABLED, ControlState
 from pipeline.observability.metrics import record_breaker_change
 from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
 from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets
-from pipeline.resilience.endpoints import parse_endpoints
+from pipeline.resilience.endpoints import default_options, parse_endpoints
 from pipeline.resilience.ratelimit import parse_rate_limits
 from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
 
@@ -16,7 +16,14 @@ def stack_config(settings: Settings) -> StackConfig:
     api_key = settings.model_api_key.get_secret_value() if settings.model_api_key else None
     rate_limits, default_limit = parse_rate_limits(settings.model_rate_limits)
     return StackConfig(
-        endpoints=parse_endpoints(settings.model_endpoints, settings.model_base_url, api_key),
+        endpoints=parse_endpoints(
+            settings.model_endpoints,
+            settings.model_base_url,
+            api_key,
+            default_options(
+                settings.model_structured_output, settings.model_headers, settings.model_extra_body
+            ),
+        ),
         workers=settings.workers,
         rate_limits=rate_limits,
         default_rate_limit=default_limit,

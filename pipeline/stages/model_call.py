@@ -68,14 +68,27 @@ def failure_reason(exc: ModelError) -> str:
 def chat_request(
     pv: PromptVersion, messages: list[dict[str, str]], timeout_cap_s: float
 ) -> ChatRequest:
+    """The call for ``pv``: its sampling parameters and its output schema, so that the
+    endpoint layer can ask for structured output in the form that endpoint takes."""
     params = pv.model
     return ChatRequest(
         model=params.model,
         messages=messages,
-        temperature=params.temperature,
+        temperature=None if params.reasoning_effort else params.temperature,
         max_tokens=params.max_tokens,
         logprobs=params.logprobs,
         timeout_s=min(params.timeout_s, timeout_cap_s),
+        seed=params.seed,
+        stop=tuple(params.stop),
+        top_p=params.top_p,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        reasoning_effort=params.reasoning_effort,
+        extra_body=params.extra_body,
+        output_schema=pv.output_schema,
+        schema_name=pv.name,
+        schema_strict=pv.strict_output.strict,
+        structured_output=params.structured_output,
     )
 
 

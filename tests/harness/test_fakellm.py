@@ -619,6 +619,7 @@ async def test_control_profile_and_seed(srv: FakeLLMServer, client: httpx.AsyncC
         "force_behavior": None,
         "latency": 0.0,
         "jitter": 0.0,
+        "refuse_formats": [],
     }
 
 

@@ -61,6 +61,7 @@ BEHAVIORS: frozenset[str] = frozenset(
         "server_error",
         "reset",
         "garbage",
+        "ignore_schema",
     }
 )
 

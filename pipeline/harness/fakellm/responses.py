@@ -14,7 +14,10 @@ import math
 import random
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from jsonschema import Draft202012Validator
 
 from pipeline.harness.fakellm.behaviors import (
     BehaviorSpec,
@@ -30,7 +33,9 @@ __all__ = [
     "INVALID_JSON",
     "REFUSAL",
     "WRONG_SCHEMA",
+    "Constraint",
     "completion_body",
+    "constraint_of",
     "error_body",
     "estimate_tokens",
     "render_content",
@@ -65,14 +70,56 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1 if text else 0
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What ``response_format`` lets a real server emit, as the fake honours it.
+
+    ``json_only``: the text is one JSON value (``json_object``, or any schema-carrying
+    form). ``schema``: decoding is constrained to this schema (llama.cpp's
+    ``json_object`` + ``schema``, or OpenAI's ``json_schema`` with ``strict: true``; a
+    non-strict schema is guidance, which a model may ignore, so it constrains nothing).
+    """
+
+    json_only: bool = False
+    schema: Mapping[str, Any] | None = None
+    guidance: Mapping[str, Any] | None = None
+
+
+def constraint_of(body: Mapping[str, Any]) -> Constraint:
+    fmt = body.get("response_format")
+    if not isinstance(fmt, Mapping) or fmt.get("type") == "text":
+        return Constraint()
+    if fmt.get("type") == "json_object":
+        schema = fmt.get("schema")
+        return Constraint(True, schema if isinstance(schema, Mapping) else None)
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, Mapping) else None
+    if not isinstance(schema, Mapping):
+        return Constraint(True)
+    if isinstance(spec, Mapping) and spec.get("strict") is True:
+        return Constraint(True, schema)
+    return Constraint(True, None, schema)
+
+
+def _conforms(value: Any, schema: Mapping[str, Any]) -> bool:
+    return Draft202012Validator(schema).is_valid(value)
+
+
 def valid_answer(body: Mapping[str, Any], messages: Sequence[Any]) -> Any:
     """The JSON value a well-behaved model would return (see module :mod:`behaviors` doc).
 
     Order: an explicit ``[[answer:...]]`` block, then a minimal instance of the
     ``OUTPUT_SCHEMA:`` in the prompt, then of ``response_format``'s JSON schema, else
-    ``{"answer": "ok"}``. Malformed blocks raise ValueError, which the server turns into 400.
+    ``{"answer": "ok"}``. When ``response_format`` constrains decoding to a schema, an
+    explicit answer that does not conform is replaced by a minimal instance of it, as a
+    constrained decoder would have to. Malformed blocks raise ValueError (a 400).
     """
     explicit = find_answer(messages)
+    constrained = constraint_of(body).schema
+    if constrained is not None:
+        if explicit is not None and _conforms(explicit.value, constrained):
+            return explicit.value
+        return minimal_instance(constrained)
     if explicit is not None:
         return explicit.value
     schema = find_output_schema(messages)
@@ -86,11 +133,29 @@ def valid_answer(body: Mapping[str, Any], messages: Sequence[Any]) -> Any:
     return dict(DEFAULT_ANSWER)
 
 
-def render_content(spec: BehaviorSpec, answer: Any) -> str:
-    """Assistant text for the behaviours that produce a 200 response."""
+# Behaviours a JSON-only decoder cannot produce; under ``response_format`` they answer
+# with the bare JSON instead (their logprob band stays: constraining does not make a
+# model sure). ``wrong_schema`` is valid JSON, so only a schema constraint removes it.
+_NOT_JSON = frozenset({"fenced", "hedge", "invalid_json", "garbage"})
+
+
+def render_content(spec: BehaviorSpec, answer: Any, constraint: Constraint | None = None) -> str:
+    """Assistant text for the behaviours that produce a 200 response.
+
+    ``ignore_schema`` is the fake ignoring ``response_format`` on purpose: a near miss (one
+    required field dropped, one unknown field added) whatever the request asked for, so
+    tests can show the pipeline still catches what a constrained endpoint let through.
+    """
     name = spec.name
+    constraint = constraint or Constraint()
+    if constraint.json_only and name in _NOT_JSON:
+        name = "valid"
+    if constraint.schema is not None and name == "wrong_schema":
+        name = "valid"
     if name in ("valid", "slow"):
         return json.dumps(answer, ensure_ascii=False)
+    if name == "ignore_schema":
+        return json.dumps(_near_miss(answer), ensure_ascii=False)
     if name == "fenced":
         pretty = json.dumps(answer, ensure_ascii=False, indent=2)
         return f"Here is the result you asked for:\n\n```json\n{pretty}\n```\n\nHope this helps!"
@@ -112,6 +177,15 @@ def render_content(spec: BehaviorSpec, answer: Any) -> str:
     if name == "garbage":
         return GARBAGE
     raise ValueError(f"behaviour {name!r} has no content")
+
+
+def _near_miss(answer: Any) -> Any:
+    if not isinstance(answer, Mapping) or not answer:
+        return dict(WRONG_SCHEMA)
+    kept = dict(answer)
+    kept.pop(sorted(kept)[0])
+    kept["note"] = "ignored the schema"
+    return kept
 
 
 def tokenize(text: str) -> list[str]:

@@ -16,6 +16,12 @@ Behaviour precedence for a chat request (first that applies wins):
 
 A header or directive with ``times=N`` is skipped once it has served N requests of the same
 conversation (same first user message), so a test can script "fail twice, then succeed".
+
+Structured output: ``response_format`` is checked like OpenAI checks it (a strict schema
+outside the strict subset is a 400) and honoured (see
+:func:`pipeline.harness.fakellm.responses.render_content`); ``ignore_schema`` misbehaves
+under it on purpose. ``refuse_formats`` makes the fake refuse some forms the way
+llama.cpp refuses OpenAI's ``json_schema``: an HTTP 500 carrying a validation error.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import resource
 import secrets
 import signal
@@ -53,11 +60,13 @@ from pipeline.harness.fakellm.behaviors import (
 from pipeline.harness.fakellm.http11 import HttpError, Request, RequestParser, build_response
 from pipeline.harness.fakellm.responses import (
     completion_body,
+    constraint_of,
     error_body,
     render_content,
     valid_answer,
 )
 from pipeline.harness.fakellm.schema_instance import SchemaInstanceError
+from pipeline.llm.structured import STRUCTURED_OUTPUT_MODES, strict_decision
 
 __all__ = [
     "DEFAULT_PORT",
@@ -72,7 +81,8 @@ log = logging.getLogger("pipeline.harness.fakellm")
 
 DEFAULT_PORT = 8089
 BEHAVIOR_HEADER = "x-fake-behavior"
-_CONTENT_BEHAVIORS = frozenset({"valid", "slow", "fenced", "hedge"})
+_CONTENT_BEHAVIORS = frozenset({"valid", "slow", "fenced", "hedge", "ignore_schema"})
+_SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MAX_BUFFERED = 4 * 1024 * 1024
 _MAX_TIMES_KEYS = 100_000
 _JSON = "application/json"
@@ -88,6 +98,7 @@ class ServerConfig:
     force_behavior: BehaviorSpec | None = None
     latency: float = 0.0
     jitter: float = 0.0
+    refuse_formats: frozenset[str] = frozenset()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -97,11 +108,30 @@ class ServerConfig:
             "force_behavior": _spec_text(self.force_behavior),
             "latency": self.latency,
             "jitter": self.jitter,
+            "refuse_formats": sorted(self.refuse_formats),
         }
 
 
 def _spec_text(spec: BehaviorSpec | None) -> str | None:
     return None if spec is None else str(spec)
+
+
+def _refusals(formats: Sequence[str] | frozenset[str] | None) -> frozenset[str]:
+    """Structured-output modes to refuse, named as llmpipe names them."""
+    chosen = frozenset(formats or ())
+    unknown = sorted(chosen - set(STRUCTURED_OUTPUT_MODES) - {"none"})
+    if unknown or "none" in chosen:
+        raise ValueError("refuse_formats takes json_schema, json_object_schema, json_object")
+    return chosen
+
+
+def _format_mode(body: Mapping[str, Any]) -> str:
+    fmt = body.get("response_format")
+    if not isinstance(fmt, Mapping) or fmt.get("type") in (None, "text"):
+        return "none"
+    if fmt.get("type") == "json_object":
+        return "json_object_schema" if "schema" in fmt else "json_object"
+    return str(fmt.get("type"))
 
 
 def _check_latency(latency: float, jitter: float) -> None:
@@ -151,6 +181,7 @@ class FakeLLMServer:
         jitter: float = 0.0,
         default_behavior: str | None = None,
         backlog: int = 4096,
+        refuse_formats: Sequence[str] = (),
     ) -> None:
         _check_latency(latency, jitter)
         self.host = host
@@ -162,6 +193,7 @@ class FakeLLMServer:
             default_behavior=parse_behavior(default_behavior) if default_behavior else None,
             latency=latency,
             jitter=jitter,
+            refuse_formats=_refusals(refuse_formats),
         )
         self._lock = threading.Lock()
         self._total_calls = 0
@@ -273,6 +305,7 @@ class FakeLLMServer:
         force_behavior: str | _Unset | None = _UNSET,
         latency: float | _Unset = _UNSET,
         jitter: float | _Unset = _UNSET,
+        refuse_formats: Sequence[str] | _Unset = _UNSET,
     ) -> ServerConfig:
         """Change settings at runtime (thread-safe); ``None`` clears an override.
 
@@ -298,6 +331,8 @@ class FakeLLMServer:
             changes["latency"] = float(latency)
         if not isinstance(jitter, _Unset):
             changes["jitter"] = float(jitter)
+        if not isinstance(refuse_formats, _Unset):
+            changes["refuse_formats"] = _refusals(refuse_formats)
         new = replace(cfg, **changes)
         _check_latency(new.latency, new.jitter)
         self._config = new
@@ -431,7 +466,15 @@ class FakeLLMServer:
             body = json.loads(request.body or b"{}")
             if not isinstance(body, dict):
                 raise ValueError("control body must be a JSON object")
-            allowed = {"profile", "seed", "default_behavior", "force_behavior", "latency", "jitter"}
+            allowed = {
+                "profile",
+                "seed",
+                "default_behavior",
+                "force_behavior",
+                "latency",
+                "jitter",
+                "refuse_formats",
+            }
             unknown = set(body) - allowed
             if unknown:
                 raise ValueError(f"unknown control fields: {sorted(unknown)}")
@@ -445,6 +488,9 @@ class FakeLLMServer:
                     raise ValueError(f"{key} must be a string or null")
             if "profile" in body and not isinstance(body["profile"], str | dict | None):
                 raise ValueError("profile must be a string or an object of weights")
+            refusals = body.get("refuse_formats", [])
+            if not isinstance(refusals, list) or not all(isinstance(f, str) for f in refusals):
+                raise ValueError("refuse_formats must be a list of strings")
             cfg = self.configure(**body)
         except (ValueError, TypeError, RecursionError) as exc:
             self._count_bad()
@@ -464,6 +510,9 @@ class FakeLLMServer:
         except (ValueError, SchemaInstanceError) as exc:
             self._count_bad()
             return self._error(request, 400, f"fakellm: {exc}", type_="invalid_request_error")
+        if _format_mode(body) in self._config.refuse_formats:
+            self._count_bad()
+            return self._refuse_format(request, body)
         self._count_call(spec.name, model)
         self._flight(+1)
         try:
@@ -509,7 +558,7 @@ class FakeLLMServer:
         if spec.name == "server_error":
             message = "The server had an error while processing your request. Sorry about that!"
             return self._error(request, 500, message, type_="server_error", headers=headers)
-        content = render_content(spec, answer)
+        content = render_content(spec, answer, constraint_of(body))
         seed_bytes = hashlib.sha256(f"{spec.name}\x00{content}".encode("utf-8", "surrogatepass"))
         completion = completion_body(
             completion_id=f"chatcmpl-fake{self._id_prefix}{next(self._ids):010d}",
@@ -525,6 +574,18 @@ class FakeLLMServer:
             rng=random.Random(seed_bytes.digest()),
         )
         return self._json(request, 200, completion, headers=headers)
+
+    def _refuse_format(self, request: Request, body: Mapping[str, Any]) -> _Reply:
+        """What llama.cpp's server answers to a form it does not know: a 500 that is really
+        a request validation error."""
+        fmt = body.get("response_format")
+        given = fmt.get("type") if isinstance(fmt, Mapping) else None
+        message = (
+            "1 validation error:\n  {'type': 'literal_error', "
+            "'loc': ('body', 'response_format', 'type'), "
+            f"'msg': \"Input should be 'text' or 'json_object'\", 'input': {given!r}}}"
+        )
+        return self._error(request, 500, message, type_="internal_server_error")
 
     def _json(
         self,
@@ -587,7 +648,74 @@ def _parse_chat(raw: bytes) -> tuple[dict[str, Any], list[Any], str]:
     _int_field(body, "n", 1, 1, 128)
     _int_field(body, "top_logprobs", 0, 0, 20)
     _max_tokens(body)
+    _check_sampling(body)
+    _check_response_format(body.get("response_format"))
     return body, messages, model
+
+
+_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+
+
+def _check_sampling(body: Mapping[str, Any]) -> None:
+    """The ranges and types OpenAI enforces, so a bad parameter fails here as it would there."""
+    for name, (low, high) in _RANGES.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise _ClientError(f"'{name}' must be a number within {low:g}..{high:g}", name)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _ClientError("'seed' must be an integer", "seed")
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) for x in stops):
+        raise _ClientError("'stop' must be a string or an array of up to 4 strings", "stop")
+
+
+def _check_response_format(fmt: Any) -> None:
+    if fmt is None:
+        return
+    where = "response_format"
+    if not isinstance(fmt, Mapping) or fmt.get("type") not in (
+        "text",
+        "json_object",
+        "json_schema",
+    ):
+        raise _ClientError("'response_format.type' must be text, json_object or json_schema", where)
+    if fmt["type"] == "json_object" and not isinstance(fmt.get("schema", {}), Mapping):
+        raise _ClientError("'response_format.schema' must be an object", where)
+    if fmt["type"] != "json_schema":
+        return
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise _ClientError("'response_format.json_schema' is required", where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+        raise _ClientError(
+            "'response_format.json_schema.name' must match ^[a-zA-Z0-9_-]{1,64}$", where
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, Mapping):
+        raise _ClientError("'response_format.json_schema.schema' must be an object", where)
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _ClientError("'response_format.json_schema.strict' must be a boolean", where)
+    if strict:
+        decision = strict_decision(schema)
+        if not decision.strict:
+            raise _ClientError(
+                f"Invalid schema for response_format '{name}': {decision.reasons[0]}", where
+            )
 
 
 def _int_field(body: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
