@@ -31,6 +31,7 @@ from pipeline.prompts.errors import (
     UnknownPromptVersionError,
 )
 from pipeline.prompts.lock import LOCK_FILE_NAME, check, lock, read_lock
+from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import input_errors, render_messages
 
@@ -172,6 +173,17 @@ def check_command(prompts_dir: PromptsDir = Path("prompts")) -> None:
         raise typer.Exit(EXIT_FAILED)
     count = sum(1 for _ in registry)
     typer.echo(f"ok: {count} prompt versions load; no released version changed")
+    for prompt in registry:
+        typer.echo(f"{prompt.ref}: {_structured_output_note(prompt)}")
+
+
+def _structured_output_note(prompt: PromptVersion) -> str:
+    """How ``json_schema`` mode will send this version's schema, and why (one line)."""
+    override = prompt.model.structured_output
+    mode = (
+        f"structured_output {override} (prompt)" if override else "structured_output per endpoint"
+    )
+    return f"{mode}; json_schema would be {prompt.strict_output.explain()}"
 
 
 @prompts_app.command("test")

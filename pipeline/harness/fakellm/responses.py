@@ -39,6 +39,7 @@ __all__ = [
     "error_body",
     "estimate_tokens",
     "render_content",
+    "rendered_behavior",
     "token_logprobs",
     "tokenize",
     "valid_answer",
@@ -139,6 +140,15 @@ def valid_answer(body: Mapping[str, Any], messages: Sequence[Any]) -> Any:
 _NOT_JSON = frozenset({"fenced", "hedge", "invalid_json", "garbage"})
 
 
+def rendered_behavior(name: str, constraint: Constraint) -> str:
+    """The behaviour whose text is sent once ``constraint`` is honoured."""
+    if constraint.json_only and name in _NOT_JSON:
+        return "valid"
+    if constraint.schema is not None and name == "wrong_schema":
+        return "valid"
+    return name
+
+
 def render_content(spec: BehaviorSpec, answer: Any, constraint: Constraint | None = None) -> str:
     """Assistant text for the behaviours that produce a 200 response.
 
@@ -146,12 +156,7 @@ def render_content(spec: BehaviorSpec, answer: Any, constraint: Constraint | Non
     required field dropped, one unknown field added) whatever the request asked for, so
     tests can show the pipeline still catches what a constrained endpoint let through.
     """
-    name = spec.name
-    constraint = constraint or Constraint()
-    if constraint.json_only and name in _NOT_JSON:
-        name = "valid"
-    if constraint.schema is not None and name == "wrong_schema":
-        name = "valid"
+    name = rendered_behavior(spec.name, constraint or Constraint())
     if name in ("valid", "slow"):
         return json.dumps(answer, ensure_ascii=False)
     if name == "ignore_schema":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -63,6 +64,7 @@ from pipeline.harness.fakellm.responses import (
     constraint_of,
     error_body,
     render_content,
+    rendered_behavior,
     valid_answer,
 )
 from pipeline.harness.fakellm.schema_instance import SchemaInstanceError
@@ -85,6 +87,7 @@ _CONTENT_BEHAVIORS = frozenset({"valid", "slow", "fenced", "hedge", "ignore_sche
 _SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MAX_BUFFERED = 4 * 1024 * 1024
 _MAX_TIMES_KEYS = 100_000
+_RECENT = 256
 _JSON = "application/json"
 
 
@@ -211,6 +214,7 @@ class FakeLLMServer:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4)
         self._latency_rng = random.Random(seed)
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=_RECENT)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -282,6 +286,12 @@ class FakeLLMServer:
                 "bad_requests": self._bad_requests,
             }
 
+    def recent_requests(self) -> list[dict[str, Any]]:
+        """The last chat requests received (``headers`` and parsed ``body``), oldest first,
+        so tests can check what a client really put on the wire."""
+        with self._lock:
+            return list(self._recent)
+
     def reset_counters(self) -> None:
         """Zero the counters and ``times=N`` budgets; requests still in flight stay counted."""
         with self._lock:
@@ -291,6 +301,7 @@ class FakeLLMServer:
             self._by_model.clear()
             self._max_in_flight = self._in_flight
             self._times_used.clear()
+            self._recent.clear()
 
     @property
     def config(self) -> ServerConfig:
@@ -501,7 +512,8 @@ class FakeLLMServer:
         try:
             body, messages, model = _parse_chat(request.body)
             spec = self.resolve_behavior(messages, request.headers.get(BEHAVIOR_HEADER))
-            answer = valid_answer(body, messages) if spec.name in _CONTENT_BEHAVIORS else None
+            rendered = rendered_behavior(spec.name, constraint_of(body))
+            answer = valid_answer(body, messages) if rendered in _CONTENT_BEHAVIORS else None
         except _ClientError as exc:
             self._count_bad()
             return self._error(
@@ -510,6 +522,8 @@ class FakeLLMServer:
         except (ValueError, SchemaInstanceError) as exc:
             self._count_bad()
             return self._error(request, 400, f"fakellm: {exc}", type_="invalid_request_error")
+        with self._lock:
+            self._recent.append({"headers": dict(request.headers), "body": body})
         if _format_mode(body) in self._config.refuse_formats:
             self._count_bad()
             return self._refuse_format(request, body)
