@@ -34,8 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.prompts.conditions import Condition, parse_condition
 from pipeline.llm.structured import StrictDecision, StructuredOutput, strict_decision
+from pipeline.prompts.conditions import Condition, parse_condition
 from pipeline.prompts.references import Reference, parse_reference
 from pipeline.prompts.templating import template_variables
 
