@@ -14,6 +14,7 @@ from pipeline.resilience.breaker import (
     CircuitBreaker,
     QualityBreaker,
 )
+from pipeline.resilience.breaker_wait import BreakerWaitClient
 from pipeline.resilience.budget import BudgetConfig, BudgetedClient, parse_daily_budgets
 from pipeline.resilience.endpoints import (
     EndpointConfigError,
@@ -47,6 +48,7 @@ __all__ = [
     "BreakerClient",
     "BreakerConfig",
     "BreakerState",
+    "BreakerWaitClient",
     "BudgetConfig",
     "BudgetExceeded",
     "BudgetedClient",

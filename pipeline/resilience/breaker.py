@@ -28,10 +28,16 @@ errors, 5xx and 429 (a flood of 429s means "go elsewhere" as surely as a 500). A
 and counts as a success (the endpoint answered); output quality has its own breaker,
 :class:`QualityBreaker`. Local rejections (our own rate limiter, budget) are neutral:
 no call reached the endpoint.
+
+:class:`BreakerClient` also tells waiters when something changed (:meth:`BreakerClient.
+wait_for_change`): a state transition or a probe slot handed back. That is what lets a
+request held by :class:`~pipeline.resilience.breaker_wait.BreakerWaitClient` go the
+moment a probe closes the circuit, instead of polling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -282,7 +288,8 @@ class BreakerClient:
 
     While a model's circuit is open, calls raise :class:`CircuitOpen` (kind
     ``unavailable``, not retryable) without touching the layer below; its
-    ``retry_after_s`` says when the circuit will half-open.
+    ``retry_after_s`` says when the circuit will half-open (None while half-open with
+    every probe slot taken: then only the probe's outcome says).
     """
 
     def __init__(
@@ -300,6 +307,7 @@ class BreakerClient:
         self._listener = on_state_change
         self._is_failure = is_failure
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._changed = asyncio.Event()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -308,7 +316,7 @@ class BreakerClient:
         found = self._breakers.get(model)
         if found is None:
             found = CircuitBreaker(
-                model, self._config, clock=self._clock, on_state_change=self._listener
+                model, self._config, clock=self._clock, on_state_change=self._on_change
             )
             self._breakers[model] = found
         return found
@@ -316,6 +324,38 @@ class BreakerClient:
     def allows(self, model: str) -> bool:
         """Would a call to ``model`` go through now? The fallback chain skips it if not."""
         return self.breaker(model).allows()
+
+    def refusal(self, model: str) -> CircuitOpen | None:
+        """The error a call to ``model`` would get now, or None when it would go through."""
+        breaker = self.breaker(model)
+        if breaker.allows():
+            return None
+        return CircuitOpen(model, retry_after_s=breaker.retry_after_s())
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Return after a breaker changed state or freed a probe slot, or after ``timeout_s``.
+
+        Time-driven changes (open -> half-open) happen lazily, when a state is read, so
+        no event announces them: a waiter bounds ``timeout_s`` by :meth:`CircuitBreaker.
+        retry_after_s` itself. The timeout runs on the injected clock.
+        """
+        changed = asyncio.ensure_future(self._changed.wait())
+        timer = asyncio.ensure_future(self._clock.sleep(max(0.0, timeout_s)))
+        try:
+            await asyncio.wait({changed, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            timer.cancel()
+
+    def _on_change(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        self._wake()
+        if self._listener is not None:
+            self._listener(name, old, new)
+
+    def _wake(self) -> None:
+        """Wake every current waiter; later waiters wait for the next change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def states(self) -> dict[str, BreakerState]:
         return {model: b.state for model, b in self._breakers.items()}
@@ -330,17 +370,22 @@ class BreakerClient:
         try:
             completion = await self._inner.complete(request, deadline)
         except LocalRejection:
-            breaker.release(permit)
+            self._release(breaker, permit)
             raise
         except ModelError as exc:
             breaker.record(permit, failed=self._is_failure(exc))
             raise
         except BaseException:
             # Cancelled, or a bug below: says nothing about the endpoint's health.
-            breaker.release(permit)
+            self._release(breaker, permit)
             raise
         breaker.record(permit, failed=False)
         return completion
+
+    def _release(self, breaker: CircuitBreaker, permit: Permit) -> None:
+        breaker.release(permit)
+        if permit.probe:
+            self._wake()  # a probe slot is free again: a held request may take it
 
 
 QUALITY_DEFAULTS = BreakerConfig(

@@ -40,15 +40,18 @@ def stack_config(settings: Settings) -> StackConfig:
         max_attempts=settings.model_max_attempts,
         retry_budget_s=settings.model_timeout_s * settings.model_max_attempts + 10,
         max_connections=max(settings.max_in_flight * 2, 16),
+        breaker_wait_s=settings.breaker_wait_s,
     )
 
 
 def resilient_client(settings: Settings, control: ControlState) -> ResilientClient:
-    """The model client every stage uses; endpoint kill switches come from ``control``."""
+    """The model client every stage uses; endpoint and model-call kill switches come from
+    ``control`` (a request held by open breakers stops waiting when model calls are off)."""
     return build_client(
         stack_config(settings),
         is_enabled=lambda model: control.flag(ENDPOINT_ENABLED, model),
         on_breaker_change=record_breaker_change,
+        may_wait=control.model_calls_enabled,
     )
 
 

@@ -36,8 +36,9 @@ class FallbackChainClient:
     """Ordered fallback over models; each model's client comes from ``clients_by_model``.
 
     ``is_enabled(model)`` is the operator's switch (wire it to
-    ``ControlState.flag(ENDPOINT_ENABLED, model)``); ``is_available(model)`` is the
-    breaker's view (wire it to :meth:`BreakerClient.allows`). ``alternates(model)`` gives
+    ``ControlState.flag(ENDPOINT_ENABLED, model)``); ``circuit_refusal(model)`` is the
+    breaker's view (wire it to :meth:`BreakerClient.refusal`): the :class:`CircuitOpen`
+    a call would get, with its ``retry_after_s``, or None. ``alternates(model)`` gives
     the fallbacks when the caller does not pass ``models``.
     """
 
@@ -46,14 +47,14 @@ class FallbackChainClient:
         clients_by_model: Callable[[str], LayerClient],
         *,
         is_enabled: Callable[[str], bool] | None = None,
-        is_available: Callable[[str], bool] | None = None,
+        circuit_refusal: Callable[[str], CircuitOpen | None] | None = None,
         alternates: Callable[[str], Sequence[str]] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         closers: Sequence[LayerClient] = (),
     ) -> None:
         self._clients_by_model = clients_by_model
         self._is_enabled = is_enabled
-        self._is_available = is_available
+        self._circuit_refusal = circuit_refusal
         self._alternates = alternates
         self._clock = clock
         self._closers = tuple(closers)
@@ -133,6 +134,7 @@ class FallbackChainClient:
             return "deadline", ModelError("timeout", "deadline passed", attempts=0)
         if self._is_enabled is not None and not self._is_enabled(model):
             return "disabled", ModelDisabled(model)
-        if self._is_available is not None and not self._is_available(model):
-            return "circuit_open", CircuitOpen(model)
+        refusal = self._circuit_refusal(model) if self._circuit_refusal is not None else None
+        if refusal is not None:
+            return "circuit_open", refusal
         return None

@@ -3,17 +3,25 @@
 The order, outermost first, and why each layer sits where it does::
 
     BudgetedClient                 once per request
-      FallbackChainClient          once per request; walks [primary, *fallback_models]
-        RetryingClient             per model: attempts, backoff, Retry-After, time budget
-          BreakerClient            per model: every attempt is one breaker outcome
-            RateLimitedClient      per model: every attempt is paced and counted
-              EndpointRouter       per model: base URL + key, deadline -> HTTP timeout
-                OpenAIChatClient   one per (base URL, key), shared connection pool
+      BreakerWaitClient            once per request; holds it while every circuit is open
+        FallbackChainClient        once per request; walks [primary, *fallback_models]
+          RetryingClient           per model: attempts, backoff, Retry-After, time budget
+            BreakerClient          per model: every attempt is one breaker outcome
+              RateLimitedClient    per model: every attempt is paced and counted
+                EndpointRouter     per model: base URL + key, deadline -> HTTP timeout
+                  OpenAIChatClient one per (base URL, key), shared connection pool
 
 Budget outside everything
     A budget is about the request, not about a model: it is checked once, before any
     call, and charged the usage of whichever model answered. Outside the chain a refusal
     cannot be mistaken for a model failure (no breaker counts it, no fallback is tried).
+
+Breaker wait outside the chain
+    Only the whole chain can say "no model may take a call now": the wait starts when
+    every enabled model of the request's chain is refused by its breaker, and retries the
+    whole chain (primary first) once a probe closes one, so the request is answered by
+    the best model that is back. Inside the budget, the request's reservation is held
+    while it waits, as it would be during a slow call.
 
 Fallback chain outside the retries
     A model is abandoned only after its own retry policy gave up (or a local rate limit
@@ -66,6 +74,7 @@ from datetime import datetime
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock
 from pipeline.resilience.breaker import BreakerClient, BreakerConfig, StateListener
+from pipeline.resilience.breaker_wait import BreakerWaitClient
 from pipeline.resilience.budget import BudgetConfig, BudgetedClient
 from pipeline.resilience.endpoints import ClientFactory, EndpointRouter, Endpoints, openai_factory
 from pipeline.resilience.fallback_models import FallbackChainClient
@@ -92,12 +101,15 @@ class StackConfig:
     max_wait_s: float = 10.0
     retry_budget_s: float = 60.0
     max_connections: int = 256
+    breaker_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.breaker_wait_s < 0:
+            raise ValueError(f"breaker_wait_s must be >= 0, got {self.breaker_wait_s}")
 
 
 class ResilientClient:
@@ -106,12 +118,14 @@ class ResilientClient:
     def __init__(
         self,
         budget: BudgetedClient,
+        breaker_wait: BreakerWaitClient,
         chain: FallbackChainClient,
         breakers: BreakerClient,
         rate_limits: RateLimitedClient,
         router: EndpointRouter,
     ) -> None:
         self.budget = budget
+        self.breaker_wait = breaker_wait
         self.chain = chain
         self.breakers = breakers
         self.rate_limits = rate_limits
@@ -138,6 +152,7 @@ def build_client(
     is_enabled: Callable[[str], bool] | None = None,
     alternates: Callable[[str], Sequence[str]] | None = None,
     on_breaker_change: StateListener | None = None,
+    may_wait: Callable[[], bool] | None = None,
     clock: Clock = SYSTEM_CLOCK,
     client_factory: ClientFactory | None = None,
     environ: Mapping[str, str] | None = None,
@@ -145,6 +160,7 @@ def build_client(
     """Build the stack described in the module docstring.
 
     ``is_enabled(model)`` is the operator switch (``endpoint_enabled:<model>``);
+    ``may_wait()`` is the kill switch a request held by open breakers obeys;
     ``client_factory`` replaces the production :class:`OpenAIChatClient` factory (tests
     wrap it to observe calls). A model whose key variable is missing fails here, at
     start-up, rather than on its first fallback in the middle of an incident.
@@ -178,10 +194,18 @@ def build_client(
     chain = FallbackChainClient(
         lambda model: retrying,
         is_enabled=is_enabled,
-        is_available=breakers.allows,
+        circuit_refusal=breakers.refusal,
         alternates=alternates,
         clock=clock,
         closers=[retrying],
     )
-    budget = BudgetedClient(chain, config.budget.per_worker(workers), clock=clock)
-    return ResilientClient(budget, chain, breakers, rate_limits, router)
+    breaker_wait = BreakerWaitClient(
+        chain,
+        breakers,
+        wait_s=config.breaker_wait_s,
+        is_enabled=is_enabled,
+        may_wait=may_wait,
+        clock=clock,
+    )
+    budget = BudgetedClient(breaker_wait, config.budget.per_worker(workers), clock=clock)
+    return ResilientClient(budget, breaker_wait, chain, breakers, rate_limits, router)

@@ -165,9 +165,7 @@ class Worker:
             return validator(message.value, message.key, h.text(message.headers, h.CONTENT_TYPE))
 
         quality = quality_breaker(s)
-        caller = ModelCaller(
-            self.registry, client, self.control, s.model_timeout_s, quality, s.breaker_wait_s
-        )
+        caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s, quality)
         settler = Settler(self.registry, self.control, client, s.model_timeout_s, quality, burn_in)
         fallback = FallbackWorker(self.registry, self.control)
         return {

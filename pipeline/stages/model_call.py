@@ -4,13 +4,14 @@ The raw completion goes to ``llm.stage.completions`` before any parsing, so that
 fix or a new rule can be replayed over stored answers without paying for the calls again.
 A request that cannot be sent (kill switch, disabled prompt, passed deadline) or whose
 call fails after its retries goes to the fallback path with the reason: it is never lost.
+While every model of its chain has an open circuit, the resilient client holds the call
+(bounded, see :mod:`pipeline.resilience.breaker_wait`), and with it this message's slot.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from pipeline.contract.envelopes import (
@@ -100,7 +101,6 @@ class ModelCaller:
         control: ControlState,
         timeout_cap_s: float = 30.0,
         quality: QualityBreaker | None = None,
-        breaker_wait_s: float = 0.0,
     ) -> None:
         """``quality`` is shared with the settle stage, which records output quality."""
         self._registry = registry
@@ -108,7 +108,6 @@ class ModelCaller:
         self._control = control
         self._timeout_cap_s = timeout_cap_s
         self._quality = quality
-        self._breaker_wait_s = breaker_wait_s
 
     async def __call__(self, validated: ValidatedRequest, now: datetime | None = None) -> Decision:
         now = now or utc_now()
@@ -159,36 +158,13 @@ class ModelCaller:
     async def _call(
         self, call: ChatRequest, validated: ValidatedRequest, pv: PromptVersion
     ) -> ChatCompletion:
-        """Call the model; while every endpoint's breaker is open, wait for the probe.
-
-        Waiting holds this message's in-flight slot, so when every slot waits the stage
-        stops fetching and the backlog stays in Kafka, instead of draining a brief outage's
-        whole backlog into fallback answers. The wait is bounded by ``breaker_wait_s``, the
-        request's deadline and the kill switch; past them the request takes the fallback.
-        """
         request = validated.request
-        waited = 0.0
-        while True:
-            try:
-                with chat_span(call, validated.prompt, request.request_id) as observed:
-                    answer = await self._client.complete(
-                        call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
-                    )
-                    observed.answered(answer)
-                return answer
-            except ModelError as exc:
-                pause = exc.retry_after_s
-                deadline = request.deadline
-                if (
-                    exc.kind != "unavailable"
-                    or pause is None
-                    or waited + pause > self._breaker_wait_s
-                    or not self._control.model_calls_enabled()
-                    or (deadline is not None and utc_now() + timedelta(seconds=pause) >= deadline)
-                ):
-                    raise
-            await asyncio.sleep(pause)
-            waited += pause
+        with chat_span(call, validated.prompt, request.request_id) as observed:
+            answer = await self._client.complete(
+                call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+            )
+            observed.answered(answer)
+        return answer
 
     def _skip(
         self, validated: ValidatedRequest, reason: str, detail: str, now: datetime

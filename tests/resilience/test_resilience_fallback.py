@@ -50,7 +50,7 @@ async def test_disabled_and_open_models_are_skipped_without_a_call() -> None:
     chain = FallbackChainClient(
         lambda model: inner,
         is_enabled=lambda model: model != "a",
-        is_available=lambda model: model != "b",
+        circuit_refusal=lambda model: CircuitOpen(model) if model == "b" else None,
     )
     answer = await chain.complete(req("a"), models=["a", "b", "c"])
     assert answer.model == "c" and answer.attempts == 1
@@ -77,7 +77,7 @@ async def test_single_model_chain_is_transparent() -> None:
         await chain.complete(req("a"))
     assert caught.value is original and caught.value.attempts == 3
 
-    chain = FallbackChainClient(lambda model: ScriptedClient(), is_available=lambda m: False)
+    chain = FallbackChainClient(lambda model: ScriptedClient(), circuit_refusal=CircuitOpen)
     with pytest.raises(CircuitOpen):
         await chain.complete(req("a"))
     chain = FallbackChainClient(lambda model: ScriptedClient(), is_enabled=lambda m: False)

@@ -12,17 +12,19 @@ import asyncio
 import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
 
+from pipeline.config import Settings
 from pipeline.contract.envelopes import ControlEvent
-from pipeline.control.state import ENDPOINT_ENABLED, ControlState, flag_key
+from pipeline.control.state import ENDPOINT_ENABLED, GLOBAL_MODEL_CALLS, ControlState, flag_key
 from pipeline.harness.fakellm import FakeLLMServer, running_fake_llm
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelClient, ModelError
 from pipeline.resilience.breaker import BreakerConfig, BreakerState
+from pipeline.resilience.configure import resilient_client
 from pipeline.resilience.endpoints import (
     ClientFactory,
     Endpoints,
@@ -31,8 +33,11 @@ from pipeline.resilience.endpoints import (
 )
 from pipeline.resilience.errors import AllModelsFailed, CircuitOpen
 from pipeline.resilience.ratelimit import RateLimit
-from pipeline.resilience.stack import StackConfig, build_client
+from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
 from pipeline.resilience.testing import ManualClock
+from pipeline.stages.decisions import COMPLETIONS, FALLBACK, Emit
+from pipeline.stages.model_call import ModelCaller
+from tests.stage_support import REGISTRY, validated
 
 WAIT_S = 0.01  # retry backoff: tiny, so retries cost no time
 NO_BREAKER = BreakerConfig(window_size=1000, min_calls=1000)
@@ -247,3 +252,85 @@ async def test_requests_per_minute_limit_holds_at_the_server(fake: FakeLLMServer
     assert sent[-1] - sent[0] >= (count - 2) / 5 * 0.9
     stats = client.rate_limits.stats()["fake-model"]
     assert (stats.calls, stats.waits, stats.rejected) == (count, count - 1, 0)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
+        await asyncio.sleep(0.01)
+
+
+def outage_client(
+    fake: FakeLLMServer, control: ControlState, **overrides: float
+) -> ResilientClient:
+    """The worker's own client (``resilient_client``): breakers open after 2 failed calls."""
+    settings = Settings(
+        model_base_url=fake.url,
+        model_max_attempts=1,
+        breaker_min_calls=2,
+        **{"breaker_open_s": 0.5, "breaker_wait_s": 20.0, **overrides},  # type: ignore[arg-type]
+    )
+    return resilient_client(settings, control)
+
+
+async def open_both_circuits(caller: ModelCaller, client: ResilientClient) -> None:
+    """Two requests whose calls fail (primary and fallback model) open both circuits."""
+    for _ in range(2):
+        decision = await caller(validated())
+        assert isinstance(decision, Emit) and decision.topic == FALLBACK
+        assert decision.reason == "model_server_error"  # real failures are never held
+    assert set(client.breakers.states().values()) == {BreakerState.OPEN}
+
+
+async def test_model_stage_holds_requests_while_every_circuit_is_open_then_the_model_answers(
+    fake: FakeLLMServer,
+) -> None:
+    control = ControlState()
+    # Circuits half-open 2 s after opening: the server is healthy again well before that.
+    client = outage_client(fake, control, breaker_open_s=2.0)
+    caller = ModelCaller(REGISTRY, client, control)
+    try:
+        fake.configure(force_behavior="server_error")
+        await open_both_circuits(caller, client)
+        held = [asyncio.create_task(caller(validated())) for _ in range(10)]
+        await until(lambda: client.breaker_wait.held == 10, "10 requests held")
+        assert fake.counters()["total_calls"] == 4  # held requests call nothing
+        fake.configure(force_behavior=None)
+        decisions = await asyncio.gather(*held)
+    finally:
+        await client.aclose()
+    emitted = [d for d in decisions if isinstance(d, Emit)]
+    assert [d.topic for d in emitted] == [COMPLETIONS] * 10, decisions
+    models = {d.envelope.model for d in emitted}  # type: ignore[attr-defined]
+    assert "gpt-4o-mini" in models and models <= {"gpt-4o-mini", "claude-3-5-haiku-latest"}
+    # One call per held request (the first was the probe), none on the fallback path.
+    assert fake.counters()["by_behavior"] == {"server_error": 4, "valid": 10}
+    assert client.breaker_wait.outcomes == {"answered": 10}
+
+
+async def test_held_requests_take_the_fallback_path_when_model_calls_are_switched_off(
+    fake: FakeLLMServer,
+) -> None:
+    control = ControlState()
+    client = outage_client(fake, control, breaker_open_s=600.0)
+    caller = ModelCaller(REGISTRY, client, control)
+    try:
+        fake.configure(force_behavior="server_error")
+        await open_both_circuits(caller, client)
+        held = [asyncio.create_task(caller(validated())) for _ in range(3)]
+        await until(lambda: client.breaker_wait.held == 3, "3 requests held")
+        assert not any(task.done() for task in held)
+        control.apply(
+            ControlEvent(
+                key=flag_key(GLOBAL_MODEL_CALLS), value=False, actor="oncall", at=datetime.now(UTC)
+            )
+        )
+        decisions = await asyncio.gather(*held)
+    finally:
+        await client.aclose()
+    assert [(d.topic, d.reason) for d in decisions if isinstance(d, Emit)] == [
+        (FALLBACK, "model_unavailable")
+    ] * 3
+    assert fake.counters()["total_calls"] == 4
+    assert client.breaker_wait.outcomes == {"gave_up": 3}

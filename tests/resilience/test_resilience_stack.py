@@ -6,6 +6,7 @@ costs nothing, and no assertion depends on how long anything took.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -22,8 +23,8 @@ from pipeline.resilience.endpoints import (
 )
 from pipeline.resilience.errors import AllModelsFailed, BudgetExceeded, CircuitOpen
 from pipeline.resilience.ratelimit import RateLimit
-from pipeline.resilience.stack import StackConfig, build_client
-from pipeline.resilience.testing import completion
+from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
+from pipeline.resilience.testing import ManualClock, completion
 
 ENDPOINTS = Endpoints(
     "http://default/v1",
@@ -33,16 +34,22 @@ WAIT_S = 0.001  # retry backoff: tiny, so retries cost no time
 
 
 class Endpoint:
-    """A scripted endpoint: fails with ``error`` while it is set, else answers."""
+    """A scripted endpoint: fails with ``error`` while it is set, else answers.
+
+    While ``gate`` is set, a call waits for it to open before answering (a probe in flight).
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.error: ModelError | None = None
+        self.gate: asyncio.Event | None = None
         self.calls = 0
         self.closed = 0
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
         self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.error is not None:
             raise ModelError(self.error.kind, str(self.error), status=self.error.status)
         return completion(model=request.model)
@@ -218,3 +225,138 @@ async def test_aclose_closes_every_endpoint_client_once() -> None:
         "http://b/v1": 1,
         "http://default/v1": 1,
     }
+
+
+SERVER_ERROR = ModelError("server_error", "500", status=500)
+
+
+def held_stack(clock: ManualClock, fleet: Fleet, **overrides: object) -> ResilientClient:
+    """Both endpoints' breakers open after 2 failed calls for 10 s; requests wait up to 30 s."""
+    options: dict[str, object] = {
+        "breaker": BreakerConfig(window_size=2, min_calls=2, open_s=10.0),
+        "max_attempts": 1,
+        "breaker_wait_s": 30.0,
+        **overrides,
+    }
+    may_wait = options.pop("may_wait", None)
+    return build_client(
+        StackConfig(ENDPOINTS, **options),  # type: ignore[arg-type]
+        client_factory=fleet,
+        clock=clock,
+        may_wait=may_wait,  # type: ignore[arg-type]
+    )
+
+
+async def open_circuit(client: ResilientClient, model: str) -> None:
+    for _ in range(2):
+        with pytest.raises(ModelError) as failed:
+            await client.complete(req(model), models=[model])
+        assert failed.value.kind == "server_error"  # a model failure is never held
+    assert client.breakers.states()[model] is BreakerState.OPEN
+
+
+async def test_with_every_circuit_open_requests_are_held_until_a_probe_closes_one() -> None:
+    clock = ManualClock(auto_advance=False)
+    fleet = Fleet(failing={"http://a/v1": SERVER_ERROR, "http://b/v1": SERVER_ERROR})
+    client = held_stack(clock, fleet)
+    await open_circuit(client, "a")  # a half-opens at t=10
+    clock.advance(5)
+    await open_circuit(client, "b")  # b half-opens at t=15
+    a, b = fleet.by_url["http://a/v1"], fleet.by_url["http://b/v1"]
+
+    held = [asyncio.create_task(client.complete(req("a"), models=["a", "b"])) for _ in range(5)]
+    await clock.until_sleeping(5)
+    assert client.breaker_wait.held == 5 and not any(task.done() for task in held)
+    assert (a.calls, b.calls) == (2, 2)  # held, not calling and not falling back
+
+    a.error, a.gate = None, asyncio.Event()  # a is back; its probe will hang until told
+    clock.advance(5)  # t=10: a half-opens, one held request takes the probe
+    await clock.until_sleeping(4)
+    assert (a.calls, b.calls) == (3, 2)
+    assert client.breakers.states() == {"a": BreakerState.HALF_OPEN, "b": BreakerState.OPEN}
+    assert not any(task.done() for task in held)
+
+    a.gate.set()  # the probe answers: the circuit closes and every held request goes now,
+    answers = await asyncio.gather(*held)  # without the clock moving
+    assert [answer.model for answer in answers] == ["a"] * 5
+    assert (a.calls, b.calls) == (7, 2)
+    assert client.breaker_wait.outcomes == {"answered": 5} and client.breaker_wait.held == 0
+    assert clock.monotonic() == 1_010.0
+
+
+async def test_a_failed_probe_fails_its_own_request_and_keeps_the_others_held() -> None:
+    clock = ManualClock(auto_advance=False)
+    fleet = Fleet(failing={"http://a/v1": SERVER_ERROR})
+    client = held_stack(clock, fleet)
+    await open_circuit(client, "a")
+    a = fleet.by_url["http://a/v1"]
+    held = [asyncio.create_task(client.complete(req("a"))) for _ in range(3)]
+    await clock.until_sleeping(3)
+    a.gate = asyncio.Event()
+    clock.advance(10)  # probe 1 goes out and will fail
+    await clock.until_sleeping(2)
+    a.gate.set()
+    # The probe's request made a real call and the model failed it: that failure is its
+    # answer (the fallback path). The circuit reopens; the other two stay held.
+    done, pending = await asyncio.wait(held, return_when=asyncio.FIRST_COMPLETED)
+    (probe,) = done
+    with pytest.raises(ModelError) as failed:
+        probe.result()
+    assert failed.value.kind == "server_error"
+    await clock.until_sleeping(2)
+    assert a.calls == 3 and client.breakers.states() == {"a": BreakerState.OPEN}
+    a.error, a.gate = None, None
+    clock.advance(10)  # t=20: probe 2 succeeds and releases the others
+    answers = await asyncio.gather(*pending)
+    assert [answer.model for answer in answers] == ["a", "a"]
+    assert a.calls == 5
+    assert client.breaker_wait.outcomes == {"failed": 1, "answered": 2}
+
+
+async def test_held_requests_give_up_at_the_wait_bound_the_deadline_or_the_kill_switch() -> None:
+    clock = ManualClock(auto_advance=False)
+    calls_on = True
+    fleet = Fleet(failing={"http://a/v1": SERVER_ERROR})
+    client = held_stack(
+        clock,
+        fleet,
+        breaker=BreakerConfig(window_size=2, min_calls=2, open_s=600.0),
+        breaker_wait_s=3.0,
+        may_wait=lambda: calls_on,
+    )
+    await open_circuit(client, "a")
+    bounded = asyncio.create_task(client.complete(req("a")))
+    late = asyncio.create_task(client.complete(req("a"), clock.datetime_in(2)))
+    await clock.until_sleeping(2)
+    clock.advance(1)
+    await clock.until_sleeping(2)
+    clock.advance(1)
+    with pytest.raises(ModelError) as deadline_passed:
+        await late  # the deadline (2 s) came first: the chain says so
+    assert deadline_passed.value.kind == "timeout"
+    await clock.until_sleeping(1)
+    assert not bounded.done()
+    clock.advance(1)
+    with pytest.raises(CircuitOpen):
+        await bounded  # 3 s: the wait bound
+    assert client.breaker_wait.outcomes == {"failed": 1, "gave_up": 1}
+
+    switched_off = asyncio.create_task(client.complete(req("a")))
+    await clock.until_sleeping(1)
+    calls_on = False
+    clock.advance(1)  # the kill switch is read at least every poll (1 s)
+    with pytest.raises(CircuitOpen):
+        await switched_off
+    assert client.breaker_wait.outcomes == {"failed": 1, "gave_up": 2}
+    assert fleet.by_url["http://a/v1"].calls == 2
+
+
+async def test_no_wait_configured_means_an_open_circuit_fails_at_once() -> None:
+    clock = ManualClock(auto_advance=False)
+    fleet = Fleet(failing={"http://a/v1": SERVER_ERROR})
+    client = held_stack(clock, fleet, breaker_wait_s=0.0)
+    await open_circuit(client, "a")
+    with pytest.raises(CircuitOpen) as refused:
+        await client.complete(req("a"))
+    assert refused.value.retry_after_s == 10.0  # the chain's skip says when it half-opens
+    assert client.breaker_wait.outcomes == {} and clock.sleeps == []

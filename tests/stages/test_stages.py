@@ -327,19 +327,3 @@ async def test_the_model_can_ask_for_clarification() -> None:
     assert isinstance(decision, Emit) and decision.topic == RESULTS
     assert decision.envelope.status == "needs_clarification"  # type: ignore[attr-defined]
     assert decision.envelope.output == {"question": "Which bridge do you mean?"}  # type: ignore[attr-defined]
-
-
-async def test_an_open_breaker_is_waited_out_within_the_budget() -> None:
-    def open_circuit() -> ModelError:
-        return ModelError("unavailable", "circuit open for gpt-4o-mini", retry_after_s=0.01)
-
-    patient = ScriptedClient([open_circuit(), open_circuit(), "raw answer"])
-    decision = await ModelCaller(REGISTRY, patient, ControlState(), breaker_wait_s=1.0)(validated())
-    assert isinstance(decision, Emit) and decision.topic == COMPLETIONS
-    assert len(patient.requests) == 3
-    impatient = ScriptedClient([open_circuit()])
-    decision = await ModelCaller(REGISTRY, impatient, ControlState(), breaker_wait_s=0.0)(
-        validated()
-    )
-    assert isinstance(decision, Emit) and decision.topic == FALLBACK
-    assert decision.reason == "model_unavailable"
