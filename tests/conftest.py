@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
 from tests.real_model import local_model  # noqa: F401 - the shared real-model fixture
-from tests.support import create_topics, make_settings
+from tests.support import SESSION, create_topics, make_settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
@@ -42,7 +42,8 @@ def kafka_settings(kafka_bootstrap: str) -> Settings:
     return settings
 
 
-TEST_TOPIC = re.compile(r"^(t[0-9a-f]{10}|topics-[0-9a-f]{8})\.")
+TEST_TOPIC = re.compile(rf"^(t|topics-){SESSION}-[0-9a-f]+\.")
+"""This run's topics, and only this run's (see ``tests.support.SESSION``)."""
 
 
 @pytest.fixture(autouse=True)

@@ -21,9 +21,14 @@ from pipeline.runtime.worker import STAGES, Worker
 from pipeline.transport.batch import Message, produce_batch
 from pipeline.transport.topics import apply, load_specs
 
+SESSION = uuid.uuid4().hex[:4]
+"""Starts every topic prefix this test run hands out, so that its clean-up deletes its own
+topics only: test runs of several checkouts share one broker, and a run that deleted every
+new test topic would pull the topics from under another run's test."""
+
 
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:
-    prefix = f"t{uuid.uuid4().hex[:10]}."
+    prefix = f"t{SESSION}-{uuid.uuid4().hex[:6]}."
     return Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, **overrides)
 
 

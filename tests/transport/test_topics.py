@@ -12,6 +12,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from pipeline.config import REPO_ROOT
 from pipeline.transport.topics import TopicPlanError, apply, load_specs, plan
+from tests.support import SESSION
 
 pytestmark = pytest.mark.kafka
 
@@ -47,7 +48,7 @@ def test_apply_creates_every_declared_topic_then_changes_nothing(
     kafka_bootstrap: str, topics_dir: Path
 ) -> None:
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    prefix = f"topics-{uuid.uuid4().hex[:8]}."
+    prefix = f"topics-{SESSION}-{uuid.uuid4().hex[:4]}."
     specs = load_specs(topics_dir)
     assert {s.name for s in specs} >= REQUIRED
     first = apply(admin, specs, prefix)
@@ -69,7 +70,7 @@ def test_config_change_is_applied_and_lowering_partitions_is_refused(
     kafka_bootstrap: str, topics_dir: Path
 ) -> None:
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    prefix = f"topics-{uuid.uuid4().hex[:8]}."
+    prefix = f"topics-{SESSION}-{uuid.uuid4().hex[:4]}."
     apply(admin, load_specs(topics_dir), prefix)
 
     results_file = topics_dir / "llm.results.yaml"
