@@ -314,6 +314,19 @@ class ReviewPolicy(_Strict):
     risk: list[RiskRule] = Field(default_factory=list)
     audit: AuditPolicy = Field(default_factory=AuditPolicy)
     burn_in: BurnInPolicy = Field(default_factory=BurnInPolicy)
+    preview: list[Annotated[str, Field(pattern=r"^(output\.)?[^.\s]+(\.[^.\s]+)*$")]] = Field(
+        default_factory=list, max_length=3
+    )
+    """What the review queue shows for each item so a reviewer can triage without opening
+    it: input variables by name (``subject``) or output fields (``output.summary``).
+    Undeclared, the queue previews the first string variable the input schema requires.
+    Display only, but a declared value is hashed like every other value in the file."""
+
+    @field_validator("preview", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """``preview: subject`` reads as well as ``preview: [subject, output.label]``."""
+        return [value] if isinstance(value, str) else value
 
     @field_validator("risk")
     @classmethod
@@ -515,6 +528,23 @@ class PromptSpec(_Strict):
             if missing:
                 raise ValueError(
                     f"risk rules refer to {', '.join(missing)}, not a property in input_schema"
+                )
+        return review
+
+    @field_validator("review")
+    @classmethod
+    def _preview_fields_exist(cls, review: ReviewPolicy, info: ValidationInfo) -> ReviewPolicy:
+        outputs = {p.removeprefix("output.") for p in review.preview if p.startswith("output.")}
+        _require_paths(info, outputs, "review.preview refers to")
+        inputs = info.data.get("input_schema", {}).get("properties")
+        if isinstance(inputs, Mapping):
+            unknown = sorted(
+                p for p in review.preview if not p.startswith("output.") and p not in inputs
+            )
+            if unknown:
+                raise ValueError(
+                    f"review.preview refers to {', '.join(unknown)}, "
+                    "not declared in input_schema.properties"
                 )
         return review
 

@@ -73,15 +73,30 @@ def serve(
         str, typer.Option(help="Instance name; keep it stable across restarts.")
     ] = "0",
     cookie_secure: Annotated[
-        bool, typer.Option(help="Mark the session cookie Secure (behind HTTPS).")
+        bool,
+        typer.Option(help="Always mark cookies Secure (they are anyway on HTTPS requests)."),
     ] = False,
+    idle_minutes: Annotated[
+        float, typer.Option(min=1, help="A session unused this long ends.")
+    ] = 30.0,
+    session_hours: Annotated[
+        float, typer.Option(min=0.1, help="No session lasts longer than this.")
+    ] = 12.0,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Address or network of a reverse proxy whose X-Forwarded-For/-Proto "
+            "are believed (repeatable). Without it they are ignored."
+        ),
+    ] = None,
 ) -> None:
     """Run the review UI: follows llm.review and llm.review.decisions, serves HTTP."""
     import uvicorn
     from starlette.concurrency import run_in_threadpool
 
     from pipeline.review.app import ReviewConfig, create_app
-    from pipeline.review.auth import SessionSigner, UsersFile
+    from pipeline.review.auth import SessionPolicy, SessionSigner, UsersFile
+    from pipeline.review.hardening import HttpLimits, parse_networks
     from pipeline.review.runtime import ReviewRuntime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -105,8 +120,21 @@ def serve(
     async def shutdown() -> None:
         await run_in_threadpool(runtime.stop)
 
-    config = ReviewConfig(users_file, SessionSigner(_secret(secret_file)), cookie_secure)
+    try:
+        proxies = parse_networks(trusted_proxy or [])
+    except ValueError as exc:
+        raise _fail(f"--trusted-proxy: {exc}") from None
+    config = ReviewConfig(
+        users_file,
+        SessionSigner(_secret(secret_file)),
+        cookie_secure=cookie_secure,
+        sessions=SessionPolicy(
+            idle_timeout_s=int(idle_minutes * 60), lifetime_s=int(session_hours * 3600)
+        ),
+        http=HttpLimits(trusted_proxies=proxies),
+    )
     app = create_app(runtime.service, config, on_startup=startup, on_shutdown=shutdown)
+    # Forwarding headers are the app's business (only from --trusted-proxy), not uvicorn's.
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
 
 
@@ -114,22 +142,68 @@ def serve(
 def users_add(
     name: Annotated[str, typer.Argument(help="Reviewer name (shown in the audit trail).")],
     file: Annotated[Path, typer.Option(envvar=USERS_ENV, help="Users file.")] = DEFAULT_USERS,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="reviewer (decides) or admin (also manages users and sessions, releases "
+            "others' claims, reads the whole audit log). Default: keep, or reviewer."
+        ),
+    ] = None,
     password_stdin: Annotated[
         bool, typer.Option(help="Read the password from standard input (for scripts).")
     ] = False,
 ) -> None:
-    """Add a reviewer, or set a new password for an existing one."""
-    from pipeline.review.auth import AuthError, UsersFile
+    """Add a reviewer, or set a new password (which ends all their sessions)."""
+    from pipeline.review.auth import ROLES, AuthError, UsersFile
 
+    chosen = next((r for r in ROLES if r == role), None)  # typed as a Role, or None
+    if role is not None and chosen is None:
+        raise _fail(f"--role must be one of {', '.join(ROLES)}")
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:
-        new = UsersFile(file).add(name, password)
+        new = UsersFile(file).add(
+            name,
+            password,
+            role=chosen,
+        )
     except AuthError as exc:
         raise _fail(str(exc)) from None
     err.print(f"{'added' if new else 'updated'} {name} in {file}")
+
+
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="Reviewer to remove; their sessions end.")],
+    file: Annotated[Path, typer.Option(envvar=USERS_ENV, help="Users file.")] = DEFAULT_USERS,
+) -> None:
+    """Remove a reviewer: every session of theirs ends on its next request."""
+    from pipeline.review.auth import AuthError, UsersFile
+
+    try:
+        removed = UsersFile(file).remove(name)
+    except AuthError as exc:
+        raise _fail(str(exc)) from None
+    if not removed:
+        raise _fail(f"no user {name!r} in {file}")
+    err.print(f"removed {name} from {file}")
+
+
+@users_app.command("list")
+def users_list(
+    file: Annotated[Path, typer.Option(envvar=USERS_ENV, help="Users file.")] = DEFAULT_USERS,
+) -> None:
+    """Reviewers and their roles."""
+    from pipeline.review.auth import AuthError, UsersFile
+
+    try:
+        users = UsersFile(file).load()
+    except AuthError as exc:
+        raise _fail(str(exc)) from None
+    for user in sorted(users.values(), key=lambda u: u.name):
+        typer.echo(f"{user.name}\t{user.role}")
 
 
 @review_app.command("export")

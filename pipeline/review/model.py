@@ -112,6 +112,12 @@ class ReviewItem:
         return max(0, now_ms - self.escalated_at_ms)
 
 
+QueueSort = Literal["age", "-age", "confidence", "-confidence", "reason"]
+"""``age``: oldest first (the order an SLA is breached in); ``confidence``: least sure
+first; a leading ``-`` reverses; ``reason`` groups by reason, oldest first within one."""
+QUEUE_SORTS: tuple[QueueSort, ...] = ("age", "-age", "confidence", "-confidence", "reason")
+
+
 @dataclass(frozen=True)
 class QueueFilter:
     prompt: str | None = None
@@ -120,6 +126,9 @@ class QueueFilter:
     min_age_ms: int | None = None
     """Only items at least this old (e.g. "what is about to breach the SLA")."""
     max_age_ms: int | None = None
+    min_confidence: float | None = None
+    max_confidence: float | None = None
+    sort: QueueSort = "age"
     limit: int = 200
 
 
@@ -163,3 +172,13 @@ class CalibrationRow:
     prompt_version: int
     confidence: float
     action: str
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """A logged-in session as stored: who, under which password, since when, last seen."""
+
+    user: str
+    fingerprint: str
+    created_ms: int
+    last_seen_ms: int

@@ -69,6 +69,8 @@ from pipeline.prompts.errors import PromptError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
+from pipeline.review.display import json_for_editing
+from pipeline.review.inputs import InputError, json_object
 from pipeline.review.kafka_io import (
     CORRECTIONS_TOPIC,
     DECISIONS_TOPIC,
@@ -88,6 +90,7 @@ from pipeline.review.model import (
     ms_to_datetime,
 )
 from pipeline.review.store import ReviewStore
+from pipeline.review.triage import ConfidenceExplanation, explain_confidence, preview
 from pipeline.transport import headers as h
 
 log = logging.getLogger("llmpipe.review")
@@ -99,6 +102,9 @@ ROUTE_RESULT = "result"
 ROUTE_CORRECTION = "correction"
 MAX_TEXT = 2000
 MAX_OUTPUT_CHARS = 200_000
+LONG_FIELD_CHARS = 600
+"""Variables longer than this (or with more lines than ``LONG_FIELD_LINES``) start folded."""
+LONG_FIELD_LINES = 12
 HUMAN_CONFIDENCE = 1.0
 """A reviewer vouched for the output; the model's own score stays in ``validation``."""
 
@@ -147,6 +153,16 @@ class DecideOutcome:
 
 
 @dataclass(frozen=True)
+class Variable:
+    """One request variable as a reviewer reads it: text as text, anything else as JSON."""
+
+    name: str
+    text: str
+    is_text: bool
+    long: bool
+
+
+@dataclass(frozen=True)
 class ItemView:
     """Everything the item page shows, prepared so the template only formats."""
 
@@ -156,10 +172,22 @@ class ItemView:
     render_error: str | None
     audit: list[AuditEntry]
     output_json: str | None
-    variables_json: str
+    variables: list[Variable]
+    confidence: ConfidenceExplanation
+    draft: str
     holder: str | None
     age_ms: int
     overdue: bool
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    item: ReviewItem
+    preview: str
+    threshold: float | None
+    age_ms: int
+    overdue: bool
+    holder: str | None
 
 
 @dataclass
@@ -223,6 +251,31 @@ class ReviewService:
     def queue(self, query: QueueFilter) -> list[ReviewItem]:
         return self.store.open_items(query, self.clock())
 
+    def queue_rows(self, query: QueueFilter) -> list[QueueRow]:
+        """The queue as the reviewer triages it: a preview and the threshold per item."""
+        now = self.clock()
+        rows = []
+        for item in self.store.open_items(query, now):
+            prompt = self._prompt(item)
+            rows.append(
+                QueueRow(
+                    item=item,
+                    preview=preview(prompt, item.escalation),
+                    threshold=prompt.confidence.accept if prompt is not None else None,
+                    age_ms=item.age_ms(now),
+                    overdue=item.age_ms(now) >= self.sla_ms,
+                    holder=item.holder(now),
+                )
+            )
+        return rows
+
+    def _prompt(self, item: ReviewItem) -> PromptVersion | None:
+        ref = item.escalation.validated.prompt
+        try:
+            return self.registry.get(ref.name, ref.version)
+        except PromptError:
+            return None
+
     def facets(self) -> QueueFacets:
         return self.store.facets()
 
@@ -248,11 +301,16 @@ class ReviewService:
             render_error=render_error,
             audit=self.store.audit_trail(request_id),
             output_json=_pretty(esc.output) if esc.output is not None else None,
-            variables_json=_pretty(esc.validated.request.variables),
+            variables=[_variable(k, v) for k, v in esc.validated.request.variables.items()],
+            confidence=explain_confidence(esc, prompt),
+            draft=json_for_editing(esc.output if esc.output is not None else {}),
             holder=item.holder(now),
             age_ms=age,
             overdue=age >= self.sla_ms,
         )
+
+    def audit_log(self, actor: str | None = None, limit: int = 500) -> list[AuditEntry]:
+        return self.store.audit_log(actor, limit)
 
     # -- claims -------------------------------------------------------------------------
 
@@ -267,8 +325,9 @@ class ReviewService:
                 return request_id
         return None
 
-    def release(self, request_id: str, reviewer: str) -> bool:
-        return self.store.release(request_id, reviewer, self.clock())
+    def release(self, request_id: str, reviewer: str, *, holder: str | None = None) -> bool:
+        """Free a claim; True only if one was freed (the notice must say what happened)."""
+        return self.store.release(request_id, reviewer, self.clock(), holder=holder)
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -301,7 +360,12 @@ class ReviewService:
             raise NotClaimed(
                 f"claimed by {holder}" if holder else "claim the item before deciding",
             )
-        decision = self._build_decision(item, reviewer, action, output_text, reason, question)
+        try:
+            decision = self._build_decision(item, reviewer, action, output_text, reason, question)
+        except ReviewError as exc:
+            detail = "; ".join([str(exc), *exc.errors])
+            self.store.audit(reviewer, request_id, f"refused:{action[:20]}", detail, now)
+            raise
         if not self.store.record_decision(decision, now):
             existing = self.store.decision(request_id)
             assert existing is not None
@@ -406,19 +470,10 @@ class ReviewService:
 
     def _validated_output(self, item: ReviewItem, text: str | None) -> dict[str, Any]:
         """Parse and schema-check an edited output; every problem is reported at once."""
-        if text is None or not text.strip():
-            raise ReviewError("the corrected output is empty", ["output: required"])
-        if len(text) > MAX_OUTPUT_CHARS:
-            raise ReviewError("the corrected output is too long", ["output: too long"])
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ReviewError(
-                "the corrected output is not JSON",
-                [f"line {exc.lineno} column {exc.colno}: {exc.msg}"],
-            ) from None
-        if not isinstance(value, dict):
-            raise ReviewError("the corrected output must be a JSON object", ["$: not an object"])
+            value = json_object(text, MAX_OUTPUT_CHARS)
+        except InputError as exc:
+            raise ReviewError(str(exc), exc.errors) from None
         ref = item.escalation.validated.prompt
         try:
             prompt = self.registry.get(ref.name, ref.version)
@@ -511,3 +566,9 @@ class ReviewService:
 
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
+
+
+def _variable(name: str, value: Any) -> Variable:
+    text = value if isinstance(value, str) else _pretty(value)
+    long = len(text) > LONG_FIELD_CHARS or text.count("\n") >= LONG_FIELD_LINES
+    return Variable(name, text, isinstance(value, str), long)

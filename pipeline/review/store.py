@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from pipeline.contract.envelopes import Escalation, ReviewDecision
+from pipeline.review.auth import SessionStore
 from pipeline.review.model import (
     AuditEntry,
     CalibrationRow,
@@ -36,21 +37,24 @@ from pipeline.review.model import (
     IncomingItem,
     QueueFacets,
     QueueFilter,
+    QueueSort,
     ReviewItem,
+    SessionRow,
     StoredDecision,
     TopicPosition,
     datetime_to_ms,
     ms_to_datetime,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added ``review_sessions``; a version-1 database is upgraded in place."""
 
 
 class StoreError(Exception):
     """A database URL or schema this code cannot use."""
 
 
-class ReviewStore(Protocol):
+class ReviewStore(SessionStore, Protocol):
     """What the service needs from persistence; small so another backend stays cheap."""
 
     def apply(
@@ -73,7 +77,9 @@ class ReviewStore(Protocol):
 
     def next_claimable(self, query: QueueFilter, now_ms: int) -> list[str]: ...
 
-    def release(self, request_id: str, reviewer: str, now_ms: int) -> bool: ...
+    def release(
+        self, request_id: str, reviewer: str, now_ms: int, *, holder: str | None = None
+    ) -> bool: ...
 
     def record_decision(self, decision: ReviewDecision, now_ms: int) -> bool: ...
 
@@ -87,7 +93,11 @@ class ReviewStore(Protocol):
 
     def audit_trail(self, request_id: str) -> list[AuditEntry]: ...
 
+    def audit_log(self, actor: str | None, limit: int) -> list[AuditEntry]: ...
+
     def calibration_rows(self, prompt: str) -> list[CalibrationRow]: ...
+
+    def session_counts(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
 
@@ -152,6 +162,16 @@ _DDL = (
         detail TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS review_audit_item ON review_audit (request_id, at_ms)",
+    # Logged-in sessions; ``session_key`` is a hash of the cookie's id, never the id.
+    """CREATE TABLE IF NOT EXISTS review_sessions (
+        session_key TEXT PRIMARY KEY,
+        reviewer TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL,
+        flash TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS review_sessions_user ON review_sessions (reviewer)",
     """CREATE TABLE IF NOT EXISTS review_offsets (
         topic TEXT NOT NULL,
         kafka_partition INTEGER NOT NULL,
@@ -258,6 +278,12 @@ class SqlReviewStore:
                 raise StoreError(
                     f"review database schema {row[0]} is newer than this code ({SCHEMA_VERSION})"
                 )
+            elif int(row[0]) < SCHEMA_VERSION:  # the DDL above created what was missing
+                self._exec(
+                    cur,
+                    "UPDATE review_meta SET value = ? WHERE name = ?",
+                    (str(SCHEMA_VERSION), "schema_version"),
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -356,13 +382,13 @@ class SqlReviewStore:
         return _item(row) if row is not None else None
 
     def open_items(self, query: QueueFilter, now_ms: int) -> list[ReviewItem]:
-        """Undecided items, oldest escalation first: the order an SLA is breached in."""
+        """Undecided items in the filter's order (oldest escalation first by default)."""
         where, params = _filter_sql(query, now_ms)
         with self._read() as cur:
             rows = self._exec(
                 cur,
                 f"SELECT {_ITEM_COLUMNS} FROM {_ITEM_FROM} WHERE {where}"
-                " ORDER BY i.escalated_at_ms, i.request_id LIMIT ?",
+                f" ORDER BY {_ORDER[query.sort]} LIMIT ?",
                 (*params, query.limit),
             ).fetchall()
         return [_item(row) for row in rows]
@@ -438,21 +464,31 @@ class SqlReviewStore:
                 cur,
                 f"SELECT i.request_id FROM {_ITEM_FROM} WHERE {where}"
                 " AND (i.claimed_by IS NULL OR i.lease_until_ms <= ?)"
-                " ORDER BY i.escalated_at_ms, i.request_id LIMIT ?",
+                f" ORDER BY {_ORDER[query.sort]} LIMIT ?",
                 (*params, now_ms, query.limit),
             ).fetchall()
         return [str(r[0]) for r in rows]
 
-    def release(self, request_id: str, reviewer: str, now_ms: int) -> bool:
+    def release(
+        self, request_id: str, reviewer: str, now_ms: int, *, holder: str | None = None
+    ) -> bool:
+        """Free a live claim of ``holder`` (default: the reviewer's own); True if one was.
+
+        An admin releasing someone else's claim passes that holder; the audit says so.
+        """
+        holder = holder or reviewer
         with self._tx() as cur:
             released = self._exec(
                 cur,
                 "UPDATE review_items SET claimed_by = NULL, lease_until_ms = NULL"
-                " WHERE request_id = ? AND claimed_by = ?",
-                (request_id, reviewer),
+                " WHERE request_id = ? AND claimed_by = ? AND lease_until_ms > ?"
+                " AND NOT EXISTS (SELECT 1 FROM review_decisions d"
+                " WHERE d.request_id = review_items.request_id)",
+                (request_id, holder, now_ms),
             ).rowcount
             if released == 1:
-                self._insert_audit(cur, reviewer, request_id, "release", "", now_ms)
+                detail = "" if holder == reviewer else f"released {holder}'s claim (admin)"
+                self._insert_audit(cur, reviewer, request_id, "release", detail, now_ms)
             return bool(released == 1)
 
     # -- decisions (the outbox) ---------------------------------------------------------
@@ -518,6 +554,90 @@ class SqlReviewStore:
                 (request_id,),
             ).fetchall()
         return [AuditEntry(int(a), str(b), str(c), str(d), str(e)) for a, b, c, d, e in rows]
+
+    def audit_log(self, actor: str | None, limit: int) -> list[AuditEntry]:
+        """The newest audit entries across all items, optionally of one actor (admins)."""
+        where, params = ("WHERE actor = ?", [actor]) if actor else ("", [])
+        with self._read() as cur:
+            rows = self._exec(
+                cur,
+                "SELECT at_ms, actor, request_id, action, detail FROM review_audit"
+                f" {where} ORDER BY at_ms DESC, id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [AuditEntry(int(a), str(b), str(c), str(d), str(e)) for a, b, c, d, e in rows]
+
+    # -- sessions (see pipeline.review.auth.SessionManager) -----------------------------
+
+    def create_session(self, key: str, user: str, fingerprint: str, now_ms: int) -> None:
+        with self._tx() as cur:
+            self._exec(
+                cur,
+                "INSERT INTO review_sessions (session_key, reviewer, fingerprint, created_ms,"
+                " last_seen_ms) VALUES (?, ?, ?, ?, ?)",
+                (key, user, fingerprint, now_ms, now_ms),
+            )
+
+    def session_row(self, key: str) -> SessionRow | None:
+        with self._read() as cur:
+            row = self._exec(
+                cur,
+                "SELECT reviewer, fingerprint, created_ms, last_seen_ms FROM review_sessions"
+                " WHERE session_key = ?",
+                (key,),
+            ).fetchone()
+        return SessionRow(str(row[0]), str(row[1]), int(row[2]), int(row[3])) if row else None
+
+    def touch_session(self, key: str, now_ms: int) -> None:
+        with self._tx() as cur:
+            self._exec(
+                cur,
+                "UPDATE review_sessions SET last_seen_ms = ? WHERE session_key = ?",
+                (now_ms, key),
+            )
+
+    def end_session(self, key: str) -> None:
+        with self._tx() as cur:
+            self._exec(cur, "DELETE FROM review_sessions WHERE session_key = ?", (key,))
+
+    def end_sessions(self, user: str) -> int:
+        with self._tx() as cur:
+            ended = self._exec(
+                cur, "DELETE FROM review_sessions WHERE reviewer = ?", (user,)
+            ).rowcount
+        return int(ended)
+
+    def purge_sessions(self, idle_before_ms: int, created_before_ms: int) -> int:
+        with self._tx() as cur:
+            purged = self._exec(
+                cur,
+                "DELETE FROM review_sessions WHERE last_seen_ms < ? OR created_ms < ?",
+                (idle_before_ms, created_before_ms),
+            ).rowcount
+        return int(purged)
+
+    def session_counts(self) -> dict[str, int]:
+        with self._read() as cur:
+            rows = self._exec(
+                cur, "SELECT reviewer, COUNT(*) FROM review_sessions GROUP BY reviewer"
+            ).fetchall()
+        return {str(user): int(count) for user, count in rows}
+
+    def set_flash(self, key: str, text: str | None) -> None:
+        with self._tx() as cur:
+            self._exec(
+                cur, "UPDATE review_sessions SET flash = ? WHERE session_key = ?", (text, key)
+            )
+
+    def take_flash(self, key: str) -> str | None:
+        with self._tx() as cur:
+            row = self._exec(
+                cur, "SELECT flash FROM review_sessions WHERE session_key = ?", (key,)
+            ).fetchone()
+            if row is None or row[0] is None:
+                return None
+            self._exec(cur, "UPDATE review_sessions SET flash = NULL WHERE session_key = ?", (key,))
+            return str(row[0])
 
     # -- calibration --------------------------------------------------------------------
 
@@ -592,7 +712,24 @@ def _filter_sql(query: QueueFilter, now_ms: int) -> tuple[str, list[Any]]:
     if query.max_age_ms is not None:
         clauses.append("i.escalated_at_ms >= ?")
         params.append(now_ms - query.max_age_ms)
+    if query.min_confidence is not None:
+        clauses.append("i.confidence >= ?")
+        params.append(query.min_confidence)
+    if query.max_confidence is not None:
+        clauses.append("i.confidence <= ?")
+        params.append(query.max_confidence)
     return " AND ".join(clauses), params
+
+
+# Whitelisted ORDER BY clauses: the sort never reaches SQL as text from a request.
+# Items without a confidence sort as least sure (they failed before it was computed).
+_ORDER: dict[QueueSort, str] = {
+    "age": "i.escalated_at_ms, i.request_id",
+    "-age": "i.escalated_at_ms DESC, i.request_id",
+    "confidence": "COALESCE(i.confidence, -1), i.escalated_at_ms, i.request_id",
+    "-confidence": "COALESCE(i.confidence, -1) DESC, i.escalated_at_ms, i.request_id",
+    "reason": "i.reason, i.escalated_at_ms, i.request_id",
+}
 
 
 def _decision(row: Sequence[Any]) -> StoredDecision:

@@ -1,11 +1,13 @@
 """The review UI in a real headless Chromium, against a real server, service and broker.
 
-Logs in, claims the oldest item, corrects the model's output and submits; the corrected
-result must arrive on ``llm.results`` (source ``human``) with a correction on
-``llm.corrections``. The oldest item's model output carries ``<script>`` and
-``<img onerror>`` payloads, which must render as inert text. Screenshots of the queue
-and item pages are taken too; with ``LLMPIPE_REVIEW_SCREENSHOTS=docs/review`` they are
-kept for the README.
+Logs in, triages from the queue (preview column, threshold, sorting), opens an item by
+keyboard, claims it, corrects the model's output and submits; the corrected result must
+arrive on ``llm.results`` (source ``human``) with a correction on ``llm.corrections``.
+Then logs out and shows that the session cookie held before no longer opens anything.
+The item's model output carries ``<script>`` and ``<img onerror>`` payloads, which must
+render as inert text, and a subject carries U+202E, which must show as a marker.
+Screenshots of the queue and item pages are taken too; with
+``LLMPIPE_REVIEW_SCREENSHOTS=docs/review`` they are kept for the README.
 
 Needs Debian's ``chromium`` and the ``playwright`` Python package (its bundled driver
 only; no browser download). Skipped without them, except in CI where that is a failure.
@@ -16,19 +18,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pipeline.config import Settings
 from pipeline.contract.envelopes import Correction, Result
 from pipeline.review.app import ReviewConfig, create_app
-from pipeline.review.auth import SessionSigner, UsersFile
+from pipeline.review.auth import SESSION_COOKIE, SessionSigner, UsersFile
 from pipeline.review.kafka_io import read_to_end
 from pipeline.review.model import QueueFilter
 from pipeline.review.runtime import ReviewRuntime
@@ -37,6 +38,7 @@ from tests.review.test_review_support import (
     escalation,
     registry,
     review_message,
+    serving,
     wait_for,
 )
 from tests.support import produce
@@ -115,7 +117,10 @@ def _items(now: datetime) -> list[Any]:
         escalation(
             "tkt-1043",
             output={"label": "billing", "priority": "low", "summary": "Asks about a refund."},
-            variables={"subject": "Refund", "body": "Please refund the unused seats."},
+            variables={
+                "subject": "Refund for invoice_\u202efdp.exe",
+                "body": "Please refund the unused seats.",
+            },
             confidence=0.66,
             escalated_at=now - timedelta(minutes=12),
         ),
@@ -132,8 +137,6 @@ def _items(now: datetime) -> list[Any]:
 
 @pytest.fixture
 def server(kafka_settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
-    import uvicorn
-
     now = datetime.now(UTC)
     produce(kafka_settings, "llm.review", [review_message(kafka_settings, e) for e in _items(now)])
     runtime = ReviewRuntime(
@@ -142,25 +145,16 @@ def server(kafka_settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Sett
     users = UsersFile(tmp_path / "users.txt")
     users.add("alice", PASSWORD, log_n=10)
     app = create_app(runtime.service, ReviewConfig(users, SessionSigner(os.urandom(32))))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     try:
         assert runtime.start(ready_timeout_s=30)
         wait_for(lambda: len(runtime.service.queue(QueueFilter())) == 4, what="items indexed")
-        thread.start()
-        wait_for(lambda: uv.started, what="uvicorn started")
-        yield f"http://127.0.0.1:{port}", kafka_settings
+        with serving(app) as base:
+            yield base, kafka_settings
     finally:
-        uv.should_exit = True
-        thread.join(30)
-        sock.close()
         runtime.stop()
 
 
-def test_reviewer_corrects_the_oldest_item_in_a_real_browser(
+def test_reviewer_triages_corrects_and_logs_out_in_a_real_browser(
     server: tuple[str, Settings], tmp_path: Path
 ) -> None:
     sync_playwright = _playwright()
@@ -191,34 +185,70 @@ def test_reviewer_corrects_the_oldest_item_in_a_real_browser(
             page.get_by_label("Password").fill(PASSWORD)
             page.get_by_role("button", name="Log in").click()
             page.wait_for_url(base + "/")
+
+            # triage from the queue alone: previews, threshold beside confidence, sorting
             rows = page.locator("table.queue tbody tr")
             assert rows.count() == 4
-            assert "tkt-1041" in rows.first.inner_text()
+            previews = page.locator("td.preview").all_inner_texts()
+            assert any("Dashboard takes 40s to load" in p for p in previews), previews
+            assert any("Northwind Office Supply" in p for p in previews), previews
+            assert "/ 0.75" in rows.first.inner_text()  # ticket_triage's accept threshold
             assert "SLA" in rows.first.inner_text()
+            spoofed = page.locator("td.preview mark.ctl")  # the U+202E in a subject
+            assert spoofed.first.inner_text() == "RLO"
             page.screenshot(path=str(shots / "queue.png"), full_page=True)
+            page.get_by_role("link", name="Confidence").click()
+            page.wait_for_url("**sort=confidence**")
+            assert "tkt-1044" in page.locator("table.queue tbody tr").first.inner_text()
 
-            page.get_by_role("button", name="Review next (oldest free)").click()
+            # open the one whose preview says what we want to work on, by keyboard
+            texts = page.locator("table.queue tbody tr").all_inner_texts()
+            wanted = next(i for i, t in enumerate(texts) if "Dashboard takes 40s" in t)
+            for _ in range(wanted + 1):
+                page.keyboard.press("j")
+            page.keyboard.press("o")
             page.wait_for_url("**/item?**")
             assert "tkt-1041" in page.locator("h1").inner_text()
+            page.keyboard.press("c")  # claim
+            page.wait_for_selector("#output")
             assert "You hold this item now." in page.locator(".notice").inner_text()
-            # the payloads are on the page as text, and nothing of them ran or rendered
+            # the page reads top-down, and the payloads are text that nothing ran
+            tops = [page.locator(f"#{s}").bounding_box() for s in ("why", "input", "model")]
+            tops.append(page.locator("#decision").bounding_box())
+            assert [b["y"] for b in tops if b] == sorted(b["y"] for b in tops if b)
             assert "<script>window.__pwned = 1</script>" in page.locator("#raw-text").inner_text()
-            assert "<img src=x onerror=" in page.locator("#variables").inner_text()
-            messages = page.locator(".message pre").all_inner_texts()
+            subject = page.locator('pre[data-variable="subject"]').inner_text()
+            assert subject.startswith("Dashboard takes 40s to load <img src=x onerror=")
+            assert "since the release" not in subject  # readable text per variable
+            messages = page.locator(".message pre").all_text_contents()
             assert any('onerror="window.__pwned=3"' in m for m in messages)
             assert page.evaluate("window.__pwned") is None
             assert page.locator("img").count() == 0
+            assert "product of the components" in page.locator("#confidence-rule").inner_text()
             page.screenshot(path=str(shots / "item.png"), full_page=True)
 
             page.locator("#output").fill(json.dumps(CORRECTED, indent=2))
             page.get_by_role("button", name="Submit correction").click()
-            page.wait_for_url("**notice=decided**")
-            assert "Decided: edit" in page.locator("#decision").inner_text()
+            page.wait_for_selector("text=Decided: edit")
+            assert "Decision recorded and delivered." in page.locator(".notice").inner_text()
             assert page.evaluate("window.__pwned") is None
             assert dialogs == []
             page.screenshot(path=str(shots / "decided.png"), full_page=True)
+
+            # log out; the cookie the browser held before is worthless afterwards
+            (old,) = [c for c in context.cookies() if c["name"] == SESSION_COOKIE]
+            page.get_by_role("button", name="Log out").click()
+            page.wait_for_url("**/login?notice=loggedout")
+            assert "You are logged out." in page.locator(".notice").inner_text()
+            context.add_cookies([old])  # put the stolen copy back
+            page.goto(base + "/")
+            assert "/login" in page.url
+            assert "Your session has ended" in page.locator(".notice").inner_text()
         finally:
             context.close()
+    with httpx.Client(base_url=base, cookies={SESSION_COOKIE: old["value"]}) as thief:
+        assert thief.get("/").status_code == 303
+        assert thief.get("/item", params={"id": "tkt-1043"}).status_code == 303
 
     def arrived(topic: str, cls: Any) -> list[Any]:
         return [e for e, _ in read_to_end(settings, topic, cls, timeout_s=10)]

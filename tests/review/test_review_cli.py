@@ -45,6 +45,31 @@ def test_users_add_writes_a_private_scrypt_hash(tmp_path: Path) -> None:
     assert short.exit_code == 2
 
 
+def test_users_have_roles_and_can_be_removed(tmp_path: Path) -> None:
+    users = tmp_path / "users.txt"
+    args = ["--file", str(users), "--password-stdin"]
+    admin = runner.invoke(
+        review_app, ["users", "add", "root", "--role", "admin", *args], input="long password 1\n"
+    )
+    assert admin.exit_code == 0, admin.output
+    plain = runner.invoke(review_app, ["users", "add", "alice", *args], input="long password 2\n")
+    assert plain.exit_code == 0, plain.output
+    again = runner.invoke(review_app, ["users", "add", "root", *args], input="long password 3\n")
+    assert again.exit_code == 0  # a new password keeps the role
+    bad = runner.invoke(
+        review_app, ["users", "add", "eve", "--role", "god", *args], input="long password 4\n"
+    )
+    assert bad.exit_code == 2 and "--role must be one of reviewer, admin" in bad.output
+    listed = runner.invoke(review_app, ["users", "list", "--file", str(users)])
+    assert listed.output.splitlines() == ["alice\treviewer", "root\tadmin"]
+    assert UsersFile(users).verify("root", "long password 3") is not None
+    removed = runner.invoke(review_app, ["users", "remove", "alice", "--file", str(users)])
+    assert removed.exit_code == 0
+    assert UsersFile(users).get("alice") is None
+    missing = runner.invoke(review_app, ["users", "remove", "alice", "--file", str(users)])
+    assert missing.exit_code == 2
+
+
 def test_threshold_suggestion_routes_reviewed_items_best() -> None:
     rows = [
         CalibrationRow(2, 0.30, "reject"),

@@ -3,11 +3,16 @@ condition waits with deadlines, and an in-memory stand-in for Kafka."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar
+
+from starlette.types import ASGIApp
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract.codec import Codec
@@ -73,6 +78,7 @@ def escalation(
     reason: str = "low_confidence",
     escalated_at: datetime | None = None,
     variables: dict[str, Any] | None = None,
+    components: dict[str, float] | None = None,
 ) -> Escalation:
     pv = registry().get(prompt, version)
     escalated_at = escalated_at or datetime(2030, 1, 1, 11, 0, tzinfo=UTC)
@@ -99,7 +105,7 @@ def escalation(
         validation=ValidationReport(
             checks=["schema", "rules"],
             warnings=["summary is short"],
-            confidence_components={"logprob": 0.6, "warnings": 0.9},
+            confidence_components=components if components is not None else _components(confidence),
         ),
         usage=Usage(prompt_tokens=120, completion_tokens=30),
         attempts=1,
@@ -166,3 +172,36 @@ class MemoryKafka:
 
     def topics(self) -> list[str]:
         return [m.topic for m in self.published]
+
+
+@contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """``app`` behind a real uvicorn on a free local port; yields its base URL.
+
+    Forwarding headers are off in uvicorn (as in ``llmpipe review serve``): the app's own
+    trusted-proxy setting is what decides whether to believe them.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", proxy_headers=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, what="uvicorn started")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def _components(confidence: float | None) -> dict[str, float]:
+    """Components whose product is ``confidence``, named as the scorer names them."""
+    if confidence is None:
+        return {}
+    fmt = 0.95 if confidence <= 0.95 else 1.0
+    return {"logprob": round(confidence / fmt, 6), "format": fmt, "hedging": 1.0, "finish": 1.0}
