@@ -350,7 +350,7 @@ def test_guessing_across_many_names_from_one_address_is_throttled(server: Server
         assert re.search(r"Too many attempts; try again in \d+ s", correct.text)
         assert "wrong password" not in correct.text
         assert int(correct.headers["retry-after"]) >= 1
-    with server.client() as reviewer:  # from another address? same host here: also waits
+    with server.client() as reviewer:  # the same address waits even for the right user
         assert login(reviewer).status_code == 429
 
 

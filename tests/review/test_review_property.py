@@ -50,6 +50,7 @@ ROUTES = [
     ("POST", "/decide"),
     ("GET", "/admin/users"),
     ("POST", "/admin/role"),
+    ("POST", "/admin/end-sessions"),
     ("GET", "/audit"),
     ("GET", "/healthz"),
     ("GET", "/static/review.css"),
@@ -86,7 +87,10 @@ ROUTE_FIELDS = {
     "/decide": ["request_id", "action", "output", "reason", "question"],
     "/claim-next": ["sort", "min_conf", "version"],
     "/admin/role": ["user", "role"],
+    "/admin/end-sessions": ["user"],
 }
+ENDING = ("/logout", "/admin/end-sessions")
+"""Requests that may end the live sessions: both are renewed after one."""
 HEADER_NAMES = [
     b"origin",
     b"host",
@@ -149,6 +153,8 @@ class Live:
     token: str
     anonymous_cookie: bytes
     anonymous_token: str
+    admin_cookie: bytes
+    admin_token: str
 
 
 async def _session(app: Any, user: str | None) -> tuple[bytes, str]:
@@ -165,10 +171,10 @@ async def _session(app: Any, user: str | None) -> tuple[bytes, str]:
         return f"{SESSION_COOKIE}={client.cookies[SESSION_COOKIE]}".encode(), match.group(1)
 
 
-def _form_value(draw: Any, name: str, live: Live) -> str:
+def _form_value(draw: Any, name: str, live: Live, token: str) -> str:
     if name == "csrf_token":
         if draw(st.integers(0, 9)) < 7:
-            return live.token
+            return token
         return draw(st.sampled_from([live.anonymous_token, "", "x" * 43]) | st.text())
     if name in ("request_id", "id"):
         return draw(st.sampled_from(IDS + CLAIMED * 3) | st.text())
@@ -193,6 +199,8 @@ def requests(draw: Any, live: Live) -> dict[str, Any]:
         ).encode()
     else:
         query = draw(st.binary(max_size=80))
+    who = draw(st.integers(0, 9))  # 0-4 the reviewer, 5-6 the admin, else anyone
+    cookie, token = (live.cookie, live.token) if who < 5 else (live.admin_cookie, live.admin_token)
     fields = draw(st.lists(st.sampled_from(FIELDS), max_size=6, unique=True))
     if draw(st.integers(0, 4)) > 0:  # mostly the fields the route reads, and the token
         fields = list(dict.fromkeys(["csrf_token", *ROUTE_FIELDS.get(path, []), *fields]))
@@ -200,14 +208,14 @@ def requests(draw: Any, live: Live) -> dict[str, Any]:
         body = draw(st.binary(max_size=300))
         content_type = draw(st.binary(max_size=60))
     else:
-        form = {name: _form_value(draw, name, live) for name in fields}
+        form = {name: _form_value(draw, name, live, token) for name in fields}
         body = "&".join(
             f"{quote(k)}={quote(v, errors='surrogatepass')}" for k, v in form.items()
         ).encode()
         content_type = b"application/x-www-form-urlencoded"
     cookie = (
-        live.cookie
-        if draw(st.integers(0, 9)) < 5
+        cookie
+        if who < 7
         else draw(
             st.sampled_from([live.anonymous_cookie, b""])
             | st.binary(max_size=120)
@@ -283,9 +291,12 @@ class Harness:
         assert status < 500, (request, sent)
         names = {k for k, _ in starts[0]["headers"]}
         assert b"content-security-policy" in names and b"x-content-type-options" in names
-        if request["path"] == "/logout" and request["method"] == "POST":
+        if request["method"] == "POST" and request["path"] in ENDING:
             self.live.cookie, self.live.token = self.loop.run_until_complete(
                 _session(self.app, "alice")
+            )
+            self.live.admin_cookie, self.live.admin_token = self.loop.run_until_complete(
+                _session(self.app, "root")
             )
         return sent
 
@@ -324,6 +335,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     assert all(service.claim(request_id, "alice").ok for request_id in CLAIMED)
     users = UsersFile(tmp_path / "users.txt")
     users.add("alice", PASSWORD, log_n=10)
+    users.add("root", PASSWORD, role="admin", log_n=10)
     config = ReviewConfig(
         users,
         SessionSigner(b"p" * 32),
@@ -334,7 +346,11 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     loop = asyncio.new_event_loop()
     try:
         anonymous = loop.run_until_complete(_session(app, None))
-        live = Live(*loop.run_until_complete(_session(app, "alice")), *anonymous)
+        live = Live(
+            *loop.run_until_complete(_session(app, "alice")),
+            *anonymous,
+            *loop.run_until_complete(_session(app, "root")),
+        )
         yield Harness(app, service, store, loop, live, {})
     finally:
         loop.close()
