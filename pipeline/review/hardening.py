@@ -44,6 +44,7 @@ SECURITY_HEADERS = (
 HSTS = (b"strict-transport-security", b"max-age=31536000")
 _OURS = {name for name, _ in (*SECURITY_HEADERS, HSTS)} | {b"cache-control"}
 
+_LIST_HEADERS = {b"x-forwarded-for", b"x-forwarded-proto"}
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ErrorPage = Callable[[int, str], bytes]
 
@@ -74,12 +75,16 @@ class _Refused(Exception):
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    values = [v for k, v in scope.get("headers", []) if k.lower() == name]
+    """One header's value; repeated list headers (``X-Forwarded-For``) are joined as
+    HTTP says they may be, repeated single-value headers that disagree are refused."""
+    values = [bytes(v).decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == name]
     if not values:
         return None
+    if name in _LIST_HEADERS:
+        return ", ".join(values)
     if len(set(values)) > 1:
         raise _Refused(400, f"conflicting {name.decode()} headers")
-    return bytes(values[0]).decode("latin-1")
+    return values[0]
 
 
 def _trusted(host: str | None, proxies: tuple[Network, ...]) -> bool:
