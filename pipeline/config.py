@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     prompt_daily_tokens: str = Field(
         "", description="JSON: prompt -> tokens per UTC day (budget_exceeded when spent)."
     )
+    model_prices: str = Field(
+        "",
+        description="JSON: model -> {input, output, cached_input} USD per 1M tokens; "
+        "others priced from the bundled genai-prices catalogue (never fetched).",
+    )
+    max_request_cost_usd: float | None = Field(
+        None, description="Cap on the estimated cost of one request, in USD."
+    )
+    prompt_daily_cost_usd: str = Field(
+        "", description="JSON: prompt -> USD per UTC day (budget_exceeded when spent)."
+    )
 
     prompts_dir: Path = Field(REPO_ROOT / "prompts", description="Directory of prompt files.")
     topics_dir: Path = Field(REPO_ROOT / "topics", description="Directory of topic declarations.")

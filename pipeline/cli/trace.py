@@ -94,6 +94,7 @@ class Stop:
     model: str | None = None
     attempts: int | None = None
     latency_ms: float | None = None
+    cost_usd: float | None = None
     trace_id: str | None = None
     detail: str | None = None
 
@@ -238,6 +239,7 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
             "model": envelope.model,
             "attempts": envelope.attempts,
             "latency_ms": envelope.latency_ms,
+            "cost_usd": envelope.usage.cost_usd,
             "detail": f"finish={envelope.finish_reason} tokens={envelope.usage.total_tokens}",
         }
     if isinstance(envelope, Result):
@@ -248,12 +250,14 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
             "model": envelope.model,
             "attempts": envelope.attempts,
             "latency_ms": envelope.latency_ms,
+            "cost_usd": envelope.usage.cost_usd,
             "detail": detail,
         }
     if isinstance(envelope, Escalation):
         return {
             "model": envelope.model,
             "attempts": envelope.attempts,
+            "cost_usd": envelope.usage.cost_usd,
             "detail": envelope.detail[:120] or None,
         }
     if isinstance(envelope, ReviewDecision):
@@ -264,6 +268,11 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
         flags = ",".join(envelope.flags)
         return {"detail": f"flags={flags}" if flags else None}
     return {}
+
+
+def format_cost(cost_usd: float | None) -> str:
+    """Dollars to the tenth of a micro-dollar (small models cost fractions of a cent)."""
+    return "" if cost_usd is None else f"{cost_usd:.7f}"
 
 
 def render(stops: Sequence[Stop], request_id: str, console: Console) -> None:
@@ -280,6 +289,7 @@ def render(stops: Sequence[Stop], request_id: str, console: Console) -> None:
         "model",
         "attempts",
         "latency ms",
+        "cost $",
         "trace id",
         "detail",
     ):
@@ -296,6 +306,7 @@ def render(stops: Sequence[Stop], request_id: str, console: Console) -> None:
             stop.model or "",
             "" if stop.attempts is None else str(stop.attempts),
             "" if stop.latency_ms is None else f"{stop.latency_ms:.1f}",
+            format_cost(stop.cost_usd),
             stop.trace_id or "",
             stop.detail or "",
         )

@@ -30,12 +30,36 @@ class Envelope(BaseModel):
 
 
 class Usage(Envelope):
+    """Tokens and cost of every model call behind one message.
+
+    ``cost_usd`` is None when some call's model has no known price: an unknown cost is
+    reported as unknown, never as zero (see ``pipeline.llm.cost``).
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cost_usd: float | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def plus(self, other: Usage) -> Usage:
+        """Both together (an answer and its re-ask); unknown cost stays unknown."""
+        if self.total_tokens == 0 and self.cost_usd is None:
+            return other
+        if other.total_tokens == 0 and other.cost_usd is None:
+            return self
+        cost = None
+        if self.cost_usd is not None and other.cost_usd is not None:
+            cost = self.cost_usd + other.cost_usd
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens + other.cached_prompt_tokens,
+            cost_usd=cost,
+        )
 
 
 class PromptRef(Envelope):

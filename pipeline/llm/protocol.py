@@ -92,6 +92,8 @@ class ChatCompletion:
     latency_ms: float = 0.0
     attempts: int = 1
     cached_tokens: int = 0
+    cost_usd: float | None = None
+    """Priced by the endpoint layer from the reported usage; None when no price is known."""
     structured_output: StructuredOutput = "none"
     """The mode the answering endpoint actually applied (``none`` after a refusal)."""
 

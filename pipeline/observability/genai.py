@@ -73,6 +73,9 @@ def _record_answer(span: Span, telemetry: Telemetry, answer: ChatCompletion) -> 
     span.set_attribute(sc.GEN_AI_USAGE_OUTPUT_TOKENS, answer.completion_tokens)
     if answer.finish_reason:
         span.set_attribute(sc.GEN_AI_RESPONSE_FINISH_REASONS, [answer.finish_reason])
+    if answer.cost_usd is not None:
+        span.set_attribute(sc.COST_USD, answer.cost_usd)
+    span.set_attribute(sc.STRUCTURED_OUTPUT, answer.structured_output)
     if telemetry.trace_content:
         span.set_attribute(
             sc.GEN_AI_OUTPUT_MESSAGES,
@@ -186,6 +189,7 @@ def attempt_span(request: ChatRequest, attempt: int) -> Iterator[ChatObservation
                 duration_s=time.perf_counter() - started,
                 input_tokens=answer.prompt_tokens,
                 output_tokens=answer.completion_tokens,
+                cost_usd=answer.cost_usd,
             )
 
 

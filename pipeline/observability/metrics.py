@@ -104,6 +104,12 @@ class PipelineMetrics:
         self.model_retries = meter.create_counter(
             sc.MODEL_RETRIES, unit="{retry}", description="Model call attempts after the first."
         )
+        self.model_cost = meter.create_counter(
+            sc.MODEL_COST,
+            unit="USD",
+            description="What model calls cost, by prompt name, version and model "
+            "(calls whose model has no known price are not counted).",
+        )
         self.model_in_flight = meter.create_up_down_counter(
             sc.MODEL_IN_FLIGHT, unit="{call}", description="Model calls waiting for an answer."
         )
@@ -225,10 +231,13 @@ class PipelineMetrics:
         duration_s: float,
         input_tokens: int | None = None,
         output_tokens: int | None = None,
+        cost_usd: float | None = None,
     ) -> None:
         """One attempt; ``attributes`` are the GenAI ones (model, provider, prompt, error)."""
         attrs = dict(attributes)
         self.operation_duration.record(duration_s, attrs)
+        if cost_usd is not None:
+            self.model_cost.add(cost_usd, attrs)
         if input_tokens is not None:
             self.token_usage.record(
                 input_tokens, {**attrs, sc.GEN_AI_TOKEN_TYPE: sc.GEN_AI_TOKEN_TYPE_INPUT}

@@ -1,4 +1,4 @@
-"""Token budgets: a cap per request and a daily allowance per prompt.
+"""Budgets in tokens and in money: a cap per request and a daily allowance per prompt.
 
 Why: one runaway prompt (a template bug that pastes a whole document, a traffic spike on
 one use case) can spend a month's model budget in an afternoon and starve every other
@@ -12,6 +12,13 @@ to the fallback route with reason ``budget_exceeded`` instead of being silently 
   endpoint reports it used (failed calls are not charged: nothing was generated, and
   usage is not reported for them). A request that would push the prompt past its
   allowance is refused; ``retry_after_s`` says when the next UTC day starts.
+
+Money budgets (``max_request_cost_usd``, ``daily_cost_usd`` per prompt) work the same
+way in US dollars: the estimate prices the estimated prompt plus ``max_tokens`` at the
+primary model's price (:class:`~pipeline.llm.cost.PriceTable`), and the charge is the
+answer's ``cost_usd`` (the estimate when the answering model has no known price, which
+errs on the side of refusing rather than overspending). A request whose primary model has
+no price is not checked against money budgets; its tokens still are.
 
 This layer sits above the fallback chain: it is checked once per request whichever
 model ends up answering, it charges the usage of the model that did, and a refusal is
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from pipeline.llm.cost import PriceTable
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
 from pipeline.resilience.base import (
     SYSTEM_CLOCK,
@@ -45,11 +53,14 @@ from pipeline.resilience.errors import BudgetExceeded
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """``None`` means unlimited; ``daily_tokens`` maps prompt name -> tokens per UTC day."""
+    """``None`` means unlimited; ``daily_tokens`` maps prompt name -> tokens per UTC day,
+    ``daily_cost_usd`` prompt name -> US dollars per UTC day."""
 
     max_request_tokens: int | None = None
     daily_tokens: Mapping[str, int] = field(default_factory=dict)
     default_daily_tokens: int | None = None
+    max_request_cost_usd: float | None = None
+    daily_cost_usd: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in [
@@ -59,6 +70,12 @@ class BudgetConfig:
         ]:
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, money in [
+            ("max_request_cost_usd", self.max_request_cost_usd),
+            *((f"daily_cost_usd[{p}]", v) for p, v in self.daily_cost_usd.items()),
+        ]:
+            if money is not None and (isinstance(money, bool) or not money > 0):
+                raise ValueError(f"{name} must be a positive amount, got {money!r}")
 
     def daily_limit(self, prompt: str) -> int | None:
         return self.daily_tokens.get(prompt, self.default_daily_tokens)
@@ -75,6 +92,7 @@ class BudgetConfig:
         return replace(
             self,
             daily_tokens={p: max(1, v // workers) for p, v in self.daily_tokens.items()},
+            daily_cost_usd={p: v / workers for p, v in self.daily_cost_usd.items()},
             default_daily_tokens=(
                 None
                 if self.default_daily_tokens is None
@@ -85,22 +103,30 @@ class BudgetConfig:
 
 @dataclass
 class PromptUsage:
-    """One prompt's day so far: tokens charged and tokens reserved by calls in flight."""
+    """One prompt's day so far: tokens (and dollars) charged and reserved by calls in flight."""
 
     day: date
     spent: int = 0
     reserved: int = 0
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
 
 
 class BudgetedClient:
     """Refuses requests over budget with :class:`BudgetExceeded`; passes the rest down."""
 
     def __init__(
-        self, inner: RoutedClient, config: BudgetConfig, *, clock: Clock = SYSTEM_CLOCK
+        self,
+        inner: RoutedClient,
+        config: BudgetConfig,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        prices: PriceTable | None = None,
     ) -> None:
         self._inner = inner
         self._config = config
         self._clock = clock
+        self._prices = prices or PriceTable()
         self._usage: dict[str, PromptUsage] = {}
 
     async def aclose(self) -> None:
@@ -137,6 +163,34 @@ class BudgetedClient:
         models: Sequence[str] | None = None,
     ) -> ChatCompletion:
         estimate = estimate_request_tokens(request)
+        cost = self._estimate_cost(request)
+        self._check_request(estimate, cost, prompt)
+        limit = self._config.daily_limit(prompt) if prompt is not None else None
+        money = self._config.daily_cost_usd.get(prompt) if prompt is not None else None
+        if prompt is None or (limit is None and (money is None or cost is None)):
+            return await self._inner.complete(request, deadline, models=models)
+        usage = self._day_usage(prompt)
+        self._check_day(usage, estimate, cost, prompt, limit, money)
+        reserved_usd = cost if money is not None and cost is not None else 0.0
+        usage.reserved += estimate
+        usage.reserved_usd += reserved_usd
+        try:
+            completion = await self._inner.complete(request, deadline, models=models)
+        finally:
+            usage.reserved -= estimate
+            usage.reserved_usd -= reserved_usd
+        # Charged to the day the call ends in: after midnight that is the new day's record.
+        today = self._day_usage(prompt)
+        today.spent += used_tokens(completion, request)
+        if reserved_usd:
+            today.spent_usd += completion.cost_usd if completion.cost_usd is not None else cost or 0
+        return completion
+
+    def _estimate_cost(self, request: ChatRequest) -> float | None:
+        prompt_tokens = estimate_request_tokens(request) - request.max_tokens
+        return self._prices.estimate(request.model, prompt_tokens, request.max_tokens)
+
+    def _check_request(self, estimate: int, cost: float | None, prompt: str | None) -> None:
         cap = self._config.max_request_tokens
         if cap is not None and estimate > cap:
             raise BudgetExceeded(
@@ -147,12 +201,28 @@ class BudgetedClient:
                 requested=estimate,
                 prompt=prompt,
             )
-        limit = self._config.daily_limit(prompt) if prompt is not None else None
-        if prompt is None or limit is None:
-            return await self._inner.complete(request, deadline, models=models)
-        usage = self._day_usage(prompt)
+        money_cap = self._config.max_request_cost_usd
+        if money_cap is not None and cost is not None and cost > money_cap:
+            raise BudgetExceeded(
+                f"request may cost up to ${cost:.6f} (prompt estimate + max_tokens), "
+                f"over the per-request limit of ${money_cap:.6f}",
+                scope="request_cost",
+                limit=money_cap,
+                requested=cost,
+                prompt=prompt,
+            )
+
+    def _check_day(
+        self,
+        usage: PromptUsage,
+        estimate: int,
+        cost: float | None,
+        prompt: str,
+        limit: int | None,
+        money: float | None,
+    ) -> None:
         committed = usage.spent + usage.reserved
-        if committed + estimate > limit:
+        if limit is not None and committed + estimate > limit:
             raise BudgetExceeded(
                 f"prompt {prompt} has {max(limit - committed, 0)} of its {limit} tokens "
                 f"left today (UTC), the request needs up to {estimate}",
@@ -163,14 +233,18 @@ class BudgetedClient:
                 prompt=prompt,
                 retry_after_s=self._seconds_to_midnight(),
             )
-        usage.reserved += estimate
-        try:
-            completion = await self._inner.complete(request, deadline, models=models)
-        finally:
-            usage.reserved -= estimate
-        # Charged to the day the call ends in: after midnight that is the new day's record.
-        self._day_usage(prompt).spent += used_tokens(completion, request)
-        return completion
+        committed_usd = usage.spent_usd + usage.reserved_usd
+        if money is not None and cost is not None and committed_usd + cost > money:
+            raise BudgetExceeded(
+                f"prompt {prompt} has ${max(money - committed_usd, 0):.6f} of its "
+                f"${money:.6f} left today (UTC), the request may cost up to ${cost:.6f}",
+                scope="daily_cost",
+                limit=money,
+                requested=cost,
+                spent=usage.spent_usd,
+                prompt=prompt,
+                retry_after_s=self._seconds_to_midnight(),
+            )
 
 
 def parse_daily_budgets(raw: str | None) -> dict[str, int]:
@@ -188,4 +262,22 @@ def parse_daily_budgets(raw: str | None) -> dict[str, int]:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise ValueError(f"daily budget for {prompt!r} must be a positive integer")
         budgets[str(prompt)] = tokens
+    return budgets
+
+
+def parse_daily_costs(raw: str | None) -> dict[str, float]:
+    """Parse ``LLMPIPE_PROMPT_DAILY_COST_USD``: a JSON object of prompt name -> USD/day."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        data: Any = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"prompt daily cost budgets are not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("prompt daily cost budgets must be a JSON object of prompt -> USD")
+    budgets: dict[str, float] = {}
+    for prompt, usd in data.items():
+        if isinstance(usd, bool) or not isinstance(usd, int | float) or not usd > 0:
+            raise ValueError(f"daily cost budget for {prompt!r} must be a positive amount")
+        budgets[str(prompt)] = float(usd)
     return budgets

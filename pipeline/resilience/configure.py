@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pipeline.config import Settings
 from pipeline.control.state import ENDPOINT_ENABLED, ControlState
+from pipeline.llm.cost import PriceTable, parse_prices
 from pipeline.observability.metrics import record_breaker_change
 from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
-from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets
+from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets, parse_daily_costs
 from pipeline.resilience.endpoints import default_options, parse_endpoints
 from pipeline.resilience.ratelimit import parse_rate_limits
 from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
@@ -36,7 +37,10 @@ def stack_config(settings: Settings) -> StackConfig:
         budget=BudgetConfig(
             max_request_tokens=settings.max_request_tokens,
             daily_tokens=parse_daily_budgets(settings.prompt_daily_tokens),
+            max_request_cost_usd=settings.max_request_cost_usd,
+            daily_cost_usd=parse_daily_costs(settings.prompt_daily_cost_usd),
         ),
+        prices=PriceTable(parse_prices(settings.model_prices)),
         max_attempts=settings.model_max_attempts,
         retry_budget_s=settings.model_timeout_s * settings.model_max_attempts + 10,
         max_connections=max(settings.max_in_flight * 2, 16),

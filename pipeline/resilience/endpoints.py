@@ -43,6 +43,7 @@ from datetime import datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from pipeline.llm.cost import PriceTable
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import (
     ChatCompletion,
@@ -251,7 +252,8 @@ class EndpointRouter:
     """The bottom layer: sends each request to its model's endpoint.
 
     It is also where the deadline meets the wire: the HTTP timeout is cut to the time left,
-    and a call whose deadline has passed is not sent at all.
+    and a call whose deadline has passed is not sent at all; and where each answer is
+    priced (``prices``), since only here is the called model certain.
     """
 
     def __init__(
@@ -261,8 +263,10 @@ class EndpointRouter:
         *,
         clock: Clock = SYSTEM_CLOCK,
         environ: Mapping[str, str] | None = None,
+        prices: PriceTable | None = None,
     ) -> None:
         self._endpoints = endpoints
+        self._prices = prices or PriceTable()
         self._factory = factory or openai_factory()
         self._clock = clock
         self._environ = environ
@@ -291,7 +295,11 @@ class EndpointRouter:
                 raise ModelError("timeout", "deadline passed before the call", attempts=0)
             if left < request.timeout_s:
                 request = replace(request, timeout_s=left)
-        return await client.complete(request)
+        answer = await client.complete(request)
+        cost = self._prices.cost(
+            request.model, answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens
+        )
+        return replace(answer, cost_usd=cost)
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

@@ -61,7 +61,10 @@ class ModelDisabled(LocalRejection):
 
 
 class BudgetExceeded(LocalRejection):
-    """A request refused by the token budget (too large, or the prompt's day is spent).
+    """A request refused by a budget (too large, or the prompt's day is spent).
+
+    ``scope`` is ``request`` or ``daily`` for token budgets (``limit``, ``requested`` and
+    ``spent`` in tokens), ``request_cost`` or ``daily_cost`` for money budgets (in USD).
 
     ``kind`` is ``client_error`` (not retryable, not a model failure); callers that know
     this class map it to the fallback route with reason :attr:`reason`.
@@ -74,9 +77,9 @@ class BudgetExceeded(LocalRejection):
         message: str,
         *,
         scope: str,
-        limit: int,
-        requested: int,
-        spent: int = 0,
+        limit: float,
+        requested: float,
+        spent: float = 0,
         prompt: str | None = None,
         retry_after_s: float | None = None,
     ) -> None:

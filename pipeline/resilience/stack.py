@@ -71,6 +71,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pipeline.llm.cost import PriceTable
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock
 from pipeline.resilience.breaker import BreakerClient, BreakerConfig, StateListener
@@ -102,6 +103,7 @@ class StackConfig:
     retry_budget_s: float = 60.0
     max_connections: int = 256
     breaker_wait_s: float = 0.0
+    prices: PriceTable = field(default_factory=PriceTable)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -172,6 +174,7 @@ def build_client(
         client_factory or openai_factory(config.max_connections),
         clock=clock,
         environ=environ,
+        prices=config.prices,
     )
     rate_limits = RateLimitedClient(
         router,
@@ -207,5 +210,7 @@ def build_client(
         may_wait=may_wait,
         clock=clock,
     )
-    budget = BudgetedClient(breaker_wait, config.budget.per_worker(workers), clock=clock)
+    budget = BudgetedClient(
+        breaker_wait, config.budget.per_worker(workers), clock=clock, prices=config.prices
+    )
     return ResilientClient(budget, breaker_wait, chain, breakers, rate_limits, router)

@@ -62,6 +62,15 @@ def model_chain(pv: PromptVersion) -> list[str]:
     return [pv.model.model, *pv.model.fallback_models]
 
 
+def usage_of(answer: ChatCompletion) -> Usage:
+    return Usage(
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        cached_prompt_tokens=answer.cached_tokens,
+        cost_usd=answer.cost_usd,
+    )
+
+
 def failure_reason(exc: ModelError) -> str:
     return BUDGET_EXCEEDED if isinstance(exc, BudgetExceeded) else f"model_{exc.kind}"
 
@@ -145,9 +154,7 @@ class ModelCaller:
             model=answer.model,
             raw_text=answer.text,
             finish_reason=answer.finish_reason,
-            usage=Usage(
-                prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens
-            ),
+            usage=usage_of(answer),
             token_logprobs=answer.token_logprobs,
             latency_ms=answer.latency_ms,
             attempts=answer.attempts,

@@ -46,7 +46,7 @@ from pipeline.stages.decisions import (
     emit_escalation,
     emit_result,
 )
-from pipeline.stages.model_call import CallingClient, chat_request, model_chain
+from pipeline.stages.model_call import CallingClient, chat_request, model_chain, usage_of
 from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
 from pipeline.stages.policy import (
     AUDIT,
@@ -156,10 +156,7 @@ class Settler:
                 attempts += exc.attempts
                 break
             attempts += answer.attempts
-            usage = Usage(
-                prompt_tokens=usage.prompt_tokens + answer.prompt_tokens,
-                completion_tokens=usage.completion_tokens + answer.completion_tokens,
-            )
+            usage = usage.plus(usage_of(answer))
             text, logprobs, finish = answer.text, answer.token_logprobs, answer.finish_reason
             outcome = parse_output(pv, text, request.variables, self._checks(pv))
         if not outcome.ok:
@@ -195,10 +192,7 @@ class Settler:
             self_score, grading = await self._self_check(pv, request, outcome.output)
             if grading is not None:
                 attempts += grading.attempts
-                usage = Usage(
-                    prompt_tokens=usage.prompt_tokens + grading.prompt_tokens,
-                    completion_tokens=usage.completion_tokens + grading.completion_tokens,
-                )
+                usage = usage.plus(usage_of(grading))
             if self_score is None:
                 outcome.warnings.append("self_check_unusable")
         confidence, components = score(
