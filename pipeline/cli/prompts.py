@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -194,9 +194,26 @@ def test_command(
         bool,
         typer.Option(
             "--live",
-            help="Call the model at LLMPIPE_MODEL_BASE_URL instead of replaying recorded answers.",
+            help="Call a real model instead of replaying recorded answers: --endpoint, else "
+            "LLMPIPE_MODEL_BASE_URL when set, else the local SmolLM2 (make model-server).",
         ),
     ] = False,
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", help="OpenAI-compatible base URL for --live (ends in /v1)."),
+    ] = None,
+    repeat: Annotated[
+        int, typer.Option("--repeat", min=1, help="Live runs per case (models are not stable).")
+    ] = 1,
+    min_rate: Annotated[
+        float,
+        typer.Option(
+            "--min-rate",
+            min=0.0,
+            max=1.0,
+            help="Live: exit 1 when a case passes in fewer than this share of its runs.",
+        ),
+    ] = 1.0,
     junit: Annotated[
         Path | None, typer.Option("--junit", help="Also write a JUnit XML report here.")
     ] = None,
@@ -205,7 +222,10 @@ def test_command(
     """Run every test case through the pipeline's stage code; exits 1 on any failure.
 
     Offline by default: each case's recorded model_answer is the model's reply
-    (to re-asks too), so the run is deterministic and needs no server.
+    (to re-asks too), so the run is deterministic and needs no server. With
+    --live each case's variables go to a real model --repeat times, and the report
+    says per version how often each case ended on its expected route, so two
+    versions can be compared on the same model before one ships.
     """
     import asyncio
 
@@ -213,38 +233,64 @@ def test_command(
 
     from pipeline.evaluation.prompt_tests import (
         CaseResult,
+        case_rates,
+        rates_table,
         results_table,
         run_tests,
         selected_versions,
         summary_line,
+        version_rates,
         write_junit,
     )
 
     if version is not None and name is None:
         _fail("--version needs a prompt NAME", EXIT_USAGE)
+    if not live and (endpoint is not None or repeat > 1):
+        _fail("--endpoint and --repeat need --live", EXIT_USAGE)
     with _errors_as_exit_codes():
         registry = _registry(prompts_dir)
         versions = selected_versions(registry, name, version)
     if not any(prompt.tests for prompt in versions):
         _fail(f"no test cases in {', '.join(p.ref for p in versions)}", EXIT_FAILED)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    if not live:
+        results = asyncio.run(run_tests(registry, versions))
+        console.print(results_table(results, "prompt tests (recorded answers)"))
+        _finish(results, junit, summary_line, write_junit)
+        return
 
-    async def run() -> list[CaseResult]:
-        if not live:
-            return await run_tests(registry, versions)
-        from pipeline.config import Settings
+    async def run_live(settings: Any) -> list[list[CaseResult]]:
         from pipeline.evaluation.harness import live_client
 
-        settings = Settings()
         client = live_client(settings)
         try:
-            return await run_tests(registry, versions, client, settings.model_timeout_s)
+            return [
+                await run_tests(registry, versions, client, settings.model_timeout_s)
+                for _ in range(repeat)
+            ]
         finally:
             await client.aclose()
 
-    results = asyncio.run(run())
-    mode = "live model" if live else "recorded answers"
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(results_table(results, f"prompt tests ({mode})"))
+    with _live_settings(endpoint) as (settings, where):
+        runs = asyncio.run(run_live(settings))
+    rates = case_rates(runs, versions)
+    console.print(rates_table(rates, f"prompt tests (live: {where}, {repeat} runs per case)"))
+    for ref, (on_route, passed) in version_rates(rates).items():
+        typer.echo(f"{ref}: on expected route {on_route:.0%}, passed {passed:.0%}")
+    if junit is not None:
+        write_junit(junit, [r for run in runs for r in run])
+    below = [r for r in rates if r.pass_rate < min_rate]
+    for rate in below:
+        typer.echo(
+            f"FAIL {rate.prompt} {rate.case!r}: passed {rate.passed}/{rate.runs}, "
+            f"below --min-rate {min_rate:g}",
+            err=True,
+        )
+    if below:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _finish(results: Any, junit: Path | None, summary_line: Any, write_junit: Any) -> None:
     if junit is not None:
         write_junit(junit, results)
     for result in results:
@@ -253,6 +299,81 @@ def test_command(
     typer.echo(summary_line(results))
     if any(not r.passed for r in results):
         raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _live_settings(endpoint: str | None) -> Iterator[tuple[Any, str]]:
+    """Settings for a live run and a name for where it runs; starts (and stops) the
+    local model server when nothing else was named."""
+    import os
+
+    from pipeline.config import Settings
+    from pipeline.llm.local_server import (
+        STRUCTURED_OUTPUT_MODE,
+        LocalModelUnavailable,
+        running_local_model,
+    )
+
+    if endpoint is not None:
+        yield Settings(model_base_url=endpoint), endpoint
+        return
+    if os.environ.get("LLMPIPE_MODEL_BASE_URL"):
+        settings = Settings()
+        yield settings, settings.model_base_url
+        return
+    with ExitStack() as stack:
+        try:
+            local = stack.enter_context(running_local_model())
+        except LocalModelUnavailable as exc:
+            _fail(f"no live endpoint: pass --endpoint URL or {exc}", EXIT_USAGE)
+        overrides: dict[str, Any] = {"model_base_url": local.url, "model_timeout_s": 120.0}
+        if not os.environ.get("LLMPIPE_MODEL_STRUCTURED_OUTPUT"):
+            overrides["model_structured_output"] = STRUCTURED_OUTPUT_MODE
+        yield Settings(**overrides), f"local {local.model} at {local.url}"
+
+
+@prompts_app.command("stats")
+def stats_command(
+    name: Annotated[str | None, typer.Argument(help="Prompt name; default: every prompt.")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only results since, e.g. 1h, 30m, 2d or an ISO time."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version.")] = False,
+) -> None:
+    """Cost, latency, fallback and review rates per prompt version, from llm.results.
+
+    Reads the results topic under LLMPIPE_TOPIC_PREFIX up to its current end, without
+    committing anything.
+    """
+    from rich.console import Console
+
+    from pipeline.cli.trace import parse_since
+    from pipeline.config import Settings
+    from pipeline.dlq.reader import ScanError
+    from pipeline.evaluation.stats import prompt_stats, read_results, stats_json, stats_table
+
+    since_ms = None
+    if since is not None:
+        try:
+            since_ms = int(parse_since(since).timestamp() * 1000)
+        except ValueError as exc:
+            _fail(f"--since: {exc}", EXIT_USAGE)
+    with _kafka_errors():
+        try:
+            results, undecodable = read_results(Settings(), since_ms)
+        except ScanError as exc:
+            _fail(f"Kafka: {exc}", EXIT_FAILED)
+    table = prompt_stats(results, name)
+    if as_json:
+        for row in table:
+            typer.echo(json.dumps(stats_json(row)))
+    else:
+        Console(width=None if sys.stdout.isatty() else 200).print(stats_table(table))
+    if undecodable:
+        typer.echo(f"warning: {undecodable} records on llm.results are not results", err=True)
+    if not table:
+        typer.echo("no results" + (f" for {name}" if name else ""), err=True)
 
 
 Actor = Annotated[

@@ -17,6 +17,7 @@ import math
 import re
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,84 @@ async def run_tests(
         for prompt in prompts
         for index, case in enumerate(prompt.tests)
     ]
+
+
+@dataclass(frozen=True)
+class CaseRate:
+    """One case over repeated live runs: how often it ended on its expected route, and
+    how often it met every expectation (route, fields, confidence)."""
+
+    prompt: str
+    case: str
+    expected_route: str
+    runs: int
+    on_route: int
+    passed: int
+    routes: tuple[tuple[str, int], ...]
+
+    @property
+    def route_rate(self) -> float:
+        return self.on_route / self.runs if self.runs else 0.0
+
+    @property
+    def pass_rate(self) -> float:
+        return self.passed / self.runs if self.runs else 0.0
+
+
+def case_rates(
+    runs: Sequence[Sequence[CaseResult]], prompts: Sequence[PromptVersion]
+) -> list[CaseRate]:
+    """Fold repeated runs of the same cases into one rate per (prompt version, case)."""
+    expected = {(p.ref, c.name): c.expect.route for p in prompts for c in p.tests}
+    grouped: dict[tuple[str, str], list[CaseResult]] = {}
+    for run in runs:
+        for result in run:
+            grouped.setdefault((result.prompt, result.case), []).append(result)
+    rates = []
+    for (ref, case), results in grouped.items():
+        route = expected.get((ref, case))
+        got = [r.outcome.route if r.outcome is not None else "error" for r in results]
+        counts = tuple(sorted(Counter(got).items()))
+        rates.append(
+            CaseRate(
+                prompt=ref,
+                case=case,
+                expected_route=route or "any",
+                runs=len(results),
+                on_route=sum(1 for g in got if route is None or g == route),
+                passed=sum(1 for r in results if r.passed),
+                routes=counts,
+            )
+        )
+    return rates
+
+
+def rates_table(rates: Sequence[CaseRate], title: str) -> Table:
+    table = Table(title=title, show_lines=False, expand=False)
+    for column in ("prompt", "case", "expected route", "on route", "passed", "routes seen"):
+        table.add_column(column, overflow="fold")
+    for r in rates:
+        style = "green" if r.on_route == r.runs else "yellow" if r.on_route else "red"
+        table.add_row(
+            r.prompt,
+            r.case,
+            r.expected_route,
+            Text(f"{r.on_route}/{r.runs} ({r.route_rate:.0%})", style),
+            f"{r.passed}/{r.runs}",
+            ", ".join(f"{route} {n}" for route, n in r.routes),
+        )
+    return table
+
+
+def version_rates(rates: Sequence[CaseRate]) -> dict[str, tuple[float, float]]:
+    """Per prompt version: (share of runs on the expected route, share passed), so two
+    versions can be compared on the same model."""
+    out: dict[str, tuple[float, float]] = {}
+    for ref in dict.fromkeys(r.prompt for r in rates):
+        mine = [r for r in rates if r.prompt == ref]
+        runs = sum(r.runs for r in mine)
+        out[ref] = (sum(r.on_route for r in mine) / runs, sum(r.passed for r in mine) / runs)
+    return out
 
 
 def results_table(results: Sequence[CaseResult], title: str) -> Table:
