@@ -249,4 +249,4 @@ def test_live_mode_calls_the_configured_model() -> None:
     # expectations fail: what matters is that the real endpoint was asked for each case.
     assert code in (0, 1)
     assert calls >= len(REGISTRY.get("ticket_triage", 2).tests)
-    assert "prompt tests (live model)" in out
+    assert "prompt tests (live: " in out and "ticket_triage@2: on expected route" in out
