@@ -19,12 +19,17 @@ import httpx
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.llm.structured import StructuredOutput, response_format
+from pipeline.observability.context import current_scope
 
 log = logging.getLogger("pipeline.llm.openai")
 
 MAX_RESPONSE_BYTES = 8_000_000
 CONNECTIONS_PER_SHARD = 8
 MAX_TOKEN_COUNT = 2**31 - 1
+# OpenAI's header for a caller-chosen request id (ASCII, at most 512 characters): the
+# provider logs it, so a bill line or a support case leads back to the pipeline's request.
+CLIENT_REQUEST_ID = "X-Client-Request-Id"
+MAX_CLIENT_REQUEST_ID = 512
 
 
 class OpenAIChatClient:
@@ -102,7 +107,7 @@ class OpenAIChatClient:
             response = await next(self._next).post(
                 "/chat/completions",
                 json=body,
-                headers=dict(request.endpoint.headers),
+                headers={**request.endpoint.headers, **correlation_headers()},
                 timeout=httpx.Timeout(request.timeout_s),
             )
         except httpx.TimeoutException as exc:
@@ -115,6 +120,19 @@ class OpenAIChatClient:
         if len(response.content) > MAX_RESPONSE_BYTES:
             raise ModelError("bad_response", f"response of {len(response.content)} bytes")
         return replace(_parse(response, request.model, latency_ms), structured_output=mode)
+
+
+def correlation_headers() -> dict[str, str]:
+    """The request id of the message being processed, when it is a valid header value.
+
+    Request ids are untrusted input: one that is not printable ASCII or is too long is
+    left out rather than sent mangled (the call itself must never fail on it).
+    """
+    scope = current_scope()
+    rid = scope.request_id if scope is not None else None
+    if rid and len(rid) <= MAX_CLIENT_REQUEST_ID and rid.isascii() and rid.isprintable():
+        return {CLIENT_REQUEST_ID: rid}
+    return {}
 
 
 def chat_body(request: ChatRequest, mode: StructuredOutput | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import resource
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -35,6 +36,9 @@ from pipeline.harness.fakellm.behaviors import BehaviorSpec, find_answer
 from pipeline.harness.fakellm.cli import fake_llm
 from pipeline.harness.fakellm.responses import GARBAGE, INVALID_JSON, REFUSAL, tokenize
 from pipeline.harness.fakellm.schema_instance import SchemaInstanceError
+from pipeline.llm.openai import OpenAIChatClient
+from pipeline.llm.protocol import ChatRequest
+from pipeline.observability.context import MessageScope, message_scope
 
 # -- fixtures and helpers --------------------------------------------------------------------
 
@@ -562,6 +566,7 @@ async def test_counters_and_reset(srv: FakeLLMServer, client: httpx.AsyncClient)
         "by_behavior": {},
         "by_model": {},
         "in_flight": 0,
+        "orphaned": 0,
         "max_in_flight": 0,
         "bad_requests": 0,
     }
@@ -948,3 +953,85 @@ def test_typer_command_is_registrable() -> None:
         assert option in result.output
     bad = runner.invoke(app, ["fake-llm", "--profile", "bogus=1"])
     assert bad.exit_code != 0
+
+
+# -- per-request counts and orphaned calls (what the crash tests measure with) -------------
+
+
+def _kind(messages: Any) -> str:
+    return "grade" if messages[0].get("content") == "grade it" else "first"
+
+
+def _tallies(server: FakeLLMServer, rid: str) -> dict[str, tuple[int, int]]:
+    return {k: (t.started, t.ended) for k, t in server.request_calls().get(rid, {}).items()}
+
+
+def test_calls_are_counted_per_request_id_and_kind() -> None:
+    with running_fake_llm(call_kind=_kind) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for system, rid in ((None, "r1"), ("grade it", "r1"), (None, "r1"), (None, "r2")):
+                response = http.post(
+                    "/chat/completions",
+                    json=body_for("hi", system=system),
+                    headers={"x-client-request-id": rid},
+                )
+                assert response.status_code == 200
+            assert http.post("/chat/completions", json=body_for("no id")).status_code == 200
+            served = http.get(f"{server.base_url}/counters/requests").json()
+        assert _tallies(server, "r1") == {"first": (2, 2), "grade": (1, 1)}
+        assert _tallies(server, "r2") == {"first": (1, 1)}
+        assert _tallies(server, "-") == {"first": (1, 1)}
+        assert served["r1"] == {"first": [2, 2], "grade": [1, 1]}
+        assert server.request_calls()["r1"]["first"].last_ended_at > 0
+        server.reset_counters()
+        assert _tallies(server, "r1") == {"first": (2, 2), "grade": (1, 1)}, "never reset"
+
+
+def test_a_dead_clients_calls_are_orphans_until_they_end() -> None:
+    """The server keeps serving a killed client's calls; tests must tell them apart from
+    the next client's calls and wait for them to end before counting again."""
+    with running_fake_llm(latency=0.6) as server:
+        body = json.dumps(body_for("slow")).encode()
+        request = raw_post("/v1/chat/completions", body, "x-client-request-id: gone\r\n")
+        socks = []
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(request)
+            socks.append(sock)
+        server.wait_live_in_flight(3, timeout=10)
+        assert server.counters()["orphaned"] == 0
+        assert server.in_flight_requests() == {"gone": 3}
+        for sock in socks:
+            sock.close()  # what the kernel does for a SIGKILLed client
+        deadline = time.monotonic() + 10
+        while server.counters()["orphaned"] < 3:
+            assert time.monotonic() < deadline, server.counters()
+            time.sleep(0.01)
+        assert server.live_in_flight() == 0
+        assert server.counters()["in_flight"] == 3, "still served until their latency ends"
+        with pytest.raises(TimeoutError, match="3 live calls"):
+            server.wait_live_in_flight(3, timeout=0.05)
+        server.wait_orphans_drained(timeout=10)
+        assert server.counters()["in_flight"] == 0
+        assert _tallies(server, "gone") == {"chat": (3, 3)}
+
+
+async def test_the_pipeline_client_sends_the_request_id_it_is_working_on(
+    srv: FakeLLMServer,
+) -> None:
+    client = OpenAIChatClient(srv.url)
+    request = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    try:
+        with message_scope(MessageScope("model", "req-7")):
+            await client.complete(request)
+        for untrusted in ("bad\u2028id", "x" * 513, "caf\u00e9", None):
+            with message_scope(MessageScope("model", untrusted)):
+                await client.complete(request)
+        await client.complete(request)
+    finally:
+        await client.aclose()
+    calls = srv.request_calls()
+    assert {rid: sum(t.started for t in kinds.values()) for rid, kinds in calls.items()} == {
+        "req-7": 1,
+        "-": 5,
+    }

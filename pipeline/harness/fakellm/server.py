@@ -71,7 +71,9 @@ from pipeline.harness.fakellm.schema_instance import SchemaInstanceError
 from pipeline.llm.structured import STRUCTURED_OUTPUT_MODES, strict_decision
 
 __all__ = [
+    "CLIENT_REQUEST_ID_HEADER",
     "DEFAULT_PORT",
+    "CallTally",
     "FakeLLMServer",
     "ServerConfig",
     "main",
@@ -83,6 +85,10 @@ log = logging.getLogger("pipeline.harness.fakellm")
 
 DEFAULT_PORT = 8089
 BEHAVIOR_HEADER = "x-fake-behavior"
+# The header an OpenAI client uses to send its own id for a call; llmpipe sends the
+# pipeline's request id in it, so calls can be counted per request (see ``request_calls``).
+CLIENT_REQUEST_ID_HEADER = "x-client-request-id"
+NO_REQUEST_ID = "-"
 _CONTENT_BEHAVIORS = frozenset({"valid", "slow", "fenced", "hedge", "ignore_schema"})
 _SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _MAX_BUFFERED = 4 * 1024 * 1024
@@ -144,6 +150,34 @@ def _check_latency(latency: float, jitter: float) -> None:
         raise ValueError("jitter must be a fraction within 0..1")
 
 
+CallKind = Callable[[Sequence[Any]], str]
+
+
+def _any_call(messages: Sequence[Any]) -> str:
+    return "chat"
+
+
+@dataclass
+class CallTally:
+    """Calls for one request id (and kind): how many started and how many have ended."""
+
+    started: int = 0
+    ended: int = 0
+    last_ended_at: float = 0.0  # wall clock (time.time()) of the latest end, 0 if none
+
+    @property
+    def in_flight(self) -> int:
+        return self.started - self.ended
+
+
+@dataclass
+class _Call:
+    """One chat call being served: whose it is, and the connection it must answer on."""
+
+    key: tuple[str, str]
+    conn: _Connection
+
+
 @dataclass
 class _Reply:
     data: bytes
@@ -185,7 +219,11 @@ class FakeLLMServer:
         default_behavior: str | None = None,
         backlog: int = 4096,
         refuse_formats: Sequence[str] = (),
+        call_kind: CallKind | None = None,
     ) -> None:
+        """``call_kind`` names what a call is for (from its messages), so per-request counts
+        can be split, e.g. a pipeline's first call from its re-asks; the default is one kind.
+        """
         _check_latency(latency, jitter)
         self.host = host
         self._requested_port = port
@@ -207,6 +245,10 @@ class FakeLLMServer:
         self._max_in_flight = 0
         self._times_used: dict[tuple[str, str, str], int] = {}
         self._in_flight_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._call_kind = call_kind or _any_call
+        self._by_request: dict[tuple[str, str], CallTally] = {}
+        self._live: dict[int, _Call] = {}
+        self._call_ids = itertools.count(1)
         self._connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,6 +324,7 @@ class FakeLLMServer:
                 "by_behavior": dict(self._by_behavior),
                 "by_model": dict(self._by_model),
                 "in_flight": self._in_flight,
+                "orphaned": self._orphaned(),
                 "max_in_flight": self._max_in_flight,
                 "bad_requests": self._bad_requests,
             }
@@ -291,6 +334,37 @@ class FakeLLMServer:
         so tests can check what a client really put on the wire."""
         with self._lock:
             return list(self._recent)
+
+    def _orphaned(self) -> int:
+        """Calls still being served whose client has gone (caller holds ``_lock``)."""
+        return sum(1 for call in self._live.values() if call.conn.gone)
+
+    def request_calls(self) -> dict[str, dict[str, CallTally]]:
+        """Calls per request id (the ``x-client-request-id`` header) and kind; a snapshot.
+
+        Tests compare these between runs to count exactly which calls a crash made the
+        pipeline pay twice. Calls without the header are counted under ``"-"``. Not reset
+        by :meth:`reset_counters`: a fault run reads them before and after each fault.
+        """
+        with self._lock:
+            out: dict[str, dict[str, CallTally]] = {}
+            for (rid, kind), tally in self._by_request.items():
+                out.setdefault(rid, {})[kind] = replace(tally)
+            return out
+
+    def in_flight_requests(self) -> dict[str, int]:
+        """Request id -> calls in flight for it right now (a snapshot)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for call in self._live.values():
+                out[call.key[0]] = out.get(call.key[0], 0) + 1
+            return out
+
+    def live_in_flight(self) -> int:
+        """Calls in flight whose client is still connected (orphans of a killed client
+        are excluded: the server keeps serving them until their latency ends)."""
+        with self._lock:
+            return len(self._live) - self._orphaned()
 
     def reset_counters(self) -> None:
         """Zero the counters and ``times=N`` budgets; requests still in flight stay counted."""
@@ -381,6 +455,27 @@ class FakeLLMServer:
             fut.cancel()
             raise
 
+    def wait_orphans_drained(self, timeout: float = 60.0) -> None:
+        """Block until no call of a departed client is still being served.
+
+        After a client is killed its calls stay in flight here until their latency ends;
+        a test that waits for "N in flight" before the next kill must wait for these to
+        finish first, or it counts the dead client's calls as the new one's.
+        """
+        self._poll(lambda: self.counters()["orphaned"] == 0, timeout, "orphaned calls to end")
+
+    def wait_live_in_flight(self, count: int, timeout: float = 60.0) -> None:
+        """Block until at least ``count`` calls of connected clients are in flight."""
+        self._poll(lambda: self.live_in_flight() >= count, timeout, f"{count} live calls in flight")
+
+    @staticmethod
+    def _poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"fakellm: timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.01)
+
     def _flight(self, delta: int) -> None:
         with self._lock:
             self._in_flight += delta
@@ -451,6 +546,14 @@ class FakeLLMServer:
             if method != "GET":
                 return self._method_not_allowed(request, "GET")
             return self._json(request, 200, self.counters())
+        if path == "/counters/requests":
+            if method != "GET":
+                return self._method_not_allowed(request, "GET")
+            calls = {
+                rid: {k: [t.started, t.ended] for k, t in kinds.items()}
+                for rid, kinds in self.request_calls().items()
+            }
+            return self._json(request, 200, calls)
         if path == "/counters/reset":
             if method != "POST":
                 return self._method_not_allowed(request, "POST")
@@ -528,11 +631,30 @@ class FakeLLMServer:
             self._count_bad()
             return self._refuse_format(request, body)
         self._count_call(spec.name, model)
+        call_id = self._begin(request, conn, messages)
         self._flight(+1)
         try:
             return await self._perform(request, conn, spec, body, messages, model, answer)
         finally:
+            self._end(call_id)
             self._flight(-1)
+
+    def _begin(self, request: Request, conn: _Connection, messages: Sequence[Any]) -> int:
+        rid = request.headers.get(CLIENT_REQUEST_ID_HEADER) or NO_REQUEST_ID
+        key = (rid, self._call_kind(messages))
+        call_id = next(self._call_ids)
+        with self._lock:
+            self._by_request.setdefault(key, CallTally()).started += 1
+            self._live[call_id] = _Call(key, conn)
+        return call_id
+
+    def _end(self, call_id: int) -> None:
+        with self._lock:
+            call = self._live.pop(call_id, None)
+            if call is not None:
+                tally = self._by_request[call.key]
+                tally.ended += 1
+                tally.last_ended_at = time.time()
 
     async def _perform(
         self,
@@ -798,6 +920,11 @@ class _Connection(asyncio.Protocol):
             self.task.cancel()
 
     # helpers used by the server
+
+    @property
+    def gone(self) -> bool:
+        """The client went away (EOF or reset) or the server aborted the connection."""
+        return self._gone.done()
 
     async def wait_gone(self) -> None:
         """Block until the client goes away (EOF or reset) or the server aborts us."""
