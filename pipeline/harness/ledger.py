@@ -3,6 +3,17 @@
 Used by the tests, the demo and the chaos benchmarks, so they all count the same way. A
 request id is read from the ``x-request-id`` header (the pipeline sets it on everything it
 produces and dead letters keep the original's), else from the message key.
+
+The terminal topics are read ``read_committed``, as a downstream consumer must: what an
+aborted transaction wrote was never delivered. Every sighting of every request is kept,
+not just the first, because the faults a crash causes hide in the later ones: a second
+copy (a duplicate), a copy in another terminal topic (two terminal places: a result *and*
+a review item), or a copy on another route than the request's own fault implies.
+
+Model calls are accounted per request too (:func:`redone_calls`): the fake model server
+counts calls per request id (:meth:`FakeLLMServer.request_calls`), so the calls a fault
+made the pipeline pay twice are the calls of the faulty run minus those of the same
+requests in a run without faults.
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -19,6 +30,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Result
+from pipeline.harness.fakellm.server import CallTally
+from pipeline.stages.self_check import GRADER_SYSTEM
+from pipeline.stages.settle import REASK_TEMPLATE
 
 TERMINAL_TOPICS = ("llm.results", "llm.review", "llm.dlq")
 ROUTE_OF_TOPIC = {"llm.results": "result", "llm.review": "review", "llm.dlq": "dead_letter"}
@@ -32,6 +46,9 @@ class Sighting:
     value: bytes | None
     headers: dict[str, bytes]
     result: Result | None = None
+    partition: int = -1
+    offset: int = -1
+    timestamp_ms: int = 0
 
     @property
     def outcome(self) -> str:
@@ -50,7 +67,18 @@ class Ledger:
 
     @property
     def duplicates(self) -> dict[str, int]:
+        """Request id -> sightings beyond the first (in any terminal topic)."""
         return {rid: len(s) - 1 for rid, s in self.seen.items() if len(s) > 1}
+
+    @property
+    def two_places(self) -> dict[str, set[str]]:
+        """Requests found in more than one terminal topic (e.g. a result *and* a review)."""
+        out: dict[str, set[str]] = {}
+        for rid, sightings in self.seen.items():
+            topics = {s.topic for s in sightings}
+            if len(topics) > 1:
+                out[rid] = topics
+        return out
 
     @property
     def unexpected(self) -> set[str]:
@@ -58,6 +86,23 @@ class Ledger:
 
     def first(self, request_id: str) -> Sighting:
         return self.seen[request_id][0]
+
+    def wrong_routes(
+        self, expected: Mapping[str, tuple[str, str | None]], reasons: bool = True
+    ) -> dict[str, list[str]]:
+        """Request id -> every sighting not on its expected ``(outcome, reason)``.
+
+        Every sighting is checked, not just the first, so a duplicate that took another
+        route (a redone call that got another answer) is caught. ``reasons=False``
+        compares outcomes only (when breakers may legitimately change a reason).
+        """
+        out: dict[str, list[str]] = {}
+        for rid, want in expected.items():
+            for s in self.seen.get(rid, []):
+                got = (s.outcome, s.reason) if reasons else (s.outcome, want[1])
+                if got != want:
+                    out.setdefault(rid, []).append(f"{s.outcome}/{s.reason}")
+        return out
 
     def routes(self) -> Counter[str]:
         return Counter(s[0].outcome for rid, s in self.seen.items() if rid in self.expected)
@@ -75,6 +120,7 @@ class Ledger:
             "found": len(self.expected & set(self.seen)),
             "missing": len(self.missing),
             "duplicates": sum(self.duplicates.values()),
+            "two_places": len(self.two_places),
             "routes": dict(self.routes()),
         }
 
@@ -82,6 +128,40 @@ class Ledger:
 def _header(headers: dict[str, bytes], name: str) -> str | None:
     value = headers.get(name)
     return value.decode("utf-8", "replace") if value is not None else None
+
+
+def message_headers(message: Any) -> dict[str, bytes]:
+    """A message's headers as ``lower-case name -> bytes`` (later repeats win)."""
+    return {
+        k.lower(): v if isinstance(v, bytes) else str(v).encode()
+        for k, v in cast("list[tuple[str, Any]]", message.headers() or [])
+        if v is not None
+    }
+
+
+def request_id_of(message: Any) -> str | None:
+    """The ``x-request-id`` header, else the key: how every tool names a message's request."""
+    rid = _header(message_headers(message), "x-request-id")
+    if rid is not None:
+        return rid
+    key = message.key()
+    return key.decode("utf-8", "replace") if key else None
+
+
+def committed_reader(settings: Settings, eof: bool = False) -> Consumer:
+    """A group-less reader that sees what a downstream consumer sees: committed data only.
+
+    ``eof`` reports the end of each partition (for read_committed: the last stable offset).
+    """
+    return Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": f"llmpipe-ledger-{uuid.uuid4()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.partition.eof": eof,
+        }
+    )
 
 
 def read_terminal(
@@ -100,14 +180,7 @@ def read_terminal(
     ledger = Ledger(set(expected))
     codec = Codec()
     names = {settings.topic(t): t for t in topics}
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"llmpipe-ledger-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
-    )
+    consumer = committed_reader(settings)
     try:
         metadata = consumer.list_topics(timeout=10)
         assignment = [
@@ -122,17 +195,10 @@ def read_terminal(
             for message in consumer.consume(num_messages=1000, timeout=0.2):
                 if message.error():
                     continue
-                headers = {
-                    k.lower(): v if isinstance(v, bytes) else str(v).encode()
-                    for k, v in cast("list[tuple[str, Any]]", message.headers() or [])
-                    if v is not None
-                }
-                key = message.key()
-                rid = _header(headers, "x-request-id") or (
-                    key.decode("utf-8", "replace") if key else None
-                )
+                rid = request_id_of(message)
                 if rid is None:
                     continue
+                headers = message_headers(message)
                 logical = names[str(message.topic())]
                 route = ROUTE_OF_TOPIC[logical]
                 reason = _header(headers, "x-dlq-reason" if route == "dead_letter" else "x-reason")
@@ -145,7 +211,17 @@ def read_terminal(
                     except DecodeError:
                         result = None
                 ledger.seen.setdefault(rid, []).append(
-                    Sighting(logical, route, reason, message.value(), headers, result)
+                    Sighting(
+                        logical,
+                        route,
+                        reason,
+                        message.value(),
+                        headers,
+                        result,
+                        int(message.partition() or 0),
+                        int(message.offset() or 0),
+                        int(message.timestamp()[1]),
+                    )
                 )
             if progress is not None:
                 progress(ledger)
@@ -156,3 +232,60 @@ def read_terminal(
     finally:
         consumer.close()
     return ledger
+
+
+# -- model calls ------------------------------------------------------------------------
+
+MODEL_CALL = "model"
+SETTLE_CALL = "settle"
+_REASK_PREFIX = REASK_TEMPLATE.split("{", 1)[0]
+
+
+def pipeline_call_kind(messages: Sequence[Any]) -> str:
+    """Which stage made a call, from its messages: the settle stage's re-asks and
+    self-check gradings, or the model stage's first call.
+
+    Given to the fake server (``call_kind=``) so a crash's redone calls can be matched to
+    the stage whose commit they were waiting for.
+    """
+
+    def content(message: Any) -> str:
+        text = message.get("content") if isinstance(message, dict) else None
+        return text if isinstance(text, str) else ""
+
+    if messages and content(messages[0]).startswith(GRADER_SYSTEM[:40]):
+        return SETTLE_CALL
+    if messages and content(messages[-1]).startswith(_REASK_PREFIX):
+        return SETTLE_CALL
+    return MODEL_CALL
+
+
+RequestCalls = Mapping[str, Mapping[str, CallTally]]
+
+
+def calls_of(calls: RequestCalls, request_id: str, kind: str | None = None) -> int:
+    """Calls started for one request (of one kind, or all kinds)."""
+    kinds = calls.get(request_id, {})
+    return sum(t.started for k, t in kinds.items() if kind is None or k == kind)
+
+
+def redone_calls(
+    faulty: RequestCalls, baseline: RequestCalls, requests: Iterable[str]
+) -> dict[str, int]:
+    """Request id -> calls paid beyond the fault-free run of the same request (> 0 only).
+
+    The fake model's answers depend only on the request (seeded), so without faults each
+    request costs the same calls every run; whatever a fault run paid on top was redone.
+    """
+    out: dict[str, int] = {}
+    for rid in requests:
+        extra = calls_of(faulty, rid) - calls_of(baseline, rid)
+        if extra > 0:
+            out[rid] = extra
+    return out
+
+
+def fewer_calls(faulty: RequestCalls, baseline: RequestCalls, requests: Iterable[str]) -> set[str]:
+    """Requests that cost *fewer* calls than without faults: the baseline is not
+    deterministic (or calls were skipped), so a redone-call count would be unsound."""
+    return {rid for rid in requests if calls_of(faulty, rid) < calls_of(baseline, rid)}
