@@ -115,6 +115,27 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         64, description="Messages processed concurrently per stage and worker."
     )
+    delivery: Literal["exactly_once", "at_least_once"] = Field(
+        "exactly_once",
+        description="exactly_once: each hop commits outputs and input offsets in one Kafka "
+        "transaction; at_least_once: idempotent sends, offsets committed after delivery.",
+    )
+    commit_interval_ms: int = Field(
+        100,
+        ge=1,
+        description="How often a stage commits (one transaction per interval in exactly_once): "
+        "the latency each hop may add.",
+    )
+    group_instance_id: str | None = Field(
+        None,
+        description="Static group membership id (unique per worker process): a restart "
+        "within the session timeout keeps its partitions, and fences its predecessor.",
+    )
+    revoke_grace_s: float = Field(
+        10.0,
+        description="On a rebalance, how long revoked partitions' in-flight messages may "
+        "finish before they are cancelled (and redone by the new owner).",
+    )
     max_request_bytes: int = Field(
         1_000_000, description="Larger requests are dead-lettered (too_large)."
     )
@@ -151,24 +172,6 @@ class Settings(BaseSettings):
             config["sasl.password"] = self.sasl_password.get_secret_value()
         if self.ssl_cafile:
             config["ssl.ca.location"] = str(self.ssl_cafile)
-        return config
-
-    def aiokafka_config(self) -> dict[str, Any]:
-        """The same settings in aiokafka's spelling, for the asyncio workers."""
-        config: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "security_protocol": self.security_protocol,
-        }
-        if self.sasl_mechanism:
-            config["sasl_mechanism"] = self.sasl_mechanism
-            config["sasl_plain_username"] = self.sasl_username
-            config["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
-        if self.ssl_cafile:
-            import ssl
-
-            config["ssl_context"] = ssl.create_default_context(cafile=str(self.ssl_cafile))
         return config
 
 

@@ -118,4 +118,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
         "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
         "LLMPIPE_MAX_IN_FLIGHT": str(settings.max_in_flight),
+        "LLMPIPE_DELIVERY": settings.delivery,
+        "LLMPIPE_COMMIT_INTERVAL_MS": str(settings.commit_interval_ms),
     }

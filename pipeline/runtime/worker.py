@@ -15,8 +15,6 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Completion, Envelope, Escalation, ValidatedRequest
@@ -34,12 +32,11 @@ from pipeline.stages.model_call import ModelCaller
 from pipeline.stages.settle import Settler
 from pipeline.stages.validate import ContentRules, InputLimits, Validator
 from pipeline.transport import headers as h
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.runner import Handler, Inbound, StageRunner
 
 log = logging.getLogger("llmpipe.worker")
 
-# Dead letters carry the original value, so the producer must accept what llm.requests accepts.
-MAX_MESSAGE_BYTES = 10_485_760
 STAGES = ("validate", "model", "settle", "fallback")
 INPUT_TOPICS = {
     "validate": "llm.requests",
@@ -94,18 +91,9 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         configure_observability()  # tracing + metrics from OTEL_*; idempotent
         settings = self.settings
-        kafka = settings.aiokafka_config()
+        clients = KafkaClients(settings)
         client = resilient_client(settings, self.control)
-        producer = AIOKafkaProducer(
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-            max_batch_size=262_144,
-            max_request_size=MAX_MESSAGE_BYTES,
-            **kafka,
-        )
-        await producer.start()
-        listener = ControlListener(settings.topic("llm.control"), self.control, self.codec, kafka)
+        listener = ControlListener(settings.topic("llm.control"), self.control, self.codec, clients)
         control_task = asyncio.create_task(listener.run(stop))
         burn_in: KafkaBurnInLedger | None = None
         try:
@@ -118,12 +106,15 @@ class Worker:
                     input_topic=settings.topic(INPUT_TOPICS[name]),
                     group=settings.group(name),
                     handler=handlers[name],
-                    producer=producer,
+                    clients=clients,
                     codec=self.codec,
                     redactor=self.redactor,
                     topic_name=settings.topic,
-                    kafka_config=kafka,
                     max_in_flight=settings.max_in_flight,
+                    delivery=settings.delivery,
+                    commit_interval_ms=settings.commit_interval_ms,
+                    revoke_grace_s=settings.revoke_grace_s,
+                    group_instance_id=settings.group_instance_id,
                 )
                 for name in self.stage_names
             ]
@@ -133,7 +124,6 @@ class Worker:
             stop.set()
             control_task.cancel()
             await asyncio.gather(control_task, return_exceptions=True)
-            await producer.stop()
             await client.aclose()
             if burn_in is not None:
                 await asyncio.to_thread(burn_in.stop)

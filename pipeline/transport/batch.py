@@ -1,8 +1,8 @@
-"""Blocking produce of a batch with confluent-kafka, for tools: CLI, demo, tests, benchmarks.
+"""Blocking produce of a batch, for tools: CLI, demo, tests, benchmarks.
 
-Workers use the asyncio producer in :mod:`pipeline.transport.runner`; tools want the
-simplest thing that is still safe: idempotent, and a hard error when the broker did not
-acknowledge everything.
+Workers produce through their runner's commits (:mod:`pipeline.transport.runner`); tools
+want the simplest thing that is still safe: the factory's idempotent producer, and a hard
+error when the broker did not acknowledge everything.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from confluent_kafka import Producer
-
 from pipeline.config import Settings
+from pipeline.transport.clients import KafkaClients
 
-MAX_MESSAGE_BYTES = 10_485_760
 FLUSH_TIMEOUT_S = 60.0
 
 Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
@@ -24,15 +22,7 @@ def produce_batch(
     settings: Settings, topic: str, messages: Iterable[Message], **config: Any
 ) -> int:
     """Produce ``(key, value, headers)`` to the prefixed ``topic``; returns the count."""
-    producer = Producer(
-        {
-            **settings.kafka_client_config(),
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            "message.max.bytes": MAX_MESSAGE_BYTES,
-            **config,
-        }
-    )
+    producer = KafkaClients(settings).producer(**config)
     count = 0
     for key, value, headers in messages:
         header_list: list[tuple[str, str | bytes | None]] = list(headers)

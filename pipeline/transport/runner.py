@@ -1,70 +1,132 @@
-"""One stage as a Kafka consumer: many messages in flight, offsets committed safely.
+"""One stage as a Kafka group member: many messages in flight, exactly-once hops.
 
-The runner takes up to ``max_in_flight`` messages at a time, hands each to the stage,
-produces what the stage decided, waits for the broker's acknowledgement, and only then
-marks the input done. Commits go up to the lowest offset still in flight (see
-:mod:`pipeline.transport.offsets`), so a crash at any moment loses nothing: whatever was
-not acknowledged downstream is consumed again. Back-pressure is structural: when all slots
-are busy the runner stops fetching, so a backlog stays in Kafka, not in memory.
+The runner fetches up to ``max_in_flight`` messages at a time and hands each to the stage
+in its own asyncio task. A finished message's outputs wait in an outbox; every
+``commit_interval_ms`` one commit (:mod:`pipeline.transport.delivery`) writes the outbox
+and the consumed offsets, in one transaction in ``exactly_once`` mode. A message counts as
+done only once that commit succeeded.
 
-Telemetry: each message's CONSUMER span is started inside that message's own task, as a
-child of the ``traceparent`` it arrived with, so concurrent messages never share a span
-context. Every produced message gets a PRODUCER span whose context is what travels on in
-``traceparent``, which links the hops of one request into one trace. Metrics are recorded
-only after the output is acknowledged (so they count what downstream can actually see) and
-before the consumer span ends (so latency samples carry the trace as an exemplar).
+Offsets: the committed position is the lowest unfinished offset, and the finished offsets
+above it travel in the commit metadata (:mod:`pipeline.transport.offsets`). On assignment
+the runner reads them back and skips those messages, so after a crash or a rebalance only
+what was unfinished is processed again.
+
+librdkafka and asyncio: every consumer and producer call is made on one Kafka thread per
+runner (librdkafka's consumer is not safe for concurrent calls; the transactional calls
+block), while the stage's work runs on the event loop. Rebalance callbacks run inside
+``poll()`` on that thread; they ask the loop to finish or cancel the revoked partitions'
+work (bounded by ``revoke_grace_s``), then commit what is done on the spot, before the
+partitions go.
+
+Back-pressure: a full runner pauses its partitions (it keeps polling, so it stays in the
+group and answers rebalances); a partition whose window of finished-but-uncommittable
+offsets reaches :data:`~pipeline.transport.offsets.MAX_WINDOW` is paused alone, so the
+commit metadata always fits. Per-key order for ``x-ordered`` messages: a message waits for
+the previous one with the same key. Whatever a message's task raises becomes a dead
+letter, so no exception can hold its partition's offsets back.
+
+Kafka clients come from a factory (:class:`RunnerClients`; :class:`~pipeline.transport.
+clients.KafkaClients` in production, a fake in unit tests), and everything the runner
+reports goes through an instrumentation hook (:mod:`pipeline.transport.instrumentation`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
-from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
 
 from pipeline.contract.codec import Codec
-from pipeline.observability import semconv as sc
-from pipeline.observability.context import MessageScope, message_scope, parse_prompt_ref
-from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
-from pipeline.observability.propagation import extract, inject
 from pipeline.observability.redact import Redactor
-from pipeline.observability.setup import current
 from pipeline.stages.decisions import DLQ, DeadLetter, Decision, Emit
 from pipeline.transport import headers as h
-from pipeline.transport.offsets import OffsetTracker
+from pipeline.transport.delivery import (
+    Delivery,
+    IdempotentDelivery,
+    Outcome,
+    ProducerLike,
+    TransactionalDelivery,
+)
+from pipeline.transport.instrumentation import Instrumentation, MessageTrace, StageInstrumentation
+from pipeline.transport.message import Inbound, Outbound
+from pipeline.transport.offsets import FETCH_OVERSHOOT, MAX_WINDOW, MetadataError, OffsetTracker
+
+__all__ = ["Handler", "Inbound", "RunnerClients", "StageRunner"]
 
 log = logging.getLogger("llmpipe.runner")
 
-COMMIT_INTERVAL_S = 0.5
-REVOKE_GRACE_S = 10.0
-# Long enough for the revoke handler to finish in-flight work, short enough that a member
-# killed mid-rebalance does not stall the group for long.
-REBALANCE_TIMEOUT_MS = 20_000
-PRODUCE_RETRY_MAX_S = 5.0
-LAG_SAMPLE_INTERVAL_S = 1.0
-MAX_KEY_ATTRIBUTE_CHARS = 256
-
-
-@dataclass(frozen=True)
-class Inbound:
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int | None
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes]
-
-
+T = TypeVar("T")
 Handler = Callable[[Inbound], Awaitable[Decision]]
+DeliveryMode = Literal["exactly_once", "at_least_once"]
+Partition = tuple[str, int]
+
+POLL_TIMEOUT_S = 0.1
+# When every slot is busy the runner still polls (paused) this often: it stays in the
+# group and answers a rebalance within this time.
+FULL_POLL_INTERVAL_S = 0.5
+COMMITTED_TIMEOUT_S = 30.0
+LAG_SAMPLE_INTERVAL_S = 1.0
+# Finished messages waiting for their commit, per max_in_flight: beyond this (commits
+# failing, e.g. while the broker is down) the runner stops fetching.
+OUTBOX_FACTOR = 8
+
+
+class ConsumerLike(Protocol):
+    """The confluent-kafka ``Consumer`` calls the runner makes (all on its Kafka thread)."""
+
+    def subscribe(
+        self, topics: list[str], on_assign: Any = ..., on_revoke: Any = ..., on_lost: Any = ...
+    ) -> None: ...
+
+    def poll(self, timeout: float = ...) -> Any: ...
+
+    def consume(self, num_messages: int = ..., timeout: float = ...) -> list[Any]: ...
+
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = ...) -> Any: ...
+
+    def commit(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def consumer_group_metadata(self) -> Any: ...
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = ..., cached: bool = ...
+    ) -> tuple[int, int]: ...
+
+    def position(self, partitions: list[TopicPartition]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class HealthLike(Protocol):
+    def ok(self) -> None: ...
+
+
+class RunnerClients(Protocol):
+    """Where a runner gets its Kafka clients: :class:`~pipeline.transport.clients.KafkaClients`."""
+
+    @property
+    def health(self) -> HealthLike: ...
+
+    def stage_consumer(self, group: str, **overrides: Any) -> ConsumerLike: ...
+
+    def producer(self, **overrides: Any) -> ProducerLike: ...
+
+    def transactional_producer(self, transactional_id: str, **overrides: Any) -> ProducerLike: ...
 
 
 @dataclass
@@ -72,6 +134,39 @@ class RunnerStats:
     """What tests and benchmarks read off a runner; operational numbers are OTel metrics."""
 
     max_in_flight_seen: int = 0
+    skipped: int = 0  # offsets recorded as done by an earlier owner, not processed again
+    commits: int = 0
+    failed_commits: int = 0
+    cancelled: int = 0  # in-flight messages abandoned at a revocation or shutdown
+
+
+@dataclass
+class _Finished:
+    partition: Partition
+    offset: int
+    outputs: list[Outbound]
+    decision: Decision | None
+    trace: MessageTrace | None
+
+
+@dataclass
+class _Plan:
+    """One commit, taken on the loop (a consistent snapshot), executed on the Kafka thread."""
+
+    finished: list[_Finished]
+    offsets: list[TopicPartition]
+    versions: dict[Partition, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[Outbound]:
+        return [out for item in self.finished for out in item.outputs]
+
+
+def transactional_id(group: str, instance: str | None) -> str:
+    """Unique per process and stage; stable when static membership names the process, so a
+    restarted worker fences its predecessor's transaction at once."""
+    suffix = instance or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{group}.{suffix}"
 
 
 class StageRunner:
@@ -82,108 +177,148 @@ class StageRunner:
         input_topic: str,
         group: str,
         handler: Handler,
-        producer: AIOKafkaProducer,
+        clients: RunnerClients,
         codec: Codec,
         redactor: Redactor,
         topic_name: Callable[[str], str],
-        kafka_config: dict[str, Any],
         max_in_flight: int = 64,
-        metrics: PipelineMetrics | None = None,
+        delivery: DeliveryMode = "exactly_once",
+        commit_interval_ms: int = 100,
+        revoke_grace_s: float = 10.0,
+        group_instance_id: str | None = None,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         self.stage = stage
         self.input_topic = input_topic
         self.group = group
+        self.delivery_mode = delivery
         self._handler = handler
-        self._producer = producer
+        self._clients = clients
         self._codec = codec
         self._redactor = redactor
         self._topic_name = topic_name
-        self._kafka_config = kafka_config
         self._max_in_flight = max_in_flight
+        self._commit_interval_s = commit_interval_ms / 1000
+        self._revoke_grace_s = revoke_grace_s
+        self._transactional_id = transactional_id(group, group_instance_id)
+        self._hooks: Instrumentation = instrumentation or StageInstrumentation(stage, group)
         self._tracker = OffsetTracker()
-        self._progress = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._owned: set[Partition] = set()
+        self._paused: set[Partition] = set()
+        self._backlog: deque[Inbound] = deque()
+        self._outbox: list[_Finished] = []
+        self._tasks: dict[asyncio.Task[None], Inbound] = {}
         self._key_chains: dict[bytes, asyncio.Task[None]] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        telemetry = current()
-        self._tracer = telemetry.tracer
-        self._metrics = metrics or telemetry.metrics
+        self._progress = asyncio.Event()
+        self._consumer: ConsumerLike | None = None
+        self._delivery: Delivery | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{stage}")
+        self._stopping = False
         self._lag: list[tuple[dict[str, str | int], int]] = []
+        self._last_lag_sample = 0.0
+        self._last_commit = 0.0
         self.stats = RunnerStats()
         self.started = asyncio.Event()
 
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _on_kafka(self, call: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._kafka, call, *args)
+
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=1_048_576,
-            fetch_max_bytes=8_388_608,
-            max_poll_interval_ms=300_000,
-            rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
-            **self._kafka_config,
-        )
+        self._loop = asyncio.get_running_loop()
+        consumer = await self._on_kafka(self._clients.stage_consumer, self.group)
         self._consumer = consumer
-        consumer.subscribe([self.input_topic], listener=_Revocations(self))
-        await consumer.start()
-        self.started.set()
-        unwatch_lag = self._metrics.watch_lag(lambda: self._lag)
-        lag_sampler = asyncio.create_task(self._sample_lag(consumer, stop))
-        last_commit = time.monotonic()
+        self._delivery = self._make_delivery(consumer)
+        unwatch_lag = self._hooks.watch_lag(lambda: self._lag)
         try:
+            await self._on_kafka(self._delivery.start)
+            await self._on_kafka(self._subscribe, consumer)
+            self.started.set()
             while not stop.is_set():
-                free = self._max_in_flight - len(self._tasks)
-                if free <= 0:
-                    await self._wait_for_slot(stop)
-                    continue
-                batch = await consumer.getmany(timeout_ms=200, max_records=free)
-                for tp, records in batch.items():
-                    for record in records:
-                        self._spawn(tp, record)
-                if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
-                    await self._commit()
-                    last_commit = time.monotonic()
-            await self._drain(REVOKE_GRACE_S)
-            await self._commit()
+                self._spawn_from_backlog()
+                if not self._has_room():
+                    await self._until(self._has_room, FULL_POLL_INTERVAL_S, stop)
+                free = self._free() if self._has_room() else 0
+                owned = sorted(self._owned)
+                pause = set(owned) if free <= 0 else self._windows_full()
+                messages = await self._on_kafka(
+                    self._fetch,
+                    consumer,
+                    min(free, FETCH_OVERSHOOT),
+                    self._poll_timeout(),
+                    pause,
+                    owned,
+                )
+                self._accept(messages)
+                if self._commit_due():
+                    await self.commit()
+            self._stopping = True
+            await self._drain(None, self._revoke_grace_s)
+            await self.commit()
         finally:
+            self._stopping = True
             unwatch_lag()
-            lag_sampler.cancel()
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(lag_sampler, *self._tasks, return_exceptions=True)
-            await consumer.stop()
+            await self._cancel(set(self._tasks))
+            # close() revokes what is still assigned: the callback commits what is done.
+            with contextlib.suppress(Exception):
+                await self._on_kafka(consumer.close)
+            with contextlib.suppress(Exception):
+                await self._on_kafka(self._delivery.close)
+            self._kafka.shutdown(wait=False)
 
-    def _spawn(self, tp: TopicPartition, record: Any) -> None:
-        inbound = Inbound(
-            topic=tp.topic,
-            partition=tp.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp,
-            key=record.key,
-            value=record.value,
-            headers=h.as_map(record.headers),
+    def _make_delivery(self, consumer: ConsumerLike) -> Delivery:
+        if self.delivery_mode == "exactly_once":
+            tid = self._transactional_id
+            return TransactionalDelivery(
+                lambda: self._clients.transactional_producer(tid), consumer
+            )
+        return IdempotentDelivery(self._clients.producer, consumer)
+
+    def _subscribe(self, consumer: ConsumerLike) -> None:
+        consumer.subscribe(
+            [self.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
-        self._tracker.start(tp.topic, tp.partition, record.offset)
-        previous: asyncio.Task[None] | None = None
-        if inbound.key is not None and h.ORDERED in inbound.headers:
-            previous = self._key_chains.get(inbound.key)
-        task = asyncio.create_task(self._process(inbound, previous))
-        if inbound.key is not None and h.ORDERED in inbound.headers:
-            self._key_chains[inbound.key] = task
-        self._tasks.add(task)
-        self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(self._tasks))
-        task.add_done_callback(lambda t: self._finished(t, inbound))
 
-    def _finished(self, task: asyncio.Task[None], inbound: Inbound) -> None:
-        self._tasks.discard(task)
-        if inbound.key is not None and self._key_chains.get(inbound.key) is task:
-            del self._key_chains[inbound.key]
-        self._progress.set()
+    def _free(self) -> int:
+        return self._max_in_flight - len(self._tasks) - len(self._backlog)
 
-    async def _until(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+    def _has_room(self) -> bool:
+        return self._free() > 0 and len(self._outbox) < OUTBOX_FACTOR * self._max_in_flight
+
+    def _poll_timeout(self) -> float:
+        """Short while work is under way, so a finished message is committed on time."""
+        if not self._has_room():
+            return 0.0
+        if not (self._tasks or self._backlog or self._outbox or self._tracker_changed()):
+            return POLL_TIMEOUT_S
+        due = self._last_commit + self._commit_interval_s - time.monotonic()
+        return max(0.0, min(POLL_TIMEOUT_S, self._commit_interval_s / 4, due))
+
+    def _tracker_changed(self) -> bool:
+        return any(self._tracker.changed(*tp) for tp in self._owned)
+
+    def _commit_due(self) -> bool:
+        if time.monotonic() - self._last_commit < self._commit_interval_s:
+            return False
+        return bool(self._outbox) or self._tracker_changed()
+
+    def _windows_full(self) -> set[Partition]:
+        return {tp for tp in self._owned if self._tracker.window(*tp) >= MAX_WINDOW}
+
+    async def _until(
+        self, condition: Callable[[], bool], timeout_s: float, stop: asyncio.Event | None = None
+    ) -> bool:
         """Wait until ``condition`` holds, re-checking whenever a message finishes."""
         deadline = time.monotonic() + timeout_s
         while not condition():
+            if stop is not None and stop.is_set():
+                return False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -192,47 +327,227 @@ class StageRunner:
                 await asyncio.wait_for(self._progress.wait(), remaining)
         return True
 
-    async def _wait_for_slot(self, stop: asyncio.Event) -> None:
-        await self._until(
-            lambda: len(self._tasks) < self._max_in_flight or stop.is_set(), COMMIT_INTERVAL_S
-        )
-        await self._commit()
+    # -- on the Kafka thread -------------------------------------------------------------
+
+    def _fetch(
+        self,
+        consumer: ConsumerLike,
+        count: int,
+        timeout_s: float,
+        wanted: set[Partition],
+        owned: list[Partition],
+    ) -> list[Any]:
+        """Pause what must not be fetched, then poll (which also serves rebalances).
+
+        ``wanted`` (the partitions to keep paused) and ``owned`` are computed on the loop,
+        which owns the bookkeeping; this thread only talks to librdkafka.
+        """
+        pause = wanted - self._paused
+        resume = (self._paused - wanted) & set(owned)
+        if pause:
+            consumer.pause([TopicPartition(t, p) for t, p in sorted(pause)])
+        if resume:
+            consumer.resume([TopicPartition(t, p) for t, p in sorted(resume)])
+        self._paused = set(wanted)
+        # consume() waits for a full batch or the timeout; poll() returns on the first
+        # message, then whatever else is already fetched comes without waiting.
+        messages: list[Any] = consumer.consume(max(count, 1), 0)
+        if not messages:
+            first = consumer.poll(timeout_s)
+            if first is not None:
+                messages = [first]
+                if count > 1:
+                    messages += consumer.consume(count - 1, 0)
+        self._sample_lag(consumer, owned)
+        return messages
+
+    def _sample_lag(self, consumer: ConsumerLike, owned: list[Partition]) -> None:
+        """Lag per partition = high watermark - position, both local to the client."""
+        now = time.monotonic()
+        if now - self._last_lag_sample < LAG_SAMPLE_INTERVAL_S:
+            return
+        self._last_lag_sample = now
+        tps = [TopicPartition(t, p) for t, p in owned]
+        samples: list[tuple[dict[str, str | int], int]] = []
+        try:
+            positions = consumer.position(tps) if tps else []
+            for tp in positions:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset < 0 or high is None or high < 0:
+                    continue
+                attributes = self._hooks.lag_attributes(tp.topic, tp.partition)
+                samples.append((attributes, max(0, high - tp.offset)))
+        except KafkaException:
+            return
+        self._lag = samples
+
+    def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
+        """Read the committed offsets with their metadata: what an earlier owner finished."""
+        if not partitions:
+            return
+        try:
+            committed = consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_S)
+        except KafkaException as exc:
+            log.warning(
+                "stage %s: committed offsets unreadable (%s); finished work may be redone",
+                self.stage,
+                exc,
+            )
+            committed = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        self._call_loop(self._assigned(committed))
+
+    def _on_revoke(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
+        """Finish (or cancel) the revoked partitions' work, commit what is done, let go."""
+        revoked = {(tp.topic, tp.partition) for tp in partitions} & self._owned
+        if not revoked:
+            return
+        plan = self._call_loop(self._prepare_revocation(revoked))
+        outcome = self._execute(plan)
+        self._call_loop(self._committed(plan, outcome, revoked))
+
+    def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
+        """Partitions already owned by someone else: nothing may be committed for them."""
+        lost = {(tp.topic, tp.partition) for tp in partitions} & self._owned
+        if lost:
+            log.warning(
+                "stage %s: lost %d partitions; their work is abandoned", self.stage, len(lost)
+            )
+            self._call_loop(self._release(lost, grace_s=0.0))
+
+    def _call_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _execute(self, plan: _Plan | None) -> Outcome | None:
+        if plan is None or self._delivery is None:
+            return None
+        return self._delivery.commit(plan.outputs, plan.offsets, lambda: self._stopping)
+
+    # -- on the loop ---------------------------------------------------------------------
+
+    async def _assigned(self, committed: Sequence[TopicPartition]) -> None:
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            error = tp.error
+            position = tp.offset if error is None and tp.offset >= 0 else None
+            try:
+                skip = self._tracker.assign(tp.topic, tp.partition, position, tp.metadata or "")
+            except MetadataError as exc:
+                log.warning(
+                    "stage %s: %s/%d commit metadata not ours (%s); redoing from the offset",
+                    self.stage,
+                    tp.topic,
+                    tp.partition,
+                    exc,
+                )
+                skip = self._tracker.assign(tp.topic, tp.partition, position, "")
+            self._owned.add(key)
+            if skip:
+                log.info(
+                    "stage %s: %s/%d assigned at %s, %d offsets above it already done",
+                    self.stage,
+                    tp.topic,
+                    tp.partition,
+                    position,
+                    skip,
+                )
+
+    def _accept(self, messages: list[Any]) -> None:
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.debug("stage %s: consume error %s", self.stage, error)
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            key = (topic, partition)
+            if key not in self._owned:
+                continue  # fetched just before a revocation
+            self._tracker.start(topic, partition, offset)
+            if self._tracker.is_done(topic, partition, offset):
+                self._tracker.done(topic, partition, offset)
+                self.stats.skipped += 1
+                continue
+            kind, timestamp = message.timestamp()
+            self._backlog.append(
+                Inbound(
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    timestamp_ms=None if kind == TIMESTAMP_NOT_AVAILABLE else timestamp,
+                    key=message.key(),
+                    value=message.value(),
+                    headers=h.as_map(message.headers()),
+                )
+            )
+        if messages:
+            self._clients.health.ok()
+        self._spawn_from_backlog()
+
+    def _spawn_from_backlog(self) -> None:
+        while self._backlog and len(self._tasks) < self._max_in_flight:
+            self._spawn(self._backlog.popleft())
+
+    def _spawn(self, inbound: Inbound) -> None:
+        ordered = inbound.key is not None and h.ORDERED in inbound.headers
+        previous = self._key_chains.get(inbound.key) if ordered and inbound.key else None
+        task = asyncio.create_task(self._process(inbound, previous))
+        if ordered and inbound.key is not None:
+            self._key_chains[inbound.key] = task
+        self._tasks[task] = inbound
+        self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(self._tasks))
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        inbound = self._tasks.pop(task, None)
+        if (
+            inbound is not None
+            and inbound.key is not None
+            and (self._key_chains.get(inbound.key) is task)
+        ):
+            del self._key_chains[inbound.key]
+        if task.cancelled():
+            self.stats.cancelled += 1
+        self._progress.set()
 
     async def _process(self, inbound: Inbound, previous: asyncio.Task[None] | None) -> None:
-        """Handle one message; only cancellation (shutdown) leaves it undone, to be redelivered."""
+        """Handle one message. Only cancellation leaves it unfinished (to be redone)."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        prompt = parse_prompt_ref(h.text(inbound.headers, h.PROMPT))
-        scope = MessageScope(self.stage, h.text(inbound.headers, h.REQUEST_ID), *prompt)
-        started = time.perf_counter()
-        self._metrics.stage_started(self.stage)
         try:
-            # Started here, inside this message's own task: span and scope are its alone.
-            with message_scope(scope), self._consumer_span(inbound, scope) as span:
-                decision = await self._decide(inbound, span, scope.request_id)
-                decision, encoded = self._encode(decision)
-                route = decision.route if isinstance(decision, Emit) else "dead_letter"
-                _annotate(span, decision, route, scope)
-                await self._deliver(inbound, decision, encoded)
-                # Inside the span: latency samples carry it as an exemplar.
-                self._record(inbound, decision, time.perf_counter() - started)
-        finally:
-            self._metrics.stage_finished(self.stage)
-        self._tracker.done(inbound.topic, inbound.partition, inbound.offset)
-
-    def _record(self, inbound: Inbound, decision: Decision, duration_s: float) -> None:
-        """A metrics bug must never leave a delivered message undone (and its offset stuck)."""
-        try:
-            self._metrics.record_decision(
-                self.stage,
-                decision,
-                duration_s=duration_s,
-                inbound_timestamp_ms=inbound.timestamp_ms,
+            with self._hooks.message(inbound) as trace:
+                decision = await self._decide(inbound, trace)
+                decision, outputs = self._outputs(inbound, decision, trace)
+                trace.decided(decision)
+            finished = _Finished(
+                (inbound.topic, inbound.partition), inbound.offset, outputs, decision, trace
             )
-        except Exception:
-            log.exception("stage %s: recording metrics failed", self.stage)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug outside the stage: one dead letter, never a stall
+            log.exception(
+                "stage %s: message task failed on %s/%s@%s",
+                self.stage,
+                inbound.topic,
+                inbound.partition,
+                inbound.offset,
+            )
+            finished = _Finished(
+                (inbound.topic, inbound.partition),
+                inbound.offset,
+                [self._bare_dead_letter(inbound, exc)],
+                None,
+                None,
+            )
+        self._finish(finished)
 
-    async def _decide(self, inbound: Inbound, span: Span, request_id: str | None) -> Decision:
+    def _finish(self, finished: _Finished) -> None:
+        if finished.partition not in self._owned:
+            return  # revoked meanwhile: the new owner redoes it
+        self._outbox.append(finished)
+        self._tracker.done(*finished.partition, finished.offset)
+
+    async def _decide(self, inbound: Inbound, trace: MessageTrace) -> Decision:
         try:
             return await self._handler(inbound)
         except asyncio.CancelledError:
@@ -245,117 +560,61 @@ class StageRunner:
                 inbound.partition,
                 inbound.offset,
             )
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            trace.failed(exc)
             return DeadLetter(
-                self.stage, "internal_error", type(exc).__name__, str(exc), request_id
+                self.stage,
+                "internal_error",
+                type(exc).__name__,
+                str(exc),
+                h.text(inbound.headers, h.REQUEST_ID),
             )
 
-    def _consumer_span(
-        self, inbound: Inbound, scope: MessageScope
-    ) -> contextlib.AbstractContextManager[Span]:
-        """A child of the upstream ``traceparent``; no header (or a bad one) starts a trace."""
-        return self._tracer.start_as_current_span(
-            sc.consumer_span_name(self.stage),
-            context=extract(inbound.headers.items()),
-            kind=trace.SpanKind.CONSUMER,
-            attributes=self._consumer_attributes(inbound, scope),
-            record_exception=False,
-        )
-
-    def _consumer_attributes(self, inbound: Inbound, scope: MessageScope) -> dict[str, Any]:
-        attributes: dict[str, Any] = {
-            sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
-            sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_PROCESS,
-            sc.MESSAGING_OPERATION_NAME: sc.OPERATION_PROCESS,
-            sc.MESSAGING_DESTINATION_NAME: inbound.topic,
-            sc.MESSAGING_CONSUMER_GROUP_NAME: self.group,
-            sc.MESSAGING_DESTINATION_PARTITION_ID: str(inbound.partition),
-            sc.MESSAGING_KAFKA_OFFSET: inbound.offset,
-            sc.STAGE: self.stage,
-            **scope.prompt_attributes(),
-        }
-        if inbound.key is not None:
-            attributes[sc.MESSAGING_KAFKA_MESSAGE_KEY] = _key_text(inbound.key)
-        if inbound.value is not None:
-            attributes[sc.MESSAGING_MESSAGE_BODY_SIZE] = len(inbound.value)
-        if scope.request_id is not None:
-            attributes[sc.REQUEST_ID] = scope.request_id
-        return attributes
-
-    def _producer_span(
-        self, logical_topic: str, topic: str, key: bytes | None, decision: Decision, route: str
-    ) -> trace.Span:
-        """The span whose context the produced message carries: the next hop's parent.
-
-        Stage, prompt and reason are on its parent (the consumer span) and not repeated:
-        the SDK validates and the exporter encodes every attribute of every span, which is
-        most of what tracing costs per message.
-        """
-        attributes: dict[str, Any] = {
-            sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
-            sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_SEND,
-            sc.MESSAGING_OPERATION_NAME: sc.OPERATION_SEND,
-            sc.MESSAGING_DESTINATION_NAME: topic,
-            sc.ROUTE: route,
-        }
-        if key is not None:
-            attributes[sc.MESSAGING_KAFKA_MESSAGE_KEY] = _key_text(key)
-        if decision.request_id:
-            attributes[sc.REQUEST_ID] = decision.request_id
-        return self._tracer.start_span(
-            sc.producer_span_name(logical_topic),
-            kind=trace.SpanKind.PRODUCER,
-            attributes=attributes,
-            record_exception=False,
-        )
-
-    def _encode(self, decision: Decision) -> tuple[Decision, list[tuple[bytes, str]]]:
+    def _outputs(
+        self, inbound: Inbound, decision: Decision, trace: MessageTrace
+    ) -> tuple[Decision, list[Outbound]]:
         """Encode before routing: a value Avro cannot hold (a lone surrogate from model text,
         a token count beyond a long) turns into a dead letter instead of a stuck offset.
-        One encoding per output of ``decision.outputs()``; none for a dead letter."""
-        if not isinstance(decision, Emit):
-            return decision, []
-        try:
-            return decision, [self._codec.encode(out.envelope) for out in decision.outputs()]
-        except Exception as exc:  # fastavro raises several unrelated types on bad values
-            message = f"{decision.topic} envelope cannot be encoded: {exc}"[:500]
-            return (
-                DeadLetter(
+        One output per ``decision.outputs()`` (a result and its audit copy, say), all in the
+        same commit."""
+        if isinstance(decision, Emit):
+            try:
+                encoded = [self._codec.encode(out.envelope) for out in decision.outputs()]
+            except Exception as exc:  # fastavro raises several unrelated types on bad values
+                message = f"{decision.topic} envelope cannot be encoded: {exc}"[:500]
+                decision = DeadLetter(
                     self.stage,
                     "unencodable",
                     type(exc).__name__,
                     message,
                     decision.request_id,
                     decision.prompt,
-                ),
-                [],
-            )
-
-    async def _deliver(
-        self, inbound: Inbound, decision: Decision, encoded: list[tuple[bytes, str]]
-    ) -> None:
-        if isinstance(decision, Emit):
-            key = inbound.key if inbound.key is not None else decision.request_id.encode()
-            for out, (value, content_type) in zip(decision.outputs(), encoded, strict=True):
-                topic = self._topic_name(out.topic)
-                span = self._producer_span(out.topic, topic, key, out, out.route)
-                with trace.use_span(span, end_on_exit=True, record_exception=False):
+                )
+            else:
+                key = inbound.key if inbound.key is not None else decision.request_id.encode()
+                outputs = []
+                for out, (value, content_type) in zip(decision.outputs(), encoded, strict=True):
+                    topic = self._topic_name(out.topic)
                     headers = h.output_headers(
                         out.request_id,
                         out.prompt,
                         out.route,
                         content_type,
-                        inject(),
+                        trace.output_trace(out.topic, topic, key, out.route, out.request_id),
                         out.reason,
                         inbound.headers,
                     )
-                    _annotate_sent(span, await self._send(topic, key, value, headers))
-            return
-        span = self._producer_span(DLQ, self._topic_name(DLQ), inbound.key, decision, "dead_letter")
-        with trace.use_span(span, end_on_exit=True, record_exception=False):
-            await self._dead_letter(inbound, decision)
+                    outputs.append(Outbound(topic, key, value, headers))
+                return decision, outputs
+        assert isinstance(decision, DeadLetter)
+        dlq = self._topic_name(DLQ)
+        trace_headers = trace.output_trace(
+            DLQ, dlq, inbound.key, "dead_letter", decision.request_id
+        )
+        return decision, [self._dead_letter(inbound, decision, trace_headers)]
 
-    async def _dead_letter(self, inbound: Inbound, decision: DeadLetter) -> None:
+    def _dead_letter(
+        self, inbound: Inbound, decision: DeadLetter, trace_headers: dict[str, str]
+    ) -> Outbound:
         headers = h.dead_letter_headers(
             inbound.headers,
             topic=inbound.topic,
@@ -373,7 +632,6 @@ class StageRunner:
         )
         # The dead letter continues the request's trace (same trace id as the original's
         # traceparent, if it had one), so a replay from the DLQ joins that trace too.
-        trace_headers = inject()
         if trace_headers:
             headers = [(k, v) for k, v in headers if k not in trace_headers]
             headers += [(k, v.encode()) for k, v in trace_headers.items()]
@@ -387,131 +645,111 @@ class StageRunner:
                 "request_id": decision.request_id,
             },
         )
-        _annotate_sent(
-            trace.get_current_span(),
-            await self._send(self._topic_name(DLQ), inbound.key, inbound.value, headers),
+        return Outbound(self._topic_name(DLQ), inbound.key, inbound.value, headers)
+
+    def _bare_dead_letter(self, inbound: Inbound, exc: Exception) -> Outbound:
+        """The last resort: the original message and its provenance, nothing that can fail."""
+        decision = DeadLetter(
+            self.stage,
+            "internal_error",
+            type(exc).__name__,
+            type(exc).__name__,
+            h.text(inbound.headers, h.REQUEST_ID),
+        )
+        try:
+            return self._dead_letter(inbound, decision, {})
+        except Exception:
+            headers = [(name, value) for name, value in inbound.headers.items()]
+            headers += [(h.DLQ_STAGE, self.stage.encode()), (h.DLQ_REASON, b"internal_error")]
+            return Outbound(self._topic_name(DLQ), inbound.key, inbound.value, headers)
+
+    # -- commits -------------------------------------------------------------------------
+
+    def _plan(self, only: set[Partition] | None = None) -> _Plan | None:
+        """A consistent snapshot of what to commit: every finished message's outputs and
+        every owned partition's position (which covers exactly those messages)."""
+        keep = self._owned if only is None else self._owned & only
+        finished = [f for f in self._outbox if f.partition in keep]
+        self._outbox = [f for f in self._outbox if f.partition not in keep]
+        offsets: list[TopicPartition] = []
+        versions: dict[Partition, tuple[int, int]] = {}
+        for tp in sorted(keep):
+            point = self._tracker.commit_point(*tp)
+            if point is None:
+                continue
+            offsets.append(TopicPartition(tp[0], tp[1], point.position, metadata=point.metadata))
+            versions[tp] = (point.position, point.version)
+        if not finished and not offsets:
+            return None
+        return _Plan(finished, offsets, versions)
+
+    async def commit(self) -> None:
+        """Commit what is finished now (the loop calls this every commit interval)."""
+        plan = self._plan()
+        self._last_commit = time.monotonic()
+        if plan is None:
+            return
+        outcome = await self._on_kafka(self._execute, plan)
+        await self._committed(plan, outcome, set())
+
+    async def _committed(
+        self, plan: _Plan | None, outcome: Outcome | None, release: set[Partition]
+    ) -> None:
+        if plan is not None and outcome is not None:
+            if outcome is Outcome.FAILED:
+                self.stats.failed_commits += 1
+                # Retried with the next commit, unless the partitions are going.
+                self._outbox[:0] = [f for f in plan.finished if f.partition not in release]
+            else:
+                self.stats.commits += 1
+                self._clients.health.ok()
+                for item in plan.finished:
+                    if item.trace is not None and item.decision is not None:
+                        item.trace.committed(item.decision)
+            if outcome is Outcome.COMMITTED:
+                for tp, (position, version) in plan.versions.items():
+                    self._tracker.mark_committed(*tp, position, version)
+        for tp in release:
+            self._forget(tp)
+
+    async def _prepare_revocation(self, revoked: set[Partition]) -> _Plan | None:
+        await self._release_tasks(revoked, self._revoke_grace_s)
+        return self._plan(revoked)
+
+    async def _release(self, partitions: set[Partition], grace_s: float) -> None:
+        await self._release_tasks(partitions, grace_s)
+        self._outbox = [f for f in self._outbox if f.partition not in partitions]
+        for tp in partitions:
+            self._forget(tp)
+
+    async def _release_tasks(self, partitions: set[Partition], grace_s: float) -> None:
+        """Let the partitions' in-flight messages finish within ``grace_s``, cancel the rest."""
+        self._backlog = deque(m for m in self._backlog if (m.topic, m.partition) not in partitions)
+        await self._drain(partitions, grace_s)
+        await self._cancel(
+            {t for t, m in self._tasks.items() if (m.topic, m.partition) in partitions}
         )
 
-    async def _send(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: h.Headers
-    ) -> Any:
-        """Retry until the broker acknowledges: a message is only done once it is durable."""
-        delay = 0.1
-        while True:
-            try:
-                return await self._producer.send_and_wait(
-                    topic, value=value, key=key, headers=headers
-                )
-            except KafkaError as exc:
-                log.warning("produce to %s failed (%s); retrying in %.1fs", topic, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, PRODUCE_RETRY_MAX_S)
+    def _forget(self, tp: Partition) -> None:
+        self._owned.discard(tp)
+        self._paused.discard(tp)
+        self._tracker.forget(*tp)
 
-    async def _sample_lag(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
-        """Lag per partition = high watermark - position, sampled on the event loop.
-
-        Both numbers are local to the consumer (the high watermark arrives with every
-        fetch), so sampling costs no request to the broker; the metric reader's thread only
-        reads the finished snapshot.
-        """
-        while not stop.is_set():
-            samples: list[tuple[dict[str, str | int], int]] = []
-            for tp in list(consumer.assignment()):
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue
-                try:
-                    position = await asyncio.wait_for(consumer.position(tp), 1.0)
-                except Exception:  # revoked meanwhile, or the position is not known yet
-                    continue
-                attributes: dict[str, str | int] = {
-                    sc.STAGE: self.stage,
-                    sc.MESSAGING_CONSUMER_GROUP_NAME: self.group,
-                    sc.MESSAGING_DESTINATION_NAME: tp.topic,
-                    sc.MESSAGING_DESTINATION_PARTITION_ID: str(tp.partition),
-                }
-                samples.append((attributes, max(0, highwater - position)))
-            self._lag = samples
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), LAG_SAMPLE_INTERVAL_S)
-
-    async def _commit(self, only: set[TopicPartition] | None = None) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
-        owned = consumer.assignment()
-        offsets: dict[TopicPartition, int] = {}
-        for topic, partition in self._tracker.partitions():
-            tp = TopicPartition(topic, partition)
-            if tp not in owned or (only is not None and tp not in only):
-                continue
-            position = self._tracker.committable(topic, partition)
-            if position is not None:
-                offsets[tp] = position
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning("commit failed (%s); the messages will be redelivered if needed", exc)
-            return
-        for tp, position in offsets.items():
-            self._tracker.mark_committed(tp.topic, tp.partition, position)
-
-    async def _drain(self, grace_s: float, partitions: set[TopicPartition] | None = None) -> None:
+    async def _drain(self, partitions: set[Partition] | None, grace_s: float) -> None:
         def idle() -> bool:
             if partitions is None:
-                return not self._tasks
-            return all(self._tracker.in_flight(tp.topic, tp.partition) == 0 for tp in partitions)
+                return not self._tasks and not self._backlog
+            return not any((m.topic, m.partition) in partitions for m in self._tasks.values())
 
         if not await self._until(idle, grace_s):
-            log.warning("stage %s: in-flight work unfinished after %.0fs", self.stage, grace_s)
+            log.warning(
+                "stage %s: in-flight work unfinished after %.0fs; cancelled, to be redone",
+                self.stage,
+                grace_s,
+            )
 
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish what is in flight for the partitions we lose, commit, then forget them."""
-        await self._drain(REVOKE_GRACE_S, revoked)
-        await self._commit(revoked)
-        for tp in revoked:
-            self._tracker.forget(tp.topic, tp.partition)
-
-
-def _key_text(key: bytes) -> str:
-    return key[:MAX_KEY_ATTRIBUTE_CHARS].decode("utf-8", "replace")
-
-
-def _annotate(span: Span, decision: Decision, route: str, scope: MessageScope) -> None:
-    """What the stage decided; what the headers already told the span is not set twice."""
-    span.set_attribute(sc.ROUTE, route)
-    if decision.reason:
-        span.set_attribute(sc.REASON, decision.reason)
-    if decision.request_id and decision.request_id != scope.request_id:
-        span.set_attribute(sc.REQUEST_ID, decision.request_id)
-    prompt = decision.prompt
-    if prompt is not None:
-        if (prompt.name, prompt.version) != (scope.prompt_name, scope.prompt_version):
-            for name, value in prompt_attributes(prompt).items():
-                span.set_attribute(name, value)
-        span.set_attribute(sc.PROMPT_ARM, prompt.arm)
-    if isinstance(decision, DeadLetter):
-        span.set_attribute(sc.ERROR_TYPE, decision.error_class)
-
-
-def _annotate_sent(span: Span, metadata: Any) -> None:
-    """Where the broker put the message (aiokafka's ``RecordMetadata``)."""
-    partition = getattr(metadata, "partition", None)
-    offset = getattr(metadata, "offset", None)
-    if partition is not None:
-        span.set_attribute(sc.MESSAGING_DESTINATION_PARTITION_ID, str(partition))
-    if offset is not None:
-        span.set_attribute(sc.MESSAGING_KAFKA_OFFSET, offset)
-
-
-class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, runner: StageRunner) -> None:
-        self._runner = runner
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._runner.on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        return None
+    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -50,6 +50,7 @@ from pipeline.resilience.retry import RetryingClient
 from pipeline.stages.decisions import FALLBACK, REVIEW, VALIDATED, DeadLetter, Decision, Emit
 from pipeline.transport.runner import Inbound, StageRunner
 from tests.stage_support import validated
+from tests.transport.fake_kafka import FakeBroker, FakeClients
 
 DASHBOARD = REPO_ROOT / "infra" / "grafana" / "dashboards" / "llmpipe.json"
 
@@ -102,6 +103,7 @@ def test_attribute_names_live_only_in_semconv() -> None:
     offenders = []
     for path in [
         REPO_ROOT / "pipeline" / "transport" / "runner.py",
+        REPO_ROOT / "pipeline" / "transport" / "instrumentation.py",
         REPO_ROOT / "pipeline" / "resilience" / "retry.py",
         REPO_ROOT / "pipeline" / "stages" / "model_call.py",
         *sorted((REPO_ROOT / "pipeline" / "observability").glob("*.py")),
@@ -311,30 +313,16 @@ def test_a_local_refusal_is_named_by_its_class(captured: Captured) -> None:
 # -- the runner: every message its own span context ------------------------------------------
 
 
-class RecordingProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, list[tuple[str, bytes]]]] = []
-
-    async def send_and_wait(self, topic: str, **kwargs: Any) -> Any:
-        await asyncio.sleep(0)
-        self.sent.append((topic, kwargs["headers"]))
-        return type("Metadata", (), {"partition": 0, "offset": len(self.sent) - 1})()
-
-
-class Record:
-    def __init__(self, offset: int, headers: list[tuple[str, bytes]]) -> None:
-        self.offset = offset
-        self.timestamp = 1_700_000_000_000
-        self.key = f"r-{offset}".encode()
-        self.value = b"{}"
-        self.headers = headers
-
-
 def test_concurrent_messages_in_the_runner_never_share_a_span_or_scope(captured: Captured) -> None:
     count = 50
     envelope = validated()
     prompt = envelope.prompt
     mixups: list[str] = []
+    broker = FakeBroker()
+    for i in range(count):
+        parent = f"00-{i + 1:032x}-{i + 1:016x}-01".encode()
+        headers = [("x-request-id", f"r-{i}".encode()), ("traceparent", parent)]
+        broker.append("in", 0, b"{}", key=f"r-{i}".encode(), headers=headers)
 
     async def main() -> StageRunner:
         release = asyncio.Event()
@@ -360,20 +348,21 @@ def test_concurrent_messages_in_the_runner_never_share_a_span_or_scope(captured:
             input_topic="in",
             group="g",
             handler=handler,
-            producer=RecordingProducer(),  # type: ignore[arg-type]
+            clients=FakeClients(broker, [("in", 0)]),
             codec=Codec(),
             redactor=Redactor(),
             topic_name=lambda t: f"x.{t}",
-            kafka_config={},
             max_in_flight=count,
+            commit_interval_ms=10,
         )
-        from aiokafka import TopicPartition
-
-        for i in range(count):
-            parent = f"00-{i + 1:032x}-{i + 1:016x}-01".encode()
-            headers = [("x-request-id", f"r-{i}".encode()), ("traceparent", parent)]
-            runner._spawn(TopicPartition("in", 0), Record(i, headers))
-        await asyncio.gather(*runner._tasks)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        for _ in range(4000):
+            if broker.committed.get(("in", 0), (0, ""))[0] == count:
+                break
+            await asyncio.sleep(0.005)
+        stop.set()
+        await task
         return runner
 
     runner = asyncio.run(main())
@@ -388,16 +377,16 @@ def test_concurrent_messages_in_the_runner_never_share_a_span_or_scope(captured:
         assert consumer.context.trace_id == i + 1, "continues its own upstream trace"
         assert consumer.parent.span_id == i + 1  # type: ignore[union-attr]
         assert producer.parent.span_id == consumer.context.span_id  # type: ignore[union-attr]
-        assert attrs(producer)[sc.MESSAGING_KAFKA_OFFSET] >= 0
-    produced = runner._producer.sent  # type: ignore[attr-defined]
-    for _topic, headers in produced:
-        header = dict(headers)
+        assert attrs(producer)[sc.MESSAGING_DESTINATION_NAME] == "x.llm.stage.validated"
+    assert len(broker.outputs) == count
+    for output in broker.outputs:
+        header = dict(output.headers)
         rid = header["x-request-id"].decode()
         assert header["traceparent"].decode().split("-")[2] == format(
             producers[rid].context.span_id, "016x"
         ), "the next hop's parent is this message's producer span"
     stage = {a.get(sc.ROUTE): p.value for a, p in captured.metric_points(sc.STAGE_MESSAGES)}
-    assert stage == {"validated": count}
+    assert stage == {"validated": count}, "counted once committed"
     assert sum(p.value for _, p in captured.metric_points(sc.STAGE_IN_FLIGHT)) == 0
 
 

@@ -1,11 +1,25 @@
-"""The committable position never passes an offset that is still in flight."""
+"""The committable position never passes an offset that is still in flight, and the
+finished offsets above it survive a crash through the commit metadata."""
 
 from __future__ import annotations
 
-from hypothesis import given
+import itertools
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.transport.offsets import OffsetTracker
+from pipeline.transport.offsets import (
+    FETCH_OVERSHOOT,
+    MAX_WINDOW,
+    METADATA_MAX_CHARS,
+    MetadataError,
+    OffsetTracker,
+    decode_done,
+    encode_done,
+)
 
 
 def test_out_of_order_completion_commits_only_below_the_lowest_in_flight() -> None:
@@ -47,3 +61,114 @@ def test_committable_is_the_first_unfinished_offset(order: list[int], finished: 
     first_unfinished = next((o for o in range(30) if o not in done), 30)
     assert tracker.committable("t", 0) == first_unfinished
     assert all(o in done for o in range(first_unfinished))
+
+
+# -- commit metadata: finished offsets above the position --------------------------------------
+
+WINDOW = MAX_WINDOW + FETCH_OVERSHOOT
+
+
+@given(st.integers(0, 2**50), st.sets(st.integers(0, 3000), max_size=400))
+def test_metadata_round_trips_any_set_of_finished_offsets(position: int, rel: set[int]) -> None:
+    done = {position + r for r in rel}
+    metadata = encode_done(position, done)
+    assert decode_done(position, metadata) == done
+    assert (metadata == "") == (not done)
+    assert metadata.isascii()
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**32), st.floats(0.0, 1.0))
+@settings(max_examples=40, deadline=None)
+def test_metadata_of_a_full_window_always_fits_the_broker_limit(
+    position: int, seed: int, density: float
+) -> None:
+    """Whatever the completion pattern, a window the runner allows fits in the metadata."""
+    rng = random.Random(seed)
+    done = {position + r for r in range(WINDOW) if rng.random() < density}
+    metadata = encode_done(position, done)
+    assert len(metadata) <= METADATA_MAX_CHARS
+    assert decode_done(position, metadata) == done
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        lambda r: True,
+        lambda r: r % 2 == 1,
+        lambda r: r % 3 != 0,
+        lambda r: (r * 2654435761) % 7 < 3,
+        lambda r: r == WINDOW - 1,
+    ],
+)
+def test_worst_case_patterns_fit(pattern: Any) -> None:
+    done = {1_000_000 + r for r in range(WINDOW) if pattern(r)}
+    metadata = encode_done(1_000_000, done)
+    assert len(metadata) <= METADATA_MAX_CHARS
+    assert decode_done(1_000_000, metadata) == done
+
+
+@given(st.text(max_size=200) | st.binary(max_size=200).map(lambda b: "lp1r" + b.hex()))
+def test_foreign_or_corrupt_metadata_is_refused_not_misread(text: str) -> None:
+    try:
+        done = decode_done(10, text)
+    except MetadataError:
+        return
+    assert text == "" or text.startswith("lp1")
+    assert all(10 <= o < 10 + 4 * WINDOW for o in done)
+
+
+def test_a_run_list_claiming_a_huge_span_is_refused() -> None:
+    import base64
+    import zlib
+
+    runs = bytes([0x80, 0x80, 0x80, 0x80, 0x10, 0x01])  # gap of 2**32, one done offset
+    text = "lp1r" + base64.urlsafe_b64encode(zlib.compress(runs)).decode().rstrip("=")
+    with pytest.raises(MetadataError):
+        decode_done(0, text)
+
+
+@given(
+    st.lists(st.integers(1, 3), min_size=1, max_size=80),  # offset gaps (markers, compaction)
+    st.randoms(use_true_random=False),
+    st.floats(0.0, 1.0),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_crash_at_any_moment_loses_nothing_and_redoes_only_the_unfinished(
+    gaps: list[int], rng: random.Random, finish_share: float
+) -> None:
+    """Random completion order, gaps in the offsets, a commit, a crash, a new owner."""
+    offsets = list(itertools.accumulate(gaps, initial=100))
+    tracker = OffsetTracker()
+    tracker.assign("t", 0, 100, "")
+    for offset in offsets:
+        tracker.start("t", 0, offset)
+    finished = [o for o in offsets if rng.random() < finish_share]
+    rng.shuffle(finished)
+    for offset in finished:
+        tracker.done("t", 0, offset)
+    point = tracker.commit_point("t", 0)
+    position, metadata = (point.position, point.metadata) if point else (100, "")
+    # ...the worker dies here; a new owner starts from the commit.
+    successor = OffsetTracker()
+    successor.assign("t", 0, position, metadata)
+    unfinished = set(offsets) - set(finished)
+    assert all(o >= position for o in unfinished), "never committed past unfinished work"
+    skipped = {o for o in offsets if o >= position and successor.is_done("t", 0, o)}
+    assert skipped == {o for o in finished if o >= position}, "finished work is skipped"
+    redone = {o for o in offsets if o >= position and not successor.is_done("t", 0, o)}
+    assert redone == unfinished, "only the unfinished is processed again"
+
+
+def test_the_metadata_is_committed_even_when_the_position_cannot_move() -> None:
+    tracker = OffsetTracker()
+    for offset in range(5):
+        tracker.start("t", 0, offset)
+    tracker.done("t", 0, 3)
+    first = tracker.commit_point("t", 0)
+    assert first is not None and (first.position, first.done) == (0, (3,))
+    tracker.mark_committed("t", 0, first.position, first.version)
+    assert tracker.commit_point("t", 0) is None
+    tracker.done("t", 0, 4)
+    second = tracker.commit_point("t", 0)
+    assert second is not None and (second.position, second.done) == (0, (3, 4))
+    assert tracker.window("t", 0) == 5

@@ -1,0 +1,234 @@
+"""Every Kafka client llmpipe uses is built here, from :class:`~pipeline.config.Settings`.
+
+One place decides how llmpipe talks to Kafka (confluent-kafka, i.e. librdkafka): security
+settings, ``read_committed`` for every consumer, idempotent producers, cooperative
+rebalancing for the stage groups, and how librdkafka's own voice reaches the operator.
+
+Usage, for any tool::
+
+    clients = KafkaClients(settings)
+    consumer = clients.consumer("my-tool-group")   # read_committed, manual commits
+    producer = clients.producer()                  # idempotent, acks=all
+    admin = clients.admin()
+
+Keyword overrides use librdkafka's names (``clients.consumer(None, **{"fetch.wait.max.ms":
+10})``). A tool that only ``assign()``s partitions passes ``group=None``.
+
+Quiet failure logs: librdkafka reports a lost broker through ``error_cb`` (per client, per
+attempt) and through its log (per connection attempt); during a broker restart a worker
+with a dozen clients would print thousands of lines. Here every client of one
+:class:`KafkaClients` shares one :class:`BrokerHealth`, which logs the outage once ("broker
+unreachable since ..., retrying") and its end once ("recovered after N s"), and
+librdkafka's log goes through the project's JSON logger (``llmpipe.kafka``) with a rate
+limit per kind of line. Connection failures, which the health line already says, are
+logged at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka.admin import AdminClient
+
+from pipeline.config import Settings
+
+log = logging.getLogger("llmpipe.kafka")
+
+# Dead letters carry the original value, so producers must accept what llm.requests accepts.
+MAX_MESSAGE_BYTES = 10_485_760
+# librdkafka log lines of one kind (facility): at most one per this many seconds.
+LOG_INTERVAL_S = 30.0
+# Facilities whose lines repeat what BrokerHealth already reports once.
+_CONNECTIVITY_FACILITIES = frozenset({"FAIL", "BROKERFAIL", "CONNECT", "DISCONNECT"})
+_OUTAGE_CODES = frozenset(
+    {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE}
+)
+# A stage consumer may block in a revocation for up to the revocation bound; far below this.
+MAX_POLL_INTERVAL_MS = 300_000
+SESSION_TIMEOUT_MS = 10_000
+
+
+class BrokerHealth:
+    """One line when the brokers become unreachable, one when they are back.
+
+    Fed by every client's ``error_cb`` (outage) and by callers that see an operation
+    succeed (:meth:`ok`), because librdkafka reports failures, not recoveries. Thread-safe:
+    librdkafka calls back from whichever thread polls.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._down_since_wall: datetime | None = None
+        self._errors = 0
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    def error(self, error: KafkaError) -> None:
+        """librdkafka's ``error_cb``: transport errors open an outage, others are logged."""
+        if error.code() not in _OUTAGE_CODES:
+            log.warning(
+                "kafka client error: %s",
+                error.str(),
+                extra={"kafka_error": error.name(), "fatal": error.fatal()},
+            )
+            return
+        with self._lock:
+            self._errors += 1
+            if self._down_since is not None:
+                return
+            self._down_since = self._clock()
+            self._down_since_wall = datetime.now(UTC)
+        log.warning(
+            "broker unreachable since %s (%s); retrying",
+            self._down_since_wall.isoformat(timespec="seconds"),
+            error.str(),
+        )
+
+    def ok(self) -> None:
+        """An operation that needs the broker succeeded: end the outage if there was one."""
+        if self._down_since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._down_since is None:
+                return
+            lasted = self._clock() - self._down_since
+            errors = self._errors
+            self._down_since = self._down_since_wall = None
+            self._errors = 0
+        log.warning("broker recovered after %.1f s (%d connection errors)", lasted, errors)
+
+
+class LibrdkafkaLog:
+    """librdkafka's ``logger``: its lines through the JSON logger, one per kind per interval.
+
+    librdkafka calls ``log(level, "%s [%s] %s", facility, client, message)``. The lines
+    suppressed since the last one of the same facility are counted on the next.
+    """
+
+    def __init__(
+        self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, level: int, fmt: str, *args: Any, **_: Any) -> None:
+        facility = str(args[0]) if args else "?"
+        if facility in _CONNECTIVITY_FACILITIES:
+            level = logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(facility)
+            if last is not None and now - last < self._interval_s:
+                self._suppressed[facility] = self._suppressed.get(facility, 0) + 1
+                return
+            self._last[facility] = now
+            suppressed = self._suppressed.pop(facility, 0)
+        extra: dict[str, Any] = {"facility": facility}
+        if suppressed:
+            extra["suppressed"] = suppressed
+        log.log(level, "librdkafka: " + fmt, *args, extra=extra)
+
+
+class KafkaClients:
+    """The factory: consumers, producers and admin clients, all from one ``Settings``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = BrokerHealth()
+        self._log = LibrdkafkaLog()
+
+    def base_config(self) -> dict[str, Any]:
+        """Connection, security and logging: what every client shares."""
+        return {
+            **self.settings.kafka_client_config(),
+            "logger": self._log,
+            "error_cb": self.health.error,
+            "log.connection.close": False,
+            # Notice and worse: info lines (e.g. "purging unserved events" when a client
+            # closes) would reach stderr directly once the handle is being destroyed.
+            "log_level": 5,
+        }
+
+    def consumer(self, group: str | None, **overrides: Any) -> Consumer:
+        """A consumer that sees only committed data and never commits by itself.
+
+        ``group=None`` is for tools that ``assign()`` partitions and commit nothing
+        (librdkafka still wants a group id: a throw-away one is used).
+        """
+        config: dict[str, Any] = {
+            **self.base_config(),
+            "group.id": group or f"llmpipe-reader-{uuid.uuid4().hex}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            **overrides,
+        }
+        return Consumer(config)
+
+    def stage_consumer(self, group: str, **overrides: Any) -> Consumer:
+        """A stage's group member: cooperative rebalancing, optional static membership."""
+        config: dict[str, Any] = {
+            "partition.assignment.strategy": "cooperative-sticky",
+            "max.poll.interval.ms": MAX_POLL_INTERVAL_MS,
+            # A SIGKILLed member's partitions move after this (librdkafka's default is 45 s);
+            # a static member restarted within it keeps them without a rebalance.
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
+            "heartbeat.interval.ms": 1_000,
+            "fetch.max.bytes": 8_388_608,
+            "max.partition.fetch.bytes": 1_048_576,
+            # Prefetch per partition: enough to keep the slots busy, not a second backlog.
+            "queued.max.messages.kbytes": 16_384,
+            **overrides,
+        }
+        if self.settings.group_instance_id:
+            config.setdefault("group.instance.id", self.settings.group_instance_id)
+        return self.consumer(group, **config)
+
+    def producer(self, **overrides: Any) -> Producer:
+        """Idempotent, ``acks=all``: a retried send never duplicates or reorders."""
+        config: dict[str, Any] = {
+            **self.base_config(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "message.max.bytes": MAX_MESSAGE_BYTES,
+            **overrides,
+        }
+        return Producer(config)
+
+    def transactional_producer(self, transactional_id: str, **overrides: Any) -> Producer:
+        """A producer for exactly-once hops; call ``init_transactions()`` before use.
+
+        ``transaction.timeout.ms`` is short because the runner keeps a transaction open
+        only for the few milliseconds of one commit: a worker killed inside a commit holds
+        back ``read_committed`` readers of its output partitions until the broker aborts
+        the transaction at this timeout (unless the same id starts again and fences it).
+        """
+        return self.producer(
+            **{
+                "transactional.id": transactional_id,
+                "transaction.timeout.ms": 10_000,
+                **overrides,
+            }
+        )
+
+    def admin(self, **overrides: Any) -> AdminClient:
+        return AdminClient({**self.base_config(), **overrides})

@@ -1,0 +1,246 @@
+"""Traces and metrics of a stage runner: the observability hook the runner calls.
+
+The runner (:mod:`pipeline.transport.runner`) moves messages and commits; everything it
+reports goes through :class:`StageInstrumentation`, so the Kafka loop stays short and this
+module is the one place that knows span names, attributes and which metric a decision
+feeds. Unit tests of the runner's offset logic pass :class:`NoInstrumentation`.
+
+Each message's CONSUMER span is started inside that message's own task, as a child of the
+``traceparent`` it arrived with, so concurrent messages never share a span context. Every
+output gets a PRODUCER span whose context is what travels on in ``traceparent``, which
+links the hops of one request into one trace. Metrics are recorded when the output is
+committed (so they count what a ``read_committed`` reader downstream can actually see),
+with the message's span as context, so latency samples carry the trace as an exemplar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from pipeline.observability import semconv as sc
+from pipeline.observability.context import MessageScope, message_scope, parse_prompt_ref
+from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
+from pipeline.observability.propagation import extract, inject
+from pipeline.observability.setup import current
+from pipeline.stages.decisions import DeadLetter, Decision, Emit
+from pipeline.transport import headers as h
+from pipeline.transport.message import Inbound
+
+log = logging.getLogger("llmpipe.runner")
+
+MAX_KEY_ATTRIBUTE_CHARS = 256
+LagSamples = list[tuple[dict[str, str | int], int]]
+
+
+class MessageTrace(Protocol):
+    """What the runner reports about one message, from its own task."""
+
+    def decided(self, decision: Decision) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
+
+    def output_trace(
+        self, logical_topic: str, topic: str, key: bytes | None, route: str, request_id: str | None
+    ) -> dict[str, str]: ...
+
+    def committed(self, decision: Decision) -> None: ...
+
+
+class Instrumentation(Protocol):
+    def message(self, inbound: Inbound) -> contextlib.AbstractContextManager[MessageTrace]: ...
+
+    def watch_lag(self, source: Callable[[], LagSamples]) -> Callable[[], None]: ...
+
+    def lag_attributes(self, topic: str, partition: int) -> dict[str, str | int]: ...
+
+
+def _key_text(key: bytes) -> str:
+    return key[:MAX_KEY_ATTRIBUTE_CHARS].decode("utf-8", "replace")
+
+
+class _SpanTrace:
+    def __init__(
+        self, owner: StageInstrumentation, inbound: Inbound, span: Span, scope: MessageScope
+    ) -> None:
+        self._owner = owner
+        self._inbound = inbound
+        self._span = span
+        self._scope = scope
+        self._started = time.perf_counter()
+
+    def decided(self, decision: Decision) -> None:
+        """What the stage decided; what the headers already told the span is not set twice."""
+        span, scope = self._span, self._scope
+        span.set_attribute(
+            sc.ROUTE, decision.route if isinstance(decision, Emit) else "dead_letter"
+        )
+        if decision.reason:
+            span.set_attribute(sc.REASON, decision.reason)
+        if decision.request_id and decision.request_id != scope.request_id:
+            span.set_attribute(sc.REQUEST_ID, decision.request_id)
+        prompt = decision.prompt
+        if prompt is not None:
+            if (prompt.name, prompt.version) != (scope.prompt_name, scope.prompt_version):
+                for name, value in prompt_attributes(prompt).items():
+                    span.set_attribute(name, value)
+            span.set_attribute(sc.PROMPT_ARM, prompt.arm)
+        if isinstance(decision, DeadLetter):
+            span.set_attribute(sc.ERROR_TYPE, decision.error_class)
+
+    def failed(self, exc: BaseException) -> None:
+        self._span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+    def output_trace(
+        self,
+        logical_topic: str,
+        topic: str,
+        key: bytes | None,
+        route: str,
+        request_id: str | None,
+    ) -> dict[str, str]:
+        """A PRODUCER span for one output; its context is the next hop's parent.
+
+        Stage, prompt and reason are on its parent (the consumer span) and not repeated:
+        the SDK validates and the exporter encodes every attribute of every span, which is
+        most of what tracing costs per message.
+        """
+        attributes: dict[str, Any] = {
+            sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
+            sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_SEND,
+            sc.MESSAGING_OPERATION_NAME: sc.OPERATION_SEND,
+            sc.MESSAGING_DESTINATION_NAME: topic,
+            sc.ROUTE: route,
+        }
+        if key is not None:
+            attributes[sc.MESSAGING_KAFKA_MESSAGE_KEY] = _key_text(key)
+        if request_id:
+            attributes[sc.REQUEST_ID] = request_id
+        span = self._owner.tracer.start_span(
+            sc.producer_span_name(logical_topic),
+            kind=trace.SpanKind.PRODUCER,
+            attributes=attributes,
+            record_exception=False,
+        )
+        with trace.use_span(span, end_on_exit=True, record_exception=False):
+            return inject()
+
+    def committed(self, decision: Decision) -> None:
+        """Metrics once the output is committed; a metrics bug never undoes a message."""
+        token = otel_context.attach(trace.set_span_in_context(self._span))
+        try:
+            self._owner.metrics.record_decision(
+                self._owner.stage,
+                decision,
+                duration_s=time.perf_counter() - self._started,
+                inbound_timestamp_ms=self._inbound.timestamp_ms,
+            )
+        except Exception:
+            log.exception("stage %s: recording metrics failed", self._owner.stage)
+        finally:
+            otel_context.detach(token)
+
+
+class StageInstrumentation:
+    """Spans, scope and metrics for one stage's runner (OTel, from the current telemetry)."""
+
+    def __init__(self, stage: str, group: str, metrics: PipelineMetrics | None = None) -> None:
+        telemetry = current()
+        self.stage = stage
+        self.group = group
+        self.tracer = telemetry.tracer
+        self.metrics = metrics or telemetry.metrics
+
+    @contextlib.contextmanager
+    def message(self, inbound: Inbound) -> Iterator[MessageTrace]:
+        prompt = parse_prompt_ref(h.text(inbound.headers, h.PROMPT))
+        scope = MessageScope(self.stage, h.text(inbound.headers, h.REQUEST_ID), *prompt)
+        self.metrics.stage_started(self.stage)
+        try:
+            # Started inside the message's own task: span and scope are its alone.
+            with (
+                message_scope(scope),
+                self.tracer.start_as_current_span(
+                    sc.consumer_span_name(self.stage),
+                    context=extract(inbound.headers.items()),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes=self._consumer_attributes(inbound, scope),
+                    record_exception=False,
+                ) as span,
+            ):
+                yield _SpanTrace(self, inbound, span, scope)
+        finally:
+            self.metrics.stage_finished(self.stage)
+
+    def _consumer_attributes(self, inbound: Inbound, scope: MessageScope) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
+            sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_PROCESS,
+            sc.MESSAGING_OPERATION_NAME: sc.OPERATION_PROCESS,
+            sc.MESSAGING_DESTINATION_NAME: inbound.topic,
+            sc.MESSAGING_CONSUMER_GROUP_NAME: self.group,
+            sc.MESSAGING_DESTINATION_PARTITION_ID: str(inbound.partition),
+            sc.MESSAGING_KAFKA_OFFSET: inbound.offset,
+            sc.STAGE: self.stage,
+            **scope.prompt_attributes(),
+        }
+        if inbound.key is not None:
+            attributes[sc.MESSAGING_KAFKA_MESSAGE_KEY] = _key_text(inbound.key)
+        if inbound.value is not None:
+            attributes[sc.MESSAGING_MESSAGE_BODY_SIZE] = len(inbound.value)
+        if scope.request_id is not None:
+            attributes[sc.REQUEST_ID] = scope.request_id
+        return attributes
+
+    def watch_lag(self, source: Callable[[], LagSamples]) -> Callable[[], None]:
+        return self.metrics.watch_lag(source)
+
+    def lag_attributes(self, topic: str, partition: int) -> dict[str, str | int]:
+        return {
+            sc.STAGE: self.stage,
+            sc.MESSAGING_CONSUMER_GROUP_NAME: self.group,
+            sc.MESSAGING_DESTINATION_NAME: topic,
+            sc.MESSAGING_DESTINATION_PARTITION_ID: str(partition),
+        }
+
+
+class _Silent:
+    def decided(self, decision: Decision) -> None:
+        return None
+
+    def failed(self, exc: BaseException) -> None:
+        return None
+
+    def output_trace(
+        self,
+        logical_topic: str,
+        topic: str,
+        key: bytes | None,
+        route: str,
+        request_id: str | None,
+    ) -> dict[str, str]:
+        return {}
+
+    def committed(self, decision: Decision) -> None:
+        return None
+
+
+class NoInstrumentation:
+    """Reports nothing: for unit tests of the runner's Kafka logic."""
+
+    @contextlib.contextmanager
+    def message(self, inbound: Inbound) -> Iterator[MessageTrace]:
+        yield _Silent()
+
+    def watch_lag(self, source: Callable[[], LagSamples]) -> Callable[[], None]:
+        return lambda: None
+
+    def lag_attributes(self, topic: str, partition: int) -> dict[str, str | int]:
+        return {}

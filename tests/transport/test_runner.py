@@ -1,0 +1,501 @@
+"""The stage runner's slot, ordering, offset and rebalance logic, without a broker.
+
+The runner gets its Kafka clients from a factory; here that factory is an in-memory Kafka
+(:mod:`tests.transport.fake_kafka`) whose transactions make outputs and offsets visible
+together or not at all, and whose "crash" makes a client's later calls count for nothing,
+the way SIGKILL does. Everything is checked against the broker's state: what a
+``read_committed`` reader would see and which offsets (with metadata) are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError
+
+from pipeline.contract.codec import Codec
+from pipeline.observability.redact import Redactor
+from pipeline.stages.decisions import VALIDATED, DeadLetter, Decision, Emit
+from pipeline.transport import runner as runner_module
+from pipeline.transport.instrumentation import MessageTrace, NoInstrumentation
+from pipeline.transport.message import Inbound
+from pipeline.transport.offsets import decode_done, encode_done
+from pipeline.transport.runner import DeliveryMode, Handler, StageRunner
+from tests.stage_support import validated
+from tests.transport.fake_kafka import FakeBroker, FakeClients, Partition
+
+TOPIC = "in"
+P0: Partition = (TOPIC, 0)
+P1: Partition = (TOPIC, 1)
+ENVELOPE = validated()
+
+
+async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def emit(message: Inbound) -> Decision:
+    rid = (message.value or b"").decode()
+    return Emit(VALIDATED, ENVELOPE.model_copy(update={"request_id": rid}), rid, None)
+
+
+def fill(broker: FakeBroker, partition: Partition, count: int, **kwargs: Any) -> list[str]:
+    ids = []
+    for _ in range(count):
+        rid = f"{partition[1]}-{len(broker.logs.get(partition, []))}"
+        broker.append(*partition, rid.encode(), **kwargs)
+        ids.append(rid)
+    return ids
+
+
+def output_ids(broker: FakeBroker) -> list[str]:
+    """The request behind each committed output (a dead letter carries the input value)."""
+    return [
+        (o.value if o.topic == "x.llm.dlq" else dict(o.headers)["x-request-id"]).decode()
+        for o in broker.outputs
+    ]
+
+
+def make_runner(
+    clients: FakeClients,
+    handler: Handler,
+    *,
+    max_in_flight: int = 8,
+    delivery: DeliveryMode = "exactly_once",
+    revoke_grace_s: float = 5.0,
+    instrumentation: Any = None,
+) -> StageRunner:
+    return StageRunner(
+        stage="model",
+        input_topic=TOPIC,
+        group="g",
+        handler=handler,
+        clients=clients,
+        codec=Codec(),
+        redactor=Redactor(),
+        topic_name=lambda t: f"x.{t}",
+        max_in_flight=max_in_flight,
+        delivery=delivery,
+        commit_interval_ms=10,
+        revoke_grace_s=revoke_grace_s,
+        instrumentation=instrumentation or NoInstrumentation(),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(runner: StageRunner) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    await wait_for(runner.started.is_set, "the runner to start")
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+
+
+def committed(broker: FakeBroker, partition: Partition) -> tuple[int, set[int]]:
+    position, metadata = broker.committed.get(partition, (0, ""))
+    return position, decode_done(position, metadata)
+
+
+# -- the in-flight bound ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
+def test_in_flight_never_exceeds_the_bound_and_every_message_commits_once(
+    delivery: DeliveryMode,
+) -> None:
+    broker = FakeBroker()
+    ids = fill(broker, P0, 60) + fill(broker, P1, 60)
+    clients = FakeClients(broker, [P0, P1])
+    now = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await release.wait()
+        await asyncio.sleep(random.random() / 1000)
+        now -= 1
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler, max_in_flight=8, delivery=delivery)
+        async with running(runner):
+            await wait_for(lambda: now == 8, "8 messages in flight")
+            # Full: the runner keeps polling (paused) but takes nothing more.
+            await wait_for(lambda: set(clients.consumers[0].paused) == {P0, P1}, "a pause")
+            assert now == 8
+            release.set()
+            await wait_for(lambda: len(broker.outputs) == len(ids), "every output")
+            await wait_for(
+                lambda: committed(broker, P0)[0] == 60 and committed(broker, P1)[0] == 60,
+                "both partitions committed to their end",
+            )
+        assert runner.stats.max_in_flight_seen == 8
+
+    asyncio.run(main())
+    assert peak == 8
+    assert sorted(output_ids(broker)) == sorted(ids)
+
+
+# -- per-key order ----------------------------------------------------------------------------
+
+
+def test_ordered_keys_finish_in_offset_order_while_other_keys_overtake() -> None:
+    broker = FakeBroker()
+    ordered = [(b"k%d" % (i % 3), [("x-ordered", b"1")]) for i in range(30)]
+    for key, headers in ordered:
+        fill(broker, P0, 1, key=key, headers=headers)
+    fill(broker, P0, 10)  # unordered, no key
+
+    async def handler(message: Inbound) -> Decision:
+        await asyncio.sleep(random.random() / 200)  # later messages often finish first
+        return emit(message)
+
+    async def main() -> None:
+        async with running(make_runner(FakeClients(broker, [P0]), handler, max_in_flight=16)):
+            await wait_for(lambda: len(broker.outputs) == 40, "40 outputs")
+
+    asyncio.run(main())
+    seen: dict[bytes, list[str]] = {}
+    for out in broker.outputs:
+        if out.key and out.key.startswith(b"k"):
+            seen.setdefault(out.key, []).append(dict(out.headers)["x-request-id"].decode())
+    for key, rids in seen.items():
+        offsets = [int(r.split("-")[1]) for r in rids]
+        assert offsets == sorted(offsets), f"key {key!r} out of order: {offsets}"
+        assert len(offsets) == 10
+
+
+# -- nothing a task raises can stall its partition --------------------------------------------
+
+
+class ExplodingTrace:
+    """Instrumentation that fails after the stage decided: outside the stage's own guard."""
+
+    def __init__(self, explode: bool) -> None:
+        self.explode = explode
+
+    def decided(self, decision: Decision) -> None:
+        if self.explode:
+            raise RuntimeError("instrumentation bug")
+
+    def failed(self, exc: BaseException) -> None:
+        return None
+
+    def output_trace(self, *args: Any) -> dict[str, str]:
+        return {}
+
+    def committed(self, decision: Decision) -> None:
+        return None
+
+
+class Exploding(NoInstrumentation):
+    def __init__(self, offsets: set[int]) -> None:
+        self.offsets = offsets
+
+    @contextlib.contextmanager
+    def message(self, inbound: Inbound) -> Iterator[MessageTrace]:
+        yield ExplodingTrace(inbound.offset in self.offsets)
+
+
+def test_an_exception_escaping_a_message_task_is_a_dead_letter_not_a_stuck_offset() -> None:
+    broker = FakeBroker()
+    ids = fill(broker, P0, 12)
+
+    async def handler(message: Inbound) -> Decision:
+        if message.offset == 2:
+            raise ValueError("stage bug")
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(FakeClients(broker, [P0]), handler, instrumentation=Exploding({5}))
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 12, "the commit past 2 and 5")
+
+    asyncio.run(main())
+    dead = {o.value: dict(o.headers) for o in broker.outputs if o.topic == "x.llm.dlq"}
+    assert set(dead) == {b"0-2", b"0-5"}
+    assert dead[b"0-2"]["x-dlq-error-class"] == b"ValueError"
+    assert dead[b"0-5"]["x-dlq-error-class"] == b"RuntimeError"
+    results = [o.value for o in broker.outputs if o.topic == "x.llm.stage.validated"]
+    assert len(results) == 10
+    assert Counter(output_ids(broker)) == Counter(ids)
+
+
+# -- commit metadata: finished work above the position ----------------------------------------
+
+
+def test_finished_offsets_above_a_slow_one_are_committed_in_the_metadata() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 10)
+    slow = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        if message.offset == 3:
+            await slow.wait()
+        return emit(message)
+
+    async def main() -> None:
+        async with running(make_runner(FakeClients(broker, [P0]), handler, max_in_flight=16)):
+            await wait_for(lambda: committed(broker, P0) == (3, {4, 5, 6, 7, 8, 9}), "metadata")
+            assert len(broker.outputs) == 9, "outputs of finished messages are committed"
+            slow.set()
+            await wait_for(lambda: committed(broker, P0) == (10, set()), "the position moves")
+
+    asyncio.run(main())
+
+
+def test_a_new_owner_skips_what_the_commit_metadata_records_as_done() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 13)
+    broker.committed[P0] = (5, encode_done(5, {7, 9}))
+    handled: list[int] = []
+
+    async def handler(message: Inbound) -> Decision:
+        handled.append(message.offset)
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(FakeClients(broker, [P0]), handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 13, "the commit to the end")
+        assert runner.stats.skipped == 2
+
+    asyncio.run(main())
+    assert sorted(handled) == [5, 6, 8, 10, 11, 12]
+
+
+# -- transactions: aborted means invisible, then redone once ----------------------------------
+
+
+def test_an_aborted_transaction_is_invisible_and_its_batch_is_retried_once() -> None:
+    broker = FakeBroker()
+    ids = fill(broker, P0, 20)
+    broker.commit_failures.append(KafkaError(KafkaError._FENCED, "fenced", txn_requires_abort=True))
+    calls: Counter[int] = Counter()
+
+    async def handler(message: Inbound) -> Decision:
+        calls[message.offset] += 1
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(FakeClients(broker, [P0]), handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 20, "the commit")
+        assert runner.stats.failed_commits == 1
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
+    assert set(calls.values()) == {1}, "the retry re-sends outputs, it does not redo work"
+
+
+# -- revocation: drain, commit, forget ---------------------------------------------------------
+
+
+def test_revocation_drains_commits_and_forgets_only_the_revoked_partition() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 10)
+    fill(broker, P1, 10)
+    clients = FakeClients(broker, [P0, P1])
+    gate = asyncio.Event()
+    handled: list[tuple[int, int]] = []
+
+    async def handler(message: Inbound) -> Decision:
+        if message.partition == 0 and message.offset >= 5:
+            await gate.wait()  # in flight when the revocation comes
+        handled.append((message.partition, message.offset))
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler, max_in_flight=32, revoke_grace_s=20)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 5, "p0 committed below the gate")
+            consumer = clients.consumers[0]
+            broker.revoke(consumer, [P0])
+            await asyncio.sleep(0.05)
+            assert P0 in consumer.assignment, "the revocation waits for in-flight work"
+            gate.set()
+            await wait_for(lambda: P0 not in consumer.assignment, "the revocation to end")
+            assert committed(broker, P0) == (10, set()), "drained work committed before release"
+            assert runner._tracker.partitions() == [P1]
+            fill(broker, P1, 5)
+            fill(broker, P0, 5)  # no longer ours
+            await wait_for(lambda: committed(broker, P1)[0] == 15, "p1 goes on")
+
+    asyncio.run(main())
+    assert sorted(o for p, o in handled if p == 0) == list(range(10))
+
+
+def test_a_revocation_past_its_bound_cancels_and_the_next_owner_redoes_only_that() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 10)
+    first = FakeClients(broker, [P0])
+    hang = {2, 6}
+    first_handled: list[int] = []
+
+    async def hanging(message: Inbound) -> Decision:
+        if message.offset in hang:
+            await asyncio.Event().wait()  # never finishes: a model call past its deadline
+        first_handled.append(message.offset)
+        return emit(message)
+
+    second_handled: list[int] = []
+
+    async def quick(message: Inbound) -> Decision:
+        second_handled.append(message.offset)
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(first, hanging, max_in_flight=16, revoke_grace_s=0.2)
+        async with running(runner):
+            await wait_for(lambda: len(first_handled) == 8, "8 of 10 finished")
+            consumer = first.consumers[0]
+            broker.revoke(consumer, [P0])
+            await wait_for(lambda: P0 not in consumer.assignment, "the bounded revocation")
+            assert runner.stats.cancelled == 2
+        assert committed(broker, P0) == (2, {3, 4, 5, 7, 8, 9})
+        async with running(make_runner(FakeClients(broker, [P0]), quick)):
+            await wait_for(lambda: committed(broker, P0) == (10, set()), "the new owner")
+
+    asyncio.run(main())
+    assert sorted(second_handled) == [2, 6], "only the cancelled messages are redone"
+    assert Counter(output_ids(broker)) == Counter(f"0-{i}" for i in range(10))
+
+
+def test_revoke_then_crash_loses_nothing_and_redoes_only_what_was_unfinished() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 8)
+    fill(broker, P1, 8)
+    first = FakeClients(broker, [P0, P1])
+    gate = asyncio.Event()
+    first_handled: list[tuple[int, int]] = []
+
+    async def gated(message: Inbound) -> Decision:
+        if message.offset >= 4:
+            await gate.wait()
+        first_handled.append((message.partition, message.offset))
+        return emit(message)
+
+    redone: list[tuple[int, int]] = []
+
+    async def quick(message: Inbound) -> Decision:
+        redone.append((message.partition, message.offset))
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(first, gated, max_in_flight=32, revoke_grace_s=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        await wait_for(
+            lambda: committed(broker, P0)[0] == 4 and committed(broker, P1)[0] == 4,
+            "offsets 0-3 of both partitions committed",
+        )
+        consumer = first.consumers[0]
+        broker.revoke(consumer, [P0])  # p0's offsets 4-7 are cancelled at the bound
+        await wait_for(lambda: P0 not in consumer.assignment, "the revocation")
+        assert committed(broker, P0)[0] == 4
+        first.crash()  # SIGKILL while p1's offsets 4-7 are still in flight
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+        assert committed(broker, P1)[0] == 4, "the dead worker committed nothing more"
+        assert len(first_handled) == 8
+        async with running(make_runner(FakeClients(broker, [P0, P1]), quick)):
+            await wait_for(
+                lambda: committed(broker, P0)[0] == 8 and committed(broker, P1)[0] == 8,
+                "the survivor to finish both partitions",
+            )
+
+    asyncio.run(main())
+    assert sorted(redone) == [(p, o) for p in (0, 1) for o in range(4, 8)]
+    assert Counter(output_ids(broker)) == Counter(f"{p}-{o}" for p in (0, 1) for o in range(8))
+
+
+def test_a_lost_partition_is_abandoned_without_a_commit() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 6)
+    clients = FakeClients(broker, [P0])
+    gate = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        if message.offset >= 3:
+            await gate.wait()
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 3, "offsets 0-2")
+            commits = len(broker.commits)
+            consumer = clients.consumers[0]
+            consumer.events.append(("lost", [P0]))
+            await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+            gate.set()
+            await asyncio.sleep(0.05)
+            assert len(broker.commits) == commits, "nothing committed for a lost partition"
+            assert runner._tracker.partitions() == []
+
+    asyncio.run(main())
+    assert committed(broker, P0)[0] == 3
+
+
+# -- back-pressure by the metadata window ------------------------------------------------------
+
+
+def test_a_partition_whose_window_is_full_is_paused_not_committed_past(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner_module, "MAX_WINDOW", 20)
+    broker = FakeBroker()
+    fill(broker, P0, 200)
+    clients = FakeClients(broker, [P0])
+    gate = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        if message.offset == 0:
+            await gate.wait()
+        return emit(message)
+
+    async def main() -> None:
+        async with running(make_runner(clients, handler, max_in_flight=4)):
+            await wait_for(lambda: P0 in clients.consumers[0].paused, "a pause at the window")
+            await wait_for(lambda: len(committed(broker, P0)[1]) >= 19, "the window committed")
+            assert committed(broker, P0)[0] == 0, "never past the unfinished offset"
+            assert clients.consumers[0].fetched <= 20 + 4
+            gate.set()
+            await wait_for(lambda: committed(broker, P0)[0] == 200, "all of it after the gate")
+
+    asyncio.run(main())
+    assert len(broker.outputs) == 200
+
+
+def test_dead_letter_decisions_go_to_the_dead_letter_topic_with_provenance() -> None:
+    broker = FakeBroker()
+    fill(broker, P0, 3)
+
+    async def handler(message: Inbound) -> Decision:
+        return DeadLetter("model", "bad_json", "DecodeError", "nope", f"r{message.offset}")
+
+    async def main() -> None:
+        async with running(make_runner(FakeClients(broker, [P0]), handler)):
+            await wait_for(lambda: committed(broker, P0)[0] == 3, "the commit")
+
+    asyncio.run(main())
+    assert [o.topic for o in broker.outputs] == ["x.llm.dlq"] * 3
+    headers = dict(broker.outputs[0].headers)
+    assert headers["x-dlq-reason"] == b"bad_json"
+    assert headers["x-dlq-original-offset"] == b"0"
