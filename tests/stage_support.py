@@ -26,10 +26,12 @@ GOOD_ANSWER = {"label": "billing", "priority": "normal", "summary": "Customer wa
 def validated(
     variables: dict[str, Any] | None = None,
     prompt: str = "ticket_triage",
-    version: int | None = None,
+    version: int | None = 2,
     flags: Sequence[str] = (),
     deadline: datetime | None = None,
 ) -> ValidatedRequest:
+    """Version 2 unless told: these tests exercise v2's policies (v3 adds confidence
+    components, which tests/stages/test_settle_confidence.py covers)."""
     pv = REGISTRY.get(prompt, version)
     request = Request(
         request_id="r-1",
@@ -64,6 +66,8 @@ class ScriptedClient:
     def __init__(self, answers: Sequence[str | ModelError]) -> None:
         self.answers = list(answers)
         self.requests: list[ChatRequest] = []
+        self.budgets: list[tuple[str | None, list[str]]] = []
+        """The budget (prompt name) and model chain of each call."""
 
     async def complete(
         self,
@@ -74,6 +78,7 @@ class ScriptedClient:
         models: Sequence[str] | None = None,
     ) -> ChatCompletion:
         self.requests.append(request)
+        self.budgets.append((prompt, list(models or [])))
         answer = self.answers.pop(0)
         if isinstance(answer, ModelError):
             raise answer

@@ -376,6 +376,82 @@ def stats_command(
         typer.echo("no results" + (f" for {name}" if name else ""), err=True)
 
 
+@prompts_app.command("eval")
+def eval_command(
+    name: Annotated[str, typer.Argument(help="Prompt name.")],
+    dataset: Annotated[
+        Path, typer.Option("--dataset", help="Labelled JSONL: variables + expected fields.")
+    ],
+    version: VersionOption = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Call the model at LLMPIPE_MODEL_BASE_URL; without it, replay each case's "
+            "recorded model_answer.",
+        ),
+    ] = False,
+    target: Annotated[
+        float, typer.Option("--target", help="Delivered error the suggestion must meet.")
+    ] = 0.1,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write eval.md, eval.json and curve.png."),
+    ] = None,
+    prompts_dir: PromptsDir = Path("prompts"),
+) -> None:
+    """Coverage, accepted and delivered error, review share and each confidence component's
+    contribution per version and accept threshold, on a labelled dataset; suggests the
+    threshold and weights that meet --target. Each version also runs with its components
+    switched off (the baseline), replaying the same model answers."""
+    import asyncio
+
+    from pipeline.evaluation.evaluate import (
+        DatasetError,
+        evaluate,
+        load_dataset,
+        markdown,
+        report,
+        write_report,
+    )
+    from pipeline.evaluation.prompt_tests import selected_versions
+
+    if not 0.0 <= target <= 1.0:
+        _fail("--target is a share between 0 and 1", EXIT_USAGE)
+    with _errors_as_exit_codes():
+        registry = _registry(prompts_dir)
+        versions = selected_versions(registry, name, version)
+    try:
+        cases = load_dataset(dataset)
+    except DatasetError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+    async def run() -> dict[str, Any]:
+        if not live:
+            return report(await evaluate(registry, versions, cases, None), target)
+        from pipeline.config import Settings
+        from pipeline.evaluation.harness import live_client
+
+        settings = Settings()
+        client = live_client(settings)
+        try:
+            evaluation = await evaluate(registry, versions, cases, client, settings.model_timeout_s)
+        finally:
+            await client.aclose()
+        return report(evaluation, target)
+
+    try:
+        data = asyncio.run(run())
+    except DatasetError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    typer.echo(markdown(data))
+    try:
+        written = write_report(data, out or Path(".llmpipe") / "eval" / name)
+    except ImportError as exc:
+        _fail(f"the curve needs matplotlib (pip install 'llmpipe[dev]'): {exc}", EXIT_FAILED)
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
 Actor = Annotated[
     str | None,
     typer.Option("--actor", help="Who is making the change; default: the OS user name."),

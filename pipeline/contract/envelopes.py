@@ -111,6 +111,7 @@ class Completion(Envelope):
     finish_reason: str | None = None
     usage: Usage
     token_logprobs: list[float] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
     latency_ms: float
     attempts: int
     completed_at: datetime

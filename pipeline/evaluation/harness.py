@@ -12,7 +12,7 @@ and nothing is ever produced: the decisions are read, not sent.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -33,9 +33,10 @@ from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.resilience.configure import resilient_client
 from pipeline.resilience.stack import ResilientClient
-from pipeline.stages.decisions import DeadLetter, Decision
+from pipeline.stages.decisions import DeadLetter, Decision, Emit
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.model_call import CallingClient, ModelCaller
+from pipeline.stages.monitor import DistributionMonitor
 from pipeline.stages.parse import extract_json
 from pipeline.stages.policy import REVIEW_REASONS
 from pipeline.stages.settle import Settler
@@ -72,6 +73,9 @@ class Outcome:
     usage: Usage = field(default_factory=Usage)
     answer_valid: bool = False
     answer: dict[str, Any] | None = None
+    settled: Result | Escalation | None = None
+    """What the settle stage decided (its confidence and components), before any fallback;
+    None when the request never reached it."""
 
     @classmethod
     def from_result(cls, result: Result, answer: dict[str, Any] | None = None) -> Outcome:
@@ -203,10 +207,17 @@ class StageHarness:
     defaults), so a prompt's verdict does not depend on where it is run.
     """
 
-    def __init__(self, registry: PromptRegistry, timeout_cap_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        registry: PromptRegistry,
+        timeout_cap_s: float = 30.0,
+        monitor: DistributionMonitor | None = None,
+    ) -> None:
+        """``monitor`` watches the settled answers (an evaluation's own, never production's)."""
         self._registry = registry
         self._control = ControlState()
         self._timeout_cap_s = timeout_cap_s
+        self._monitor = monitor
         self._validator = Validator(Codec(), registry, self._control, Redactor())
         self._fallback = FallbackWorker(registry, self._control)
 
@@ -216,23 +227,34 @@ class StageHarness:
         """Follow ``request`` from validation to its terminal route, as the workers would."""
         recorder = _LastAnswer(client)
         caller = ModelCaller(self._registry, recorder, self._control, self._timeout_cap_s)
-        settler = Settler(self._registry, self._control, recorder, self._timeout_cap_s)
+        settler = Settler(
+            self._registry,
+            self._control,
+            recorder,
+            self._timeout_cap_s,
+            monitor=self._monitor,
+        )
         decision: Decision = self._validator(request.model_dump_json().encode(), key, _JSON)
+        settled: Result | Escalation | None = None
         for _ in range(_MAX_HOPS):
             if isinstance(decision, DeadLetter):
-                return Outcome.from_dead_letter(decision)
+                return replace(Outcome.from_dead_letter(decision), settled=settled)
             envelope = decision.envelope
             if isinstance(envelope, ValidatedRequest):
                 decision = await caller(envelope)
             elif isinstance(envelope, Completion):
                 decision = await settler(envelope)
+                if isinstance(decision, Emit) and isinstance(
+                    decision.envelope, Result | Escalation
+                ):
+                    settled = decision.envelope
             elif isinstance(envelope, Result):
                 answer = extract_json(recorder.text)[0] if recorder.text is not None else None
-                return Outcome.from_result(envelope, answer)
+                return replace(Outcome.from_result(envelope, answer), settled=settled)
             elif isinstance(envelope, Escalation) and decision.route == "fallback":
                 decision = self._fallback(envelope)
             elif isinstance(envelope, Escalation):
-                return Outcome.from_review(envelope)
+                return replace(Outcome.from_review(envelope), settled=settled)
             else:
                 raise TypeError(f"unexpected {type(envelope).__name__} on {decision.topic}")
         raise RuntimeError(f"request {request.request_id} did not settle in {_MAX_HOPS} stages")

@@ -17,8 +17,10 @@ from pipeline.contract.envelopes import Request
 
 PROMPT = "ticket_triage"
 
-# fault -> (expected outcome, expected reason) for ticket_triage@2
-# (accept 0.75, low-confidence policy review, one re-ask, keyword fallback + safe default).
+# fault -> (expected outcome, expected reason) for ticket_triage@2, which every planned
+# request names (accept 0.75, low-confidence policy review, one re-ask, keyword fallback +
+# safe default): the fault routes stay the same when a newer version ships.
+VERSION = 2
 OUTCOMES: dict[str, tuple[str, str | None]] = {
     "valid": ("result:model", None),
     "fenced": ("result:model", None),
@@ -136,6 +138,7 @@ def plan_request(request_id: str, fault: str, rng: random.Random, codec: Codec) 
     fields: dict[str, object] = {
         "request_id": request_id,
         "prompt": PROMPT,
+        "prompt_version": VERSION,
         "variables": {
             "subject": subject,
             "body": text,

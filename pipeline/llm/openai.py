@@ -231,6 +231,7 @@ def _parse(response: httpx.Response, requested_model: str, latency_ms: float) ->
         details = usage.get("prompt_tokens_details") or {}
         logprob_items = ((choice.get("logprobs") or {}).get("content")) or []
         logprobs = [float(item["logprob"]) for item in logprob_items if "logprob" in item]
+        tokens = [item.get("token") for item in logprob_items if "logprob" in item]
         return ChatCompletion(
             text=text,
             model=str(data.get("model") or requested_model),
@@ -238,6 +239,7 @@ def _parse(response: httpx.Response, requested_model: str, latency_ms: float) ->
             prompt_tokens=_token_count(usage.get("prompt_tokens")),
             completion_tokens=_token_count(usage.get("completion_tokens")),
             token_logprobs=logprobs,
+            tokens=[str(t) for t in tokens] if all(isinstance(t, str) for t in tokens) else [],
             latency_ms=latency_ms,
             cached_tokens=_token_count(details.get("cached_tokens")),
         )

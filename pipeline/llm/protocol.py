@@ -89,6 +89,9 @@ class ChatCompletion:
     prompt_tokens: int
     completion_tokens: int
     token_logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    """The text of each token in ``token_logprobs`` (same length), or empty when the
+    API returned none: lets confidence read the probability of one field's value."""
     latency_ms: float = 0.0
     attempts: int = 1
     cached_tokens: int = 0

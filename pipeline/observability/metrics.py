@@ -133,6 +133,11 @@ class PipelineMetrics:
         self.control_changes = meter.create_counter(
             sc.CONTROL_CHANGES, unit="{change}", description="Flag and pin changes applied."
         )
+        self.distribution_shifts = meter.create_counter(
+            sc.DISTRIBUTION_SHIFTS,
+            unit="{shift}",
+            description="Output distributions that moved beyond their declared bound.",
+        )
         self.human_decisions = meter.create_counter(
             sc.HUMAN_DECISIONS, unit="{decision}", description="Reviewer decisions by action."
         )
@@ -285,6 +290,13 @@ class PipelineMetrics:
             attrs[sc.CONTROL_SCOPE] = scope
         self.control_changes.add(1, attrs)
 
+    def distribution_shifted(self, prompt_ref: str, signal: str) -> None:
+        name, _, version = prompt_ref.partition("@")
+        attrs: Attributes = {sc.GEN_AI_PROMPT_NAME: name, sc.MONITOR_SIGNAL: signal}
+        if version.isdigit():
+            attrs[sc.GEN_AI_PROMPT_VERSION] = int(version)
+        self.distribution_shifts.add(1, attrs)
+
     def human_decided(self, action: str, prompt: PromptRef | None = None) -> None:
         self.human_decisions.add(1, {sc.REVIEW_ACTION: action, **prompt_attributes(prompt)})
 
@@ -348,6 +360,11 @@ def record_rate_limit_rejection(model: str) -> None:
 def record_control_change(key: str) -> None:
     """Call with ``ControlEvent.key`` for every event the control listener applies."""
     _metrics().control_changed(key)
+
+
+def record_distribution_shift(prompt_ref: str, signal: str) -> None:
+    """Call once per shift a distribution monitor raises."""
+    _metrics().distribution_shifted(prompt_ref, signal)
 
 
 def record_human_decision(action: str, prompt: PromptRef | None = None) -> None:

@@ -117,6 +117,8 @@ RATE_LIMIT_WAIT_DURATION: Final = "llmpipe.ratelimit.wait.duration"
 RATE_LIMIT_REJECTIONS: Final = "llmpipe.ratelimit.rejections"
 CONTROL_CHANGES: Final = "llmpipe.control.changes"
 HUMAN_DECISIONS: Final = "llmpipe.review.decisions"
+DISTRIBUTION_SHIFTS: Final = "llmpipe.quality.distribution_shifts"
+MONITOR_SIGNAL: Final = "llmpipe.monitor.signal"
 CONSUMER_LAG: Final = "llmpipe.consumer.lag"
 
 # Bucket boundaries recommended by the GenAI metric conventions; dashboards and the

@@ -45,6 +45,7 @@ FieldPath = Annotated[str, Field(pattern=r"^[^.\s]+(\.[^.\s]+)*$")]
 """A field of the model's output object; dots walk into nested objects."""
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+AGREEMENT_RULE_FIELD = "confidence.components.agreement.rule"
 
 
 class _Strict(BaseModel):
@@ -204,6 +205,162 @@ class OutputRules(_Strict):
         return {*self.regex, *self.max_length, *self.min_length, *self.enum}
 
 
+Weight = Annotated[float, Field(ge=0.0, le=10.0)]
+"""A component's exponent in the confidence product: 0 records it without counting it."""
+
+KeyFields = Annotated[list[FieldPath], Field(min_length=1)]
+
+
+class AgreementSpec(_Strict):
+    """Second opinion from a deterministic rule: do model and rule agree on ``fields``?
+
+    ``rule`` is a ``f(variables) -> output | None`` reference; by default the
+    prompt's ``fallback.rule``. A rule that returns None (or lacks a field) has
+    no opinion, and no opinion is not counted either way.
+    """
+
+    fields: KeyFields
+    rule: str | None = None
+    weight: Weight = 1.0
+
+    @field_validator("rule")
+    @classmethod
+    def _reference_parses(cls, rule: str | None) -> str | None:
+        if rule is not None:
+            parse_reference(rule)
+        return rule
+
+
+class GroundingSpec(_Strict):
+    """Extractive fields whose values must be printed in the input (after normalisation)."""
+
+    fields: KeyFields
+    weight: Weight = 1.0
+
+
+class SupportSpec(_Strict):
+    """Free-text fields (summaries) that must be supported by the input.
+
+    The score is the share of the text's content words found in the input,
+    scaled so that ``full_support`` counts as fully supported, times
+    ``invented_penalty`` for every number or name that the input does not contain.
+    """
+
+    fields: KeyFields
+    full_support: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
+    invented_penalty: Probability = 0.5
+    weight: Weight = 1.0
+
+
+class ConsistencySpec(_Strict):
+    """Self-consistency: ``samples`` extra answers at ``temperature``; costs that many calls."""
+
+    fields: KeyFields
+    samples: int = Field(default=3, ge=1, le=10)
+    temperature: float = Field(default=0.8, gt=0.0, le=2.0)
+    weight: Weight = 1.0
+
+
+class FieldLogprobSpec(_Strict):
+    """The model's probability of the values of ``fields`` (their tokens only)."""
+
+    fields: KeyFields
+    weight: Weight = 1.0
+
+
+class ConfidenceComponents(_Strict):
+    """Second opinions, each an optional factor of the confidence with its own weight."""
+
+    agreement: AgreementSpec | None = None
+    grounding: GroundingSpec | None = None
+    support: SupportSpec | None = None
+    consistency: ConsistencySpec | None = None
+    field_logprob: FieldLogprobSpec | None = None
+
+    def fields(self) -> set[str]:
+        """Every output field path a component refers to."""
+        specs = (self.agreement, self.grounding, self.support, self.consistency)
+        found = {f for spec in specs if spec is not None for f in spec.fields}
+        if self.field_logprob is not None:
+            found.update(self.field_logprob.fields)
+        return found
+
+
+class SelfCheckSpec(_Strict):
+    """The self-check call with its own model and budget.
+
+    Its calls are charged to the budget of ``<prompt name>.self_check`` (not the
+    prompt's own allowance), so a grader cannot starve the answers it grades.
+    """
+
+    model: str | None = None
+    """Default: the prompt's own model."""
+    max_tokens: int = Field(default=20, ge=1, le=200)
+    weight: Weight = 1.0
+
+
+MonitorSignal = Annotated[str, Field(min_length=1)]
+CONFIDENCE_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("0.0-0.5", 0.5),
+    ("0.5-0.8", 0.8),
+    ("0.8-0.95", 0.95),
+    ("0.95-1.0", float("inf")),
+)
+"""The confidence distribution is monitored as the share of answers in each bucket."""
+MONITOR_ROUTES = ("result", "review", "fallback")
+
+
+class MonitorSpec(_Strict):
+    """Distribution monitor: shares over a sliding window against a baseline.
+
+    Signals are the declared categorical ``fields`` plus ``confidence`` (shares
+    per :data:`CONFIDENCE_BUCKETS`) and ``route`` (the settle stage's route).
+    The baseline of a signal is, in order: ``expected`` (explicit shares in
+    this file), the prompt's test cases (``baseline: tests``; fields and
+    routes), or the previous version's window in the same process. A total
+    variation distance above ``max_shift`` raises one alert and, with
+    ``trip_breaker``, holds the prompt version's quality breaker open while
+    the shift lasts.
+    """
+
+    window: int = Field(default=50, ge=10, le=10_000)
+    fields: list[FieldPath] = Field(default_factory=list)
+    confidence: bool = True
+    routes: bool = True
+    max_shift: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    baseline: Literal["expected", "tests", "previous"] = "expected"
+    expected: dict[MonitorSignal, dict[str, Probability]] = Field(default_factory=dict)
+    trip_breaker: bool = True
+
+    def signals(self) -> list[str]:
+        found = list(self.fields)
+        if self.confidence:
+            found.append("confidence")
+        if self.routes:
+            found.append("route")
+        return found
+
+    @model_validator(mode="after")
+    def _expected_is_a_distribution(self) -> MonitorSpec:
+        unknown = sorted(set(self.expected) - set(self.signals()))
+        if unknown:
+            raise ValueError(f"expected names {', '.join(unknown)}, which is not a signal")
+        for signal, shares in self.expected.items():
+            total = sum(shares.values())
+            if abs(total - 1.0) > 0.01:
+                raise ValueError(f"expected.{signal} shares sum to {total:.3f}, not 1")
+        buckets = {name for name, _ in CONFIDENCE_BUCKETS}
+        bad = sorted(set(self.expected.get("confidence", {})) - buckets)
+        if bad:
+            raise ValueError(f"expected.confidence buckets are {sorted(buckets)}, not {bad}")
+        routes = sorted(set(self.expected.get("route", {})) - set(MONITOR_ROUTES))
+        if routes:
+            raise ValueError(f"expected.route routes are {list(MONITOR_ROUTES)}, not {routes}")
+        if self.baseline == "expected" and not self.expected:
+            raise ValueError("baseline 'expected' needs expected shares")
+        return self
+
+
 class ConfidencePolicy(_Strict):
     """What to do with an answer, given its confidence score.
 
@@ -211,18 +368,34 @@ class ConfidencePolicy(_Strict):
     "fallback" uses the prompt's fallback instead, "clarify" turns it into a
     clarifying question, which needs ``clarify_field`` to know which output
     field carries the model's own request for clarification.
+
+    ``components`` are second opinions (see :mod:`pipeline.stages.score`);
+    ``self_check`` is ``true`` (the prompt's model, default budget) or a
+    :class:`SelfCheckSpec`; ``monitor`` watches the output distribution.
     """
 
     accept: Probability = 0.7
     policy: Literal["review", "fallback", "clarify"] = "review"
     clarify_field: str | None = None
-    self_check: bool = False
+    self_check: bool | SelfCheckSpec = False
+    components: ConfidenceComponents = Field(default_factory=ConfidenceComponents)
+    monitor: MonitorSpec | None = None
 
     @model_validator(mode="after")
     def _clarify_has_field(self) -> ConfidencePolicy:
         if self.policy == "clarify" and self.clarify_field is None:
             raise ValueError("policy 'clarify' needs clarify_field")
         return self
+
+    @property
+    def self_check_spec(self) -> SelfCheckSpec | None:
+        if isinstance(self.self_check, SelfCheckSpec):
+            return self.self_check
+        return SelfCheckSpec() if self.self_check else None
+
+    def without_components(self) -> ConfidencePolicy:
+        """The same policy with every second opinion switched off: the evaluation baseline."""
+        return self.model_copy(update={"components": ConfidenceComponents()})
 
 
 class FallbackSpec(_Strict):
@@ -441,6 +614,9 @@ class PromptSpec(_Strict):
             for i, r in enumerate(self.review.risk)
             if r.check is not None
         ]
+        agreement = self.confidence.components.agreement
+        if agreement is not None and agreement.rule is not None:
+            found.append((AGREEMENT_RULE_FIELD, parse_reference(agreement.rule)))
         return found
 
     @field_validator("name")
@@ -501,7 +677,19 @@ class PromptSpec(_Strict):
     ) -> ConfidencePolicy:
         if confidence.clarify_field is not None:
             _require_paths(info, {confidence.clarify_field}, "clarify_field refers to")
+        _require_paths(info, confidence.components.fields(), "confidence components refer to")
+        if confidence.monitor is not None:
+            _require_paths(info, set(confidence.monitor.fields), "monitor.fields refer to")
         return confidence
+
+    @model_validator(mode="after")
+    def _agreement_has_a_rule(self) -> PromptSpec:
+        agreement = self.confidence.components.agreement
+        if agreement is not None and agreement.rule is None and self.fallback.rule is None:
+            raise ValueError(
+                "confidence.components.agreement needs a rule: set agreement.rule or fallback.rule"
+            )
+        return self
 
     @field_validator("fallback")
     @classmethod

@@ -23,7 +23,7 @@ from pipeline.prompts.errors import (
     UnknownReferenceError,
 )
 from pipeline.prompts.loader import VERSION_FILE, load_prompt_file
-from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.model import AGREEMENT_RULE_FIELD, PromptVersion
 from pipeline.prompts.references import CheckFn, FallbackFn, resolve_reference
 
 _PROMPT_SUFFIXES = (".yaml", ".yml")
@@ -38,6 +38,7 @@ class PromptRegistry:
         versions: Mapping[str, list[PromptVersion]],
         checks: Mapping[tuple[str, str], CheckFn],
         fallbacks: Mapping[str, FallbackFn],
+        opinions: Mapping[str, FallbackFn] | None = None,
     ) -> None:
         """Use ``PromptRegistry.load``; this only stores already-verified parts."""
         self.directory = directory
@@ -46,6 +47,7 @@ class PromptRegistry:
         }
         self._checks = dict(checks)
         self._fallbacks = dict(fallbacks)
+        self._opinions = dict(opinions or {})
 
     @classmethod
     def load(cls, directory: Path) -> PromptRegistry:
@@ -71,6 +73,7 @@ class PromptRegistry:
 
         checks: dict[tuple[str, str], CheckFn] = {}
         fallbacks: dict[str, FallbackFn] = {}
+        opinions: dict[str, FallbackFn] = {}
         for prompt in (p for vs in versions.values() for p in vs):
             resolved = _resolve_references(prompt, code_cache, problems)
             named = [(f"rules.checks[{i}]", c) for i, c in enumerate(prompt.rules.checks)]
@@ -85,9 +88,12 @@ class PromptRegistry:
                     checks[(prompt.content_hash, check)] = cast("CheckFn", function)
             rule = cast("FallbackFn | None", resolved.get("fallback.rule"))
             fallbacks[prompt.content_hash] = _fallback(rule, prompt.fallback.default)
+            opinion = cast("FallbackFn | None", resolved.get(AGREEMENT_RULE_FIELD, rule))
+            if prompt.confidence.components.agreement is not None and opinion is not None:
+                opinions[prompt.content_hash] = opinion
         if problems:
             raise PromptLoadError(problems)
-        return cls(directory, versions, checks, fallbacks)
+        return cls(directory, versions, checks, fallbacks, opinions)
 
     def names(self) -> list[str]:
         return sorted(self._versions)
@@ -126,6 +132,26 @@ class PromptRegistry:
             raise UnknownReferenceError(
                 f"{prompt.ref} ({prompt.content_hash}) has no check {reference!r} in this registry"
             ) from None
+
+    def resolve_opinion(self, prompt: PromptVersion) -> FallbackFn | None:
+        """The rule whose answer the agreement component compares with the model's, if any.
+
+        Unlike :meth:`resolve_fallback` it never folds in the safe default: a
+        default is not an opinion about this request.
+        """
+        return self._opinions.get(prompt.content_hash)
+
+    def replacing(self, prompt: PromptVersion) -> PromptRegistry:
+        """A registry where ``prompt`` stands in for the loaded version of the same name and
+        number (same hash, so the same code): how an evaluation runs a variant of a version,
+        such as its baseline without confidence components, through the real stages."""
+        versions = {
+            name: [prompt if v.ref == prompt.ref else v for v in vs]
+            for name, vs in self._versions.items()
+        }
+        return PromptRegistry(
+            self.directory, versions, self._checks, self._fallbacks, self._opinions
+        )
 
     def resolve_fallback(self, prompt: PromptVersion) -> FallbackFn:
         """One callable folding rule, default and review together: None means human review."""

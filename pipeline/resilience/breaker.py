@@ -215,6 +215,16 @@ class CircuitBreaker:
             if self._probe_successes >= self.config.half_open_calls:
                 self._close()
 
+    def trip(self) -> None:
+        """Open now, whatever the window says: an outside signal (a distribution shift of
+        the outputs) says what this circuit guards is bad. While already open, the open
+        period restarts, so repeated trips hold the circuit open."""
+        self._maybe_half_open()
+        if self._state is BreakerState.OPEN:
+            self._opened_at = self._clock.monotonic()
+        else:
+            self._open()
+
     def release(self, permit: Permit | None) -> None:
         """Hand back a permit whose call did not reach the endpoint (neutral outcome)."""
         if permit is not None and permit.generation == self._generation:
@@ -435,6 +445,10 @@ class QualityBreaker:
 
     def record(self, prompt_ref: str, ok: bool) -> None:
         self._breaker(prompt_ref).record(None, failed=not ok)
+
+    def trip(self, prompt_ref: str) -> None:
+        """Open this prompt version's circuit now (see :meth:`CircuitBreaker.trip`)."""
+        self._breaker(prompt_ref).trip()
 
     def state(self, prompt_ref: str) -> BreakerState:
         return self._breaker(prompt_ref).state

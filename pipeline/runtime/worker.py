@@ -22,6 +22,7 @@ from pipeline.control.burn_in import KafkaBurnInLedger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
 from pipeline.observability import configure_observability
+from pipeline.observability.metrics import record_distribution_shift
 from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.resilience.configure import quality_breaker, resilient_client
@@ -29,6 +30,7 @@ from pipeline.resilience.stack import ResilientClient
 from pipeline.stages.decisions import DeadLetter, Decision
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.model_call import ModelCaller
+from pipeline.stages.monitor import DistributionMonitor
 from pipeline.stages.settle import Settler
 from pipeline.stages.validate import ContentRules, InputLimits, Validator
 from pipeline.transport import headers as h
@@ -156,7 +158,14 @@ class Worker:
 
         quality = quality_breaker(s)
         caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s, quality)
-        settler = Settler(self.registry, self.control, client, s.model_timeout_s, quality, burn_in)
+        # Per process, like the quality breaker it trips (fleet-wide sharing: issue #14).
+        monitor = DistributionMonitor(
+            on_shift=lambda shift: record_distribution_shift(shift.prompt, shift.signal),
+            trip=quality.trip,
+        )
+        settler = Settler(
+            self.registry, self.control, client, s.model_timeout_s, quality, burn_in, monitor
+        )
         fallback = FallbackWorker(self.registry, self.control)
         return {
             "validate": validate,

@@ -156,6 +156,7 @@ class ModelCaller:
             finish_reason=answer.finish_reason,
             usage=usage_of(answer),
             token_logprobs=answer.token_logprobs,
+            tokens=answer.tokens,
             latency_ms=answer.latency_ms,
             attempts=answer.attempts,
             completed_at=utc_now(),

@@ -129,7 +129,8 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _get(output: dict[str, Any], path: str) -> tuple[bool, Any]:
+def field_at(output: Any, path: str) -> tuple[bool, Any]:
+    """``(found, value)`` at a dotted ``path``; found is False when any step is missing."""
     current: Any = output
     for part in path.split("."):
         if not isinstance(current, dict) or part not in current:
@@ -150,7 +151,7 @@ def rule_errors(
     checks: list[str] = []
     for path, pattern in rules.regex.items():
         checks.append(f"regex:{path}")
-        found, value = _get(output, path)
+        found, value = field_at(output, path)
         if (
             found
             and value is not None
@@ -159,17 +160,17 @@ def rule_errors(
             errors.append(f"{path}: {_short(repr(value), 80)} does not match {pattern!r}")
     for path, limit in rules.max_length.items():
         checks.append(f"max_length:{path}")
-        found, value = _get(output, path)
+        found, value = field_at(output, path)
         if found and value is not None and hasattr(value, "__len__") and len(value) > limit:
             errors.append(f"{path}: length {len(value)} exceeds {limit}")
     for path, limit in rules.min_length.items():
         checks.append(f"min_length:{path}")
-        found, value = _get(output, path)
+        found, value = field_at(output, path)
         if found and value is not None and hasattr(value, "__len__") and len(value) < limit:
             errors.append(f"{path}: length {len(value)} is below {limit}")
     for path, allowed in rules.enum.items():
         checks.append(f"enum:{path}")
-        found, value = _get(output, path)
+        found, value = field_at(output, path)
         if found and value not in allowed:
             errors.append(f"{path}: {_short(repr(value), 80)} is not one of {allowed}")
     if rules.banned_phrases:

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
-from pipeline.prompts.model import PromptVersion
+from pipeline.prompts.model import PromptVersion, SelfCheckSpec
 from pipeline.stages.parse import extract_json
 
 SCORE_SCHEMA = {
@@ -29,18 +29,25 @@ MAX_TASK_CHARS = 8_000
 
 
 def grading_request(
-    pv: PromptVersion, messages: list[dict[str, str]], output: dict[str, Any], timeout_s: float
+    pv: PromptVersion,
+    messages: list[dict[str, str]],
+    output: dict[str, Any],
+    timeout_s: float,
+    spec: SelfCheckSpec | None = None,
 ) -> ChatRequest:
+    """The grading call; ``spec`` picks its own model and token limit (default: the
+    prompt's model, 20 tokens)."""
+    spec = spec or SelfCheckSpec()
     task = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     answer = json.dumps(output, ensure_ascii=False)
     return ChatRequest(
-        model=pv.model.model,
+        model=spec.model or pv.model.model,
         messages=[
             {"role": "system", "content": GRADER_SYSTEM},
             {"role": "user", "content": f"Task:\n{task[:MAX_TASK_CHARS]}\n\nAnswer:\n{answer}"},
         ],
         temperature=0.0,
-        max_tokens=20,
+        max_tokens=spec.max_tokens,
         timeout_s=timeout_s,
     )
 

@@ -13,7 +13,10 @@ and copied to review in the same decision (``audit``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -47,7 +50,8 @@ from pipeline.stages.decisions import (
     emit_result,
 )
 from pipeline.stages.model_call import CallingClient, chat_request, model_chain, usage_of
-from pipeline.stages.parse import CheckFn, ParseOutcome, parse_output
+from pipeline.stages.monitor import DistributionMonitor, Observation
+from pipeline.stages.parse import CheckFn, ParseOutcome, extract_json, parse_output
 from pipeline.stages.policy import (
     AUDIT,
     BURN_IN,
@@ -59,8 +63,10 @@ from pipeline.stages.policy import (
     audited,
     risk_hits,
 )
-from pipeline.stages.score import score
+from pipeline.stages.score import Evidence, score, second_opinions, weights_of
 from pipeline.stages.self_check import grade, grading_request
+
+log = logging.getLogger("llmpipe.settle")
 
 STAGE = "settle"
 DEFAULT_CLARIFY_QUESTION = "Your request is ambiguous. Could you add the missing details?"
@@ -79,6 +85,7 @@ class Settler:
         timeout_cap_s: float = 30.0,
         quality: QualityBreaker | None = None,
         burn_in: BurnInGate | None = None,
+        monitor: DistributionMonitor | None = None,
     ) -> None:
         """``client`` is None for re-parse replays: then no re-ask is ever made.
 
@@ -86,6 +93,7 @@ class Settler:
         model stage asks it before paying for the next call of the same prompt version.
         ``burn_in`` counts new versions' answers fleet-wide; without one (offline prompt
         tests, shadow runs) no answer is held for burn-in.
+        ``monitor`` sees every decision of versions that declare a distribution monitor.
         """
         self._registry = registry
         self._control = control
@@ -93,21 +101,78 @@ class Settler:
         self._timeout_cap_s = timeout_cap_s
         self._quality = quality
         self._burn_in = burn_in
+        self._monitor = monitor
 
     async def _self_check(
         self, pv: PromptVersion, request: Request, output: dict[str, Any]
     ) -> tuple[float | None, ChatCompletion | None]:
+        """The grader's score; charged to ``<prompt>.self_check``, its own budget."""
         assert self._client is not None
+        spec = pv.confidence.self_check_spec
+        assert spec is not None
         call = grading_request(
-            pv, render_messages(pv, request.variables), output, self._timeout_cap_s
+            pv, render_messages(pv, request.variables), output, self._timeout_cap_s, spec
         )
+        models = [spec.model] if spec.model is not None else model_chain(pv)
         try:
             answer = await self._client.complete(
-                call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+                call, deadline=request.deadline, prompt=f"{pv.name}.self_check", models=models
             )
         except ModelError:
             return None, None
         return grade(answer), answer
+
+    async def _samples(
+        self, pv: PromptVersion, request: Request
+    ) -> tuple[list[dict[str, Any] | None], list[ChatCompletion]]:
+        """Self-consistency samples: the same prompt at the declared temperature.
+
+        A failed call is not a disagreement: it is left out. An unparsable sample is one
+        (None), since the model would have given that answer.
+        """
+        assert self._client is not None
+        spec = pv.confidence.components.consistency
+        assert spec is not None
+        base = chat_request(pv, render_messages(pv, request.variables), self._timeout_cap_s)
+        call = replace(base, temperature=spec.temperature, logprobs=False)
+        client = self._client
+
+        async def one() -> ChatCompletion | None:
+            try:
+                return await client.complete(
+                    call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
+                )
+            except ModelError:
+                return None
+
+        answers = [a for a in await asyncio.gather(*(one() for _ in range(spec.samples))) if a]
+        return [extract_json(a.text)[0] for a in answers], answers
+
+    def _opinion(self, pv: PromptVersion, request: Request) -> dict[str, Any] | None:
+        """The agreement rule's answer; a crashing rule has no opinion (and says why)."""
+        rule = self._registry.resolve_opinion(pv)
+        if rule is None:
+            return None
+        try:
+            return rule(request.variables)
+        except Exception:  # user code: a broken rule must not break the answer it judges
+            log.exception("agreement rule of %s raised; not counted", pv.ref)
+            return None
+
+    def _observe(self, pv: PromptVersion, decision: Decision) -> None:
+        if self._monitor is None or not isinstance(decision, Emit):
+            return
+        envelope = decision.envelope
+        if isinstance(envelope, Result):
+            observation = Observation(envelope.output, envelope.confidence, decision.route)
+        elif isinstance(envelope, Escalation):
+            # Only a scored answer carries a confidence; an invalid one has no output to count.
+            scored = envelope.confidence is not None
+            output = envelope.output if scored else None
+            observation = Observation(output, envelope.confidence, decision.route)
+        else:
+            return
+        self._monitor.observe(pv, observation)
 
     def _record_quality(self, pv: PromptVersion, ok: bool) -> None:
         if self._quality is not None:
@@ -118,14 +183,23 @@ class Settler:
 
     async def __call__(self, completion: Completion, now: datetime | None = None) -> Decision:
         validated = completion.validated
-        request = validated.request
         pv = bind_prompt(self._registry, validated, STAGE, completion.attempts)
         if isinstance(pv, DeadLetter):
             return pv
+        decision = await self._settle(pv, completion, now)
+        self._observe(pv, decision)
+        return decision
+
+    async def _settle(
+        self, pv: PromptVersion, completion: Completion, now: datetime | None
+    ) -> Decision:
+        validated = completion.validated
+        request = validated.request
         text = completion.raw_text
         attempts = completion.attempts
         usage = completion.usage
         logprobs = completion.token_logprobs
+        tokens = completion.tokens
         finish = completion.finish_reason
         outcome = parse_output(pv, text, request.variables, self._checks(pv))
         reasks = 0
@@ -158,6 +232,7 @@ class Settler:
             attempts += answer.attempts
             usage = usage.plus(usage_of(answer))
             text, logprobs, finish = answer.text, answer.token_logprobs, answer.finish_reason
+            tokens = answer.tokens
             outcome = parse_output(pv, text, request.variables, self._checks(pv))
         if not outcome.ok:
             self._record_quality(pv, ok=False)
@@ -183,20 +258,43 @@ class Settler:
         self_score: float | None = None
         clarify_field = pv.confidence.clarify_field
         asks_back = bool(clarify_field and outcome.output.get(clarify_field))
-        if (
-            pv.confidence.self_check
-            and not asks_back
-            and self._client is not None
-            and self._control.model_calls_enabled()
-        ):
+        may_call = (
+            not asks_back and self._client is not None and self._control.model_calls_enabled()
+        )
+        if pv.confidence.self_check_spec is not None and may_call:
             self_score, grading = await self._self_check(pv, request, outcome.output)
             if grading is not None:
                 attempts += grading.attempts
                 usage = usage.plus(usage_of(grading))
             if self_score is None:
                 outcome.warnings.append("self_check_unusable")
+        spec = pv.confidence.components
+        samples: list[dict[str, Any] | None] = []
+        if spec.consistency is not None and may_call:
+            samples, sampled = await self._samples(pv, request)
+            for answer in sampled:
+                attempts += answer.attempts
+                usage = usage.plus(usage_of(answer))
+            if not sampled:
+                outcome.warnings.append("consistency_unavailable")
+        evidence = Evidence(
+            output=outcome.output,
+            variables=request.variables,
+            text=text,
+            tokens=tokens,
+            token_logprobs=logprobs,
+            opinion=self._opinion(pv, request) if spec.agreement is not None else None,
+            samples=samples,
+        )
         confidence, components = score(
-            logprobs, outcome.warnings, finish, validated.flags, reasks, self_score
+            logprobs,
+            outcome.warnings,
+            finish,
+            validated.flags,
+            reasks,
+            self_score,
+            second_opinions(spec, evidence),
+            weights_of(pv.confidence),
         )
         self._record_quality(pv, ok=confidence >= pv.confidence.accept)
         report = ValidationReport(

@@ -102,7 +102,7 @@ def test_rollback_without_an_earlier_pin_unpins() -> None:
     assert (plan.value, plan.restores) == (None, None)
     before, after = check_rollback(REGISTRY, plan)
     assert before.describe(NAME) == "ticket_triage@1"
-    assert after.describe(NAME) == "ticket_triage@2 (newest, unpinned)"
+    assert after.describe(NAME) == "ticket_triage@3 (newest, unpinned)"
 
 
 def test_repeated_rollbacks_keep_going_back_never_forward() -> None:
@@ -144,8 +144,8 @@ def test_nothing_to_roll_back() -> None:
 
 
 def test_rollback_that_would_serve_the_same_is_refused() -> None:
-    plan = plan_rollback([event(value(2))], NAME)  # unpinning serves @2 too
-    with pytest.raises(PinError, match="would still serve ticket_triage@2"):
+    plan = plan_rollback([event(value(3))], NAME)  # unpinning serves @3 too
+    with pytest.raises(PinError, match="would still serve ticket_triage@3"):
         check_rollback(REGISTRY, plan)
 
 
@@ -214,7 +214,7 @@ def test_pin_pins_and_rollback_commands(control: Settings) -> None:
     code, out, _ = cli(s, "pins")
     assert code == 0
     assert "@1 (pinned)" in out and "@2 at 10%" in out and "retry v2" in out
-    assert "@2 (newest, unpinned)" in out  # the other prompts
+    assert "@3 (newest, unpinned)" in out  # the other prompts
     code, out, _ = cli(s, "pins", "--history")
     assert code == 0 and out.count("pin:") == 0 and out.count("ticket_triage") == 2
 
@@ -225,7 +225,7 @@ def test_pin_pins_and_rollback_commands(control: Settings) -> None:
         "(the pin set by ann at "
     )
     code, out, _ = cli(s, "rollback", NAME, "--reason", "v1 too")
-    assert code == 0 and "-> ticket_triage@2 (newest, unpinned) by " in out
+    assert code == 0 and "-> ticket_triage@3 (newest, unpinned) by " in out
     assert [v for v, _, _ in pins(s)] == [value(1), value(1, 2, 10.0), value(1), None]
     assert pins(s)[2][1:] == ("bob", "rollback: canary errors")
     code, _, err = cli(s, "rollback", NAME, "--reason", "again")

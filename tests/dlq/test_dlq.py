@@ -44,7 +44,7 @@ from pipeline.dlq.reparse import REPARSE_SOURCE, ReparseSelector
 from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import read_terminal
-from pipeline.harness.scenarios import mixed_requests, plan_request
+from pipeline.harness.scenarios import VERSION, mixed_requests, plan_request
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
 from tests.support import create_topics, make_settings, produce, running_worker, settings_env
@@ -300,7 +300,7 @@ def test_dead_letters_of_every_reason_carry_full_provenance(kafka_settings: Sett
         else:
             assert h.REQUEST_ID not in hdrs and record.key == rid.encode(), reason
         if reason in PROMPT_RESOLVED:
-            prompt = registry.get("ticket_triage")
+            prompt = registry.get("ticket_triage", VERSION)
             assert hdrs[h.PROMPT] == prompt.ref.encode()
             assert hdrs[h.PROMPT_HASH] == prompt.content_hash.encode()
         shown = inspect_json(view)
@@ -542,8 +542,8 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
     v2 = old / "ticket_triage" / "v2.yaml"
     v2.write_text(v2.read_text().replace("max_length: {summary: 200}", "max_length: {summary: 30}"))
     new = copy_prompts(tmp_path / "new")
-    (new / "ticket_triage" / "v3.yaml").write_text(
-        (new / "ticket_triage" / "v2.yaml").read_text().replace("version: 2", "version: 3")
+    (new / "ticket_triage" / "v9.yaml").write_text(
+        (new / "ticket_triage" / "v2.yaml").read_text().replace("version: 2", "version: 9")
     )
     rng, codec = random.Random(3), Codec()
     planned = [plan_request(f"rp-valid-{i}", "valid", rng, codec) for i in range(6)]
@@ -555,10 +555,10 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
             request=Request(
                 request_id="rp-skew",
                 prompt="ticket_triage",
-                prompt_version=3,
+                prompt_version=9,
                 variables={"subject": "Charged twice", "body": "Charged twice in May."},
             ),
-            prompt=PromptRef(name="ticket_triage", version=3, hash="sha256:v3", arm="requested"),
+            prompt=PromptRef(name="ticket_triage", version=9, hash="sha256:v9", arm="requested"),
             received_at=utc_now(),
         ),
         model="gpt-4o-mini",
@@ -656,7 +656,7 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
             hdrs[h.ROUTE] == b"result" and hdrs[h.REQUEST_ID] == (record.request_id or "").encode()
         )
         assert (
-            hdrs[h.PROMPT] == f"ticket_triage@{3 if record.request_id == 'rp-skew' else 2}".encode()
+            hdrs[h.PROMPT] == f"ticket_triage@{9 if record.request_id == 'rp-skew' else 2}".encode()
         )
         assert h.PROMPT_HASH in hdrs and h.CONTENT_TYPE in hdrs
         if record.request_id == "rp-skew":

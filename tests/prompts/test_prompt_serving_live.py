@@ -133,7 +133,7 @@ def test_pin_canary_and_rollback_change_what_a_running_worker_serves(
         settings = kafka_settings.model_copy(update={"model_base_url": fake.url})
         with running_worker(settings, registry=registry) as worker:
             # Unpinned: the newest version serves.
-            assert arms(serve(settings, ["k-a", "k-b", "k-c"])) == {(2, "latest")}
+            assert arms(serve(settings, ["k-a", "k-b", "k-c"])) == {(3, "latest")}
 
             # Pin v1.
             watch.change(
@@ -169,7 +169,7 @@ def test_pin_canary_and_rollback_change_what_a_running_worker_serves(
             # Roll back again: no earlier pin, so unpinned; the newest serves again.
             rollback = ["rollback", NAME, "--reason", "v2 fixed upstream"]
             watch.change("unpin", settings, rollback, shows(worker, None))
-            assert arms(serve(settings, ["k-a", "k-d"])) == {(2, "latest")}
+            assert arms(serve(settings, ["k-a", "k-d"])) == {(3, "latest")}
     print("\npin propagation to a running worker:\n  " + "\n  ".join(watch.lines))
     assert watch.worst_s < 5
 

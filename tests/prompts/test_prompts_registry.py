@@ -65,11 +65,11 @@ def load_error(root: Path) -> PromptLoadError:
     return caught.value
 
 
-def test_examples_load_with_two_versions_each() -> None:
+def test_examples_load_with_three_versions_each() -> None:
     registry = PromptRegistry.load(EXAMPLES)
     assert registry.names() == ["cited_answer", "invoice_extract", "ticket_triage"]
     for name in registry.names():
-        assert [p.version for p in registry.versions(name)] == [1, 2]
+        assert [p.version for p in registry.versions(name)] == [1, 2, 3]
         for prompt in registry.versions(name):
             assert prompt.ref == f"{name}@{prompt.version}"
             assert prompt.source_path == EXAMPLES / name / f"v{prompt.version}.yaml"
@@ -82,9 +82,9 @@ def test_examples_load_with_two_versions_each() -> None:
 
 def test_get_defaults_to_newest_and_rejects_unknowns() -> None:
     registry = PromptRegistry.load(EXAMPLES)
-    assert registry.get("ticket_triage").version == 2
+    assert registry.get("ticket_triage").version == 3
     assert registry.get("ticket_triage", 1).version == 1
-    with pytest.raises(UnknownPromptVersionError, match=r"ticket_triage@7 .*1, 2"):
+    with pytest.raises(UnknownPromptVersionError, match=r"ticket_triage@7 .*1, 2, 3"):
         registry.get("ticket_triage", 7)
     with pytest.raises(UnknownPromptError, match="nope"):
         registry.get("nope")

@@ -40,7 +40,7 @@ def pin(**overrides: Any) -> Pin:
 
 def test_latest_serves_without_pin() -> None:
     selection = select(REGISTRY, {}, NAME, "customer-1", None)
-    assert (selection.prompt.ref, selection.arm) == ("ticket_triage@2", "latest")
+    assert (selection.prompt.ref, selection.arm) == ("ticket_triage@3", "latest")
 
 
 def test_pin_overrides_latest() -> None:
