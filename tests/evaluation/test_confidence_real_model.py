@@ -37,7 +37,11 @@ async def test_components_keep_a_real_models_confident_errors_out_of_delivered_r
     registry = PromptRegistry.load(ROOT / "prompts")
     pv = registry.get("ticket_triage", 3)
     cases = load_dataset(DATASET)
-    settings = Settings(model_base_url=local_model.url, model_timeout_s=60.0)
+    settings = Settings(
+        model_base_url=local_model.url,
+        model_structured_output=local_model.structured_output,
+        model_timeout_s=60.0,
+    )
     client = live_client(settings)
     try:
         evaluation = await evaluate(registry, [pv], cases, client, settings.model_timeout_s)
