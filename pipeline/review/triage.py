@@ -3,9 +3,10 @@
 * :func:`preview`: the text the queue shows per item, from the prompt's
   ``review.preview`` (input variables or ``output.`` fields) or, when the prompt
   declares none, the first string variable its input schema requires.
-* :func:`explain_confidence`: each confidence component with its weight and the rule
-  that combined them, checked against the recorded confidence, so the page never
-  claims a rule that did not produce the number it shows.
+* :func:`explain_confidence`: each confidence component with its weight (from the
+  prompt version's ``confidence`` section) and the rule that combined them
+  (:func:`pipeline.stages.score.combine`, the scorer's own), checked against the recorded
+  confidence, so the page never claims a rule that did not produce the number it shows.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 from pipeline.contract.envelopes import Escalation
 from pipeline.prompts.model import PromptVersion
 from pipeline.review.display import one_line
+from pipeline.stages.score import MIN_FACTOR, combine, weights_of
 
 PREVIEW_CHARS = 140
 PRODUCT_RULE = (
-    "confidence = the product of the components (each a factor in [0, 1], weight 1): "
+    "confidence = the product of the components, each a factor in [0, 1] raised to its "
+    f"weight (floored at {MIN_FACTOR}; weight 0 records a factor without counting it): "
     "any single strong doubt pulls the result under the threshold"
 )
 
@@ -88,13 +91,12 @@ class ConfidenceExplanation:
 def explain_confidence(
     escalation: Escalation, prompt: PromptVersion | None
 ) -> ConfidenceExplanation:
+    recorded = escalation.validation.confidence_components
+    weights = weights_of(prompt.confidence) if prompt is not None else {}
     components = [
-        Component(name, value, 1.0)
-        for name, value in escalation.validation.confidence_components.items()
+        Component(name, value, weights.get(name, 1.0)) for name, value in recorded.items()
     ]
-    combined: float | None = None
-    if components:
-        combined = min(1.0, max(0.0, math.prod(c.value for c in components)))
+    combined = combine(recorded, weights) if components else None
     return ConfidenceExplanation(
         components=components,
         rule=PRODUCT_RULE,

@@ -610,6 +610,22 @@ def test_the_item_page_reads_top_down_with_readable_collapsible_input(server: Se
     assert "does not follow from these components" not in page
 
 
+def test_the_item_page_shows_each_components_declared_weight(server: Server) -> None:
+    weighted = escalation(
+        "weighted",
+        version=3,  # declares confidence.components with a weight of 0.5 for support
+        confidence=0.72,
+        components={"field_logprob": 0.9, "support": 0.64, "agreement": 1.0, "format": 1.0},
+    )
+    server.store.apply([incoming(weighted, 31)], [], [], 0)
+    with logged_in(server) as client:
+        page = client.get("/item", params={"id": "weighted"}).text
+    assert '<th>support</th><td class="num">0.640</td><td class="num">0.5</td>' in page
+    assert "raised to its weight" in page and "= 0.720" in page
+    assert "does not follow from these components" not in page
+    assert "accept threshold <strong>0.50</strong>" in page
+
+
 def test_the_item_page_says_when_the_confidence_rule_is_not_the_one_it_knows(
     server: Server,
 ) -> None:
