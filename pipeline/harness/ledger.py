@@ -31,6 +31,7 @@ from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Result
 from pipeline.harness.fakellm.server import CallTally
+from pipeline.stages.decisions import AUDIT_ROUTE
 from pipeline.stages.self_check import GRADER_SYSTEM
 from pipeline.stages.settle import REASK_TEMPLATE
 
@@ -200,6 +201,8 @@ def read_terminal(
                     continue
                 headers = message_headers(message)
                 logical = names[str(message.topic())]
+                if _header(headers, "x-route") == AUDIT_ROUTE:
+                    continue  # a copy of a delivered result for a verdict: not terminal
                 route = ROUTE_OF_TOPIC[logical]
                 reason = _header(headers, "x-dlq-reason" if route == "dead_letter" else "x-reason")
                 result = None

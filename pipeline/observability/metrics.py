@@ -39,6 +39,8 @@ log = logging.getLogger("llmpipe.metrics")
 Attributes = dict[str, str | int]
 LagSource = Callable[[], Iterable[tuple[Mapping[str, str | int], int]]]
 """Returns ``(attributes, lag)`` pairs; called from the metric reader's thread."""
+ErrorRateSource = Callable[[], Mapping[tuple[str, int], float]]
+"""Returns the estimated accepted-error rate by (prompt, version); reader's thread."""
 
 # Escalations from the settle stage that mean "the model's output failed our checks"
 # (force_review is an operator's choice, not a failure).
@@ -141,7 +143,19 @@ class PipelineMetrics:
         self.human_decisions = meter.create_counter(
             sc.HUMAN_DECISIONS, unit="{decision}", description="Reviewer decisions by action."
         )
+        self.audit_verdicts = meter.create_counter(
+            sc.AUDIT_VERDICTS,
+            unit="{verdict}",
+            description="Reviewer verdicts on audit samples of accepted answers.",
+        )
         self._lock = threading.Lock()
+        self._error_sources: list[ErrorRateSource] = []
+        meter.create_observable_gauge(
+            sc.ACCEPTED_ERROR_RATE,
+            callbacks=[self._observe_accepted_error],
+            unit="{ratio}",
+            description="Share of audited accepted answers a reviewer did not approve.",
+        )
         self._breakers: dict[str, int] = {}
         self._lag_sources: dict[int, LagSource] = {}
         self._next_source = 0
@@ -297,6 +311,14 @@ class PipelineMetrics:
             attrs[sc.GEN_AI_PROMPT_VERSION] = int(version)
         self.distribution_shifts.add(1, attrs)
 
+    def audit_verdict(self, verdict: str, prompt: PromptRef | None = None) -> None:
+        self.audit_verdicts.add(1, {sc.AUDIT_VERDICT: verdict, **prompt_attributes(prompt)})
+
+    def watch_accepted_error(self, source: ErrorRateSource) -> None:
+        """Report the estimated accepted-error rate per prompt version from ``source``."""
+        with self._lock:
+            self._error_sources.append(source)
+
     def human_decided(self, action: str, prompt: PromptRef | None = None) -> None:
         self.human_decisions.add(1, {sc.REVIEW_ACTION: action, **prompt_attributes(prompt)})
 
@@ -306,6 +328,20 @@ class PipelineMetrics:
         with self._lock:
             states = dict(self._breakers)
         return [Observation(value, {sc.BREAKER_NAME: name}) for name, value in states.items()]
+
+    def _observe_accepted_error(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._error_sources)
+        observations: list[Observation] = []
+        for source in sources:
+            try:
+                observations.extend(
+                    Observation(rate, {sc.GEN_AI_PROMPT_NAME: name, sc.GEN_AI_PROMPT_VERSION: v})
+                    for (name, v), rate in source().items()
+                )
+            except Exception:  # a gauge must never break the export of everything else
+                log.debug("accepted-error source failed", exc_info=True)
+        return observations
 
     def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
@@ -365,6 +401,15 @@ def record_control_change(key: str) -> None:
 def record_distribution_shift(prompt_ref: str, signal: str) -> None:
     """Call once per shift a distribution monitor raises."""
     _metrics().distribution_shifted(prompt_ref, signal)
+
+
+def record_audit_verdict(verdict: str, prompt: PromptRef | None = None) -> None:
+    """Call once per reviewer decision on an audit item (correct, corrected, wrong, unclear)."""
+    _metrics().audit_verdict(verdict, prompt)
+
+
+def watch_accepted_error(source: ErrorRateSource) -> None:
+    _metrics().watch_accepted_error(source)
 
 
 def record_human_decision(action: str, prompt: PromptRef | None = None) -> None:

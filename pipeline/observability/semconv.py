@@ -71,6 +71,7 @@ CONTROL_KIND: Final = "llmpipe.control.kind"
 CONTROL_NAME: Final = "llmpipe.control.name"
 CONTROL_SCOPE: Final = "llmpipe.control.scope"
 REVIEW_ACTION: Final = "llmpipe.review.action"
+AUDIT_VERDICT: Final = "llmpipe.audit.verdict"
 TOPIC: Final = "llmpipe.topic"
 
 # -- span names ------------------------------------------------------------------------------
@@ -119,6 +120,9 @@ CONTROL_CHANGES: Final = "llmpipe.control.changes"
 HUMAN_DECISIONS: Final = "llmpipe.review.decisions"
 DISTRIBUTION_SHIFTS: Final = "llmpipe.quality.distribution_shifts"
 MONITOR_SIGNAL: Final = "llmpipe.monitor.signal"
+
+AUDIT_VERDICTS: Final = "llmpipe.audit.verdicts"
+ACCEPTED_ERROR_RATE: Final = "llmpipe.audit.accepted_error_rate"
 CONSUMER_LAG: Final = "llmpipe.consumer.lag"
 
 # Bucket boundaries recommended by the GenAI metric conventions; dashboards and the

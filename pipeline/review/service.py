@@ -41,6 +41,10 @@ Terminal answers per action
   ``Result`` (whose contract is "use this output"), and the request already reached its
   terminal place when it was escalated to ``llm.review``; consumers that must learn about
   rejections read ``llm.review.decisions``, which is kept forever.
+
+Audit items (reason ``audit``) were delivered before they were reviewed, so their
+decisions produce no second result, except a superseding one for an edit when the prompt
+asks for it: see :mod:`pipeline.review.audit`.
 """
 
 from __future__ import annotations
@@ -63,12 +67,13 @@ from pipeline.contract.envelopes import (
     ReviewDecision,
 )
 from pipeline.observability import semconv
-from pipeline.observability.metrics import record_human_decision
+from pipeline.observability.metrics import record_audit_verdict, record_human_decision
 from pipeline.observability.propagation import configure_tracing, extract, inject, tracer
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
+from pipeline.review.audit import AUDIT_CORRECTION, VERDICTS, delivers_result, is_audit
 from pipeline.review.display import json_for_editing
 from pipeline.review.inputs import InputError, json_object
 from pipeline.review.kafka_io import (
@@ -418,13 +423,14 @@ class ReviewService:
             self.stats.published += 1
             self.store.mark_published(decision.decision_id, self.clock())
             record_human_decision(decision.action, item.escalation.validated.prompt)
-            produced = {
-                "approve": "decision and result",
-                "edit": "decision, result and correction",
-                "clarify": "decision and clarification result",
-                "reject": "decision",
-            }
-            note = f"{produced[decision.action]} produced in one transaction"
+            if is_audit(item.escalation):
+                record_audit_verdict(VERDICTS[decision.action], item.escalation.validated.prompt)
+            produced = ["decision"]
+            if delivers_result(item.escalation, decision.action, self.registry):
+                produced.append("result")
+            if decision.action == "edit":
+                produced.append("correction")
+            note = f"{', '.join(produced)} produced in one transaction"
             self.store.audit("system", request_id, "delivered", note, self.clock())
 
     def _build_decision(
@@ -505,7 +511,7 @@ class ReviewService:
             trace_headers = inject()
             trace_id = format(span.get_span_context().trace_id, "032x")
         envelopes: list[tuple[str, str, Envelope]] = [(DECISIONS_TOPIC, ROUTE_DECISION, decision)]
-        if decision.action in ("approve", "edit", "clarify"):
+        if delivers_result(esc, decision.action, self.registry):
             assert decision.output is not None
             envelopes.append((RESULTS_TOPIC, ROUTE_RESULT, self._result(item, decision, trace_id)))
         if decision.action == "edit":
@@ -558,7 +564,7 @@ class ReviewService:
             validation=esc.validation,
             metadata=validated.request.metadata,
             trace_id=trace_id,
-            reason=f"review_{decision.action}",
+            reason=AUDIT_CORRECTION if is_audit(esc) else f"review_{decision.action}",
             reviewer=decision.reviewer,
             produced_at=decision.decided_at,
         )
