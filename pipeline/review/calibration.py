@@ -38,6 +38,7 @@ from pipeline.contract.envelopes import Escalation, ReviewDecision
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.review.kafka_io import DECISIONS_TOPIC, REVIEW_TOPIC, read_to_end
+from pipeline.review.model import CalibrationRow
 from pipeline.stages.policy import AUDIT, BURN_IN
 
 SAMPLE_REASONS = frozenset({AUDIT, BURN_IN})
@@ -277,6 +278,15 @@ def samples_from(items: Iterable[Escalation], decisions: Iterable[ReviewDecision
         if found is not None and decision.request_id not in samples:
             samples[decision.request_id] = Sample(found[0], found[1], decision.action == "approve")
     return list(samples.values())
+
+
+def samples_from_rows(rows: Iterable[CalibrationRow]) -> list[Sample]:
+    """The samples among a review database's decided items."""
+    return [
+        Sample(r.prompt_version, r.confidence, r.action == "approve")
+        for r in rows
+        if r.reason in SAMPLE_REASONS
+    ]
 
 
 def samples_from_kafka(

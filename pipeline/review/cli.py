@@ -253,89 +253,119 @@ def _parse_since(since: str | None) -> datetime | None:
 @review_app.command("calibration")
 def calibration(
     prompt: Annotated[str, typer.Argument(help="Prompt name.")],
+    target: Annotated[
+        float, typer.Option(min=0.0001, max=0.5, help="Error rate accepted answers may have.")
+    ] = 0.02,
+    plots: Annotated[
+        Path, typer.Option(help="Directory for the reliability diagram and threshold curve.")
+    ] = Path("calibration"),
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Only the table.")] = False,
     db: Annotated[
         str | None, typer.Option(help="Read a review database instead of the topics.")
     ] = None,
-    buckets: Annotated[int, typer.Option(min=2, max=50, help="Confidence buckets.")] = 10,
-    bad_accept_cost: Annotated[
-        float, typer.Option(help="Cost of auto-accepting an output a reviewer changed.")
-    ] = 1.0,
+    bins: Annotated[int, typer.Option(min=2, max=50, help="Reliability diagram bins.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Reviewer verdicts against the pipeline's confidence; suggests an accept threshold."""
+    """How often accepted answers are wrong, per version, from audit and burn-in verdicts."""
     from pipeline.prompts.registry import PromptRegistry
+    from pipeline.review.calibration import (
+        calibrate,
+        samples_from_kafka,
+        samples_from_rows,
+        write_plots,
+    )
     from pipeline.review.store import open_store
-    from pipeline.review.training import calibrate, rows_from_kafka
 
     settings = Settings()
     registry = PromptRegistry.load(settings.prompts_dir)
     if db is not None:
         store = open_store(db)
         try:
-            rows = store.calibration_rows(prompt)
+            samples = samples_from_rows(store.calibration_rows(prompt))
         finally:
             store.close()
     else:
-        rows = rows_from_kafka(settings, prompt)
-    report = calibrate(prompt, rows, registry, buckets=buckets, bad_accept_cost=bad_accept_cost)
+        samples = samples_from_kafka(settings, prompt)
+    report = calibrate(prompt, samples, registry, target=target, bins=bins)
+    written = {} if no_plots or as_json else {r.version: write_plots(r, plots) for r in report}
     if as_json:
-        typer.echo(json.dumps([_calibration_json(c) for c in report], indent=2))
+        typer.echo(json.dumps([calibration_json(r) for r in report], indent=2))
         return
     console = Console()
-    if not rows:
-        console.print(f"no reviewed items with a confidence for {prompt}")
+    if not report:
+        console.print(
+            f"no audit or burn-in verdicts for {prompt}: set review.audit.share in its prompt "
+            "file, then review some audit items"
+        )
         return
     for part in report:
-        title = f"{prompt} (all versions)" if part.version is None else f"{prompt}@{part.version}"
-        table = Table(title=title)
-        for column in ("confidence", "n", "approve", "edit", "reject", "clarify", "approved"):
-            table.add_column(column, justify="right")
-        for b in part.buckets:
-            if b.total == 0:
-                continue
-            rate = f"{b.approve_rate:.0%}" if b.approve_rate is not None else "-"
-            table.add_row(
-                f"{b.low:.2f}-{b.high:.2f}",
-                str(b.total),
-                *(str(b.counts[a]) for a in ("approve", "edit", "reject", "clarify")),
-                rate,
-            )
-        console.print(table)
-        s = part.suggestion
-        if s is not None:
-            current = f"{part.current_accept}" if part.current_accept is not None else "unknown"
-            console.print(
-                f"suggested accept threshold: [bold]{s.threshold}[/bold] (current {current}); "
-                f"it would misroute {s.misrouted} of {s.total} reviewed items "
-                f"({s.bad_accepts} changed outputs accepted, {s.needless_reviews} needless reviews)"
-            )
-    console.print(
-        "[dim]Only items below the current threshold (or forced) reach review, so a "
-        "threshold above the current one is not tested by this data.[/dim]"
-    )
+        console.print(calibration_table(part))
+        console.print(part.message)
+        for path in written.get(part.version, ()):
+            console.print(f"  wrote {path}")
 
 
-def _calibration_json(part: Any) -> dict[str, Any]:
-    s = part.suggestion
+def calibration_table(part: Any) -> Table:
+    """The same numbers the review UI shows on a prompt's calibration page."""
+    from pipeline.review.calibration import shown_rows
+
+    share = f", audit share {part.audit_share:.0%}" if part.audit_share is not None else ""
+    title = f"{part.prompt}@{part.version}: accepted answers by threshold{share}"
+    table = Table(title=title)
+    for column in ("threshold", "accepted", "wrong", "error rate", "95% CI", "kept", ""):
+        table.add_column(column, justify="right")
+    for row in shown_rows(part):
+        low, high = row.accepted.interval
+        marks = [
+            mark
+            for mark, value in (
+                ("current", part.current_accept),
+                ("recommended", part.recommended),
+                ("plausible from", part.plausible_from),
+            )
+            if value is not None and abs(value - row.threshold) < 1e-9
+        ]
+        table.add_row(
+            f"{row.threshold:.2f}",
+            str(row.accepted.n),
+            str(row.accepted.errors),
+            f"{row.accepted.value:.1%}" if row.accepted.value is not None else "-",
+            f"{low:.1%}-{high:.1%}",
+            f"{row.coverage:.0%}",
+            ", ".join(marks),
+        )
+    return table
+
+
+def calibration_json(part: Any) -> dict[str, Any]:
+    low, high = part.overall.interval
     return {
         "prompt": part.prompt,
         "version": part.version,
+        "target": part.target,
+        "verdict": part.verdict,
+        "message": part.message,
         "current_accept": part.current_accept,
-        "counts": part.counts,
-        "buckets": [
-            {"low": b.low, "high": b.high, "counts": b.counts, "approve_rate": b.approve_rate}
-            for b in part.buckets
-            if b.total
+        "audit_share": part.audit_share,
+        "samples": part.overall.n,
+        "errors": part.overall.errors,
+        "accepted_error_rate": part.overall.value,
+        "interval": [low, high],
+        "recommended": part.recommended,
+        "plausible_from": part.plausible_from,
+        "point": part.point,
+        "thresholds": [
+            {
+                "threshold": r.threshold,
+                "accepted": r.accepted.n,
+                "errors": r.accepted.errors,
+                "rate": r.accepted.value,
+                "interval": list(r.accepted.interval),
+                "coverage": r.coverage,
+            }
+            for r in part.thresholds
+            if r.accepted.n
         ],
-        "suggestion": None
-        if s is None
-        else {
-            "threshold": s.threshold,
-            "misrouted": s.misrouted,
-            "bad_accepts": s.bad_accepts,
-            "needless_reviews": s.needless_reviews,
-            "total": s.total,
-        },
     }
 
 

@@ -172,6 +172,7 @@ class CalibrationRow:
     prompt_version: int
     confidence: float
     action: str
+    reason: str
 
 
 @dataclass(frozen=True)

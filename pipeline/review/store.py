@@ -645,13 +645,13 @@ class SqlReviewStore:
         with self._read() as cur:
             rows = self._exec(
                 cur,
-                "SELECT i.prompt_version, i.confidence, d.action FROM review_items i"
+                "SELECT i.prompt_version, i.confidence, d.action, i.reason FROM review_items i"
                 " JOIN review_decisions d ON d.request_id = i.request_id"
                 " WHERE i.prompt_name = ? AND i.confidence IS NOT NULL"
                 " ORDER BY i.escalated_at_ms",
                 (prompt,),
             ).fetchall()
-        return [CalibrationRow(int(v), float(c), str(a)) for v, c, a in rows]
+        return [CalibrationRow(int(v), float(c), str(a), str(r)) for v, c, a, r in rows]
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ def requests(
     return messages
 
 
-def wait_for_settle_members(settings: Settings, count: int, timeout_s: float = 60) -> None:
+def wait_for_settle_members(settings: Settings, count: int, timeout_s: float = 180) -> None:
     """Until the settle group has ``count`` members that each own partitions (Kafka's view)."""
     admin = AdminClient(settings.kafka_client_config())
     group = settings.group("settle")
@@ -81,6 +81,7 @@ def wait_terminal(settings: Settings, ids: list[str], timeout_s: float = 120) ->
     return ledger
 
 
+@pytest.mark.timeout(900)
 def test_burn_in_of_20_holds_exactly_the_first_20_across_two_workers_and_a_restart(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -138,6 +139,7 @@ def reviewer_says(request_id: str) -> str:
     return "edit" if audit_bucket("reviewer", request_id) < share else "approve"
 
 
+@pytest.mark.timeout(1200)
 def test_audit_share_10_percent_of_1000_accepted_requests(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:

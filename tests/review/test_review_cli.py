@@ -19,10 +19,9 @@ from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Correction, ReviewAction, ReviewDecision
 from pipeline.review.auth import UsersFile
 from pipeline.review.cli import review_app
-from pipeline.review.model import CalibrationRow, decision_id_for
-from pipeline.review.training import calibrate, suggest_threshold
+from pipeline.review.model import decision_id_for
 from pipeline.transport import headers as h
-from tests.review.test_review_support import escalation, registry, review_message, wait_for
+from tests.review.test_review_support import escalation, review_message, wait_for
 from tests.support import produce, settings_env
 
 runner = CliRunner()
@@ -70,28 +69,6 @@ def test_users_have_roles_and_can_be_removed(tmp_path: Path) -> None:
     assert missing.exit_code == 2
 
 
-def test_threshold_suggestion_routes_reviewed_items_best() -> None:
-    rows = [
-        CalibrationRow(2, 0.30, "reject"),
-        CalibrationRow(2, 0.45, "edit"),
-        CalibrationRow(2, 0.55, "edit"),
-        CalibrationRow(2, 0.62, "approve"),
-        CalibrationRow(2, 0.66, "edit"),
-        CalibrationRow(2, 0.70, "approve"),
-        CalibrationRow(2, 0.72, "approve"),
-    ]
-    best = suggest_threshold(rows)
-    assert best is not None
-    assert (best.threshold, best.bad_accepts, best.needless_reviews) == (0.7, 0, 1)
-    cautious = suggest_threshold(rows, bad_accept_cost=0.5)
-    assert cautious is not None and cautious.threshold == 0.62  # cheap bad accepts: accept more
-    report = calibrate("ticket_triage", [*rows, CalibrationRow(1, 0.9, "approve")], registry())
-    assert [c.version for c in report] == [None, 1, 2]
-    assert report[2].current_accept == 0.75
-    bucket = next(b for b in report[2].buckets if b.low == 0.6)
-    assert bucket.counts == {"approve": 1, "edit": 1, "reject": 0, "clarify": 0}
-
-
 @pytest.mark.kafka
 def test_export_and_calibration_read_the_topics(
     kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -111,7 +88,7 @@ def test_export_and_calibration_read_the_topics(
         (new, 0.7, "approve"),
     ]
     for i, (when, confidence, action) in enumerate(verdicts):
-        esc = escalation(f"r{i}", confidence=confidence, escalated_at=when)
+        esc = escalation(f"r{i}", confidence=confidence, escalated_at=when, reason="audit")
         items.append(review_message(kafka_settings, esc))
         fixed = {"label": "bug", "priority": "high", "summary": f"fixed {i}"}
         decision = ReviewDecision(
@@ -153,14 +130,19 @@ def test_export_and_calibration_read_the_topics(
     assert [m["role"] for m in record["messages"]][:1] == ["system"]
     assert runner.invoke(review_app, ["export", "--format", "csv"]).exit_code == 2
 
+    plots = tmp_path / "plots"
     result = runner.invoke(review_app, ["calibration", "ticket_triage", "--json"])
     assert result.exit_code == 0, result.output
-    overall = json.loads(result.output)[0]
-    assert overall["counts"] == {"approve": 1, "edit": 2, "reject": 0, "clarify": 0}
-    assert overall["suggestion"]["threshold"] == 0.7
-    assert overall["suggestion"]["misrouted"] == 0
-    text = runner.invoke(review_app, ["calibration", "ticket_triage"])
-    assert "suggested accept threshold" in text.output
+    (version,) = json.loads(result.output)
+    assert (version["version"], version["samples"], version["errors"]) == (2, 3, 2)
+    assert version["verdict"] == "too_few_samples" and version["recommended"] is None
+    text = runner.invoke(review_app, ["calibration", "ticket_triage", "--plots", str(plots)])
+    assert text.exit_code == 0, text.output
+    assert "too few samples to tell" in text.output and "ticket_triage@2" in text.output
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "ticket_triage-v2-reliability.png",
+        "ticket_triage-v2-threshold.png",
+    ]
 
 
 @pytest.mark.kafka
