@@ -314,10 +314,17 @@ class PipelineMetrics:
     def audit_verdict(self, verdict: str, prompt: PromptRef | None = None) -> None:
         self.audit_verdicts.add(1, {sc.AUDIT_VERDICT: verdict, **prompt_attributes(prompt)})
 
-    def watch_accepted_error(self, source: ErrorRateSource) -> None:
-        """Report the estimated accepted-error rate per prompt version from ``source``."""
+    def watch_accepted_error(self, source: ErrorRateSource) -> Callable[[], None]:
+        """Report the estimated accepted-error rate per prompt version from ``source``
+        until the returned function is called."""
         with self._lock:
             self._error_sources.append(source)
+
+        def unregister() -> None:
+            with self._lock:
+                self._error_sources.remove(source)
+
+        return unregister
 
     def human_decided(self, action: str, prompt: PromptRef | None = None) -> None:
         self.human_decisions.add(1, {sc.REVIEW_ACTION: action, **prompt_attributes(prompt)})
@@ -408,8 +415,9 @@ def record_audit_verdict(verdict: str, prompt: PromptRef | None = None) -> None:
     _metrics().audit_verdict(verdict, prompt)
 
 
-def watch_accepted_error(source: ErrorRateSource) -> None:
-    _metrics().watch_accepted_error(source)
+def watch_accepted_error(source: ErrorRateSource) -> Callable[[], None]:
+    """The review service's estimate (audit verdicts in its database), as a gauge."""
+    return _metrics().watch_accepted_error(source)
 
 
 def record_human_decision(action: str, prompt: PromptRef | None = None) -> None:

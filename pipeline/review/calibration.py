@@ -289,6 +289,20 @@ def samples_from_rows(rows: Iterable[CalibrationRow]) -> list[Sample]:
     ]
 
 
+def accepted_error_rates(
+    rows_of: Callable[[str], Iterable[CalibrationRow]], prompts: Iterable[str]
+) -> dict[tuple[str, int], float]:
+    """The point estimate per (prompt, version) with samples: what the metric exports."""
+    rates: dict[tuple[str, int], float] = {}
+    for prompt in prompts:
+        by_version: dict[int, list[Sample]] = {}
+        for sample in samples_from_rows(rows_of(prompt)):
+            by_version.setdefault(sample.version, []).append(sample)
+        for version, samples in by_version.items():
+            rates[(prompt, version)] = sum(not s.correct for s in samples) / len(samples)
+    return rates
+
+
 def samples_from_kafka(
     settings: Settings, prompt: str, on_skip: Callable[[str], None] | None = None
 ) -> list[Sample]:

@@ -9,7 +9,9 @@ import threading
 
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
+from pipeline.observability.metrics import watch_accepted_error
 from pipeline.prompts.registry import PromptRegistry
+from pipeline.review.calibration import accepted_error_rates
 from pipeline.review.kafka_io import TopicFollower, TransactionalPublisher
 from pipeline.review.model import Clock, system_clock
 from pipeline.review.service import ReviewService
@@ -39,9 +41,10 @@ class ReviewRuntime:
         self.publisher = TransactionalPublisher(
             settings, f"{settings.topic_prefix}llmpipe.review.{instance}"
         )
+        registry = registry or PromptRegistry.load(settings.prompts_dir)
         self.service = ReviewService(
             self.store,
-            registry or PromptRegistry.load(settings.prompts_dir),
+            registry,
             self.publisher,
             self.follower,
             settings.topic,
@@ -49,6 +52,10 @@ class ReviewRuntime:
             codec=codec,
             lease_ms=lease_ms,
             sla_ms=sla_ms,
+        )
+        names = registry.names()
+        self._unwatch = watch_accepted_error(
+            lambda: accepted_error_rates(self.store.calibration_rows, names)
         )
         self._interval_s = maintenance_interval_s
         self._stop = threading.Event()
@@ -79,6 +86,7 @@ class ReviewRuntime:
                 log.exception("review maintenance failed; retrying")
 
     def stop(self) -> None:
+        self._unwatch()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)

@@ -531,6 +531,8 @@ def _prometheus_names() -> tuple[set[str], set[str]]:
     metrics.rate_limit_rejected("m")
     metrics.control_changed("flag:x:y")
     metrics.human_decided("approve")
+    metrics.audit_verdict("correct")
+    metrics.watch_accepted_error(lambda: {("p", 1): 0.1})
     metrics.watch_lag(lambda: [({}, 1)])
     names: set[str] = set()
     for resource in reader.get_metrics_data().resource_metrics:  # type: ignore[union-attr]

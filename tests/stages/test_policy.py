@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 import yaml
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from pipeline.contract.envelopes import Escalation, PromptRef, Result
 from pipeline.control.state import ControlState
 from pipeline.evaluation.prompt_tests import run_tests
+from pipeline.observability import semconv as sc
+from pipeline.observability.metrics import PipelineMetrics
+from pipeline.observability.testing import metric_points
 from pipeline.prompts.conditions import parse_condition
 from pipeline.prompts.errors import PromptLoadError
 from pipeline.prompts.model import BurnInPolicy
@@ -256,3 +261,33 @@ async def test_prompts_test_judges_risk_rules_offline(tmp_path: Path) -> None:
     assert [r.passed for r in results] == [True, True, False]
     assert [r.route_reason for r in results[:2]] == ["high_risk", "high_risk"]
     assert "expected review, got result" in results[2].reason
+
+
+async def test_metrics_count_reviews_by_reason_audit_verdicts_and_the_error_estimate(
+    tmp_path: Path,
+) -> None:
+    reader = InMemoryMetricReader()
+    metrics = PipelineMetrics(MeterProvider(metric_readers=[reader]).get_meter("t"))
+    registry = write_prompts(
+        tmp_path,
+        {"audit": {"share": 1.0}, "risk": [{"name": "urgent", "when": "priority == urgent"}]},
+    )
+    settler = Settler(registry, ControlState(), None)
+    for request_id, answer in (("a", ANSWER), ("b", {**ANSWER, "priority": "urgent"})):
+        v = validated_for(registry, request_id)
+        decision = await settler(completion_for(v, json.dumps(answer)))
+        metrics.record_decision("settle", decision, duration_s=0.01)
+    ref = PromptRef(name=NAME, version=1, hash="h")
+    metrics.audit_verdict("corrected", ref)
+    unwatch = metrics.watch_accepted_error(lambda: {(NAME, 1): 0.25})
+    data = reader.get_metrics_data()
+    reviews = {a[sc.REASON]: p.value for a, p in metric_points(data, sc.REVIEWS)}
+    assert reviews == {"audit": 1, "high_risk": 1}
+    [(labels, verdicts)] = metric_points(data, sc.AUDIT_VERDICTS)
+    assert labels[sc.AUDIT_VERDICT] == "corrected" and verdicts.value == 1
+    [(labels, rate)] = metric_points(data, sc.ACCEPTED_ERROR_RATE)
+    assert labels == {sc.GEN_AI_PROMPT_NAME: NAME, sc.GEN_AI_PROMPT_VERSION: 1}
+    assert rate.value == 0.25
+    requests = {a.get(sc.ROUTE): p.value for a, p in metric_points(data, sc.REQUESTS)}
+    assert requests == {"result": 1, "review": 1}  # the audit copy is not a second request
+    unwatch()
