@@ -60,19 +60,24 @@ def requests(
     return messages
 
 
-def wait_for_settle_members(settings: Settings, count: int, timeout_s: float = 180) -> None:
-    """Until the settle group has ``count`` members that each own partitions (Kafka's view)."""
+def wait_for_settle_members(
+    settings: Settings, count: int, known: frozenset[str] = frozenset(), timeout_s: float = 180
+) -> frozenset[str]:
+    """Until the settle group has ``count`` members that each own partitions, exactly one of
+    them new when ``known`` is given (the broker may still list a stopped worker for a while);
+    returns their ids."""
     admin = AdminClient(settings.kafka_client_config())
     group = settings.group("settle")
     deadline = time.monotonic() + timeout_s
-    owners: list[int] = []
+    owners: dict[str, int] = {}
     while time.monotonic() < deadline:
         described = admin.describe_consumer_groups([group])[group].result(timeout=10)
-        owners = [len(m.assignment.topic_partitions) for m in described.members]
-        if len(owners) == count and all(owners):
-            return
+        owners = {m.member_id: len(m.assignment.topic_partitions) for m in described.members}
+        fresh = len(set(owners) - known)
+        if len(owners) == count and all(owners.values()) and (not known or fresh == 1):
+            return frozenset(owners)
         time.sleep(0.2)
-    raise AssertionError(f"settle group never had {count} members with partitions: {owners}")
+    raise AssertionError(f"settle group never had {count} fresh members with partitions: {owners}")
 
 
 def wait_terminal(settings: Settings, ids: list[str], timeout_s: float = 120) -> Ledger:
@@ -95,12 +100,12 @@ def test_burn_in_of_20_holds_exactly_the_first_20_across_two_workers_and_a_resta
         create_topics(settings)
         with running_worker(settings) as worker_a:
             with running_worker(settings) as worker_b:
-                wait_for_settle_members(settings, 2)
+                first_members = wait_for_settle_members(settings, 2)
                 produce(settings, "llm.requests", requests(first))
                 wait_terminal(settings, first)
             # worker b is gone; it comes back as a new process would, from the topic alone
             with running_worker(settings) as worker_b2:
-                wait_for_settle_members(settings, 2)
+                wait_for_settle_members(settings, 2, known=first_members)
                 produce(settings, "llm.requests", requests(second))
                 ledger = wait_terminal(settings, first + second)
             claimed = [w.burn_in.claimed if w.burn_in else 0 for w in (worker_b, worker_b2)]
