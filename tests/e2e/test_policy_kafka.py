@@ -31,7 +31,7 @@ from pipeline.review.runtime import ReviewRuntime
 from pipeline.stages.policy import audit_bucket
 from pipeline.transport import headers as h
 from pipeline.transport.batch import Message
-from tests.policy_support import ANSWER, NAME, write_prompts
+from tests.policy_support import ANSWER, NAME, prompt_ref, write_prompts
 from tests.support import create_topics, make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
@@ -90,7 +90,7 @@ def wait_terminal(settings: Settings, ids: list[str], timeout_s: float = 120) ->
 def test_burn_in_of_20_holds_exactly_the_first_20_across_two_workers_and_a_restart(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    write_prompts(tmp_path, {"burn_in": {"answers": 20}})
+    registry = write_prompts(tmp_path, {"burn_in": {"answers": 20}})
     first = [f"b1-{i:02d}" for i in range(12)]
     second = [f"b2-{i:02d}" for i in range(18)]
     with running_fake_llm() as fake:
@@ -103,14 +103,16 @@ def test_burn_in_of_20_holds_exactly_the_first_20_across_two_workers_and_a_resta
                 first_members = wait_for_settle_members(settings, 2)
                 produce(settings, "llm.requests", requests(first))
                 wait_terminal(settings, first)
+            both = [w.burn_in.claimed if w.burn_in else 0 for w in (worker_a, worker_b)]
+            assert all(both), f"both workers must have counted answers, got {both}"
             # worker b is gone; it comes back as a new process would, from the topic alone
             with running_worker(settings) as worker_b2:
+                assert worker_b2.burn_in is not None
+                restarted_saw = worker_b2.burn_in.book.count(prompt_ref(registry))
+                assert restarted_saw == len(first), "a restarted worker reads the count back"
                 wait_for_settle_members(settings, 2, known=first_members)
                 produce(settings, "llm.requests", requests(second))
                 ledger = wait_terminal(settings, first + second)
-            claimed = [w.burn_in.claimed if w.burn_in else 0 for w in (worker_b, worker_b2)]
-            claimed.append(worker_a.burn_in.claimed if worker_a.burn_in else 0)
-        assert all(claimed), f"every worker must have counted answers, got {claimed}"
         everything = first + second
         claims = [c.request_id for c, _ in read_to_end(settings, BURN_IN_TOPIC, BurnInClaim)]
         order = list(dict.fromkeys(claims))  # first claim per request, in the topic's order
