@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install model-server kafka-up kafka-down topics demo test lint typecheck check clean
+.PHONY: install model-server kafka-up kafka-down topics demo demo-local test lint typecheck check clean
 
 install: $(BIN)/llmpipe
 $(BIN)/llmpipe: pyproject.toml requirements.lock
@@ -39,6 +39,10 @@ topics: kafka-up
 ## The demo: broker, topics, fake model, workers, ~200 requests, a table of where they went.
 demo: install
 	$(BIN)/llmpipe demo
+
+## The demo against a real model: SmolLM2-135M served by llama.cpp (started and stopped by it).
+demo-local: install model-server
+	LLMPIPE_MODEL_VENV=$(abspath $(MODEL_VENV)) $(BIN)/llmpipe demo --local-model
 
 ## The tests: lint, types, prompt lock, then the suite against a real broker.
 test: kafka-up lint typecheck

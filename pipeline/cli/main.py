@@ -176,13 +176,32 @@ def send(
 @app.command()
 @friendly
 def demo(
-    count: Annotated[int, typer.Option(help="Number of requests to publish.")] = 200,
+    count: Annotated[
+        int | None,
+        typer.Option(help="Number of requests to publish (default 200; 24 with --local-model)."),
+    ] = None,
     keep: Annotated[bool, typer.Option(help="Leave what the demo started running.")] = False,
+    local_model: Annotated[
+        bool,
+        typer.Option(
+            "--local-model",
+            help="A real model (SmolLM2-135M via llama.cpp, `make model-server`) instead of the "
+            "fake one.",
+        ),
+    ] = False,
 ) -> None:
     """Start what is missing, publish a mix of requests, and show where each one ended."""
     from pipeline.harness.demo import run_demo
+    from pipeline.llm.local_server import LocalModelUnavailable
 
-    sys.exit(run_demo(settings(), count=count, keep=keep, console=console))
+    chosen = count if count is not None else (24 if local_model else 200)
+    try:
+        code = run_demo(
+            settings(), count=chosen, keep=keep, console=console, local_model=local_model
+        )
+    except LocalModelUnavailable as exc:
+        raise UserError(str(exc)) from None
+    sys.exit(code)
 
 
 def _register_optional() -> None:

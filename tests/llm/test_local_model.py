@@ -6,9 +6,14 @@ are classified), never what the model answers.
 
 from __future__ import annotations
 
+import json
+import logging
+
+import pytest
+
 from pipeline.llm.local_server import LocalModelServer
 from pipeline.llm.openai import OpenAIChatClient
-from pipeline.llm.protocol import ChatRequest
+from pipeline.llm.protocol import ChatRequest, EndpointOptions
 
 
 async def test_the_client_parses_a_real_servers_answer(local_model: LocalModelServer) -> None:
@@ -29,3 +34,52 @@ async def test_the_client_parses_a_real_servers_answer(local_model: LocalModelSe
     assert answer.finish_reason in ("stop", "length")
     assert len(answer.token_logprobs) == answer.completion_tokens
     assert all(lp <= 0.0 for lp in answer.token_logprobs)
+
+
+async def test_llamacpps_refusal_of_openais_form_is_reported_once_and_answered(
+    local_model: LocalModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama.cpp answers ``json_schema`` with an HTTP 500: one resend, one error, no retries."""
+    client = OpenAIChatClient(local_model.url, max_connections=1)
+    request = ChatRequest(
+        model=local_model.model,
+        messages=[{"role": "user", "content": "Reply with a JSON object with a label."}],
+        max_tokens=16,
+        timeout_s=60,
+        output_schema={"type": "object", "properties": {"label": {"type": "string"}}},
+        endpoint=EndpointOptions(structured_output="json_schema"),
+    )
+    try:
+        with caplog.at_level(logging.ERROR, logger="pipeline.llm.openai"):
+            first = await client.complete(request)
+            second = await client.complete(request)
+    finally:
+        await client.aclose()
+    assert (first.structured_output, second.structured_output) == ("none", "none")
+    assert list(client.refused) == [(local_model.model, "json_schema")]
+    assert next(iter(client.refused.values())).startswith("500")
+    assert sum("refuses structured_output=json_schema" in r.message for r in caplog.records) == 1
+
+
+async def test_llamacpps_own_form_constrains_the_answer(local_model: LocalModelServer) -> None:
+    schema = {
+        "type": "object",
+        "required": ["label"],
+        "properties": {"label": {"type": "string", "enum": ["billing", "bug"]}},
+    }
+    client = OpenAIChatClient(local_model.url, max_connections=1)
+    try:
+        answer = await client.complete(
+            ChatRequest(
+                model=local_model.model,
+                messages=[{"role": "user", "content": "My card was charged twice. Label?"}],
+                max_tokens=24,
+                timeout_s=60,
+                output_schema=schema,
+                endpoint=EndpointOptions(structured_output="json_object_schema"),
+            )
+        )
+    finally:
+        await client.aclose()
+    assert answer.structured_output == "json_object_schema"
+    assert json.loads(answer.text)["label"] in ("billing", "bug")  # the constraint, not the model
