@@ -51,6 +51,7 @@ from bench.common import (
 )
 from bench.common import start_worker as _start_worker
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import DEFAULT_WEIGHTS, PlannedRequest, mixed_requests
@@ -213,7 +214,7 @@ def _reached(counter: TopicCounter, target: int) -> bool:
 
 
 def _produce(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
-    produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+    produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
 
 
 def _worker(settings: Settings, name: str, env: Mapping[str, str] | None = None) -> Proc:
@@ -340,7 +341,7 @@ def kill_one_of_two(
                 clock.log("both workers own partitions in every stage group")
                 _produce(settings, planned)
                 clock.log(f"produced {requests} requests")
-                with TopicCounter(settings, ["llm.results"]) as counter:
+                with TopicCounter(settings, [topology.RESULTS]) as counter:
                     wait_until(
                         lambda: counter.count() >= requests // 10 and fake.in_flight() >= 32,
                         GROUP_TIMEOUT_S,
@@ -404,7 +405,7 @@ def model_server_restart(
                 wait_groups_stable(settings, stage_groups(settings), 1, GROUP_TIMEOUT_S)
                 _produce(settings, first)
                 clock.log(f"produced {len(first)} requests")
-                with TopicCounter(settings, ["llm.results"]) as results:
+                with TopicCounter(settings, [topology.RESULTS]) as results:
                     wait_until(
                         lambda: results.count() >= len(first) // 5 and fake.in_flight() >= 32,
                         GROUP_TIMEOUT_S,
@@ -413,7 +414,7 @@ def model_server_restart(
                 in_flight = fake.in_flight()
                 fake.stop()
                 clock.log(f"model server stopped with {in_flight} calls in flight")
-                with TopicCounter(settings, ["llm.fallback"]) as fallbacks:
+                with TopicCounter(settings, [topology.FALLBACK]) as fallbacks:
                     wait_until(
                         lambda: fallbacks.count() >= outage_fallbacks,
                         GROUP_TIMEOUT_S,
@@ -531,7 +532,7 @@ def broker_restart(
                 clock.log(f"produced {requests} requests")
                 for i in range(restarts):
                     target = requests * (i + 1) // (restarts + 2)
-                    with TopicCounter(settings, ["llm.results"]) as counter:
+                    with TopicCounter(settings, [topology.RESULTS]) as counter:
                         wait_until(
                             functools.partial(_reached, counter, target),
                             120,

@@ -38,6 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.contract import topology
 from pipeline.transport.topics import apply, load_specs
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -315,9 +316,10 @@ def partitions_of(settings: Settings, logical: str) -> int:
 
 def stage_groups(settings: Settings) -> dict[str, int]:
     """The worker's consumer groups and the partition count each must own in total."""
-    from pipeline.runtime.worker import INPUT_TOPICS
-
-    return {settings.group(s): partitions_of(settings, t) for s, t in INPUT_TOPICS.items()}
+    return {
+        settings.group(s.name): partitions_of(settings, s.input_topic)
+        for s in topology.STAGES.values()
+    }
 
 
 # -- processes ----------------------------------------------------------------------------

@@ -56,11 +56,11 @@ from bench.common import (
     table,
 )
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.harness.fakellm.behaviors import BehaviorSpec
 from pipeline.harness.fakellm.responses import render_content
 from pipeline.transport.batch import produce_batch
 
-TERMINAL = {"llm.results": "result", "llm.review": "review", "llm.dlq": "dead_letter"}
 MARK = "[[fuzz:"
 ID_WIDTH = 16  # tracking ids are exactly this long, so a prefix identifies the input
 
@@ -471,7 +471,7 @@ def _sightings(
     settings: Settings, rids: set[str], timeout_s: float, settle_s: float
 ) -> dict[str, list[tuple[str, str]]]:
     """tracking id -> [(route, reason)], matching outputs to inputs by id prefix."""
-    names = {settings.topic(t): route for t, route in TERMINAL.items()}
+    names = {settings.topic(t): topology.route_of(t) for t in topology.terminal_topics()}
     consumer = Consumer(
         {
             **settings.kafka_client_config(),
@@ -538,7 +538,7 @@ def campaign(
         try:
             produce_batch(
                 settings,
-                "llm.requests",
+                topology.REQUESTS,
                 [(c.rid.encode(), c.value, c.headers) for c in cases],
             )
             seen = _sightings(settings, rids, timeout_s, settle_s=1.0)

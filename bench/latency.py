@@ -40,6 +40,7 @@ from bench.common import (
 )
 from bench.runs import measure_pipeline, valid_requests
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Completion
 from pipeline.harness.scenarios import PlannedRequest
@@ -53,7 +54,7 @@ def paced_produce(settings: Settings, planned: Sequence[PlannedRequest], rate: f
     The short sleeps here pace the load generator; they synchronise nothing.
     """
     producer = Producer({**settings.kafka_client_config(), "linger.ms": 1, "acks": "all"})
-    topic = settings.topic("llm.requests")
+    topic = settings.topic(topology.REQUESTS)
     interval = 1.0 / rate
     next_at = time.monotonic()
     for p in planned:
@@ -94,10 +95,10 @@ def run(quick: bool, bootstrap: str, model_latency: float = 0.0) -> Report:
     ):
         wait_groups_stable(settings, stage_groups(settings), 1, 90)
         paced_produce(settings, planned, rate)
-        results = read_all(settings, ["llm.results"], count, timeout_s=300)
-        requests = _by_key(read_all(settings, ["llm.requests"], count))
-        validated = _by_key(read_all(settings, ["llm.stage.validated"], count))
-        completion_records = read_all(settings, ["llm.stage.completions"], count)
+        results = read_all(settings, [topology.RESULTS], count, timeout_s=300)
+        requests = _by_key(read_all(settings, [topology.REQUESTS], count))
+        validated = _by_key(read_all(settings, [topology.VALIDATED], count))
+        completion_records = read_all(settings, [topology.COMPLETIONS], count)
     completions = {r.key: r for r in completion_records}
     first_ts = min(requests.values())
     e2e: list[float] = []

@@ -26,10 +26,12 @@ import signal
 import threading
 from typing import Any
 
+from pipeline.contract import topology
+
 HOPS = (
-    ("llm.requests", "llm.stage.validated"),
-    ("llm.stage.validated", "llm.stage.completions"),
-    ("llm.stage.completions", "llm.results"),
+    (topology.REQUESTS, topology.VALIDATED),
+    (topology.VALIDATED, topology.COMPLETIONS),
+    (topology.COMPLETIONS, topology.RESULTS),
 )
 BATCH = 500
 

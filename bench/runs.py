@@ -28,6 +28,7 @@ from bench.common import (
     workers,
 )
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.harness.scenarios import PlannedRequest, mixed_requests
 from pipeline.transport.batch import produce_batch
 
@@ -61,7 +62,7 @@ def valid_requests(count: int, seed: int = 1) -> list[PlannedRequest]:
 
 
 def _send(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
-    produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+    produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
 
 
 def _time_outputs(
@@ -75,7 +76,7 @@ def _time_outputs(
     sampler: Callable[[int], None] | None = None,
 ) -> Run:
     """Wait for ``count`` results, then compute rates and CPU shares from their timestamps."""
-    with TopicCounter(settings, ["llm.results"]) as counter:
+    with TopicCounter(settings, [topology.RESULTS]) as counter:
 
         def done() -> bool:
             for name, proc in procs.items():
@@ -88,7 +89,7 @@ def _time_outputs(
 
         wait_until(done, timeout_s, f"{count} results ({label})", 0.25)
         meter.stop()
-    records = read_all(settings, ["llm.results"], count, timeout_s=120)
+    records = read_all(settings, [topology.RESULTS], count, timeout_s=120)
     stamps = [r.timestamp_ms for r in records]
     wall_s = (max(stamps) / 1000 - t0) if stamps else float("nan")
     return Run(

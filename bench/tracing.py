@@ -48,6 +48,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.contract import topology
 from pipeline.harness.scenarios import mixed_requests
 from pipeline.observability.testing import running_otlp_receiver
 from pipeline.transport.batch import produce_batch
@@ -132,7 +133,7 @@ def result_timestamps(
             "enable.auto.commit": False,
         }
     )
-    topic = settings.topic("llm.results")
+    topic = settings.topic(topology.RESULTS)
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -168,7 +169,7 @@ def run_once(
     apply(admin, specs, settings.topic_prefix)
     try:
         planned = mixed_requests(count, seed=1, weights={"valid": 1}, prefix="ovh")
-        produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+        produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
         worker_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
             "LLMPIPE_BOOTSTRAP_SERVERS": bootstrap,

@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
-from pipeline.runtime.worker import STAGES, Worker
+from pipeline.runtime.worker import Worker
 from pipeline.transport.batch import Message, produce_batch
 from pipeline.transport.topics import apply, load_specs
 
@@ -56,7 +56,7 @@ def _wait_until_consuming(
 
 @contextmanager
 def running_worker(
-    settings: Settings, stages: tuple[str, ...] = STAGES, **kwargs: Any
+    settings: Settings, stages: tuple[str, ...] | None = None, **kwargs: Any
 ) -> Iterator[Worker]:
     """A real worker on its own event loop in a thread; stopped cleanly on exit."""
     worker = Worker(settings, stages, **kwargs)

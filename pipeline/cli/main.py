@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.contract import topology
 
 app = typer.Typer(help="llmpipe: make LLM output safe to use in production.", no_args_is_help=True)
 kafka_app = typer.Typer(
@@ -129,9 +130,9 @@ def topics_apply(
 @app.command()
 @friendly
 def worker(
-    stages: Annotated[
-        str, typer.Option(help="Comma-separated stages to run.")
-    ] = "validate,model,settle,fallback",
+    stages: Annotated[str, typer.Option(help="Comma-separated stages to run.")] = ",".join(
+        topology.stage_names()
+    ),
 ) -> None:
     """Run pipeline stages until SIGTERM/SIGINT."""
     from pipeline.observability.logs import configure_logging
@@ -169,7 +170,9 @@ def send(
     if version is not None:
         body["prompt_version"] = version
     headers = [("content-type", b"application/json")]
-    produce_batch(settings(), "llm.requests", [(rid.encode(), json.dumps(body).encode(), headers)])
+    produce_batch(
+        settings(), topology.REQUESTS, [(rid.encode(), json.dumps(body).encode(), headers)]
+    )
     console.print(rid)
 
 

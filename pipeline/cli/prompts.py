@@ -22,6 +22,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from pipeline.contract import topology
 from pipeline.prompts.diff import canonical_yaml, diff_versions
 from pipeline.prompts.errors import (
     LockFileError,
@@ -672,7 +673,5 @@ def shadow_command(
     with _kafka_errors():
         report = asyncio.run(run())
     if report.serving.requests == 0:
-        _fail(
-            f"no recent requests for {name} on {settings.topic('llm.stage.validated')}", EXIT_FAILED
-        )
+        _fail(f"no recent requests for {name} on {settings.topic(topology.VALIDATED)}", EXIT_FAILED)
     Console(width=None if sys.stdout.isatty() else 200).print(report_renderable(report))

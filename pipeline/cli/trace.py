@@ -29,52 +29,19 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import (
     Completion,
     Correction,
     Envelope,
     Escalation,
-    Request,
     Result,
     ReviewDecision,
     ValidatedRequest,
 )
 from pipeline.transport import headers as h
 
-# Pipeline order: the tie-break when two messages share a millisecond timestamp.
-TOPICS: tuple[str, ...] = (
-    "llm.requests",
-    "llm.stage.validated",
-    "llm.stage.completions",
-    "llm.fallback",
-    "llm.review",
-    "llm.review.decisions",
-    "llm.results",
-    "llm.corrections",
-    "llm.dlq",
-)
-ENVELOPES: dict[str, type[Envelope]] = {
-    "llm.requests": Request,
-    "llm.stage.validated": ValidatedRequest,
-    "llm.stage.completions": Completion,
-    "llm.fallback": Escalation,
-    "llm.review": Escalation,
-    "llm.review.decisions": ReviewDecision,
-    "llm.results": Result,
-    "llm.corrections": Correction,
-}
-STEPS = {
-    "llm.requests": "request received",
-    "llm.stage.validated": "validated",
-    "llm.stage.completions": "model answered",
-    "llm.fallback": "sent to fallback",
-    "llm.review": "sent to review",
-    "llm.review.decisions": "human decision",
-    "llm.results": "result",
-    "llm.corrections": "correction",
-    "llm.dlq": "dead letter",
-}
 AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -100,7 +67,7 @@ class Stop:
 
     @property
     def order(self) -> tuple[int, int, int]:
-        return (self.timestamp_ms, TOPICS.index(self.topic), self.offset)
+        return (self.timestamp_ms, list(topology.TOPICS).index(self.topic), self.offset)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -129,9 +96,10 @@ def find_journey(
     *,
     since: datetime | None = None,
     timeout_s: float = 30.0,
-    topics: Sequence[str] = TOPICS,
+    topics: Sequence[str] | None = None,
 ) -> list[Stop]:
-    """Every message of ``request_id`` in ``topics``, oldest first."""
+    """Every message of ``request_id`` in ``topics`` (default: every topic of a request's
+    journey), oldest first."""
     consumer = Consumer(
         {
             **settings.kafka_client_config(),
@@ -142,7 +110,7 @@ def find_journey(
     )
     codec = Codec()
     wanted = request_id.encode()
-    names = {settings.topic(t): t for t in topics}
+    names = {settings.topic(t): t for t in topics or topology.journey_topics()}
     stops: list[Stop] = []
     try:
         pending = _assign(consumer, list(names), since, timeout_s)
@@ -205,18 +173,19 @@ def _stop(
     codec: Codec, topic: str, partition: int, offset: int, message: Any, headers: dict[str, bytes]
 ) -> Stop:
     _, timestamp = message.timestamp()
+    spec = topology.TOPICS[topic]
     base: dict[str, Any] = {
         "timestamp_ms": int(timestamp),
         "topic": topic,
         "partition": partition,
         "offset": offset,
-        "step": STEPS[topic],
+        "step": spec.step,
         "route": h.text(headers, h.ROUTE),
         "reason": h.text(headers, h.REASON),
         "prompt": h.text(headers, h.PROMPT),
         "trace_id": trace_id_of(h.text(headers, h.TRACEPARENT)),
     }
-    if topic == "llm.dlq":
+    if spec.envelope is None:  # a dead letter: the value is the refused input, as it came
         base["reason"] = h.text(headers, h.DLQ_REASON)
         stage = h.text(headers, h.DLQ_STAGE)
         error = h.text(headers, h.DLQ_ERROR_MESSAGE)
@@ -224,9 +193,10 @@ def _stop(
         attempts = h.text(headers, h.DLQ_ATTEMPTS)
         base["attempts"] = int(attempts) if attempts and attempts.isdigit() else None
         return Stop(**base)
-    cls = ENVELOPES[topic]
     try:
-        envelope = codec.decode(message.value() or b"", cls, h.text(headers, h.CONTENT_TYPE))
+        envelope = codec.decode(
+            message.value() or b"", spec.envelope, h.text(headers, h.CONTENT_TYPE)
+        )
     except DecodeError as exc:
         return Stop(**base, detail=f"undecodable: {exc.reason}")
     return Stop(**base, **_envelope_fields(envelope))

@@ -16,10 +16,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from pipeline.config import Settings
 from pipeline.contract.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
 from pipeline.contract.envelopes import ControlEvent, utc_now
+from pipeline.contract.topology import CONTROL
 from pipeline.control.state import ControlState
 from pipeline.transport.batch import produce_batch
-
-CONTROL_TOPIC = "llm.control"
 
 
 def default_actor() -> str:
@@ -38,7 +37,7 @@ def publish(
     )
     data, content_type = Codec().encode(event)
     headers = [(CONTENT_TYPE_HEADER, content_type.encode())]
-    produce_batch(settings, CONTROL_TOPIC, [(key.encode(), data, headers)])
+    produce_batch(settings, CONTROL, [(key.encode(), data, headers)])
     return event
 
 
@@ -55,7 +54,7 @@ def read_history(settings: Settings, timeout_s: float = 10.0) -> list[ControlEve
     )
     events: list[ControlEvent] = []
     try:
-        topic = settings.topic(CONTROL_TOPIC)
+        topic = settings.topic(CONTROL)
         metadata = consumer.list_topics(topic, timeout=timeout_s)
         partitions = list(metadata.topics[topic].partitions)
         ends = {

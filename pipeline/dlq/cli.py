@@ -33,6 +33,7 @@ from rich.progress import (
 )
 
 from pipeline.config import Settings
+from pipeline.contract.topology import DLQ
 from pipeline.dlq import engine
 from pipeline.dlq.model import DeadLetterView, Filter, build_filter
 from pipeline.dlq.reader import ScanError, scan
@@ -47,7 +48,6 @@ from pipeline.dlq.render import (
 )
 from pipeline.dlq.replay import DEFAULT_MAX_REPLAYS
 from pipeline.dlq.stats import collect
-from pipeline.stages.decisions import DLQ
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

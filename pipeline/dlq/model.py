@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import (
     Completion,
@@ -26,14 +27,6 @@ from pipeline.contract.envelopes import (
 from pipeline.observability.redact import DEFAULT_REDACTOR
 from pipeline.transport import headers as h
 
-# The envelope each stage consumes, i.e. what the value of a dead letter from that stage is.
-# Kept beside ``pipeline.runtime.worker.INPUT_TOPICS`` (same keys; a test keeps them in step).
-STAGE_ENVELOPES: dict[str, type[Envelope]] = {
-    "validate": Request,
-    "model": ValidatedRequest,
-    "settle": Completion,
-    "fallback": Escalation,
-}
 PREVIEW_BYTES = 96
 HEX_BYTES = 48
 # Shown strings are clipped *before* redaction: the redactor's patterns are superlinear on
@@ -246,9 +239,11 @@ class DeadLetterView:
 
     @cached_property
     def decoded(self) -> Decoded:
+        # The value of a dead letter is the input of the stage that refused it.
+        stage = topology.STAGES.get(self.stage)
         return decode_value(
             self.record.value,
-            STAGE_ENVELOPES.get(self.stage),
+            stage.input_envelope if stage else None,
             self.record.header(h.CONTENT_TYPE),
         )
 

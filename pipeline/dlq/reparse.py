@@ -25,7 +25,9 @@ from opentelemetry import trace
 
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
+from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.envelopes import Completion, Escalation, Result
+from pipeline.contract.topology import COMPLETIONS, DLQ, FALLBACK, RESULTS, REVIEW
 from pipeline.control.state import ControlState
 from pipeline.dlq.engine import Outgoing, PlanItem, marker_value
 from pipeline.dlq.model import (
@@ -39,7 +41,6 @@ from pipeline.dlq.model import (
 from pipeline.dlq.reader import consumer_config, read_ranges, snapshot_ranges
 from pipeline.observability.propagation import configure_tracing, extract, inject, tracer
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.stages.decisions import DLQ, FALLBACK, RESULTS, REVIEW, DeadLetter, Decision, Emit
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.settle import Settler
 from pipeline.transport import headers as h
@@ -47,7 +48,6 @@ from pipeline.transport import headers as h
 REPARSE_SOURCE = "x-reparse-source"
 REPARSE_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})
 SOURCES = {"dlq": DLQ, "results": RESULTS, "review": REVIEW}
-COMPLETIONS = "llm.stage.completions"
 KIND = "reparse"
 
 

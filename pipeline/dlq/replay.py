@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.dlq.engine import Action, Outgoing, PlanItem, marker_value
 from pipeline.dlq.model import DeadLetterView, Filter, RawHeaders, SourceRecord
 from pipeline.transport import headers as h
@@ -80,12 +81,8 @@ class ReplaySelector:
             return self._to
         if view.original_topic:
             return view.original_topic
-        # Imported here: the worker module pulls in the whole model-calling stack, which
-        # the DLQ tools otherwise never need (and this branch is for malformed dead letters).
-        from pipeline.runtime.worker import INPUT_TOPICS
-
-        logical = INPUT_TOPICS.get(view.stage)
-        return self._settings.topic(logical) if logical else None
+        stage = topology.STAGES.get(view.stage)
+        return self._settings.topic(stage.input_topic) if stage else None
 
     def consider(self, record: SourceRecord) -> PlanItem | None:
         view = DeadLetterView(record)

@@ -11,36 +11,33 @@ and nothing is ever produced: the decisions are read, not sent.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
 from pipeline.config import Settings
-from pipeline.contract.codec import Codec
+from pipeline.contract import topology
+from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.envelopes import (
-    Completion,
     Escalation,
     PromptRef,
     Request,
     Result,
     Usage,
-    ValidatedRequest,
 )
 from pipeline.control.state import ControlState
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
-from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.resilience.configure import resilient_client
 from pipeline.resilience.stack import ResilientClient
-from pipeline.stages.decisions import DeadLetter, Decision, Emit
-from pipeline.stages.fallback import FallbackWorker
-from pipeline.stages.model_call import CallingClient, ModelCaller
+from pipeline.stages.model_call import CallingClient
 from pipeline.stages.monitor import DistributionMonitor
 from pipeline.stages.parse import extract_json
 from pipeline.stages.policy import REVIEW_REASONS
-from pipeline.stages.settle import Settler
-from pipeline.stages.validate import Validator, estimate_tokens
+from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
+from pipeline.stages.validate import estimate_tokens
 
 Route = Literal["result", "fallback", "review", "dead_letter"]
 ROUTES: tuple[Route, ...] = ("result", "fallback", "review", "dead_letter")
@@ -196,15 +193,19 @@ def live_client(settings: Settings, control: ControlState | None = None) -> Resi
 
 
 class StageHarness:
-    """The four stages wired in memory, with an empty control state (no pins, no flags).
+    """Every stage of the topology wired in memory, with an empty control state.
 
-    Control state is deliberately empty: a test or a shadow run names the
-    version it wants, and a kill switch or ``force_review`` flag active in
+    Control state is deliberately empty (no pins, no flags): a test or a shadow run names
+    the version it wants, and a kill switch or ``force_review`` flag active in
     production must not make a prompt's own tests fail or pass. For the same
     reason no quality breaker is attached: evaluation traffic must neither
     be cut short by production's breaker state nor feed it. Input limits and
     content rules are the code defaults (which are also ``Settings``'
     defaults), so a prompt's verdict does not depend on where it is run.
+
+    The steps are the worker's own (:mod:`pipeline.stages.table`), and the next stage is
+    the one the topology says reads the topic a decision produced to, so a stage added to
+    the table is followed here without a change.
     """
 
     def __init__(
@@ -218,43 +219,49 @@ class StageHarness:
         self._control = ControlState()
         self._timeout_cap_s = timeout_cap_s
         self._monitor = monitor
-        self._validator = Validator(Codec(), registry, self._control, Redactor())
-        self._fallback = FallbackWorker(registry, self._control)
 
     async def run(
         self, request: Request, client: CallingClient, key: bytes | None = None
     ) -> Outcome:
         """Follow ``request`` from validation to its terminal route, as the workers would."""
         recorder = _LastAnswer(client)
-        caller = ModelCaller(self._registry, recorder, self._control, self._timeout_cap_s)
-        settler = Settler(
+        deps = StageDeps(
             self._registry,
             self._control,
             recorder,
-            self._timeout_cap_s,
+            timeout_cap_s=self._timeout_cap_s,
             monitor=self._monitor,
         )
-        decision: Decision = self._validator(request.model_dump_json().encode(), key, _JSON)
+        steps = build_steps(deps)
+        first = topology.stage_reading(topology.REQUESTS)
+        assert first is not None and first.raw, "the stage reading requests decodes them"
+        decision = await _decide(
+            steps[first.name], RawInput(request.model_dump_json().encode(), key, _JSON)
+        )
         settled: Result | Escalation | None = None
         for _ in range(_MAX_HOPS):
             if isinstance(decision, DeadLetter):
                 return replace(Outcome.from_dead_letter(decision), settled=settled)
             envelope = decision.envelope
-            if isinstance(envelope, ValidatedRequest):
-                decision = await caller(envelope)
-            elif isinstance(envelope, Completion):
-                decision = await settler(envelope)
-                if isinstance(decision, Emit) and isinstance(
-                    decision.envelope, Result | Escalation
+            stage = topology.stage_reading(decision.topic)
+            if stage is not None:
+                decision = await _decide(steps[stage.name], envelope)
+                if (
+                    stage.name == topology.SETTLE
+                    and isinstance(decision, Emit)
+                    and isinstance(decision.envelope, Result | Escalation)
                 ):
                     settled = decision.envelope
             elif isinstance(envelope, Result):
                 answer = extract_json(recorder.text)[0] if recorder.text is not None else None
                 return replace(Outcome.from_result(envelope, answer), settled=settled)
-            elif isinstance(envelope, Escalation) and decision.route == "fallback":
-                decision = self._fallback(envelope)
             elif isinstance(envelope, Escalation):
                 return replace(Outcome.from_review(envelope), settled=settled)
             else:
                 raise TypeError(f"unexpected {type(envelope).__name__} on {decision.topic}")
         raise RuntimeError(f"request {request.request_id} did not settle in {_MAX_HOPS} stages")
+
+
+async def _decide(step: Step, value: Any) -> Decision:
+    outcome = step(value)
+    return await outcome if inspect.isawaitable(outcome) else outcome

@@ -35,10 +35,10 @@ from rich.table import Table
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Escalation, Result, ValidatedRequest
+from pipeline.contract.topology import DLQ, FALLBACK, RESULTS, REVIEW, VALIDATED
 from pipeline.evaluation.harness import ROUTES, Outcome, StageHarness
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.stages.decisions import DLQ, FALLBACK, RESULTS, REVIEW, VALIDATED
 from pipeline.stages.model_call import CallingClient
 
 OUTCOME_TOPICS = (RESULTS, REVIEW, FALLBACK, DLQ)

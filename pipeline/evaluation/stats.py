@@ -20,9 +20,8 @@ from rich.table import Table
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Result
+from pipeline.contract.topology import RESULTS
 from pipeline.dlq.reader import scan
-
-RESULTS_TOPIC = "llm.results"
 
 
 @dataclass
@@ -119,7 +118,7 @@ def read_results(settings: Settings, since_ms: int | None = None) -> tuple[list[
     codec = Codec()
     results: list[Result] = []
     undecodable = 0
-    for record in scan(settings, [settings.topic(RESULTS_TOPIC)], since_ms):
+    for record in scan(settings, [settings.topic(RESULTS)], since_ms):
         try:
             if record.value is None:
                 raise DecodeError("decode_error", "empty record")

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Request, Result
 from pipeline.harness.fakellm import running_fake_llm
@@ -71,9 +72,9 @@ def run_demo(
             f"[bold]worker[/bold] pid {worker.pid} (stages validate, model, settle, fallback)"
         )
         planned = mixed_requests(count, seed=int(time.time()) % 10_000, prefix="demo")
-        produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+        produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
         console.print(
-            f"[bold]published[/bold] {len(planned)} requests to {settings.topic('llm.requests')}"
+            f"[bold]published[/bold] {len(planned)} requests to {settings.topic(topology.REQUESTS)}"
         )
         ledger = _follow(settings, [p.request_id for p in planned], console)
         calls = fake.counters()["total_calls"]

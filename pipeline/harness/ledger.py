@@ -28,15 +28,13 @@ from typing import Any, cast
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Result
 from pipeline.harness.fakellm.server import CallTally
-from pipeline.stages.decisions import AUDIT_ROUTE
 from pipeline.stages.self_check import GRADER_SYSTEM
 from pipeline.stages.settle import REASK_TEMPLATE
-
-TERMINAL_TOPICS = ("llm.results", "llm.review", "llm.dlq")
-ROUTE_OF_TOPIC = {"llm.results": "result", "llm.review": "review", "llm.dlq": "dead_letter"}
+from pipeline.transport import headers as h
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ def message_headers(message: Any) -> dict[str, bytes]:
 
 def request_id_of(message: Any) -> str | None:
     """The ``x-request-id`` header, else the key: how every tool names a message's request."""
-    rid = _header(message_headers(message), "x-request-id")
+    rid = _header(message_headers(message), h.REQUEST_ID)
     if rid is not None:
         return rid
     key = message.key()
@@ -171,16 +169,17 @@ def read_terminal(
     timeout_s: float = 60.0,
     settle_s: float = 0.0,
     progress: Callable[[Ledger], None] | None = None,
-    topics: Iterable[str] = TERMINAL_TOPICS,
+    topics: Iterable[str] | None = None,
 ) -> Ledger:
-    """Read the terminal topics from the beginning until every expected id is seen.
+    """Read the terminal topics (or ``topics``) from the beginning until every expected id
+    is seen.
 
     ``settle_s`` keeps reading that long after the last id arrived, so duplicates produced
     late (e.g. after a crash) are counted too.
     """
     ledger = Ledger(set(expected))
     codec = Codec()
-    names = {settings.topic(t): t for t in topics}
+    names = {settings.topic(t): t for t in topics or topology.terminal_topics()}
     consumer = committed_reader(settings)
     try:
         metadata = consumer.list_topics(timeout=10)
@@ -201,15 +200,16 @@ def read_terminal(
                     continue
                 headers = message_headers(message)
                 logical = names[str(message.topic())]
-                if _header(headers, "x-route") == AUDIT_ROUTE:
+                if _header(headers, h.ROUTE) == topology.ROUTE_AUDIT:
                     continue  # a copy of a delivered result for a verdict: not terminal
-                route = ROUTE_OF_TOPIC[logical]
-                reason = _header(headers, "x-dlq-reason" if route == "dead_letter" else "x-reason")
+                route = topology.route_of(logical)
+                dead = route == topology.ROUTE_DEAD_LETTER
+                reason = _header(headers, h.DLQ_REASON if dead else h.REASON)
                 result = None
-                if route == "result":
+                if route == topology.ROUTE_RESULT:
                     try:
                         result = codec.decode(
-                            message.value() or b"", Result, _header(headers, "content-type")
+                            message.value() or b"", Result, _header(headers, h.CONTENT_TYPE)
                         )
                     except DecodeError:
                         result = None

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from pipeline.contract.envelopes import Escalation, PromptRef, Result, utc_now
+from pipeline.contract import topology
+from pipeline.contract.envelopes import PromptRef
 from pipeline.observability import semconv as sc
-from pipeline.stages.decisions import DeadLetter, Decision, Emit
 
 log = logging.getLogger("llmpipe.metrics")
 
@@ -177,50 +176,56 @@ class PipelineMetrics:
     def record_decision(
         self,
         stage: str,
-        decision: Decision,
+        route: str,
+        reason: str | None,
+        prompt: PromptRef | None,
         *,
         duration_s: float,
-        inbound_timestamp_ms: int | None = None,
-        now: datetime | None = None,
+        error_class: str | None = None,
+        result_source: str | None = None,
+        end_to_end_s: float | None = None,
+        copies: Sequence[tuple[str, str | None]] = (),
     ) -> None:
-        """Everything one stage decision tells us, recorded after the output is durable."""
-        route = decision.route if isinstance(decision, Emit) else "dead_letter"
-        reason = decision.reason
-        prompt = prompt_attributes(decision.prompt)
+        """Everything one stage decision tells us, recorded after the output is durable.
+
+        Plain values, not the decision itself: observability sits below the stages and
+        their contract, and a caller that is not a stage runner can record too. ``copies``
+        are the ``(route, reason)`` of messages produced alongside (audit copies for
+        review); they are never terminal."""
+        prompt_attrs = prompt_attributes(prompt)
         routed: Attributes = {sc.STAGE: stage, sc.ROUTE: route}
         if reason:
             routed[sc.REASON] = reason
-        self.stage_messages.add(1, {**routed, **prompt})
+        self.stage_messages.add(1, {**routed, **prompt_attrs})
         self.stage_duration.record(duration_s, {sc.STAGE: stage, sc.ROUTE: route})
-        if isinstance(decision, DeadLetter):
-            self.dead_letters.add(1, {**routed, sc.ERROR_TYPE: decision.error_class, **prompt})
-            if stage == "validate":
-                self.validation_failures.add(1, {**routed, sc.RULE: decision.error_class, **prompt})
-        elif route == "fallback":
-            self.fallbacks.add(1, {**routed, **prompt})
-        elif route == "review":
-            self.reviews.add(1, {**routed, **prompt})
-        if stage == "settle" and reason in OUTPUT_VALIDATION_REASONS:
-            self.validation_failures.add(1, {**routed, sc.RULE: reason or "", **prompt})
-        if isinstance(decision, Emit):
-            for copy in decision.also:
-                copied: Attributes = {sc.STAGE: stage, sc.ROUTE: copy.route}
-                if copy.reason:
-                    copied[sc.REASON] = copy.reason
-                self.stage_messages.add(1, {**copied, **prompt})
-                self.reviews.add(1, {**copied, **prompt})
-        if route not in sc.TERMINAL_ROUTES:
+        if route == topology.ROUTE_DEAD_LETTER:
+            self.dead_letters.add(1, {**routed, sc.ERROR_TYPE: error_class or "", **prompt_attrs})
+            if stage == topology.VALIDATE:
+                self.validation_failures.add(
+                    1, {**routed, sc.RULE: error_class or "", **prompt_attrs}
+                )
+        elif route == topology.ROUTE_FALLBACK:
+            self.fallbacks.add(1, {**routed, **prompt_attrs})
+        elif route == topology.ROUTE_REVIEW:
+            self.reviews.add(1, {**routed, **prompt_attrs})
+        if stage == topology.SETTLE and reason in OUTPUT_VALIDATION_REASONS:
+            self.validation_failures.add(1, {**routed, sc.RULE: reason or "", **prompt_attrs})
+        for copy_route, copy_reason in copies:
+            copied: Attributes = {sc.STAGE: stage, sc.ROUTE: copy_route}
+            if copy_reason:
+                copied[sc.REASON] = copy_reason
+            self.stage_messages.add(1, {**copied, **prompt_attrs})
+            self.reviews.add(1, {**copied, **prompt_attrs})
+        if route not in topology.terminal_routes():
             return
-        outcome: Attributes = {sc.ROUTE: route, **prompt}
+        outcome: Attributes = {sc.ROUTE: route, **prompt_attrs}
         if reason:
             outcome[sc.REASON] = reason
-        envelope = decision.envelope if isinstance(decision, Emit) else None
-        if isinstance(envelope, Result):
-            outcome[sc.RESULT_SOURCE] = envelope.source
+        if result_source is not None:
+            outcome[sc.RESULT_SOURCE] = result_source
         self.requests.add(1, outcome)
-        elapsed = _end_to_end_s(envelope, inbound_timestamp_ms, now)
-        if elapsed is not None:
-            self.request_duration.record(elapsed, outcome)
+        if end_to_end_s is not None:
+            self.request_duration.record(end_to_end_s, outcome)
 
     def stage_started(self, stage: str) -> None:
         self.stage_in_flight.add(1, {sc.STAGE: stage})
@@ -360,22 +365,6 @@ class PipelineMetrics:
             except Exception:  # a gauge must never break the export of everything else
                 log.debug("consumer lag source failed", exc_info=True)
         return observations
-
-
-def _end_to_end_s(
-    envelope: object, inbound_timestamp_ms: int | None, now: datetime | None
-) -> float | None:
-    """From ``ValidatedRequest.received_at`` when the envelope has it, else the Kafka
-    timestamp of the message being processed (for a dead letter from validate, that is
-    the request's own timestamp)."""
-    if isinstance(envelope, Result):
-        return max(0.0, envelope.latency_ms / 1000)
-    current = now or utc_now()
-    if isinstance(envelope, Escalation):
-        return max(0.0, (current - envelope.validated.received_at).total_seconds())
-    if inbound_timestamp_ms is not None and inbound_timestamp_ms > 0:
-        return max(0.0, current.timestamp() - inbound_timestamp_ms / 1000)
-    return None
 
 
 # -- process-wide entry points for layers that do not hold a metrics object ---------------

@@ -181,6 +181,3 @@ LATENCY_BUCKETS: Final = (
     300.0,
 )
 BREAKER_STATE_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
-
-# Routes a request ends on: one of these per request id (see pipeline.harness.ledger).
-TERMINAL_ROUTES: Final = frozenset({"result", "review", "dead_letter"})

@@ -12,12 +12,14 @@ import inspect
 import logging
 import re
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec, DecodeError
-from pipeline.contract.envelopes import Completion, Envelope, Escalation, ValidatedRequest
+from pipeline.contract.decisions import DeadLetter, Decision
+from pipeline.contract.topology import Stage
 from pipeline.control.burn_in import KafkaBurnInLedger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
@@ -27,45 +29,31 @@ from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.resilience.configure import quality_breaker, resilient_client
 from pipeline.resilience.stack import ResilientClient
-from pipeline.stages.decisions import DeadLetter, Decision
-from pipeline.stages.fallback import FallbackWorker
-from pipeline.stages.model_call import ModelCaller
 from pipeline.stages.monitor import DistributionMonitor
-from pipeline.stages.settle import Settler
-from pipeline.stages.validate import ContentRules, InputLimits, Validator
+from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
+from pipeline.stages.validate import ContentRules, InputLimits
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
 from pipeline.transport.runner import Handler, Inbound, StageRunner
 
 log = logging.getLogger("llmpipe.worker")
 
-STAGES = ("validate", "model", "settle", "fallback")
-INPUT_TOPICS = {
-    "validate": "llm.requests",
-    "model": "llm.stage.validated",
-    "settle": "llm.stage.completions",
-    "fallback": "llm.fallback",
-}
 
-
-def envelope_handler(
-    codec: Codec,
-    cls: type[Envelope],
-    stage: str,
-    step: Callable[[Any], Decision | Awaitable[Decision]],
-) -> Handler:
-    """Decode the stage's input envelope; an undecodable one is a dead letter, not a crash."""
+def stage_handler(codec: Codec, stage: Stage, step: Step) -> Handler:
+    """The Kafka-facing handler of one stage: decode its input envelope (an undecodable one
+    is a dead letter, not a crash) or, for a raw stage, hand it the bytes as they came."""
 
     async def handle(message: Inbound) -> Decision:
-        try:
-            envelope = codec.decode(
-                message.value or b"", cls, h.text(message.headers, h.CONTENT_TYPE)
-            )
-        except DecodeError as exc:
-            return DeadLetter(
-                stage, exc.reason, "DecodeError", exc.detail, h.text(message.headers, h.REQUEST_ID)
-            )
-        outcome = step(envelope)
+        content_type = h.text(message.headers, h.CONTENT_TYPE)
+        if stage.raw:
+            outcome = step(RawInput(message.value, message.key, content_type))
+        else:
+            try:
+                envelope = codec.decode(message.value or b"", stage.input_envelope, content_type)
+            except DecodeError as exc:
+                request_id = h.text(message.headers, h.REQUEST_ID)
+                return DeadLetter(stage.name, exc.reason, "DecodeError", exc.detail, request_id)
+            outcome = step(envelope)
         return await outcome if inspect.isawaitable(outcome) else outcome
 
     return handle
@@ -75,12 +63,14 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        stages: Sequence[str] = STAGES,
+        stages: Sequence[str] | None = None,
         registry: PromptRegistry | None = None,
     ) -> None:
-        unknown = set(stages) - set(STAGES)
+        known = topology.stage_names()
+        stages = known if stages is None else stages
+        unknown = set(stages) - set(known)
         if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(known)}")
         self.settings = settings
         self.stage_names = list(stages)
         self.registry = registry or PromptRegistry.load(settings.prompts_dir)
@@ -95,7 +85,9 @@ class Worker:
         settings = self.settings
         clients = KafkaClients(settings)
         client = resilient_client(settings, self.control)
-        listener = ControlListener(settings.topic("llm.control"), self.control, self.codec, clients)
+        listener = ControlListener(
+            settings.topic(topology.CONTROL), self.control, self.codec, clients
+        )
         control_task = asyncio.create_task(listener.run(stop))
         burn_in: KafkaBurnInLedger | None = None
         try:
@@ -105,7 +97,7 @@ class Worker:
             self.runners = [
                 StageRunner(
                     stage=name,
-                    input_topic=settings.topic(INPUT_TOPICS[name]),
+                    input_topic=settings.topic(topology.STAGES[name].input_topic),
                     group=settings.group(name),
                     handler=handlers[name],
                     clients=clients,
@@ -132,7 +124,7 @@ class Worker:
 
     async def _burn_in(self) -> KafkaBurnInLedger | None:
         """The fleet-wide burn-in counter, when this worker settles a version that has one."""
-        if "settle" not in self.stage_names:
+        if topology.SETTLE not in self.stage_names:
             return None
         if not any(pv.review.burn_in.active for pv in self.registry):
             return None
@@ -144,34 +136,29 @@ class Worker:
         self, client: ResilientClient, burn_in: KafkaBurnInLedger | None = None
     ) -> dict[str, Handler]:
         s = self.settings
-        validator = Validator(
-            self.codec,
-            self.registry,
-            self.control,
-            self.redactor,
-            InputLimits(s.max_request_bytes, s.max_prompt_chars, s.max_prompt_tokens),
-            ContentRules(tuple(re.compile(p) for p in s.deny_patterns), s.pii_policy),
-        )
-
-        async def validate(message: Inbound) -> Decision:
-            return validator(message.value, message.key, h.text(message.headers, h.CONTENT_TYPE))
-
         quality = quality_breaker(s)
-        caller = ModelCaller(self.registry, client, self.control, s.model_timeout_s, quality)
         # Per process, like the quality breaker it trips (fleet-wide sharing: issue #14).
         monitor = DistributionMonitor(
             on_shift=lambda shift: record_distribution_shift(shift.prompt, shift.signal),
             trip=quality.trip,
         )
-        settler = Settler(
-            self.registry, self.control, client, s.model_timeout_s, quality, burn_in, monitor
+        deps = StageDeps(
+            registry=self.registry,
+            control=self.control,
+            client=client,
+            codec=self.codec,
+            redactor=self.redactor,
+            timeout_cap_s=s.model_timeout_s,
+            limits=InputLimits(s.max_request_bytes, s.max_prompt_chars, s.max_prompt_tokens),
+            rules=ContentRules(tuple(re.compile(p) for p in s.deny_patterns), s.pii_policy),
+            quality=quality,
+            burn_in=burn_in,
+            monitor=monitor,
         )
-        fallback = FallbackWorker(self.registry, self.control)
+        steps = build_steps(deps, self.stage_names)
         return {
-            "validate": validate,
-            "model": envelope_handler(self.codec, ValidatedRequest, "model", caller),
-            "settle": envelope_handler(self.codec, Completion, "settle", settler),
-            "fallback": envelope_handler(self.codec, Escalation, "fallback", fallback),
+            name: stage_handler(self.codec, topology.STAGES[name], step)
+            for name, step in steps.items()
         }
 
 
@@ -185,7 +172,7 @@ async def _first(awaitable: Awaitable[Any], failing: asyncio.Task[None]) -> None
         raise RuntimeError("the control listener stopped before it was ready")
 
 
-def run_worker(settings: Settings, stages: Sequence[str] = STAGES) -> None:
+def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
     """Blocking entry point for the CLI: SIGTERM and SIGINT stop the worker cleanly."""
 
     async def main() -> None:

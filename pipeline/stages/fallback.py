@@ -11,21 +11,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pipeline.contract.decisions import DeadLetter, Decision
 from pipeline.contract.envelopes import Escalation, Result, ValidationReport, utc_now
+from pipeline.contract.topology import FALLBACK_STAGE, ROUTE_REVIEW
 from pipeline.control.state import FORCE_REVIEW, ControlState
 from pipeline.observability.propagation import current_trace_id
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.stages.decisions import (
-    REVIEW,
-    DeadLetter,
-    Decision,
-    bind_prompt,
-    emit_escalation,
-    emit_result,
-)
+from pipeline.stages.decisions import bind_prompt, emit_escalation, emit_result
 from pipeline.stages.parse import rule_errors, schema_errors
 
-STAGE = "fallback"
+STAGE = FALLBACK_STAGE
 # A fallback answer is deterministic but not a model's judgement; these fixed, documented
 # values let consumers tell it apart and filter on it.
 RULE_CONFIDENCE = 0.5
@@ -54,7 +49,9 @@ class FallbackWorker:
         if output is None:
             if not problem:
                 problem = "the prompt's fallback has no answer for this request"
-            return emit_escalation(REVIEW, _to_review(escalation, problem, None, checks, [], now))
+            return emit_escalation(
+                STAGE, ROUTE_REVIEW, _to_review(escalation, problem, None, checks, [], now)
+            )
         is_default = output == pv.fallback.default
         checks.append("fallback_default" if is_default else f"fallback_rule:{pv.fallback.rule}")
         confidence = DEFAULT_CONFIDENCE if is_default else RULE_CONFIDENCE
@@ -67,17 +64,19 @@ class FallbackWorker:
         if errors:
             detail = "fallback answer is invalid: " + "; ".join(errors)
             return emit_escalation(
-                REVIEW, _to_review(escalation, detail, output, checks, errors, now)
+                STAGE, ROUTE_REVIEW, _to_review(escalation, detail, output, checks, errors, now)
             )
         report = ValidationReport(checks=checks, warnings=[f"fallback:{escalation.reason}"])
         if self._control.flag(FORCE_REVIEW, pv.name):
             return emit_escalation(
-                REVIEW,
+                STAGE,
+                ROUTE_REVIEW,
                 _to_review(
                     escalation, "force_review is on for this prompt", output, checks, [], now
                 ),
             )
         return emit_result(
+            STAGE,
             Result(
                 request_id=request.request_id,
                 status="ok",
@@ -94,7 +93,7 @@ class FallbackWorker:
                 trace_id=current_trace_id(),
                 reason=escalation.reason,
                 produced_at=now,
-            )
+            ),
         )
 
 

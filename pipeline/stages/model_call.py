@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
+from pipeline.contract.decisions import DeadLetter, Decision
 from pipeline.contract.envelopes import (
     Completion,
     Escalation,
@@ -22,6 +23,7 @@ from pipeline.contract.envelopes import (
     ValidationReport,
     utc_now,
 )
+from pipeline.contract.topology import MODEL, ROUTE_COMPLETION, ROUTE_FALLBACK
 from pipeline.control.state import PROMPT_ENABLED, ControlState
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.observability.genai import chat_span
@@ -30,18 +32,10 @@ from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
 from pipeline.resilience.breaker import QualityBreaker
 from pipeline.resilience.errors import BudgetExceeded
-from pipeline.stages.decisions import (
-    COMPLETIONS,
-    FALLBACK,
-    DeadLetter,
-    Decision,
-    Emit,
-    bind_prompt,
-    emit_escalation,
-)
+from pipeline.stages.decisions import bind_prompt, emit, emit_escalation
 from pipeline.stages.validate import deadline_escalation
 
-STAGE = "model"
+STAGE = MODEL
 BUDGET_EXCEEDED = "budget_exceeded"
 
 
@@ -125,7 +119,7 @@ class ModelCaller:
         if isinstance(pv, DeadLetter):
             return pv
         if request.deadline is not None and request.deadline <= now:
-            return emit_escalation(FALLBACK, deadline_escalation(validated, now))
+            return emit_escalation(STAGE, ROUTE_FALLBACK, deadline_escalation(validated, now))
         if not self._control.model_calls_enabled():
             return self._skip(
                 validated, "model_calls_disabled", "model calls are switched off", now
@@ -148,7 +142,7 @@ class ModelCaller:
                 validation=ValidationReport(checks=["model_call"], errors=[failure_reason(exc)]),
                 escalated_at=utc_now(),
             )
-            return emit_escalation(FALLBACK, escalation)
+            return emit_escalation(STAGE, ROUTE_FALLBACK, escalation)
         completion = Completion(
             validated=validated,
             model=answer.model,
@@ -161,7 +155,7 @@ class ModelCaller:
             attempts=answer.attempts,
             completed_at=utc_now(),
         )
-        return Emit(COMPLETIONS, completion, request.request_id, validated.prompt)
+        return emit(STAGE, ROUTE_COMPLETION, completion, request.request_id, validated.prompt)
 
     async def _call(
         self, call: ChatRequest, validated: ValidatedRequest, pv: PromptVersion
@@ -184,4 +178,4 @@ class ModelCaller:
             validation=ValidationReport(checks=["control"], errors=[reason]),
             escalated_at=now,
         )
-        return emit_escalation(FALLBACK, escalation)
+        return emit_escalation(STAGE, ROUTE_FALLBACK, escalation)

@@ -20,6 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.envelopes import (
     Completion,
     Escalation,
@@ -31,6 +32,7 @@ from pipeline.contract.envelopes import (
     ValidationReport,
     utc_now,
 )
+from pipeline.contract.topology import ROUTE_FALLBACK, ROUTE_REVIEW, SETTLE
 from pipeline.control.state import FORCE_REVIEW, ControlState
 from pipeline.llm.protocol import ChatCompletion, ModelError
 from pipeline.observability.propagation import current_trace_id
@@ -38,17 +40,7 @@ from pipeline.prompts.model import BurnInPolicy, PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
 from pipeline.resilience.breaker import QualityBreaker
-from pipeline.stages.decisions import (
-    FALLBACK,
-    REVIEW,
-    DeadLetter,
-    Decision,
-    Emit,
-    bind_prompt,
-    emit_audit,
-    emit_escalation,
-    emit_result,
-)
+from pipeline.stages.decisions import bind_prompt, emit_audit, emit_escalation, emit_result
 from pipeline.stages.model_call import CallingClient, chat_request, model_chain, usage_of
 from pipeline.stages.monitor import DistributionMonitor, Observation
 from pipeline.stages.parse import CheckFn, ParseOutcome, extract_json, parse_output
@@ -68,7 +60,7 @@ from pipeline.stages.self_check import grade, grading_request
 
 log = logging.getLogger("llmpipe.settle")
 
-STAGE = "settle"
+STAGE = SETTLE
 DEFAULT_CLARIFY_QUESTION = "Your request is ambiguous. Could you add the missing details?"
 REASK_TEMPLATE = (
     "Your previous answer was rejected:\n{errors}\n"
@@ -241,7 +233,8 @@ class Settler:
                 checks=outcome.checks, warnings=outcome.warnings, errors=outcome.errors
             )
             return emit_escalation(
-                FALLBACK,
+                STAGE,
+                ROUTE_FALLBACK,
                 self._escalation(
                     validated,
                     completion,
@@ -313,11 +306,12 @@ class Settler:
                 "force_review is on for this prompt",
                 confidence,
             )
-            return emit_escalation(REVIEW, esc)
+            return emit_escalation(STAGE, ROUTE_REVIEW, esc)
         policy = pv.confidence
 
         def settled(status: ResultStatus, output: dict[str, Any], reason: str | None) -> Emit:
             return emit_result(
+                STAGE,
                 self._result(
                     validated,
                     completion,
@@ -329,7 +323,7 @@ class Settler:
                     attempts,
                     now,
                     reason,
-                )
+                ),
             )
 
         if asks_back:
@@ -358,7 +352,7 @@ class Settler:
             )
         if policy.policy == "clarify":
             return settled("needs_clarification", _question(outcome.output), LOW_CONFIDENCE)
-        topic = REVIEW if policy.policy == "review" else FALLBACK
+        route = ROUTE_REVIEW if policy.policy == "review" else ROUTE_FALLBACK
         detail = f"confidence {confidence:.3f} below accept threshold {policy.accept}"
         esc = self._escalation(
             validated,
@@ -372,7 +366,7 @@ class Settler:
             detail,
             confidence,
         )
-        return emit_escalation(topic, esc)
+        return emit_escalation(STAGE, route, esc)
 
     async def _accepted(
         self,
@@ -397,7 +391,9 @@ class Settler:
             )
         if hits:
             detail = "; ".join(f"{h.rule}: {h.detail}" for h in hits)
-            return emit_escalation(REVIEW, review(HIGH_RISK, detail[:2000], [h.rule for h in hits]))
+            return emit_escalation(
+                STAGE, ROUTE_REVIEW, review(HIGH_RISK, detail[:2000], [h.rule for h in hits])
+            )
         burn_in = pv.review.burn_in
         if (
             burn_in.active
@@ -405,11 +401,11 @@ class Settler:
             and await self._burn_in.holds(validated.prompt, burn_in, request.request_id)
         ):
             detail = f"{pv.ref} is in burn-in ({_burn_in_terms(burn_in)})"
-            return emit_escalation(REVIEW, review(BURN_IN, detail))
+            return emit_escalation(STAGE, ROUTE_REVIEW, review(BURN_IN, detail))
         if audited(pv, request.request_id):
             share = pv.review.audit.share
             detail = f"audit sample ({share:.2%} of accepted answers); already delivered"
-            return emit_audit(result, review(AUDIT, detail))
+            return emit_audit(STAGE, result, review(AUDIT, detail))
         return result
 
     def _result(

@@ -16,6 +16,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.decisions import DeadLetter, Decision
 from pipeline.contract.envelopes import (
     Escalation,
     PromptRef,
@@ -24,6 +25,7 @@ from pipeline.contract.envelopes import (
     ValidationReport,
     utc_now,
 )
+from pipeline.contract.topology import ROUTE_FALLBACK, ROUTE_VALIDATED, VALIDATE
 from pipeline.control.state import ControlState
 from pipeline.observability.redact import Redactor
 from pipeline.prompts.errors import (
@@ -34,16 +36,9 @@ from pipeline.prompts.errors import (
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import input_errors, render_messages
 from pipeline.prompts.serving import select
-from pipeline.stages.decisions import (
-    FALLBACK,
-    VALIDATED,
-    DeadLetter,
-    Decision,
-    Emit,
-    emit_escalation,
-)
+from pipeline.stages.decisions import emit, emit_escalation
 
-STAGE = "validate"
+STAGE = VALIDATE
 CHARS_PER_TOKEN = 4
 
 INJECTION_PATTERNS = [
@@ -170,8 +165,8 @@ class Validator:
             flags.append("prompt_injection_suspected")
         validated = ValidatedRequest(request=request, prompt=ref, flags=flags, received_at=now)
         if request.deadline is not None and request.deadline <= now:
-            return emit_escalation(FALLBACK, deadline_escalation(validated, now))
-        return Emit(VALIDATED, validated, rid, ref)
+            return emit_escalation(STAGE, ROUTE_FALLBACK, deadline_escalation(validated, now))
+        return emit(STAGE, ROUTE_VALIDATED, validated, rid, ref)
 
 
 def deadline_escalation(validated: ValidatedRequest, now: datetime) -> Escalation:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 from pipeline.contract.envelopes import PromptRef
+from pipeline.contract.topology import ROUTE_DEAD_LETTER
 
 REQUEST_ID = "x-request-id"
 PROMPT = "x-prompt"
@@ -130,7 +131,7 @@ def dead_letter_headers(
             DLQ_ATTEMPTS: _utf8(str(attempts)),
             DLQ_FIRST_FAILURE: first,
             DLQ_REPLAY_COUNT: replays,
-            ROUTE: b"dead_letter",
+            ROUTE: ROUTE_DEAD_LETTER.encode(),
         }
     )
     if request_id and REQUEST_ID not in original:

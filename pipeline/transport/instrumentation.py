@@ -25,12 +25,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
+from pipeline.contract.decisions import DeadLetter, Decision, end_to_end_s
 from pipeline.observability import semconv as sc
 from pipeline.observability.context import MessageScope, message_scope, parse_prompt_ref
 from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
 from pipeline.observability.propagation import extract, inject
 from pipeline.observability.setup import current
-from pipeline.stages.decisions import DeadLetter, Decision, Emit
 from pipeline.transport import headers as h
 from pipeline.transport.message import Inbound
 
@@ -79,9 +79,7 @@ class _SpanTrace:
     def decided(self, decision: Decision) -> None:
         """What the stage decided; what the headers already told the span is not set twice."""
         span, scope = self._span, self._scope
-        span.set_attribute(
-            sc.ROUTE, decision.route if isinstance(decision, Emit) else "dead_letter"
-        )
+        span.set_attribute(sc.ROUTE, decision.route)
         if decision.reason:
             span.set_attribute(sc.REASON, decision.reason)
         if decision.request_id and decision.request_id != scope.request_id:
@@ -138,9 +136,14 @@ class _SpanTrace:
         try:
             self._owner.metrics.record_decision(
                 self._owner.stage,
-                decision,
+                decision.route,
+                decision.reason,
+                decision.prompt,
                 duration_s=time.perf_counter() - self._started,
-                inbound_timestamp_ms=self._inbound.timestamp_ms,
+                error_class=decision.error_class,
+                result_source=decision.result_source,
+                end_to_end_s=end_to_end_s(decision, self._inbound.timestamp_ms),
+                copies=decision.copies,
             )
         except Exception:
             log.exception("stage %s: recording metrics failed", self._owner.stage)

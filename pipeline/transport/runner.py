@@ -48,8 +48,9 @@ from typing import Any, Literal, Protocol, TypeVar
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition
 
 from pipeline.contract.codec import Codec
+from pipeline.contract.decisions import DeadLetter, Decision, Emit
+from pipeline.contract.topology import DLQ
 from pipeline.observability.redact import Redactor
-from pipeline.stages.decisions import DLQ, DeadLetter, Decision, Emit
 from pipeline.transport import headers as h
 from pipeline.transport.delivery import (
     Delivery,
@@ -608,7 +609,7 @@ class StageRunner:
         assert isinstance(decision, DeadLetter)
         dlq = self._topic_name(DLQ)
         trace_headers = trace.output_trace(
-            DLQ, dlq, inbound.key, "dead_letter", decision.request_id
+            DLQ, dlq, inbound.key, decision.route, decision.request_id
         )
         return decision, [self._dead_letter(inbound, decision, trace_headers)]
 

@@ -19,7 +19,6 @@ from pipeline.dlq.engine import (
     parse_marker,
 )
 from pipeline.dlq.model import (
-    STAGE_ENVELOPES,
     DeadLetterView,
     SourceRecord,
     build_filter,
@@ -30,7 +29,6 @@ from pipeline.dlq.model import (
 from pipeline.dlq.render import inspect_json
 from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector, replayed_headers
 from pipeline.dlq.stats import collect
-from pipeline.runtime.worker import INPUT_TOPICS
 from pipeline.transport import headers as h
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -76,10 +74,6 @@ def dead_letter(
         value=value if value is not None else json.dumps(body).encode(),
         headers=tuple(headers),
     )
-
-
-def test_stage_envelopes_cover_every_worker_stage() -> None:
-    assert set(STAGE_ENVELOPES) == set(INPUT_TOPICS)
 
 
 def test_replayed_headers_keep_everything_bump_the_count_and_mark_the_source() -> None:

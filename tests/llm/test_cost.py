@@ -11,7 +11,9 @@ from datetime import datetime
 
 import pytest
 
+from pipeline.contract.decisions import Emit
 from pipeline.contract.envelopes import Escalation, Result, Usage
+from pipeline.contract.topology import FALLBACK, RESULTS
 from pipeline.control.state import ControlState
 from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.llm.cost import Price, PriceConfigError, PriceTable, parse_prices
@@ -25,7 +27,6 @@ from pipeline.resilience.errors import BudgetExceeded
 from pipeline.resilience.retry import RetryingClient
 from pipeline.resilience.stack import StackConfig, build_client
 from pipeline.resilience.testing import ManualClock, ScriptedClient, completion
-from pipeline.stages.decisions import FALLBACK, RESULTS, Emit
 from pipeline.stages.settle import Settler
 from tests.stage_support import GOOD_ANSWER, REGISTRY, dumps
 from tests.stage_support import completion as stage_completion

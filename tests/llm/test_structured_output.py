@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
+from pipeline.contract.decisions import Emit
 from pipeline.contract.envelopes import Completion, Escalation, Result
+from pipeline.contract.topology import COMPLETIONS, FALLBACK, RESULTS
 from pipeline.control.state import ControlState
 from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.llm.openai import OpenAIChatClient, chat_body
@@ -20,7 +22,6 @@ from pipeline.llm.structured import StructuredOutput, response_format, strict_de
 from pipeline.resilience.breaker import BreakerState
 from pipeline.resilience.endpoints import EndpointConfigError, parse_endpoints
 from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
-from pipeline.stages.decisions import COMPLETIONS, FALLBACK, RESULTS, Emit
 from pipeline.stages.model_call import ModelCaller, chat_request
 from pipeline.stages.settle import Settler
 from tests.stage_support import GOOD_ANSWER, REGISTRY, validated

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli.trace import trace
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Escalation
 from pipeline.harness.fakellm import FakeLLMServer, running_fake_llm
@@ -114,7 +115,7 @@ def key_of(span: ReadableSpan) -> str | None:
 
 
 def is_terminal(span: ReadableSpan) -> bool:
-    return span.kind is SpanKind.CONSUMER and attr(span, sc.ROUTE) in sc.TERMINAL_ROUTES
+    return span.kind is SpanKind.CONSUMER and attr(span, sc.ROUTE) in topology.terminal_routes()
 
 
 def send(observed: Observed, planned: list[PlannedRequest], extra: Any = ()) -> None:

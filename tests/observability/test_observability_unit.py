@@ -26,7 +26,9 @@ from opentelemetry.trace import SpanKind
 from pipeline.cli.trace import parse_since, trace_id_of
 from pipeline.config import REPO_ROOT
 from pipeline.contract.codec import Codec
+from pipeline.contract.decisions import DeadLetter, Decision, Emit, end_to_end_s
 from pipeline.contract.envelopes import Escalation, PromptRef, utc_now
+from pipeline.contract.topology import FALLBACK, REVIEW, VALIDATED
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.observability import semconv as sc
 from pipeline.observability.context import MessageScope, current_scope, message_scope
@@ -47,7 +49,6 @@ from pipeline.observability.testing import Captured, captured_telemetry, metric_
 from pipeline.resilience.breaker import BreakerConfig, CircuitBreaker
 from pipeline.resilience.errors import CircuitOpen
 from pipeline.resilience.retry import RetryingClient
-from pipeline.stages.decisions import FALLBACK, REVIEW, VALIDATED, DeadLetter, Decision, Emit
 from pipeline.transport.runner import Inbound, StageRunner
 from tests.stage_support import validated
 from tests.transport.fake_kafka import FakeBroker, FakeClients
@@ -521,7 +522,16 @@ def _prometheus_names() -> tuple[set[str], set[str]]:
         ("model", Emit(FALLBACK, escalation, "r", request.prompt, "why")),
         ("settle", Emit(REVIEW, escalation, "r", request.prompt, "invalid_output")),
     ]:
-        metrics.record_decision(stage, decision, duration_s=0.1, inbound_timestamp_ms=1)
+        metrics.record_decision(
+            stage,
+            decision.route,
+            decision.reason,
+            decision.prompt,
+            duration_s=0.1,
+            error_class=decision.error_class,
+            result_source=decision.result_source,
+            end_to_end_s=end_to_end_s(decision, 1),
+        )
     metrics.record_model_call({sc.GEN_AI_REQUEST_MODEL: "m"}, duration_s=0.1, input_tokens=1)
     metrics.record_retry({})
     metrics.model_call_started({})

@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 import pytest
 
 from pipeline.config import Settings
+from pipeline.contract.decisions import Emit
 from pipeline.contract.envelopes import ControlEvent
+from pipeline.contract.topology import COMPLETIONS, FALLBACK
 from pipeline.control.state import ENDPOINT_ENABLED, GLOBAL_MODEL_CALLS, ControlState, flag_key
 from pipeline.harness.fakellm import FakeLLMServer, running_fake_llm
 from pipeline.llm.openai import OpenAIChatClient
@@ -35,7 +37,6 @@ from pipeline.resilience.errors import AllModelsFailed, CircuitOpen
 from pipeline.resilience.ratelimit import RateLimit
 from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
 from pipeline.resilience.testing import ManualClock
-from pipeline.stages.decisions import COMPLETIONS, FALLBACK, Emit
 from pipeline.stages.model_call import ModelCaller
 from tests.stage_support import REGISTRY, validated
 

@@ -11,7 +11,9 @@ import yaml
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from pipeline.contract.decisions import DeadLetter, Emit
 from pipeline.contract.envelopes import Escalation, PromptRef, Result
+from pipeline.contract.topology import RESULTS, REVIEW, ROUTE_AUDIT
 from pipeline.control.state import ControlState
 from pipeline.evaluation.prompt_tests import run_tests
 from pipeline.observability import semconv as sc
@@ -21,7 +23,6 @@ from pipeline.prompts.conditions import parse_condition
 from pipeline.prompts.errors import PromptLoadError
 from pipeline.prompts.model import BurnInPolicy
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.stages.decisions import AUDIT_ROUTE, RESULTS, REVIEW, DeadLetter, Emit
 from pipeline.stages.policy import audit_bucket
 from pipeline.stages.settle import Settler
 from tests.policy_support import (
@@ -186,7 +187,7 @@ async def test_an_audited_answer_is_delivered_and_copied_in_one_decision(tmp_pat
         assert isinstance(decision.envelope, Result)  # delivered either way
         if decision.also:
             (copy,) = decision.also
-            assert copy.topic == REVIEW and copy.route == AUDIT_ROUTE and copy.reason == "audit"
+            assert copy.topic == REVIEW and copy.route == ROUTE_AUDIT and copy.reason == "audit"
             assert isinstance(copy.envelope, Escalation)
             assert copy.envelope.output == decision.envelope.output
             assert copy.envelope.confidence == decision.envelope.confidence
@@ -276,7 +277,14 @@ async def test_metrics_count_reviews_by_reason_audit_verdicts_and_the_error_esti
     for request_id, answer in (("a", ANSWER), ("b", {**ANSWER, "priority": "urgent"})):
         v = validated_for(registry, request_id)
         decision = await settler(completion_for(v, json.dumps(answer)))
-        metrics.record_decision("settle", decision, duration_s=0.01)
+        metrics.record_decision(
+            "settle",
+            decision.route,
+            decision.reason,
+            decision.prompt,
+            duration_s=0.01,
+            copies=decision.copies,
+        )
     ref = PromptRef(name=NAME, version=1, hash="h")
     metrics.audit_verdict("corrected", ref)
     unwatch = metrics.watch_accepted_error(lambda: {(NAME, 1): 0.25})

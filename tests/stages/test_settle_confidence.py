@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.contract.decisions import Emit
 from pipeline.contract.envelopes import Escalation, Result
+from pipeline.contract.topology import FALLBACK, RESULTS
 from pipeline.control.state import ControlState
 from pipeline.prompts.model import ConsistencySpec, PromptVersion, SelfCheckSpec
 from pipeline.resilience.breaker import BreakerState, QualityBreaker
-from pipeline.stages.decisions import FALLBACK, RESULTS, Emit
 from pipeline.stages.monitor import DistributionMonitor, Shift
 from pipeline.stages.settle import Settler
 from tests.stage_support import REGISTRY, ScriptedClient, completion, validated

@@ -11,19 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.contract.codec import Codec
+from pipeline.contract.decisions import DeadLetter, Emit
 from pipeline.contract.envelopes import ControlEvent, Escalation, Request, Result, utc_now
+from pipeline.contract.topology import COMPLETIONS, FALLBACK, RESULTS, REVIEW, VALIDATED
 from pipeline.control.state import ControlState, flag_key
 from pipeline.llm.protocol import ModelError
 from pipeline.observability.redact import Redactor
-from pipeline.stages.decisions import (
-    COMPLETIONS,
-    FALLBACK,
-    RESULTS,
-    REVIEW,
-    VALIDATED,
-    DeadLetter,
-    Emit,
-)
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.model_call import ModelCaller
 from pipeline.stages.parse import extract_json

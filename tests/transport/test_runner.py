@@ -21,8 +21,9 @@ import pytest
 from confluent_kafka import KafkaError
 
 from pipeline.contract.codec import Codec
+from pipeline.contract.decisions import DeadLetter, Decision, Emit
+from pipeline.contract.topology import VALIDATED
 from pipeline.observability.redact import Redactor
-from pipeline.stages.decisions import VALIDATED, DeadLetter, Decision, Emit
 from pipeline.transport import runner as runner_module
 from pipeline.transport.instrumentation import MessageTrace, NoInstrumentation
 from pipeline.transport.message import Inbound
