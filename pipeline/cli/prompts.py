@@ -388,10 +388,14 @@ def eval_command(
         bool,
         typer.Option(
             "--live",
-            help="Call the model at LLMPIPE_MODEL_BASE_URL; without it, replay each case's "
-            "recorded model_answer.",
+            help="Call a real model (--endpoint, else LLMPIPE_MODEL_BASE_URL, else the local "
+            "SmolLM2 server); without it, replay each case's recorded model_answer.",
         ),
     ] = False,
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", help="OpenAI-compatible base URL for --live (ends in /v1)."),
+    ] = None,
     target: Annotated[
         float, typer.Option("--target", help="Delivered error the suggestion must meet.")
     ] = 0.1,
@@ -427,13 +431,12 @@ def eval_command(
     except DatasetError as exc:
         _fail(str(exc), EXIT_USAGE)
 
-    async def run() -> dict[str, Any]:
-        if not live:
-            return report(await evaluate(registry, versions, cases, None), target)
-        from pipeline.config import Settings
+    if not live and endpoint is not None:
+        _fail("--endpoint needs --live", EXIT_USAGE)
+
+    async def run_live(settings: Any) -> dict[str, Any]:
         from pipeline.evaluation.harness import live_client
 
-        settings = Settings()
         client = live_client(settings)
         try:
             evaluation = await evaluate(registry, versions, cases, client, settings.model_timeout_s)
@@ -442,7 +445,12 @@ def eval_command(
         return report(evaluation, target)
 
     try:
-        data = asyncio.run(run())
+        if live:
+            with _live_settings(endpoint) as (settings, where):
+                typer.echo(f"evaluating against {where}", err=True)
+                data = asyncio.run(run_live(settings))
+        else:
+            data = report(asyncio.run(evaluate(registry, versions, cases, None)), target)
     except DatasetError as exc:
         _fail(str(exc), EXIT_USAGE)
     typer.echo(markdown(data))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -195,6 +196,7 @@ class Metrics:
     def row(self) -> dict[str, float | int]:
         return {
             "cases": self.cases,
+            "delivered": self.delivered,
             "coverage": round(self.coverage, 4),
             "accepted_error": round(self.accepted_error, 4),
             "delivered_error": round(self.delivered_error, 4),
@@ -526,6 +528,7 @@ def report(evaluation: Evaluation, target: float) -> dict[str, Any]:
                 for c in contributions(variant, accept)
             ],
             "mismatches": [dataclasses.asdict(m) for m in replay_mismatches(variant)],
+            "cases": [case_row(run, policy, accept, weights) for run in variant.runs],
         }
         if variant.components():
             s = suggest(variant, target)
@@ -557,6 +560,23 @@ def report(evaluation: Evaluation, target: float) -> dict[str, Any]:
             ],
             "distances": evaluation.distances,
         },
+    }
+
+
+def case_row(
+    run: CaseRun, policy: str, threshold: float, weights: Mapping[str, float]
+) -> dict[str, Any]:
+    """One case as the declared settings route it: enough to see why it went where."""
+    route = route_of(run, policy, threshold, weights)
+    delivered = run.answer if route == "accepted" else run.fallback if route == "fallback" else None
+    return {
+        "id": run.case.id,
+        "tags": list(run.case.tags),
+        "route": route,
+        "right": None if route == "review" else is_right(run.case, delivered),
+        "model_right": is_right(run.case, run.answer) if run.valid else None,
+        "confidence": combine(run.components, weights) if run.valid else None,
+        "components": run.components,
     }
 
 
@@ -645,9 +665,9 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
             [p["coverage"] for p in curve], [p["accepted_error"] for p in curve], "o-", label=name
         )
         thresholds = [p["threshold"] for p in curve]
-        (line,) = right.plot(
-            thresholds, [p["delivered_error"] for p in curve], "-", label=f"{name}: delivered error"
-        )
+        # Nothing delivered has no error rate: a gap, not a misleading 0.
+        errors = [p["delivered_error"] if p["delivered"] else math.nan for p in curve]
+        (line,) = right.plot(thresholds, errors, "-", label=f"{name}: delivered error")
         right.plot(
             thresholds,
             [p["review_share"] for p in curve],

@@ -3,10 +3,18 @@ never does; the quality breaker is held open while the shift lasts."""
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
 
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from pipeline.observability import semconv as sc
+from pipeline.observability.metrics import PipelineMetrics
+from pipeline.observability.testing import metric_points
 from pipeline.prompts.model import MonitorSpec, PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.resilience.breaker import BreakerState, QualityBreaker
@@ -126,3 +134,26 @@ def test_distance_is_total_variation() -> None:
     assert distance({"a": 1.0}, {"b": 1.0}) == 1.0
     assert distance({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0.0
     assert abs(distance({"a": 0.95, "b": 0.05}, {"a": 0.25, "b": 0.75}) - 0.7) < 1e-9
+
+
+def test_a_shift_raises_one_metric_point_and_one_log_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reader = InMemoryMetricReader()
+    metrics = PipelineMetrics(MeterProvider(metric_readers=[reader]).get_meter("t"))
+    monitor = DistributionMonitor(
+        on_shift=lambda s: metrics.distribution_shifted(s.prompt, s.signal)
+    )
+    pv = prompt()
+    with caplog.at_level(logging.WARNING, logger="llmpipe.monitor"):
+        for _ in range(3 * WINDOW):
+            monitor.observe(pv, answer("feature_request"))
+    [(labels, point)] = metric_points(reader.get_metrics_data(), sc.DISTRIBUTION_SHIFTS)
+    assert point.value == 1
+    assert labels == {
+        sc.GEN_AI_PROMPT_NAME: "ticket_triage",
+        sc.GEN_AI_PROMPT_VERSION: 2,
+        sc.MONITOR_SIGNAL: "label",
+    }
+    [record] = [r for r in caplog.records if r.name == "llmpipe.monitor"]
+    assert "ticket_triage@2 label moved" in record.getMessage()
