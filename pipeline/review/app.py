@@ -60,6 +60,7 @@ from pipeline.review.auth import (
     UsersFile,
     address_key,
 )
+from pipeline.review.calibration import calibrate, samples_from_rows, shown_rows
 from pipeline.review.display import (
     as_value,
     finalize,
@@ -610,6 +611,32 @@ class ReviewWeb:
             request, "audit.html", {"entries": entries, "actor": actor or ""}, session=session
         )
 
+    async def calibration_page(self, request: Request, session: Session) -> Response:
+        """Per-prompt calibration from the verdicts in this service's database."""
+        names = self.service.registry.names()
+        prompt = _text_param(request.query_params.get("prompt")) or (names[0] if names else None)
+        raw_target = _text_param(request.query_params.get("target")) or "0.02"
+        try:
+            target = float(raw_target)
+        except ValueError:
+            target = -1.0
+        if not 0 < target <= 0.5:
+            return await self.error(request, 400, "The target must be a number in (0, 0.5].")
+        if prompt is not None and prompt not in names:
+            return await self.error(request, 404, "No such prompt.")
+        report = []
+        if prompt is not None:
+            rows = await run_in_threadpool(self.service.store.calibration_rows, prompt)
+            report = calibrate(prompt, samples_from_rows(rows), self.service.registry, target)
+        context = {
+            "prompts": names,
+            "prompt": prompt,
+            "target": target,
+            "report": report,
+            "rows": {part.version: shown_rows(part) for part in report},
+        }
+        return await self.render(request, "calibration.html", context, session=session)
+
     # -- the app ------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
@@ -638,6 +665,7 @@ class ReviewWeb:
             Route("/admin/role", action(self.set_role, admin=True), methods=["POST"]),
             Route("/admin/remove", action(self.remove_user, admin=True), methods=["POST"]),
             Route("/audit", page(self.audit_page, admin=True), methods=["GET"]),
+            Route("/calibration", page(self.calibration_page), methods=["GET"]),
             Route("/healthz", self.health, methods=["GET"]),
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ]
