@@ -407,7 +407,7 @@ def write_plots(report: VersionCalibration, directory: Path) -> tuple[Path, Path
     )
     ax.set_title(f"{report.prompt}@{report.version}: threshold curve ({verdict})")
     handles, _ = ax.get_legend_handles_labels()
-    ax.legend(handles=[*handles, kept], loc="upper right", fontsize="small")
+    ax.legend(handles=[*handles, kept], loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(curve_path)
     plt.close(fig)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
+from typer.testing import CliRunner
 
 from pipeline.config import Settings
 from pipeline.contract.envelopes import (
@@ -24,7 +25,8 @@ from pipeline.contract.envelopes import (
 from pipeline.control.burn_in import BURN_IN_TOPIC
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import Ledger, read_terminal
-from pipeline.review.calibration import calibrate, samples_from_kafka, write_plots
+from pipeline.review.calibration import calibrate, samples_from_kafka
+from pipeline.review.cli import review_app
 from pipeline.review.kafka_io import read_to_end
 from pipeline.review.model import QueueFilter
 from pipeline.review.runtime import ReviewRuntime
@@ -32,7 +34,7 @@ from pipeline.stages.policy import audit_bucket
 from pipeline.transport import headers as h
 from pipeline.transport.batch import Message
 from tests.policy_support import ANSWER, NAME, prompt_ref, write_prompts
-from tests.support import create_topics, make_settings, produce, running_worker
+from tests.support import create_topics, make_settings, produce, running_worker, settings_env
 
 pytestmark = pytest.mark.kafka
 
@@ -148,7 +150,7 @@ def reviewer_says(request_id: str) -> str:
 
 @pytest.mark.timeout(1200)
 def test_audit_share_10_percent_of_1000_accepted_requests(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry = write_prompts(tmp_path, {"audit": {"share": 0.1, "supersede": True}})
     ids = [f"audit-{i:04d}" for i in range(1000)]
@@ -209,20 +211,21 @@ def test_audit_share_10_percent_of_1000_accepted_requests(
     decisions = [d for d, _ in read_to_end(settings, "llm.review.decisions", ReviewDecision)]
     assert sorted(d.request_id for d in decisions) == sorted(predicted)
 
-    # Calibration from this run's verdicts.
+    # Calibration from this run's verdicts, as an operator runs it.
     samples = samples_from_kafka(settings, NAME)
     assert len(samples) == len(predicted)
     assert sum(not s.correct for s in samples) == len(edited)
     (report,) = calibrate(NAME, samples, registry, target=0.02)
     out = Path(os.environ.get("LLMPIPE_CALIBRATION_OUT", tmp_path / "calibration"))
-    plots = write_plots(report, out)
-    print(report.message)
-    print(
-        *(
-            f"{r.threshold:.2f} n={r.accepted.n} errors={r.accepted.errors}"
-            for r in report.thresholds
-            if r.accepted.n
-        )
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LLMPIPE_PROMPTS_DIR", str(tmp_path / "prompts"))
+    monkeypatch.setenv("COLUMNS", "110")
+    shown = CliRunner().invoke(
+        review_app, ["calibration", NAME, "--target", "0.02", "--plots", str(out)]
     )
-    print("plots:", *plots)
-    assert all(p.stat().st_size > 10_000 for p in plots)
+    assert shown.exit_code == 0, shown.output
+    print(shown.output)
+    assert " ".join(report.message.split()) in " ".join(shown.output.split())
+    for plot in (f"{NAME}-v1-reliability.png", f"{NAME}-v1-threshold.png"):
+        assert (out / plot).stat().st_size > 10_000
