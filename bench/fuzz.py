@@ -1,11 +1,16 @@
 """Fuzzing the running pipeline: hostile requests in, arbitrary model text back.
 
-Three families of input, drawn with hypothesis and pushed through a real worker process:
+Four families of input, pushed through a real worker process (all but ``request_id``
+drawn with hypothesis):
 
 - ``bytes``: arbitrary bytes on ``llm.requests`` (with and without a content type);
 - ``request``: adversarial JSON that is almost a request: wrong types, missing and extra
   fields, lone surrogates, NaN, Jinja syntax, huge and deeply nested values, odd
   deadlines and prompt versions, bad content types;
+- ``request_id``: a valid request whose ``request_id`` is the tracking id plus each hostile
+  suffix (lone surrogates, control characters, bidi overrides, 25,000 characters...) or
+  not a string at all, each sent with and without an ``x-request-id`` header: every one
+  of them, every run, since a bad id once killed a message's task;
 - ``output``: a well-formed request whose model answer is arbitrary text, supplied by
   :class:`TextModel` (truncated JSON, fences, the fake model's own behaviours rendered
   around arbitrary answers, deep nesting, lone surrogates, NaN log-probabilities, bogus
@@ -35,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -94,36 +99,30 @@ LABELS = ["billing", "bug", "account", "feature_request", "other"]
 PRIORITIES = ["low", "normal", "high", "urgent"]
 BEHAVIOURS = ["valid", "fenced", "hedge", "invalid_json", "wrong_schema", "refusal", "empty"]
 
-SURROGATES = ("\ud800", "\udfff", "x\ud83d")
-
 
 def _dumps(value: Any, ascii_only: bool = True) -> str:
     return json.dumps(value, allow_nan=True, ensure_ascii=ascii_only)
 
 
 class Strategies:
-    """The input strategies, with or without the inputs that hit a known, unfixed bug.
+    """The input strategies; every one draws every hostile value, none is held back.
 
-    The first campaign found two classes of input that *lost* requests: lone surrogates
-    (``"\\ud800"`` is a valid JSON escape but cannot be encoded as UTF-8) anywhere in an
-    envelope, and token counts beyond Avro's ``long``. Both are fixed (unencodable
-    envelopes become dead letters; usage is clamped) and are drawn always. One hole
-    remains: a lone surrogate in ``request_id`` of a message sent *without* an
-    ``x-request-id`` header still kills the message's task, because the dead-letter
-    headers encode that id (``pipeline/transport/headers.py``). With ``known_bugs=False``
-    request ids carry no surrogates, so the CI test checks everything else; a strict
-    xfail test pins the hole until it is fixed.
+    The first campaigns found three classes of input that *lost* requests: lone
+    surrogates (``"\\ud800"`` is a valid JSON escape but cannot be encoded as UTF-8)
+    anywhere in an envelope, token counts beyond Avro's ``long``, and a lone surrogate in
+    the ``request_id`` of a message sent without an ``x-request-id`` header (the
+    dead-letter headers could not encode it). All three are fixed (unencodable envelopes
+    become dead letters; usage is clamped; header values encode safely,
+    ``pipeline/transport/headers.py``) and are drawn in every campaign.
     """
 
-    def __init__(self, known_bugs: bool = True) -> None:
+    def __init__(self) -> None:
         nasty = list(NASTY)
         bound = 2**70
-        safe = [n for n in NASTY if n not in SURROGATES]
         # What follows the tracking id in a "suffix" request_id.
-        self.rid_suffix = st.text(max_size=20) | st.sampled_from(nasty if known_bugs else safe)
+        self.rid_suffix = st.text(max_size=20) | st.sampled_from(nasty)
         self.text = st.text(max_size=80) | st.sampled_from(nasty)
         self.nasty = nasty
-        self.known_bugs = known_bugs
         self.leaf = (
             st.none()
             | st.booleans()
@@ -267,9 +266,11 @@ class Case:
     value: bytes
     headers: list[tuple[str, bytes]]
     detail: str
+    expected: tuple[str, str | None] | None = None
+    """(route, reason) the input must end with, when it is known (reason None: any)."""
 
 
-def _examples(strategy: st.SearchStrategy[Any], count: int, seed_value: int) -> list[Any]:
+def draw_examples(strategy: st.SearchStrategy[Any], count: int, seed_value: int) -> list[Any]:
     """Draw ``count`` examples reproducibly (fixed seed, no example database)."""
     out: list[Any] = []
 
@@ -289,16 +290,56 @@ def _examples(strategy: st.SearchStrategy[Any], count: int, seed_value: int) -> 
     return out[:count]
 
 
-def make_cases(per_family: int, seed_value: int, known_bugs: bool = True) -> list[Case]:
-    """``per_family`` inputs of each family, with tracking ids unique to this call."""
+FAMILIES = ("bytes", "request", "request_id", "output")
+_LETTER = {"bytes": "b", "request": "r", "request_id": "i", "output": "o"}
+NON_STRING_IDS: tuple[Any, ...] = (None, 0, -1, 2**64, 1.5, float("nan"), True, [], {})
+
+
+def request_id_cases(rid: Callable[[int], str]) -> list[Case]:
+    """Every hostile ``request_id``: the tracking id plus each suffix, and each non-string,
+    with and without the ``x-request-id`` header (without it the id can only come from
+    the body or the message key)."""
+    cases: list[Case] = []
+    for hostile in [*NASTY, *NON_STRING_IDS]:
+        for with_header in (True, False):
+            r = rid(len(cases))
+            fields = {
+                "request_id": r + hostile if isinstance(hostile, str) else hostile,
+                "prompt": "ticket_triage",
+                "variables": {"subject": "Cannot log in", "body": "Locked out."},
+            }
+            body = _dumps(fields)
+            headers = [("content-type", b"application/json")]
+            if with_header:
+                headers.insert(0, ("x-request-id", r.encode()))
+            value = body.encode("utf-8", "surrogatepass")
+            cases.append(Case("request_id", r, value, headers, body[:160], _id_outcome(hostile)))
+    return cases
+
+
+def _id_outcome(hostile: Any) -> tuple[str, str | None]:
+    """A string id is kept as sent (the request gets a result, whatever its confidence)
+    unless it cannot be encoded (a lone surrogate); anything but a string is no id."""
+    if not isinstance(hostile, str):
+        return ("dead_letter", "missing_request_id")
+    try:
+        hostile.encode("utf-8")
+    except UnicodeEncodeError:
+        return ("dead_letter", "invalid_envelope")
+    return ("result", None)
+
+
+def make_cases(per_family: int, seed_value: int) -> list[Case]:
+    """``per_family`` drawn inputs of each drawn family, plus every ``request_id`` case,
+    with tracking ids unique to this call."""
     tag = uuid.uuid4().hex[:5]
-    strategies = Strategies(known_bugs)
+    strategies = Strategies()
 
     def rid(family: str, i: int) -> str:
-        return f"fz{tag}{family[0]}{i:07d}"[:ID_WIDTH].ljust(ID_WIDTH, "0")
+        return f"fz{tag}{_LETTER[family]}{i:07d}"[:ID_WIDTH].ljust(ID_WIDTH, "0")
 
     cases: list[Case] = []
-    raw = _examples(
+    raw = draw_examples(
         st.tuples(st.binary(max_size=2_048), st.sampled_from(CONTENT_TYPES)), per_family, seed_value
     )
     for i, (value, ctype) in enumerate(raw):
@@ -308,7 +349,7 @@ def make_cases(per_family: int, seed_value: int, known_bugs: bool = True) -> lis
             headers.append(("content-type", ctype.encode()))
         cases.append(Case("bytes", r, value, headers, repr(value[:80])))
     for i, (recipe, partial, encoding, ctype, with_header) in enumerate(
-        _examples(strategies.adversarial_request(), per_family, seed_value + 1)
+        draw_examples(strategies.adversarial_request(), per_family, seed_value + 1)
     ):
         r = rid("request", i)
         body = _dumps(_with_rid(recipe, r, partial), ascii_only=encoding != "utf8")
@@ -321,9 +362,10 @@ def make_cases(per_family: int, seed_value: int, known_bugs: bool = True) -> lis
         if ctype is not None:
             headers.append(("content-type", ctype.encode()))
         cases.append(Case("request", r, value, headers, body[:160]))
-    outputs = _examples(strategies.model_output(), per_family, seed_value + 2)
+    outputs = draw_examples(strategies.model_output(), per_family, seed_value + 2)
     for i, spec in enumerate(outputs):
         cases.append(output_case(rid("output", i), spec))
+    cases += request_id_cases(lambda i: rid("request_id", i))
     return cases
 
 
@@ -465,6 +507,8 @@ class FuzzOutcome:
     examples_internal: list[str] = field(default_factory=list)
     model_calls: int = 0
     duration_s: float = 0.0
+    first_sighting: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """tracking id -> (route, reason) of its first terminal sighting."""
 
 
 def _sightings(
@@ -520,13 +564,12 @@ def campaign(
     per_family: int = 100,
     seed_value: int = 0,
     timeout_s: float = 180.0,
-    known_bugs: bool = True,
     cases: Sequence[Case] | None = None,
 ) -> FuzzOutcome:
     """One round: draw the inputs (or take ``cases``), run a worker against
     :class:`TextModel`, and account for every input."""
     started = time.monotonic()
-    cases = list(cases) if cases is not None else make_cases(per_family, seed_value, known_bugs)
+    cases = list(cases) if cases is not None else make_cases(per_family, seed_value)
     rids = {c.rid for c in cases}
     with TextModel() as model:
         settings = new_settings(bootstrap, model_base_url=model.url, model_timeout_s=5.0)
@@ -551,6 +594,7 @@ def campaign(
     reasons: Counter[str] = Counter()
     internal: list[str] = []
     missing: list[str] = []
+    first: dict[str, tuple[str, str]] = {}
     for c in cases:
         counter = by_family.setdefault(c.family, Counter())
         sightings = seen.get(c.rid)
@@ -559,6 +603,7 @@ def campaign(
             missing.append(f"{c.family} {c.rid}: {c.detail}")
             continue
         route, reason = sightings[0]
+        first[c.rid] = (route, reason)
         counter[route] += 1
         reasons[f"{c.family}:{route}/{reason}"] += 1
         if reason == "internal_error":
@@ -577,6 +622,7 @@ def campaign(
         examples_internal=internal[:10],
         model_calls=calls,
         duration_s=time.monotonic() - started,
+        first_sighting=first,
     )
 
 

@@ -3,6 +3,12 @@ error messages and exported content.
 
 Detection is offline and pattern based (no model downloads). Card numbers are Luhn checked
 so that order numbers are not mangled; IBANs are checked with their mod-97 digit.
+
+Neighbours must not hide each other. A greedy match that runs into the next token (a
+phone number, then a card: ``+30 100 100 1000 4111 1111 1111 1111``) fails its check and
+would swallow the real one, so cards, IBANs and phones are tried at every token boundary
+inside a run; and findings that overlap (an e-mail whose local part starts inside the
+phone number before it) are masked together, never one dropped for the other.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ from typing import Any
 # possessively: without both, a long run with no "@" is rescanned from every position.
 _LOCAL = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]"
 EMAIL = re.compile(rf"(?<!{_LOCAL}){_LOCAL}++@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{{2,}}\b")
+# Every start, overlapping ones included: in "a@b.org'c@d.org" the second address's run
+# of local characters starts inside the first address's domain.
+EMAILS = re.compile(rf"(?=({EMAIL.pattern}))")
 PHONE = re.compile(r"(?<![\w+])\+?\d[\d ().-]{7,}\d(?!\w)")
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
-CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+DIGIT_GROUPS = re.compile(r"(?<!\d)\d++(?:[ -]\d++)*+")
+"""Digit groups separated by single spaces or dashes: where card numbers live."""
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
 IPV6 = re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b")
@@ -73,15 +83,12 @@ class Redactor:
         self._fields = SENSITIVE_FIELDS | {f.lower() for f in self.extra_fields}
 
     def find(self, text: str) -> list[Finding]:
+        text = _unescaped_view(text)
         found: list[Finding] = []
-        for kind, pattern in (("secret", SECRET), ("email", EMAIL), ("iban", IBAN)):
-            for m in pattern.finditer(text):
-                if kind != "iban" or iban_ok(m.group()):
-                    found.append(Finding(kind, m.start(), m.end()))
-        for m in CARD.finditer(text):
-            digits = re.sub(r"\D", "", m.group())
-            if 13 <= len(digits) <= 19 and luhn_ok(digits):
-                found.append(Finding("card", m.start(), m.end()))
+        found.extend(Finding("secret", m.start(), m.end()) for m in SECRET.finditer(text))
+        found.extend(Finding("email", m.start(1), m.end(1)) for m in EMAILS.finditer(text))
+        found.extend(_ibans(text))
+        found.extend(_cards(text))
         for kind, pattern in (("ip", IPV4), ("ip", IPV6)):
             found.extend(Finding(kind, m.start(), m.end()) for m in pattern.finditer(text))
         found.extend(_phones(text))
@@ -115,27 +122,99 @@ class Redactor:
         return value
 
 
-def _phones(text: str) -> list[Finding]:
-    """A run of digit groups longer than a phone number may still start with one
-    ("+30 100 100 1000 4000..."): then the longest leading groups that fit are the phone."""
+CARD_GROUPS = 5
+"""Most groups a printed card number has (4-4-4-4-3 for 19 digits)."""
+
+
+ESCAPE = re.compile(r"\\(?:[nrtfvab0'\"\\]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})")
+
+
+def _unescaped_view(text: str) -> str:
+    """``text`` with each backslash escape blanked out, same length (offsets still match).
+
+    Error messages quote untrusted text with ``repr`` and logs carry JSON: there, a newline
+    between two values is the two characters ``\\n``, and the ``n`` glues itself to what
+    follows (``\\nAKIA...`` has no word boundary before ``AKIA``).
+    """
+    if "\\" not in text:
+        return text
+    return ESCAPE.sub(lambda m: " " * len(m.group()), text)
+
+
+def _cards(text: str) -> list[Finding]:
+    """From each group of a digit run, the longest Luhn-valid span of 13-19 digits in at
+    most :data:`CARD_GROUPS` groups.
+
+    Every start is tried: a span that begins inside a phone number before the card fails
+    Luhn, and must not hide the card that begins one group later. At most five groups
+    per start keeps a megabyte of "1 1 1 ..." linear.
+    """
     found: list[Finding] = []
-    for m in PHONE.finditer(text):
-        run = m.group()
-        ends = [g.end() for g in re.finditer(r"\S+", run)]
+    for run in DIGIT_GROUPS.finditer(text):
+        chars = run.group()
+        if len(chars) < 13:
+            continue  # fewer than 13 digits: no card (most runs; keeps the scan cheap)
+        groups = [(g.start(), g.end()) for g in re.finditer(r"\d+", chars)]
+        for i, (start, _) in enumerate(groups):
+            best: int | None = None
+            digits = ""
+            for g_start, g_end in groups[i : i + CARD_GROUPS]:
+                digits += chars[g_start:g_end]
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and luhn_ok(digits):
+                    best = g_end
+            if best is not None:
+                found.append(Finding("card", run.start() + start, run.start() + best))
+    return found
+
+
+def _ibans(text: str) -> list[Finding]:
+    """The longest IBAN-shaped prefix that passes mod-97: the greedy match may have run
+    on into the next word ("DE75 8139 ... 3300 75.97.156.161")."""
+    found: list[Finding] = []
+    for m in IBAN.finditer(text):
+        candidate = m.group()
+        ends = [e.start() for e in re.finditer(r"(?<=[A-Z0-9])(?= |$)", candidate)]
         for end in reversed(ends):
-            candidate = run[:end].rstrip(" ().-")
-            digits = sum(c.isdigit() for c in candidate)
-            if 8 <= digits <= 15 and not ISO_DATE.match(candidate):
-                found.append(Finding("phone", m.start(), m.start() + len(candidate)))
+            if end >= 15 and iban_ok(candidate[:end]):
+                found.append(Finding("iban", m.start(), m.start() + end))
                 break
     return found
 
 
+def _phones(text: str) -> list[Finding]:
+    """A run of digit groups longer than a phone number may still start with one
+    ("+30 100 100 1000 4000..."): then the longest leading groups that fit are the phone.
+    Groups end at spaces and at the separators phone numbers use (``(``, ``)``, ``.``,
+    ``-``), so a phone glued to the next number by a dash still ends where it should.
+    Only the first 15 digits of a run are looked at: linear on any run."""
+    found: list[Finding] = []
+    for m in PHONE.finditer(text):
+        if ISO_DATE.match(m.group()):
+            continue
+        best: int | None = None
+        digits = 0
+        for group in re.finditer(r"\d+", m.group()):
+            digits += group.end() - group.start()
+            if digits > 15:
+                break
+            if digits >= 8:
+                best = group.end()
+        if best is not None:
+            found.append(Finding("phone", m.start(), m.start() + best))
+    return found
+
+
 def _non_overlapping(findings: list[Finding]) -> list[Finding]:
-    """Earlier and longer matches win, so an email's digits are not also a phone number."""
+    """Overlapping findings become one, named after the earliest (then longest): an
+    email's digits are not also a phone number, and an email that starts inside the
+    phone number before it is masked with it instead of being dropped."""
     kept: list[Finding] = []
     for f in sorted(findings, key=lambda f: (f.start, -(f.end - f.start))):
         if kept and f.start < kept[-1].end:
+            last = kept[-1]
+            kept[-1] = Finding(last.kind, last.start, max(last.end, f.end))
             continue
         kept.append(f)
     return kept
