@@ -29,8 +29,8 @@ from pipeline.transport import headers as h
 
 PREVIEW_BYTES = 96
 HEX_BYTES = 48
-# Shown strings are clipped *before* redaction: the redactor's patterns are superlinear on
-# long runs of word characters, and a too_large dead letter carries a megabyte of them.
+# Shown strings are clipped *before* redaction: redacting costs about a second per
+# megabyte, a too_large dead letter carries one, and only the clipped part is shown.
 MAX_SHOWN_CHARS = 2000
 _CODEC = Codec()
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)

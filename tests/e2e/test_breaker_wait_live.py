@@ -88,14 +88,17 @@ def test_a_worker_holds_requests_through_an_outage_and_the_model_answers_them(
     fallbacks = [s for s in sightings if s.outcome == "result:fallback"]
     answered = [s for s in sightings if s.outcome == "result:model"]
     assert len(fallbacks) + len(answered) == REQUESTS, ledger.routes()
-    # Nothing gave up waiting: every fallback came from a failed call during the outage.
-    assert all(s.result is not None and s.result.produced_at < recovered_at for s in fallbacks)
-    assert all(s.reason is not None and s.reason.startswith("model_") for s in fallbacks)
+    # Nothing gave up waiting: a fallback can only come from a failed call in the outage.
+    late = [s for s in fallbacks if s.result is None or s.result.produced_at >= recovered_at]
+    assert late == [], late
+    assert {s.reason for s in fallbacks} <= {"model_server_error", "model_unavailable"}
     probes = math.ceil(OUTAGE_S / OPEN_S) + 1
     allowed = MODELS * (MIN_CALLS + probes)
     assert len(fallbacks) <= allowed, (len(fallbacks), allowed, ledger.reasons())
     # Every other request was held and then answered by the model, once, after recovery.
-    assert all(s.result is not None and s.result.produced_at >= recovered_at for s in answered)
+    assert len(answered) == REQUESTS - len(fallbacks) > 0
+    early = [s for s in answered if s.result is None or s.result.produced_at < recovered_at]
+    assert early == [], early
     assert counters["by_behavior"].get("valid", 0) == len(answered)
     first_answer_s = min(
         (s.result.produced_at - recovered_at).total_seconds() for s in answered if s.result

@@ -48,11 +48,15 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> fl
 
 
 class Stopwatch:
-    """Times control changes two ways: from invoking the CLI, and from its acknowledged write."""
+    """Times control changes two ways: from invoking the CLI, and from its acknowledged write.
+
+    Only the second is bounded: the first includes the CLI's own start-up and its producer's
+    connection, which a loaded machine stretches and which says nothing about propagation.
+    """
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.worst_s = 0.0
+        self.worst_after_ack_s = 0.0
 
     def change(
         self, what: str, settings: Settings, args: Sequence[str], shown: Callable[[], bool]
@@ -62,7 +66,7 @@ class Stopwatch:
         acked = time.monotonic()
         wait_until(shown, 10, f"the {what} to reach the worker")
         applied = time.monotonic()
-        self.worst_s = max(self.worst_s, applied - invoked)
+        self.worst_after_ack_s = max(self.worst_after_ack_s, applied - acked)
         self.lines.append(
             f"{what}: {(applied - invoked) * 1000:.0f} ms from invoking the CLI, "
             f"{(applied - acked) * 1000:.0f} ms after the broker acknowledged it"
@@ -171,7 +175,8 @@ def test_pin_canary_and_rollback_change_what_a_running_worker_serves(
             watch.change("unpin", settings, rollback, shows(worker, None))
             assert arms(serve(settings, ["k-a", "k-d"])) == {(3, "latest")}
     print("\npin propagation to a running worker:\n  " + "\n  ".join(watch.lines))
-    assert watch.worst_s < 5
+    # Typically a few milliseconds after the acknowledged write: 5 s is >100x that.
+    assert watch.worst_after_ack_s < 5, watch.lines
 
 
 def test_a_pin_outlives_a_worker_restart(kafka_settings: Settings) -> None:

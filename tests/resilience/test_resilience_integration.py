@@ -252,7 +252,9 @@ async def test_requests_per_minute_limit_holds_at_the_server(fake: FakeLLMServer
     # The first send can lag its slot (a fresh connection), so allow one interval of slack.
     assert sent[-1] - sent[0] >= (count - 2) / 5 * 0.9
     stats = client.rate_limits.stats()["fake-model"]
-    assert (stats.calls, stats.waits, stats.rejected) == (count, count - 1, 0)
+    # The first call takes the burst; on a loaded machine a later one may find its slot
+    # already due when it asks, so "waited" is at most count - 1, not exactly.
+    assert (stats.calls, stats.rejected) == (count, 0) and 1 <= stats.waits <= count - 1
 
 
 async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:

@@ -65,7 +65,8 @@ async def test_consistency_samples_at_the_declared_temperature_and_counts_their_
     decision = await settle(ticket_answer("billing"), client, pv)
     assert [r.temperature for r in client.requests] == [0.9, 0.9, 0.9]
     envelope = decision.envelope
-    assert isinstance(envelope, Result | Escalation)
+    # One sample of three disagreeing lowers confidence, not below the threshold: accepted.
+    assert decision.topic == RESULTS and isinstance(envelope, Result) and envelope.status == "ok"
     # One of three samples agrees: 0.25 + 0.75 / 3.
     assert envelope.validation.confidence_components["consistency"] == 0.5
     assert envelope.attempts == 1 + 3 and envelope.usage.completion_tokens == 20 + 3 * 10

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.contract.codec import Codec
+from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.decisions import DeadLetter, Emit
 from pipeline.contract.envelopes import ControlEvent, Escalation, Request, Result, utc_now
 from pipeline.contract.topology import COMPLETIONS, FALLBACK, RESULTS, REVIEW, VALIDATED
@@ -117,9 +117,17 @@ def test_a_passed_deadline_skips_the_model_and_goes_to_fallback() -> None:
 
 @settings(max_examples=300)
 @given(st.binary(max_size=2048))
-def test_arbitrary_bytes_always_give_a_decision(value: bytes) -> None:
+def test_arbitrary_bytes_are_dead_lettered_as_undecodable(value: bytes) -> None:
     decision = _validator()(value, None, None)
-    assert isinstance(decision, DeadLetter | Emit)
+    try:
+        fields = CODEC.decode_fields(value, Request, None)
+    except DecodeError as exc:
+        assert isinstance(decision, DeadLetter) and decision.stage == "validate"
+        assert (decision.reason, decision.message) == ("decode_error", exc.detail)
+        return
+    # Bytes that happen to decode are judged like the same fields sent as JSON.
+    again = _validator()(json.dumps(fields, default=str).encode(), None, None)
+    assert type(decision) is type(again) and decision.reason == again.reason
 
 
 async def test_model_caller_stores_the_raw_completion() -> None:
@@ -214,28 +222,39 @@ UNTRUSTED = [
 
 
 @pytest.mark.parametrize(
-    "text", UNTRUSTED, ids=["script", "1MB-field", "control-chars", "injection", "1MB-text"]
+    ("text", "accepted_summary"),
+    [
+        # Markup is data: accepted, kept verbatim (escaping is the renderer's job).
+        (UNTRUSTED[0], json.loads(UNTRUSTED[0])["summary"]),
+        (UNTRUSTED[1], None),  # a 1 MB summary breaks the schema's maxLength
+        (UNTRUSTED[2], None),  # control characters in the label: not one of the labels
+        (UNTRUSTED[3], GOOD_ANSWER["summary"]),  # the fenced JSON; the rest is ignored
+        (UNTRUSTED[4], None),
+    ],
+    ids=["script", "1MB-field", "control-chars", "injection", "1MB-text"],
 )
-async def test_untrusted_model_output_is_only_ever_data(text: str) -> None:
+async def test_untrusted_model_output_is_only_ever_data(
+    text: str, accepted_summary: str | None
+) -> None:
     decision = await Settler(REGISTRY, ControlState(), None)(completion(text))
     assert isinstance(decision, Emit)
-    if decision.topic == RESULTS:
-        assert isinstance(decision.envelope, Result)
-        assert decision.envelope.output["summary"] in (
-            GOOD_ANSWER["summary"],
-            json.loads(UNTRUSTED[0])["summary"],
-        )
+    if accepted_summary is not None:
+        assert decision.topic == RESULTS and isinstance(decision.envelope, Result)
+        assert decision.envelope.output["summary"] == accepted_summary
     else:
-        assert decision.topic == FALLBACK and decision.reason == "invalid_output"
+        assert (decision.topic, decision.reason) == (FALLBACK, "invalid_output")
+        assert isinstance(decision.envelope, Escalation)
     encoded, _ = CODEC.encode(decision.envelope)
     assert len(encoded) < 2_100_000
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=3000))
-async def test_arbitrary_model_text_always_settles(text: str) -> None:
+async def test_arbitrary_model_text_is_never_accepted(text: str) -> None:
+    """Random text is not a valid answer (a chance hit is far below one in 10^100)."""
     decision = await Settler(REGISTRY, ControlState(), None)(completion(text))
-    assert isinstance(decision, Emit) and decision.topic in (RESULTS, FALLBACK, REVIEW)
+    assert isinstance(decision, Emit) and isinstance(decision.envelope, Escalation)
+    assert (decision.topic, decision.reason) == (FALLBACK, "invalid_output")
 
 
 def test_fallback_uses_the_rule_then_the_default_and_validates_both() -> None:
