@@ -38,6 +38,7 @@ from tests.support import produce, running_worker
 EXAMPLES = REPO_ROOT / "prompts"
 REGISTRY = PromptRegistry.load(EXAMPLES)
 NAME = "ticket_triage"
+LATEST = REGISTRY.get(NAME).version  # what serves when nothing is pinned
 
 
 def served(rid: str, version: int = 2, outcome: Outcome | None = None, ts: int = 0) -> Served:
@@ -182,7 +183,7 @@ def test_shadow_run_against_real_topics_writes_nothing(kafka_settings: Settings)
 
     assert report.serving.requests == report.shadow.requests == 12
     serving, shadow = report.serving, report.shadow
-    assert serving.label == "ticket_triage@2 (latest) x12"
+    assert serving.label == f"ticket_triage@{LATEST} (latest) x12"
     assert serving.routes == Counter({"result": 8, "fallback": 4})
     assert shadow.routes == Counter({"result": 12})
     assert (serving.answer_valid, shadow.answer_valid) == (8, 12)
