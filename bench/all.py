@@ -33,7 +33,7 @@ CI runs the short chaos and fuzz versions in `tests/e2e/test_chaos.py` and
 `tests/e2e/test_fuzz_pipeline.py`, which call the same code.
 
 - `python -m bench.overhead [--profile]`: one worker vs a no-processing relay over the
-  same 3 hops (confluent-kafka and aiokafka); the model client alone; a pyinstrument profile
+  same 3 hops (confluent-kafka); the model client alone; a pyinstrument profile
 - `python -m bench.slow_model`: 500 ms ± 20 % model, achieved vs ideal (in flight /
   latency) for max_in_flight 32, 128, 512
 - `python -m bench.latency`: p50/p95/p99 of end-to-end minus model time at half of the
@@ -79,9 +79,8 @@ def summary(reports: dict[str, Report]) -> list[str]:
     if "overhead" in reports:
         rows.append(
             (
-                "overhead: pipeline / confluent relay, pipeline / aiokafka relay",
-                f"{get('overhead', 'ratios', 'pipeline_vs_confluent_relay')} / "
-                f"{get('overhead', 'ratios', 'pipeline_vs_aiokafka_relay')} "
+                "overhead: pipeline / confluent relay",
+                f"{get('overhead', 'ratios', 'pipeline_vs_confluent_relay')} "
                 f"({get('overhead', 'runs', 'pipeline', 'rate')} req/s; worker "
                 f"{get('overhead', 'worker_cpu_ms_per_request')} ms CPU per request)",
             )

@@ -117,7 +117,6 @@ def machine_info(bootstrap: str | None = None) -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    import aiokafka
     import confluent_kafka
     import httpx
 
@@ -130,7 +129,6 @@ def machine_info(bootstrap: str | None = None) -> dict[str, Any]:
         "kafka": kafka_version(port),
         "confluent_kafka": confluent_kafka.version()[0],
         "librdkafka": confluent_kafka.libversion()[0],
-        "aiokafka": aiokafka.__version__,
         "httpx": httpx.__version__,
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
         "platform": platform.platform(),

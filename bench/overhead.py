@@ -104,22 +104,16 @@ def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
     # the same requests repeated to a larger backlog.
     relay_count = 50_000 if quick else 100_000
     relay_planned = (planned * (relay_count // count + 1))[:relay_count]
-    runs: dict[str, list[Run]] = {"relay_confluent": [], "relay_aiokafka": [], "pipeline": []}
+    runs: dict[str, list[Run]] = {"relay_confluent": [], "pipeline": []}
     with FakeLLMProcess() as fake:
         for _ in range(repeats):  # interleaved, so drifting background load hits all alike
             runs["relay_confluent"].append(measure_relay(bootstrap, relay_planned))
-            runs["relay_aiokafka"].append(
-                measure_relay(bootstrap, relay_planned, client="aiokafka")
-            )
             runs["pipeline"].append(measure_pipeline(bootstrap, planned, fake, label="pipeline"))
         clients = client_alone(fake, 2_000 if quick else 5_000, repeats + 1)
     chosen = {k: median_run(v) for k, v in runs.items()}
     pipe = chosen["pipeline"]
     ratios = {
         "pipeline_vs_confluent_relay": pipe.rate / chosen["relay_confluent"].rate,
-        "pipeline_vs_aiokafka_relay": pipe.rate / chosen["relay_aiokafka"].rate,
-        "aiokafka_relay_vs_confluent_relay": chosen["relay_aiokafka"].rate
-        / chosen["relay_confluent"].rate,
     }
     worker_cpu_ms = pipe.cpu_s.get("worker0", float("nan")) / count * 1000
     report.results = {
@@ -135,9 +129,7 @@ def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
     report.markdown += [
         "",
         f"**Ratio pipeline / confluent relay: {ratios['pipeline_vs_confluent_relay']:.4f}** "
-        f"(1 / {1 / ratios['pipeline_vs_confluent_relay']:.0f}); "
-        f"pipeline / aiokafka relay: {ratios['pipeline_vs_aiokafka_relay']:.4f}; "
-        f"aiokafka relay / confluent relay: {ratios['aiokafka_relay_vs_confluent_relay']:.2f}.",
+        f"(1 / {1 / ratios['pipeline_vs_confluent_relay']:.0f}).",
         f"The worker spends {worker_cpu_ms:.2f} ms of CPU per request (all stages).",
         "",
         "Model client alone (no Kafka), instant fake model, 64 calls in flight unless noted:",
@@ -187,8 +179,7 @@ def explain(results: dict[str, Any]) -> list[str]:
         "The rest, per the profile: pure-Python Avro record conversion (codec._to_avro / "
         "_from_avro), about ten OpenTelemetry spans per request (bench.features: no-op "
         "tracing is markedly faster), JSON-schema validation of input and output, Jinja "
-        "rendering, and aiokafka's pure-Python protocol code (the aiokafka relay moves "
-        "about a fifth of what the confluent-kafka relay moves).",
+        "rendering.",
     ]
 
 

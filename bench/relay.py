@@ -6,13 +6,8 @@ pipeline achieves is compared with this, measured in the same run on the same br
 the ratio says what validation, model calls, parsing, Avro and bookkeeping cost on top of
 "Kafka in Python".
 
-Two clients, because the pipeline's workers use aiokafka (pure Python protocol code)
-while the tools use confluent-kafka (librdkafka in C):
-
-- ``confluent`` (default, the baseline the issue asks for): one consumer thread per hop,
-  one shared idempotent producer; librdkafka does the protocol work outside the GIL.
-- ``aiokafka``: the pipeline's own client library and producer settings, batched sends;
-  it separates "cost of the Kafka client" from "cost of the pipeline".
+confluent-kafka (librdkafka in C, the pipeline's own client): one consumer thread per
+hop, one shared idempotent producer; librdkafka does the protocol work outside the GIL.
 
 Offsets are auto-committed: this is a throughput floor, not a delivery guarantee.
 Run as ``python -m bench.relay --bootstrap HOST:PORT --prefix PREFIX``; stops on SIGTERM.
@@ -21,10 +16,8 @@ Run as ``python -m bench.relay --bootstrap HOST:PORT --prefix PREFIX``; stops on
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import threading
-from typing import Any
 
 from pipeline.contract import topology
 
@@ -94,70 +87,16 @@ def run_confluent(bootstrap: str, prefix: str, stop: threading.Event) -> None:
     producer.flush(30)
 
 
-async def run_aiokafka(bootstrap: str, prefix: str, stop: asyncio.Event) -> None:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=5,
-        max_batch_size=262_144,
-    )
-    await producer.start()
-
-    async def hop(index: int, source: str, target: str) -> None:
-        consumer = AIOKafkaConsumer(
-            prefix + source,
-            bootstrap_servers=bootstrap,
-            group_id=relay_groups(prefix)[index],
-            auto_offset_reset="earliest",
-            enable_auto_commit=True,
-        )
-        await consumer.start()
-        try:
-            while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=100, max_records=BATCH)
-                futures: list[Any] = []
-                for records in batch.values():
-                    for r in records:
-                        futures.append(
-                            await producer.send(
-                                prefix + target, value=r.value, key=r.key, headers=list(r.headers)
-                            )
-                        )
-                if futures:
-                    await asyncio.gather(*futures)
-        finally:
-            await consumer.stop()
-
-    try:
-        await asyncio.gather(*(hop(i, s, t) for i, (s, t) in enumerate(HOPS)))
-    finally:
-        await producer.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--client", choices=("confluent", "aiokafka"), default="confluent")
+    parser.add_argument("--client", choices=("confluent",), default="confluent")
     args = parser.parse_args()
-    if args.client == "confluent":
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        run_confluent(args.bootstrap, args.prefix, stop)
-        return
-
-    async def amain() -> None:
-        stop_event = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_event.set)
-        await run_aiokafka(args.bootstrap, args.prefix, stop_event)
-
-    asyncio.run(amain())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_confluent(args.bootstrap, args.prefix, stop)
 
 
 if __name__ == "__main__":

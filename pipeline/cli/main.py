@@ -76,9 +76,9 @@ def kafka_status() -> None:
 
 
 def _admin() -> Any:
-    from confluent_kafka.admin import AdminClient
+    from pipeline.transport.clients import KafkaClients
 
-    return AdminClient(settings().kafka_client_config())
+    return KafkaClients(settings()).admin()
 
 
 def _specs(directory: Path | None) -> Any:

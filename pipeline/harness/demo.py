@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Mapping
 from contextlib import ExitStack
 
-from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -38,6 +37,7 @@ from pipeline.harness.scenarios import (
     plan_request,
 )
 from pipeline.transport.batch import produce_batch
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.topics import apply, load_specs
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
@@ -94,7 +94,7 @@ def _broker_and_topics(
             stack.callback(subprocess.run, ["bash", str(KAFKA_SCRIPT), "down"], check=False)
     prefix = settings.topic_prefix or f"demo-{time.strftime('%Y%m%d-%H%M%S')}."
     settings = settings.model_copy(update={"topic_prefix": prefix})
-    admin = AdminClient(settings.kafka_client_config())
+    admin = KafkaClients(settings).admin()
     apply(admin, load_specs(settings.topics_dir), prefix)
     console.print(f"[bold]topics[/bold] created under prefix [cyan]{prefix}[/cyan]")
     return settings

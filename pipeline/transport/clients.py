@@ -45,8 +45,12 @@ log = logging.getLogger("llmpipe.kafka")
 MAX_MESSAGE_BYTES = 10_485_760
 # librdkafka log lines of one kind (facility): at most one per this many seconds.
 LOG_INTERVAL_S = 30.0
-# Facilities whose lines repeat what BrokerHealth already reports once.
-_CONNECTIVITY_FACILITIES = frozenset({"FAIL", "BROKERFAIL", "CONNECT", "DISCONNECT"})
+# Facilities whose lines repeat what BrokerHealth already reports once, or report a
+# condition librdkafka retries by itself ("Failed to acquire idempotence PID: coordinator
+# load in progress" right after a broker starts).
+_CONNECTIVITY_FACILITIES = frozenset({"FAIL", "BROKERFAIL", "CONNECT", "DISCONNECT", "GETPID"})
+# Connection errors for this long, without a success in between, are an outage.
+OUTAGE_AFTER_S = 2.0
 _OUTAGE_CODES = frozenset(
     {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE}
 )
@@ -60,23 +64,40 @@ class BrokerHealth:
 
     Fed by every client's ``error_cb`` (outage) and by callers that see an operation
     succeed (:meth:`ok`), because librdkafka reports failures, not recoveries. Thread-safe:
-    librdkafka calls back from whichever thread polls.
+    librdkafka calls back from whichever thread polls. An outage is reported once
+    connection errors have gone on for :data:`OUTAGE_AFTER_S` without a success in
+    between: a client closing (or reconnecting right after a recovery) reports a few
+    connection errors that are not an outage.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, interval_s: float = LOG_INTERVAL_S
+    ) -> None:
         self._clock = clock
+        self._interval_s = interval_s
         self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self._down_since_wall: datetime | None = None
+        self._failing_since: float | None = None
+        self._failing_since_wall: datetime | None = None
+        self._reported = False
         self._errors = 0
+        self._last_other: dict[str, float] = {}
+        self._last_probe = 0.0
 
     @property
     def down(self) -> bool:
-        return self._down_since is not None
+        """Connection errors without a success since (reported or not yet)."""
+        return self._failing_since is not None
 
     def error(self, error: KafkaError) -> None:
-        """librdkafka's ``error_cb``: transport errors open an outage, others are logged."""
+        """librdkafka's ``error_cb``: transport errors open an outage, others are logged
+        (each kind at most once per interval: a broker restart repeats them per client)."""
+        now = self._clock()
         if error.code() not in _OUTAGE_CODES:
+            with self._lock:
+                last = self._last_other.get(error.name())
+                if last is not None and now - last < self._interval_s and not error.fatal():
+                    return
+                self._last_other[error.name()] = now
             log.warning(
                 "kafka client error: %s",
                 error.str(),
@@ -85,28 +106,45 @@ class BrokerHealth:
             return
         with self._lock:
             self._errors += 1
-            if self._down_since is not None:
+            if self._failing_since is None:
+                self._failing_since = now
+                self._failing_since_wall = datetime.now(UTC)
+            if self._reported or now - self._failing_since < OUTAGE_AFTER_S:
                 return
-            self._down_since = self._clock()
-            self._down_since_wall = datetime.now(UTC)
+            self._reported = True
+            since = self._failing_since_wall
+        assert since is not None
         log.warning(
-            "broker unreachable since %s (%s); retrying",
-            self._down_since_wall.isoformat(timespec="seconds"),
-            error.str(),
+            "broker unreachable since %s; retrying",
+            since.strftime("%H:%M:%S UTC"),
+            extra={"detail": error.str()},
         )
+
+    def probe_due(self, every_s: float = 1.0) -> bool:
+        """During an outage, whether a caller should try a cheap request (at most every
+        ``every_s``): an idle client has no other way to notice the brokers are back."""
+        if self._failing_since is None:
+            return False
+        now = self._clock()
+        if now - self._last_probe < every_s:
+            return False
+        self._last_probe = now
+        return True
 
     def ok(self) -> None:
         """An operation that needs the broker succeeded: end the outage if there was one."""
-        if self._down_since is None:  # the common case, without the lock
+        if self._failing_since is None:  # the common case, without the lock
             return
         with self._lock:
-            if self._down_since is None:
+            if self._failing_since is None:
                 return
-            lasted = self._clock() - self._down_since
-            errors = self._errors
-            self._down_since = self._down_since_wall = None
+            lasted = self._clock() - self._failing_since
+            errors, reported = self._errors, self._reported
+            self._failing_since = self._failing_since_wall = None
             self._errors = 0
-        log.warning("broker recovered after %.1f s (%d connection errors)", lasted, errors)
+            self._reported = False
+        if reported:
+            log.warning("broker recovered after %.0f s (%d connection errors)", lasted, errors)
 
 
 class LibrdkafkaLog:
@@ -171,7 +209,11 @@ class KafkaClients:
         ``group=None`` is for tools that ``assign()`` partitions and commit nothing
         (librdkafka still wants a group id: a throw-away one is used).
         """
-        config: dict[str, Any] = {
+        return Consumer(self.consumer_config(group, **overrides))
+
+    def consumer_config(self, group: str | None, **overrides: Any) -> dict[str, Any]:
+        """The configuration :meth:`consumer` uses (for tools that build their own)."""
+        return {
             **self.base_config(),
             "group.id": group or f"llmpipe-reader-{uuid.uuid4().hex}",
             "isolation.level": "read_committed",
@@ -181,7 +223,6 @@ class KafkaClients:
             "enable.partition.eof": False,
             **overrides,
         }
-        return Consumer(config)
 
     def stage_consumer(self, group: str, **overrides: Any) -> Consumer:
         """A stage's group member: cooperative rebalancing, optional static membership."""

@@ -19,6 +19,7 @@ the runner calls them on its Kafka thread.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import enum
 import logging
@@ -36,8 +37,12 @@ CALL_TIMEOUT_S = 10.0
 # How long one commit may keep retrying while the broker is unreachable before the runner
 # gives up on that attempt (an open transaction is then aborted by the broker at its
 # transaction.timeout.ms, so nothing half-done becomes visible).
-COMMIT_DEADLINE_S = 60.0
+COMMIT_DEADLINE_S = 20.0
 PRODUCE_QUEUE_WAIT_S = 0.1
+# A commit that has not returned after this is stuck in librdkafka (see
+# TransactionalDelivery); one that is merely retrying through an outage returns within
+# COMMIT_DEADLINE_S plus a call timeout.
+WATCHDOG_S = COMMIT_DEADLINE_S + CALL_TIMEOUT_S + 5.0
 
 
 class Outcome(enum.Enum):
@@ -112,8 +117,25 @@ class Delivery(Protocol):
     def close(self) -> None: ...
 
 
+class _Abandoned(Exception):
+    """This attempt was given up by the watchdog; it must not commit anything."""
+
+
 class TransactionalDelivery:
-    """Exactly-once hops: outputs and input offsets in one transaction per commit."""
+    """Exactly-once hops: outputs and input offsets in one transaction per commit.
+
+    The transactional calls run on a thread of their own, watched: librdkafka's
+    ``send_offsets_to_transaction`` can block past its timeout, forever, after the broker
+    or group coordinator went away (confluentinc/librdkafka#5456 and #5511, open in
+    2.16; reproduced here with a 10 s broker stop). When a commit takes longer than
+    :data:`WATCHDOG_S` the runner stops waiting, reports the batch as not committed,
+    and replaces the producer: the new one, with the same ``transactional.id``, fences
+    the stuck one (``init_transactions`` bumps the epoch), so the stuck transaction can
+    never commit after its batch was given to the new producer, and the stuck thread is
+    abandoned. A retriable error (a timeout while the broker is away) retries the same
+    call, as librdkafka documents; an abortable one aborts; a fatal one replaces the
+    producer.
+    """
 
     mode = "exactly_once"
 
@@ -121,10 +143,19 @@ class TransactionalDelivery:
         self._make_producer = make_producer
         self._consumer = consumer
         self._producer: ProducerLike | None = None
+        self._thread = self._new_thread()
+        self._attempt = 0
         self._needs_abort = False
         self._failing = False
 
+    @staticmethod
+    def _new_thread() -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-txn")
+
     def start(self) -> None:
+        self._thread.submit(self._start).result(timeout=COMMIT_DEADLINE_S + WATCHDOG_S)
+
+    def _start(self) -> None:
         producer = self._make_producer()
         deadline = time.monotonic() + COMMIT_DEADLINE_S
         while True:
@@ -138,6 +169,7 @@ class TransactionalDelivery:
                 if error is None or not error.retriable() or time.monotonic() > deadline:
                     raise
         self._producer = producer
+        self._needs_abort = False
 
     def commit(
         self,
@@ -145,25 +177,74 @@ class TransactionalDelivery:
         offsets: list[TopicPartition],
         stopping: Callable[[], bool],
     ) -> Outcome:
+        """Called on the runner's Kafka thread (the group metadata is a consumer call)."""
+        group = self._consumer.consumer_group_metadata() if offsets else None
+        self._attempt += 1
+        future = self._thread.submit(self._commit, self._attempt, outputs, offsets, group, stopping)
+        try:
+            return future.result(timeout=WATCHDOG_S)
+        except concurrent.futures.TimeoutError:
+            log.warning(
+                "a transactional commit hangs in librdkafka after %.0f s (librdkafka#5456); "
+                "replacing the producer, the batch is retried",
+                WATCHDOG_S,
+            )
+            self._replace()
+            return Outcome.FAILED
+        except KafkaException as exc:  # init_transactions of a replacement producer failed
+            log.warning("transactional producer unavailable (%s); retried", exc)
+            return Outcome.FAILED
+
+    def _replace(self) -> None:
+        """Abandon the stuck thread and producer; the next commit makes a new producer."""
+        self._attempt += 1  # the stuck attempt no longer matches: it will not commit
+        self._thread.shutdown(wait=False)
+        self._thread = self._new_thread()
+        self._producer = None
+        self._needs_abort = False
+
+    def _commit(
+        self,
+        attempt: int,
+        outputs: Sequence[Outbound],
+        offsets: list[TopicPartition],
+        group: Any,
+        stopping: Callable[[], bool],
+    ) -> Outcome:
+        if self._producer is None:
+            self._start()
         producer = self._producer
-        if producer is None:
-            self.start()
-            producer = self._producer
-            assert producer is not None
+        assert producer is not None
+        deadline = time.monotonic() + COMMIT_DEADLINE_S
+
+        def call(fn: Callable[[], None]) -> None:
+            while True:
+                if attempt != self._attempt:
+                    raise _Abandoned
+                try:
+                    fn()
+                    return
+                except KafkaException as exc:
+                    error = _error(exc)
+                    retry = error is not None and error.retriable()
+                    retry = retry and not error.txn_requires_abort()  # type: ignore[union-attr]
+                    if not retry or time.monotonic() > deadline or stopping():
+                        raise
+
         try:
             if self._needs_abort:
-                producer.abort_transaction(CALL_TIMEOUT_S)
+                call(lambda: producer.abort_transaction(CALL_TIMEOUT_S))
                 self._needs_abort = False
             producer.begin_transaction()
             self._needs_abort = True
             for out in outputs:
                 _produce(producer, out)
             if offsets:
-                producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), CALL_TIMEOUT_S
-                )
-            self._commit_transaction(producer, stopping)
+                call(lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S))
+            call(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
             self._needs_abort = False
+        except _Abandoned:
+            return Outcome.FAILED
         except KafkaException as exc:
             self._failed(exc)
             return Outcome.FAILED
@@ -171,18 +252,6 @@ class TransactionalDelivery:
             log.info("transactional commits succeed again")
             self._failing = False
         return Outcome.COMMITTED
-
-    def _commit_transaction(self, producer: ProducerLike, stopping: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + COMMIT_DEADLINE_S
-        while True:
-            try:
-                producer.commit_transaction(CALL_TIMEOUT_S)
-                return
-            except KafkaException as exc:
-                error = _error(exc)
-                retry = error is not None and error.retriable() and not error.txn_requires_abort()
-                if not retry or time.monotonic() > deadline or stopping():
-                    raise
 
     def _failed(self, exc: KafkaException) -> None:
         """Abort (outputs never visible) or, if the producer is unusable, replace it."""
@@ -208,6 +277,13 @@ class TransactionalDelivery:
             # otherwise retried before the next transaction begins
 
     def close(self) -> None:
+        try:
+            self._thread.submit(self._close).result(timeout=WATCHDOG_S)
+        except concurrent.futures.TimeoutError:
+            log.warning("the transactional producer did not close; abandoned")
+        self._thread.shutdown(wait=False)
+
+    def _close(self) -> None:
         producer = self._producer
         self._producer = None
         if producer is not None and self._needs_abort:

@@ -116,6 +116,8 @@ class ConsumerLike(Protocol):
 class HealthLike(Protocol):
     def ok(self) -> None: ...
 
+    def probe_due(self, every_s: float = ...) -> bool: ...
+
 
 class RunnerClients(Protocol):
     """Where a runner gets its Kafka clients: :class:`~pipeline.transport.clients.KafkaClients`."""
@@ -360,7 +362,18 @@ class StageRunner:
                 if count > 1:
                     messages += consumer.consume(count - 1, 0)
         self._sample_lag(consumer, owned)
+        if not messages and owned and self._clients.health.probe_due():
+            self._probe(consumer, owned[0])
         return messages
+
+    def _probe(self, consumer: ConsumerLike, partition: Partition) -> None:
+        """One request to a partition leader during an outage (metadata could come from
+        the client's cache): its success ends the outage."""
+        try:
+            consumer.get_watermark_offsets(TopicPartition(*partition), timeout=1.0, cached=False)
+        except KafkaException:
+            return
+        self._clients.health.ok()
 
     def _sample_lag(self, consumer: ConsumerLike, owned: list[Partition]) -> None:
         """Lag per partition = high watermark - position, both local to the client."""

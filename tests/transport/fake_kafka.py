@@ -76,6 +76,9 @@ class FakeBroker:
     commit_failures: list[KafkaError] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     consumers: list[FakeConsumer] = field(default_factory=list)
+    epochs: dict[str, int] = field(default_factory=dict)  # transactional.id -> epoch
+    # Calls to send_offsets_to_transaction that block until set (librdkafka#5456).
+    hang_send_offsets: list[threading.Event] = field(default_factory=list)
 
     def append(
         self,
@@ -214,10 +217,14 @@ class FakeConsumer:
 class FakeProducer:
     """Transactional when ``transactional``; otherwise idempotent with delivery reports."""
 
-    def __init__(self, broker: FakeBroker, owner: FakeClients, transactional: bool) -> None:
+    def __init__(
+        self, broker: FakeBroker, owner: FakeClients, transactional: bool, tid: str = ""
+    ) -> None:
         self.broker = broker
         self.owner = owner
         self.transactional = transactional
+        self.tid = tid
+        self.epoch = 0
         self.pending: list[Produced] = []
         self.pending_offsets: list[TopicPartition] = []
         self.reports: list[tuple[Callable[..., None], Produced]] = []
@@ -255,7 +262,9 @@ class FakeProducer:
         return 0
 
     def init_transactions(self, timeout: float = -1) -> None:
-        return None
+        with self.broker.lock:
+            self.epoch = self.broker.epochs.get(self.tid, 0) + 1
+            self.broker.epochs[self.tid] = self.epoch
 
     def begin_transaction(self) -> None:
         assert not self.in_txn
@@ -265,6 +274,8 @@ class FakeProducer:
         self, positions: list[TopicPartition], group_metadata: Any, timeout: float = -1
     ) -> None:
         assert self.in_txn
+        if self.broker.hang_send_offsets:
+            self.broker.hang_send_offsets.pop(0).wait()
         if group_metadata.generation != self.broker.generation:
             raise KafkaException(
                 KafkaError(KafkaError.ILLEGAL_GENERATION, "fenced", txn_requires_abort=True)
@@ -276,6 +287,8 @@ class FakeProducer:
         if self.owner.crashed:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "crashed", retriable=False))
         with self.broker.lock:
+            if self.broker.epochs.get(self.tid) != self.epoch:
+                raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
             if self.broker.commit_failures:
                 raise KafkaException(self.broker.commit_failures.pop(0))
             self.broker.outputs.extend(self.pending)
@@ -294,6 +307,9 @@ class FakeHealth:
 
     def ok(self) -> None:
         self.oks += 1
+
+    def probe_due(self, every_s: float = 1.0) -> bool:
+        return False
 
 
 class FakeClients:
@@ -322,7 +338,7 @@ class FakeClients:
         return producer
 
     def transactional_producer(self, transactional_id: str, **overrides: Any) -> FakeProducer:
-        producer = FakeProducer(self.broker, self, transactional=True)
+        producer = FakeProducer(self.broker, self, transactional=True, tid=transactional_id)
         self.producers.append(producer)
         return producer
 

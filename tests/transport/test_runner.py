@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,6 +25,7 @@ from pipeline.contract.codec import Codec
 from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.topology import VALIDATED
 from pipeline.observability.redact import Redactor
+from pipeline.transport import delivery as delivery_module
 from pipeline.transport import runner as runner_module
 from pipeline.transport.instrumentation import MessageTrace, NoInstrumentation
 from pipeline.transport.message import Inbound
@@ -500,3 +502,29 @@ def test_dead_letter_decisions_go_to_the_dead_letter_topic_with_provenance() -> 
     headers = dict(broker.outputs[0].headers)
     assert headers["x-dlq-reason"] == b"bad_json"
     assert headers["x-dlq-original-offset"] == b"0"
+
+
+def test_a_commit_stuck_in_librdkafka_is_abandoned_fenced_and_retried_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka#5456: send_offsets_to_transaction may never return after an outage."""
+    monkeypatch.setattr(delivery_module, "WATCHDOG_S", 0.3)
+    broker = FakeBroker()
+    ids = fill(broker, P0, 10)
+    stuck = threading.Event()
+    broker.hang_send_offsets.append(stuck)
+    clients = FakeClients(broker, [P0])
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 10, "the commit after the hang")
+            assert len(clients.producers) == 2, "the stuck producer was replaced"
+            stuck.set()  # the stuck call returns at last: its transaction must not commit
+            await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"

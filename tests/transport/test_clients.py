@@ -1,0 +1,104 @@
+"""The client factory's quiet failure logs: one line per outage, rate-limited librdkafka."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from confluent_kafka import KafkaError
+
+from pipeline.config import Settings
+from pipeline.transport.clients import OUTAGE_AFTER_S, BrokerHealth, KafkaClients, LibrdkafkaLog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def refused() -> KafkaError:
+    return KafkaError(KafkaError._TRANSPORT, "Connect to ipv4#127.0.0.1:9092 failed")
+
+
+def kafka_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "llmpipe.kafka"]
+
+
+def test_an_outage_is_one_line_and_its_end_another(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    clock = Clock()
+    health = BrokerHealth(clock)
+    for _ in range(2_000):  # ten seconds of a dozen clients reconnecting
+        health.error(refused())
+        health.error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+        clock.t += 0.005
+    assert health.down
+    for _ in range(50):
+        health.ok()
+    lines = kafka_lines(caplog)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("broker unreachable since") and lines[0].endswith("retrying")
+    assert lines[1].startswith("broker recovered after 10 s (4000 connection errors)")
+    assert not health.down
+
+
+def test_a_few_connection_errors_that_end_quickly_are_not_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    health = BrokerHealth(clock)
+    health.error(refused())  # a client closing, or reconnecting right after a recovery
+    clock.t += OUTAGE_AFTER_S / 2
+    health.error(refused())
+    health.ok()
+    assert kafka_lines(caplog) == []
+
+
+def test_other_client_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    health = BrokerHealth(clock, interval_s=30)
+    for _ in range(100):
+        health.error(KafkaError(KafkaError.NOT_COORDINATOR, "not coordinator"))
+        clock.t += 0.1
+    clock.t += 30
+    health.error(KafkaError(KafkaError.NOT_COORDINATOR, "not coordinator"))
+    assert len(kafka_lines(caplog)) == 2
+
+
+def test_librdkafka_lines_are_rate_limited_per_facility_and_count_what_was_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    clock = Clock()
+    logger = LibrdkafkaLog(interval_s=30, clock=clock)
+    for _ in range(500):
+        logger.log(logging.WARNING, "%s [%s] %s", "SESSTMOUT", "rdkafka#consumer-1", "timed out")
+        logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "refused")
+    clock.t += 31
+    logger.log(logging.WARNING, "%s [%s] %s", "SESSTMOUT", "rdkafka#consumer-1", "timed out")
+    records = [r for r in caplog.records if r.name == "llmpipe.kafka"]
+    assert [r.getMessage().split()[1] for r in records] == ["SESSTMOUT", "SESSTMOUT"]
+    assert getattr(records[1], "suppressed") == 499
+    assert all("FAIL" not in r.getMessage() for r in records), "BrokerHealth reports those"
+
+
+def test_every_client_shares_security_settings_and_reads_committed() -> None:
+    settings = Settings(
+        bootstrap_servers="b:1",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password="p",  # type: ignore[arg-type]
+    )
+    clients = KafkaClients(settings)
+    config = clients.base_config()
+    assert config["security.protocol"] == "SASL_SSL"
+    assert (config["sasl.username"], config["sasl.password"]) == ("u", "p")
+    assert config["error_cb"] == clients.health.error
+    consumer = clients.consumer_config("g")
+    assert consumer["isolation.level"] == "read_committed"
+    assert consumer["enable.auto.commit"] is False
+    assert consumer["security.protocol"] == "SASL_SSL"
