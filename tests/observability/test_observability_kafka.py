@@ -267,7 +267,8 @@ def test_spans_reach_a_real_otlp_http_endpoint_with_their_attributes(observed: O
     producer = next(s for s in mine if s["name"] == "send llm.results")["attributes"]
     assert producer[sc.MESSAGING_OPERATION_TYPE] == "send"
     assert producer[sc.MESSAGING_DESTINATION_NAME] == observed.settings.topic("llm.results")
-    assert isinstance(producer[sc.MESSAGING_KAFKA_OFFSET], int)
+    # Written at the next commit, so the broker's offset is not known when the span ends.
+    assert producer[sc.ROUTE] == "result"
 
     chat = next(s for s in mine if s["kind"] == 3)["attributes"]  # SPAN_KIND_CLIENT
     assert chat[sc.GEN_AI_OPERATION_NAME] == "chat"

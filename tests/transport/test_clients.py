@@ -81,7 +81,7 @@ def test_librdkafka_lines_are_rate_limited_per_facility_and_count_what_was_dropp
     logger.log(logging.WARNING, "%s [%s] %s", "SESSTMOUT", "rdkafka#consumer-1", "timed out")
     records = [r for r in caplog.records if r.name == "llmpipe.kafka"]
     assert [r.getMessage().split()[1] for r in records] == ["SESSTMOUT", "SESSTMOUT"]
-    assert getattr(records[1], "suppressed") == 499
+    assert records[1].suppressed == 499
     assert all("FAIL" not in r.getMessage() for r in records), "BrokerHealth reports those"
 
 
