@@ -10,8 +10,9 @@ Each message's CONSUMER span is started inside that message's own task, as a chi
 output gets a PRODUCER span whose context is what travels on in ``traceparent``, which
 links the hops of one request into one trace. It ends when the output is handed to the
 next commit, so it carries no broker offset (the output gets one only when written).
-Metrics are recorded when the output is committed (so they count what a ``read_committed`` reader downstream can actually see),
-with the message's span as context, so latency samples carry the trace as an exemplar.
+Metrics are recorded when the output is committed (so they count what a
+``read_committed`` reader downstream can actually see), with the message's span as
+context, so latency samples carry the trace as an exemplar.
 """
 
 from __future__ import annotations
