@@ -61,3 +61,19 @@ def test_the_calibration_page_shows_the_cli_numbers(tmp_path: Path) -> None:
             assert client.get("/calibration", params={"prompt": "nope"}).status_code == 404
             empty = client.get("/calibration", params={"prompt": "invoice_extract"})
             assert empty.status_code == 200 and "No audit or burn-in verdicts" in empty.text
+
+
+def test_audit_and_high_risk_items_say_what_they_are(tmp_path: Path) -> None:
+    app, server = build(tmp_path)
+    audit = escalation("au1", confidence=0.9, reason="audit")
+    risky = escalation("hr1", confidence=0.95, reason="high_risk").model_copy(
+        update={"risk_rules": ["big_refund", "enterprise"]}
+    )
+    server.store.apply([incoming(audit, 50), incoming(risky, 51)], [], [], 0)
+    with serving(app) as base:
+        server.base = base
+        with logged_in(server) as client:
+            page = client.get("/item", params={"id": "au1"})
+            assert page.status_code == 200 and "already delivered" in page.text
+            page = client.get("/item", params={"id": "hr1"})
+            assert "Risk rules that fired: big_refund, enterprise" in page.text
