@@ -20,7 +20,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import ControlEvent
 from pipeline.control.state import ControlState
-from pipeline.observability.metrics import record_control_change
+from pipeline.observability.hooks import record_control_change
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pipeline.llm.structured import StructuredOutput
 
@@ -106,6 +106,10 @@ class ChatCompletion:
 
 class ModelError(Exception):
     """A failed call, classified so that retry and fallback policies can decide on ``kind``."""
+
+    local: ClassVar[bool] = False
+    """True for a call our own policy refused before sending anything (see
+    ``pipeline.resilience.errors.LocalRejection``): telemetry names those by class."""
 
     def __init__(
         self,

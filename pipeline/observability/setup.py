@@ -56,6 +56,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 
+from pipeline.errors import LlmpipeError
 from pipeline.observability.metrics import PipelineMetrics
 from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
 
@@ -68,7 +69,7 @@ GRPC_PROTOCOL = "grpc"
 TRUE = frozenset({"1", "true", "yes", "on"})
 
 
-class ObservabilityConfigError(ValueError):
+class ObservabilityConfigError(LlmpipeError, ValueError):
     """An ``OTEL_*`` value we cannot honour; raised at start-up, not at first export."""
 
 

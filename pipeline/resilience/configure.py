@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.config import Settings
 from pipeline.control.state import ENDPOINT_ENABLED, ControlState
 from pipeline.llm.cost import PriceTable, parse_prices
-from pipeline.observability.metrics import record_breaker_change
+from pipeline.observability.hooks import record_breaker_change
 from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
 from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets, parse_daily_costs
 from pipeline.resilience.endpoints import default_options, parse_endpoints

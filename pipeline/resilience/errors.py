@@ -20,6 +20,8 @@ from pipeline.llm.protocol import ErrorKind, ModelError
 class LocalRejection(ModelError):
     """A call refused by a local policy before any request was sent."""
 
+    local = True
+
     def __init__(
         self,
         kind: ErrorKind,

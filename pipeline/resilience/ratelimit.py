@@ -62,7 +62,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
-from pipeline.observability.metrics import record_rate_limit_rejection, record_rate_limit_wait
+from pipeline.observability.hooks import record_rate_limit_rejection, record_rate_limit_wait
 from pipeline.resilience.base import (
     SYSTEM_CLOCK,
     Clock,

@@ -24,8 +24,8 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from pipeline.llm.genai import attempt_span
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelClient, ModelError
-from pipeline.observability.genai import attempt_span
 
 
 class RetryingClient:

@@ -9,7 +9,7 @@ import threading
 
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
-from pipeline.observability.metrics import watch_accepted_error
+from pipeline.observability.hooks import watch_accepted_error
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.review.calibration import accepted_error_rates
 from pipeline.review.kafka_io import TopicFollower, TransactionalPublisher

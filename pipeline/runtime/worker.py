@@ -24,7 +24,7 @@ from pipeline.control.burn_in import KafkaBurnInLedger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
 from pipeline.observability import configure_observability
-from pipeline.observability.metrics import record_distribution_shift
+from pipeline.observability.hooks import record_distribution_shift
 from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.resilience.configure import quality_breaker, resilient_client

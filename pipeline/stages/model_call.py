@@ -25,8 +25,8 @@ from pipeline.contract.envelopes import (
 )
 from pipeline.contract.topology import MODEL, ROUTE_COMPLETION, ROUTE_FALLBACK
 from pipeline.control.state import PROMPT_ENABLED, ControlState
+from pipeline.llm.genai import chat_span
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
-from pipeline.observability.genai import chat_span
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages

@@ -29,10 +29,10 @@ from pipeline.contract.codec import Codec
 from pipeline.contract.decisions import DeadLetter, Decision, Emit, end_to_end_s
 from pipeline.contract.envelopes import Escalation, PromptRef, utc_now
 from pipeline.contract.topology import FALLBACK, REVIEW, VALIDATED
+from pipeline.llm.genai import chat_span
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.observability import semconv as sc
 from pipeline.observability.context import MessageScope, current_scope, message_scope
-from pipeline.observability.genai import chat_span
 from pipeline.observability.logs import JsonFormatter
 from pipeline.observability.metrics import PipelineMetrics
 from pipeline.observability.propagation import inject
@@ -106,6 +106,7 @@ def test_attribute_names_live_only_in_semconv() -> None:
         REPO_ROOT / "pipeline" / "transport" / "runner.py",
         REPO_ROOT / "pipeline" / "transport" / "instrumentation.py",
         REPO_ROOT / "pipeline" / "resilience" / "retry.py",
+        REPO_ROOT / "pipeline" / "llm" / "genai.py",
         REPO_ROOT / "pipeline" / "stages" / "model_call.py",
         *sorted((REPO_ROOT / "pipeline" / "observability").glob("*.py")),
     ]:
@@ -609,11 +610,11 @@ def test_infra_files_parse() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["pipeline.resilience.retry", "pipeline.observability.genai", "pipeline.stages.model_call"],
+    ["pipeline.resilience.retry", "pipeline.llm.genai", "pipeline.stages.model_call"],
 )
 def test_modules_import_on_their_own(module: str) -> None:
-    """The retry layer, the resilience package and the GenAI helpers import each other;
-    each must still import first, in a fresh interpreter."""
+    """The retry layer, the resilience package and the GenAI helpers once imported each
+    other in a loop; each must import first, in a fresh interpreter."""
     import subprocess
     import sys
 

@@ -39,13 +39,8 @@ def error_type(exc: BaseException) -> str:
     class, so a dashboard can tell "the provider failed" from "we chose not to call";
     a provider failure is named by its kind (``timeout``, ``server_error`` ...).
     """
-    # Imported here: pipeline.resilience imports the retry layer, which imports us.
-    from pipeline.resilience.errors import LocalRejection
-
-    if isinstance(exc, LocalRejection):
-        return type(exc).__name__
     if isinstance(exc, ModelError):
-        return exc.kind
+        return type(exc).__name__ if exc.local else exc.kind
     return type(exc).__qualname__
 
 
