@@ -11,7 +11,7 @@ import typer.main
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.main import app
 from pipeline.config import REPO_ROOT, Settings
 
 

@@ -1,4 +1,5 @@
-"""The ``llmpipe`` command. User mistakes end in one clear line and a non-zero exit."""
+"""The ``llmpipe`` command. User mistakes end in one clear line and a non-zero exit
+(:mod:`pipeline.cli.console`)."""
 
 from __future__ import annotations
 
@@ -6,46 +7,28 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 
+from pipeline.cli.console import Commands, err, out
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
+from pipeline.errors import LlmpipeError
 
-app = typer.Typer(help="llmpipe: make LLM output safe to use in production.", no_args_is_help=True)
-kafka_app = typer.Typer(
+app = Commands(help="llmpipe: make LLM output safe to use in production.", no_args_is_help=True)
+kafka_app = Commands(
     help="Run a local Kafka broker (KRaft, single node, loopback).", no_args_is_help=True
 )
-topics_app = typer.Typer(
+topics_app = Commands(
     help="Topics as code: topics/*.yaml against the cluster.", no_args_is_help=True
 )
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 
-console = Console()
-err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line without a traceback."""
-
-
-def friendly(func: F) -> F:
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except UserError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def settings() -> Settings:
@@ -82,16 +65,12 @@ def _admin() -> Any:
 
 
 def _specs(directory: Path | None) -> Any:
-    from pipeline.transport.topics import TopicSpecError, load_specs
+    from pipeline.transport.topics import load_specs
 
-    try:
-        return load_specs(directory or settings().topics_dir)
-    except TopicSpecError as exc:
-        raise UserError(str(exc)) from None
+    return load_specs(directory or settings().topics_dir)
 
 
 @topics_app.command("plan")
-@friendly
 def topics_plan(
     topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
 ) -> None:
@@ -100,35 +79,30 @@ def topics_plan(
 
     result = plan(_admin(), _specs(topics_dir), settings().topic_prefix)
     for change in result.changes:
-        console.print(f"{change.action:15} {change.topic}: {change.detail}")
+        out.print(f"{change.action:15} {change.topic}: {change.detail}")
     for problem in result.errors:
         err.print(f"[red]refused[/red] {problem}")
     if result.empty:
-        console.print("no changes: the cluster matches the topic files")
+        out.print("no changes: the cluster matches the topic files")
     if result.errors:
         raise typer.Exit(1)
 
 
 @topics_app.command("apply")
-@friendly
 def topics_apply(
     topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
 ) -> None:
     """Create missing topics, add partitions and update configs. Idempotent."""
-    from pipeline.transport.topics import TopicPlanError, apply
+    from pipeline.transport.topics import apply
 
-    try:
-        result = apply(_admin(), _specs(topics_dir), settings().topic_prefix)
-    except TopicPlanError as exc:
-        raise UserError(str(exc)) from None
+    result = apply(_admin(), _specs(topics_dir), settings().topic_prefix)
     for change in result.changes:
-        console.print(f"{change.action:15} {change.topic}: {change.detail}")
+        out.print(f"{change.action:15} {change.topic}: {change.detail}")
     if result.empty:
-        console.print("no changes: the cluster matches the topic files")
+        out.print("no changes: the cluster matches the topic files")
 
 
 @app.command()
-@friendly
 def worker(
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run.")] = ",".join(
         topology.stage_names()
@@ -143,11 +117,10 @@ def worker(
     try:
         run_worker(settings(), [s.strip() for s in stages.split(",") if s.strip()])
     except (PromptLoadError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+        raise LlmpipeError(str(exc)) from None
 
 
 @app.command()
-@friendly
 def send(
     prompt: Annotated[str, typer.Argument(help="Prompt name.")],
     variables: Annotated[str, typer.Option("--vars", help="Variables as a JSON object.")] = "{}",
@@ -159,25 +132,24 @@ def send(
     """Publish one JSON request to llm.requests (handy for trying things out)."""
     import uuid
 
+    from pipeline.transport import headers as h
     from pipeline.transport.batch import produce_batch
 
     try:
         parsed = json.loads(variables)
     except json.JSONDecodeError as exc:
-        raise UserError(f"--vars is not JSON: {exc}") from None
+        raise LlmpipeError(f"--vars is not JSON: {exc}") from None
     rid = request_id or str(uuid.uuid4())
     body: dict[str, Any] = {"request_id": rid, "prompt": prompt, "variables": parsed}
     if version is not None:
         body["prompt_version"] = version
-    headers = [("content-type", b"application/json")]
-    produce_batch(
-        settings(), topology.REQUESTS, [(rid.encode(), json.dumps(body).encode(), headers)]
-    )
-    console.print(rid)
+    headers = [(h.CONTENT_TYPE, b"application/json")]
+    message = (rid.encode(), json.dumps(body).encode(), headers)
+    produce_batch(settings(), topology.REQUESTS, [message])
+    out.print(rid)
 
 
 @app.command()
-@friendly
 def demo(
     count: Annotated[
         int | None,
@@ -199,11 +171,9 @@ def demo(
 
     chosen = count if count is not None else (24 if local_model else 200)
     try:
-        code = run_demo(
-            settings(), count=chosen, keep=keep, console=console, local_model=local_model
-        )
+        code = run_demo(settings(), count=chosen, keep=keep, console=out, local_model=local_model)
     except LocalModelUnavailable as exc:
-        raise UserError(str(exc)) from None
+        raise LlmpipeError(str(exc)) from None
     sys.exit(code)
 
 

@@ -18,10 +18,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
+from pipeline.cli.console import EXIT_FAILED, EXIT_USAGE, Commands, fail
 from pipeline.contract import topology
 from pipeline.prompts.diff import canonical_yaml, diff_versions
 from pipeline.prompts.errors import (
@@ -36,10 +37,7 @@ from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import input_errors, render_messages
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-prompts_app = typer.Typer(
+prompts_app = Commands(
     name="prompts",
     help="Versioned prompts: list, show, render, diff, test, lock, check, pin, roll back, shadow.",
     no_args_is_help=True,
@@ -59,11 +57,6 @@ VersionOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 @contextmanager
 def _errors_as_exit_codes() -> Iterator[None]:
     """Map the typed errors to exit codes so no command can leak a traceback for them."""
@@ -74,14 +67,14 @@ def _errors_as_exit_codes() -> Iterator[None]:
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(EXIT_FAILED) from None
     except LockFileError as exc:
-        _fail(str(exc), EXIT_FAILED)
+        fail(str(exc), EXIT_FAILED)
     except (UnknownPromptError, UnknownPromptVersionError, TemplateRenderError) as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
 
 def _registry(prompts_dir: Path) -> PromptRegistry:
     if not prompts_dir.is_dir():
-        _fail(f"prompts directory {prompts_dir} does not exist (see --prompts-dir)", EXIT_USAGE)
+        fail(f"prompts directory {prompts_dir} does not exist (see --prompts-dir)", EXIT_USAGE)
     return PromptRegistry.load(prompts_dir)
 
 
@@ -129,14 +122,14 @@ def render_command(
     try:
         parsed: Any = json.loads(variables)
     except json.JSONDecodeError as exc:
-        _fail(f"--vars is not valid JSON: {exc}", EXIT_USAGE)
+        fail(f"--vars is not valid JSON: {exc}", EXIT_USAGE)
     if not isinstance(parsed, dict):
-        _fail("--vars must be a JSON object", EXIT_USAGE)
+        fail("--vars must be a JSON object", EXIT_USAGE)
     with _errors_as_exit_codes():
         prompt = _registry(prompts_dir).get(name, version)
         problems = input_errors(prompt, parsed)
         if problems:
-            _fail(f"{prompt.ref}: {'; '.join(problems)}", EXIT_USAGE)
+            fail(f"{prompt.ref}: {'; '.join(problems)}", EXIT_USAGE)
         messages = render_messages(prompt, parsed)
     typer.echo(json.dumps(messages, indent=2, ensure_ascii=False))
 
@@ -245,14 +238,14 @@ def test_command(
     )
 
     if version is not None and name is None:
-        _fail("--version needs a prompt NAME", EXIT_USAGE)
+        fail("--version needs a prompt NAME", EXIT_USAGE)
     if not live and (endpoint is not None or repeat > 1):
-        _fail("--endpoint and --repeat need --live", EXIT_USAGE)
+        fail("--endpoint and --repeat need --live", EXIT_USAGE)
     with _errors_as_exit_codes():
         registry = _registry(prompts_dir)
         versions = selected_versions(registry, name, version)
     if not any(prompt.tests for prompt in versions):
-        _fail(f"no test cases in {', '.join(p.ref for p in versions)}", EXIT_FAILED)
+        fail(f"no test cases in {', '.join(p.ref for p in versions)}", EXIT_FAILED)
     console = Console(width=None if sys.stdout.isatty() else 200)
     if not live:
         results = asyncio.run(run_tests(registry, versions))
@@ -326,7 +319,7 @@ def _live_settings(endpoint: str | None) -> Iterator[tuple[Any, str]]:
         try:
             local = stack.enter_context(running_local_model())
         except LocalModelUnavailable as exc:
-            _fail(f"no live endpoint: pass --endpoint URL or {exc}", EXIT_USAGE)
+            fail(f"no live endpoint: pass --endpoint URL or {exc}", EXIT_USAGE)
         overrides: dict[str, Any] = {"model_base_url": local.url, "model_timeout_s": 120.0}
         if not os.environ.get("LLMPIPE_MODEL_STRUCTURED_OUTPUT"):
             overrides["model_structured_output"] = STRUCTURED_OUTPUT_MODE
@@ -351,20 +344,20 @@ def stats_command(
 
     from pipeline.cli.trace import parse_since
     from pipeline.config import Settings
-    from pipeline.dlq.reader import ScanError
     from pipeline.evaluation.stats import prompt_stats, read_results, stats_json, stats_table
+    from pipeline.transport.reader import ScanError
 
     since_ms = None
     if since is not None:
         try:
             since_ms = int(parse_since(since).timestamp() * 1000)
         except ValueError as exc:
-            _fail(f"--since: {exc}", EXIT_USAGE)
+            fail(f"--since: {exc}", EXIT_USAGE)
     with _kafka_errors():
         try:
             results, undecodable = read_results(Settings(), since_ms)
         except ScanError as exc:
-            _fail(f"Kafka: {exc}", EXIT_FAILED)
+            fail(f"Kafka: {exc}", EXIT_FAILED)
     table = prompt_stats(results, name)
     if as_json:
         for row in table:
@@ -422,14 +415,14 @@ def eval_command(
     from pipeline.evaluation.prompt_tests import selected_versions
 
     if not 0.0 <= target <= 1.0:
-        _fail("--target is a share between 0 and 1", EXIT_USAGE)
+        fail("--target is a share between 0 and 1", EXIT_USAGE)
     with _errors_as_exit_codes():
         registry = _registry(prompts_dir)
         versions = selected_versions(registry, name, version)
     try:
         cases = load_dataset(dataset)
     except DatasetError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
     if not live and endpoint is not None:
         _fail("--endpoint needs --live", EXIT_USAGE)
@@ -452,12 +445,12 @@ def eval_command(
         else:
             data = report(asyncio.run(evaluate(registry, versions, cases, None)), target)
     except DatasetError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     typer.echo(markdown(data))
     try:
         written = write_report(data, out or Path(".llmpipe") / "eval" / name)
     except ImportError as exc:
-        _fail(f"the curve needs matplotlib (pip install 'llmpipe[dev]'): {exc}", EXIT_FAILED)
+        fail(f"the curve needs matplotlib (pip install 'llmpipe[dev]'): {exc}", EXIT_FAILED)
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -473,10 +466,12 @@ def _kafka_errors() -> Iterator[None]:
     """Broker trouble is an environment failure (exit 1) with one line, not a traceback."""
     from confluent_kafka import KafkaException
 
+    from pipeline.transport.reader import ScanError
+
     try:
         yield
-    except (KafkaException, TimeoutError, RuntimeError, LookupError) as exc:
-        _fail(f"Kafka: {exc} (LLMPIPE_BOOTSTRAP_SERVERS, LLMPIPE_TOPIC_PREFIX)", EXIT_FAILED)
+    except (KafkaException, ScanError, TimeoutError, RuntimeError, LookupError) as exc:
+        fail(f"Kafka: {exc} (LLMPIPE_BOOTSTRAP_SERVERS, LLMPIPE_TOPIC_PREFIX)", EXIT_FAILED)
 
 
 @prompts_app.command("pin")
@@ -507,7 +502,7 @@ def pin_command(
         try:
             value = pin_value(registry, name, version, candidate, percent, who, reason, utc_now())
         except PinError as exc:
-            _fail(str(exc), EXIT_USAGE)
+            fail(str(exc), EXIT_USAGE)
         released = read_lock(prompts_dir / LOCK_FILE_NAME)
     for pinned in {version, candidate} - {None}:
         if f"{name}@{pinned}" not in released:
@@ -545,7 +540,7 @@ def rollback_command(
     from pipeline.control.topic import publish, read_history
 
     if not reason.strip():
-        _fail("--reason must say why (it is recorded with the rollback)", EXIT_USAGE)
+        fail("--reason must say why (it is recorded with the rollback)", EXIT_USAGE)
     settings = Settings()
     with _errors_as_exit_codes():
         registry = _registry(prompts_dir)
@@ -556,7 +551,7 @@ def rollback_command(
         plan = plan_rollback(history, name)
         before, after = check_rollback(registry, plan)
     except PinError as exc:
-        _fail(str(exc), EXIT_FAILED)
+        fail(str(exc), EXIT_FAILED)
     with _kafka_errors():
         event = publish(settings, pin_key(name), plan.value, actor, ROLLBACK_REASON_PREFIX + reason)
     restored = ""
@@ -681,5 +676,5 @@ def shadow_command(
     with _kafka_errors():
         report = asyncio.run(run())
     if report.serving.requests == 0:
-        _fail(f"no recent requests for {name} on {settings.topic(topology.VALIDATED)}", EXIT_FAILED)
+        fail(f"no recent requests for {name} on {settings.topic(topology.VALIDATED)}", EXIT_FAILED)
     Console(width=None if sys.stdout.isatty() else 200).print(report_renderable(report))

@@ -6,25 +6,22 @@ or the request never reached a stage that creates spans (a hostile payload dead-
 on arrival). Each message carries ``x-request-id`` and ``traceparent``, so the timeline
 also names the trace id to open in Jaeger for the span-level view.
 
-The scan uses an assigned consumer without a group (nothing is committed, no rebalance),
-reads each partition from the beginning, or from ``--since``, up to the end offset seen
-when the scan started, and keeps the messages whose ``x-request-id`` header (or, failing
-that, key) is the request id.
+The scan is the bounded reader's (:mod:`pipeline.transport.reader`): nothing is committed,
+each partition is read from the beginning, or from ``--since``, up to the end offset seen
+when the scan started, and the messages whose ``x-request-id`` header (or, failing that,
+key) is the request id are kept.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
@@ -41,6 +38,7 @@ from pipeline.contract.envelopes import (
     ValidatedRequest,
 )
 from pipeline.transport import headers as h
+from pipeline.transport.reader import ScanError, SourceRecord, scan
 
 AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -100,85 +98,24 @@ def find_journey(
 ) -> list[Stop]:
     """Every message of ``request_id`` in ``topics`` (default: every topic of a request's
     journey), oldest first."""
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"llmpipe-trace-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
     codec = Codec()
-    wanted = request_id.encode()
     names = {settings.topic(t): t for t in topics or topology.journey_topics()}
+    since_ms = int(since.timestamp() * 1000) if since is not None else None
     stops: list[Stop] = []
-    try:
-        pending = _assign(consumer, list(names), since, timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=1000, timeout=0.2):
-                tp = (str(message.topic()), int(message.partition() or 0))
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.pop(tp, None)
-                    continue
-                offset = int(message.offset() or 0)
-                if offset + 1 >= pending.get(tp, 0):
-                    pending.pop(tp, None)
-                headers = h.as_map(cast("list[tuple[str, bytes | None]]", message.headers()))
-                rid = headers.get(h.REQUEST_ID)
-                if rid != wanted and (rid is not None or message.key() != wanted):
-                    continue
-                stops.append(_stop(codec, names[tp[0]], tp[1], offset, message, headers))
-    finally:
-        consumer.close()
+    for record in scan(settings, names, since_ms, deadline_s=timeout_s, missing_ok=True):
+        if record.request_id == request_id:
+            stops.append(_stop(codec, names[record.topic], record))
     return sorted(stops, key=lambda s: s.order)
 
 
-def _assign(
-    consumer: Consumer, topics: list[str], since: datetime | None, timeout_s: float
-) -> dict[tuple[str, int], int]:
-    """Assign every partition with something to read; returns the end offset of each."""
-    metadata = consumer.list_topics(timeout=timeout_s)
-    partitions = [
-        TopicPartition(topic, p)
-        for topic in topics
-        if topic in metadata.topics
-        for p in sorted(metadata.topics[topic].partitions)
-    ]
-    ends: dict[tuple[str, int], int] = {}
-    starts: dict[tuple[str, int], int] = {}
-    for tp in partitions:
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-        if high > low:
-            ends[(tp.topic, tp.partition)] = high
-            starts[(tp.topic, tp.partition)] = OFFSET_BEGINNING
-    if since is not None and ends:
-        at_ms = int(since.timestamp() * 1000)
-        found = consumer.offsets_for_times(
-            [TopicPartition(t, p, at_ms) for t, p in ends], timeout=timeout_s
-        )
-        for tp in found:
-            key = (tp.topic, tp.partition)
-            if tp.offset < 0:  # nothing at or after --since in this partition
-                ends.pop(key, None)
-            else:
-                starts[key] = tp.offset
-    consumer.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in ends])
-    return ends
-
-
-def _stop(
-    codec: Codec, topic: str, partition: int, offset: int, message: Any, headers: dict[str, bytes]
-) -> Stop:
-    _, timestamp = message.timestamp()
+def _stop(codec: Codec, topic: str, record: SourceRecord) -> Stop:
+    headers = record.headers_map
     spec = topology.TOPICS[topic]
     base: dict[str, Any] = {
-        "timestamp_ms": int(timestamp),
+        "timestamp_ms": record.timestamp_ms or 0,
         "topic": topic,
-        "partition": partition,
-        "offset": offset,
+        "partition": record.partition,
+        "offset": record.offset,
         "step": spec.step,
         "route": h.text(headers, h.ROUTE),
         "reason": h.text(headers, h.REASON),
@@ -194,9 +131,7 @@ def _stop(
         base["attempts"] = int(attempts) if attempts and attempts.isdigit() else None
         return Stop(**base)
     try:
-        envelope = codec.decode(
-            message.value() or b"", spec.envelope, h.text(headers, h.CONTENT_TYPE)
-        )
+        envelope = codec.decode(record.value or b"", spec.envelope, h.text(headers, h.CONTENT_TYPE))
     except DecodeError as exc:
         return Stop(**base, detail=f"undecodable: {exc.reason}")
     return Stop(**base, **_envelope_fields(envelope))
@@ -310,7 +245,11 @@ def trace(
         start = parse_since(since) if since else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
-    stops = find_journey(Settings(), request_id, since=start, timeout_s=timeout)
+    try:
+        stops = find_journey(Settings(), request_id, since=start, timeout_s=timeout)
+    except ScanError as exc:
+        Console(stderr=True).print(f"error: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 220)

@@ -5,18 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli.console import Commands, fail, out
 from pipeline.config import Settings
 from pipeline.control.state import FLAG_DEFAULTS, KNOWN_FLAGS, flag_key
 from pipeline.control.topic import current_state, publish
 
-flags_app = typer.Typer(
+flags_app = Commands(
     help="Kill switches and flags, applied by every worker within seconds.", no_args_is_help=True
 )
-console = Console()
-err = Console(stderr=True)
 
 Scope = Annotated[
     str | None, typer.Option(help="Prompt name or model endpoint the flag applies to.")
@@ -27,8 +25,7 @@ def _key(name: str, scope: str | None) -> str:
     try:
         return flag_key(name, scope)
     except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(str(exc))
 
 
 @flags_app.command("list")
@@ -42,9 +39,9 @@ def list_flags() -> None:
         table.add_row(
             event.key[5:], str(event.value).lower(), event.actor, event.at.isoformat(), event.reason
         )
-    console.print(table)
+    out.print(table)
     defaults = ", ".join(f"{name}={str(value).lower()}" for name, value in FLAG_DEFAULTS.items())
-    console.print(f"defaults: {defaults}")
+    out.print(f"defaults: {defaults}")
 
 
 @flags_app.command("get")
@@ -55,7 +52,7 @@ def get_flag(
     """The value every worker applies now."""
     _key(name, scope)
     value = current_state(Settings()).flag(name, scope)
-    console.print(str(value).lower())
+    out.print(str(value).lower())
 
 
 @flags_app.command("set")
@@ -77,12 +74,10 @@ def set_flag(
     elif lowered == "default":
         parsed = None
     else:
-        err.print(f"[red]error:[/red] value must be on/off/true/false/default, not {value!r}")
-        raise typer.Exit(2)
+        fail(f"value must be on/off/true/false/default, not {value!r}")
     if not reason.strip():
-        err.print("[red]error:[/red] --reason must say why")
-        raise typer.Exit(2)
+        fail("--reason must say why")
     event = publish(Settings(), key, parsed, actor, reason)
-    console.print(
+    out.print(
         f"{event.key} = {str(event.value).lower()} (by {event.actor} at {event.at.isoformat()})"
     )

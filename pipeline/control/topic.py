@@ -7,11 +7,7 @@ operators change it with these functions, which record who, when and why in ever
 from __future__ import annotations
 
 import getpass
-import time
-import uuid
 from typing import Any
-
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.contract.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
@@ -19,6 +15,7 @@ from pipeline.contract.envelopes import ControlEvent, utc_now
 from pipeline.contract.topology import CONTROL
 from pipeline.control.state import ControlState
 from pipeline.transport.batch import produce_batch
+from pipeline.transport.reader import scan
 
 
 def default_actor() -> str:
@@ -42,56 +39,19 @@ def publish(
 
 
 def read_history(settings: Settings, timeout_s: float = 10.0) -> list[ControlEvent]:
-    """Every control event still on the topic, oldest first (compaction keeps the latest per key
-    and whatever has not been compacted yet, which is the recent history)."""
+    """Every control event still on the topic, oldest first per key's partition (compaction
+    keeps the latest per key and whatever has not been compacted yet, which is the recent
+    history). Read to the end offsets seen at the start, within ``timeout_s``."""
     codec = Codec()
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"llmpipe-control-reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
-    )
     events: list[ControlEvent] = []
-    try:
-        topic = settings.topic(CONTROL)
-        metadata = consumer.list_topics(topic, timeout=timeout_s)
-        partitions = list(metadata.topics[topic].partitions)
-        ends = {
-            p: _high_watermark(consumer, TopicPartition(topic, p), timeout_s) for p in partitions
-        }
-        pending = {p for p, end in ends.items() if end > 0}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        while pending:
-            message = consumer.poll(timeout_s)
-            if message is None:
-                raise TimeoutError(f"control topic {topic} not fully read within {timeout_s}s")
-            if message.error():
-                continue
-            partition, offset, value = message.partition(), message.offset(), message.value()
-            if partition is not None and offset is not None and offset + 1 >= ends[partition]:
-                pending.discard(partition)
-            if value is None:
-                continue
-            try:
-                events.append(codec.decode(value, ControlEvent))
-            except DecodeError:
-                continue
-    finally:
-        consumer.close()
-    return events
-
-
-def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> int:
-    """Retry while a just-created topic's leader is still being elected."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    for record in scan(settings, [settings.topic(CONTROL)], deadline_s=timeout_s):
+        if record.value is None:
+            continue
         try:
-            return int(consumer.get_watermark_offsets(tp, timeout=timeout_s)[1])
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            events.append(codec.decode(record.value, ControlEvent))
+        except DecodeError:
+            continue
+    return events
 
 
 def current_state(settings: Settings) -> ControlState:

@@ -18,11 +18,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,11 +30,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from pipeline.cli.console import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Commands,
+    err,
+    fail,
+    out,
+)
 from pipeline.config import Settings
 from pipeline.contract.topology import DLQ
 from pipeline.dlq import engine
 from pipeline.dlq.model import DeadLetterView, Filter, build_filter
-from pipeline.dlq.reader import ScanError, scan
 from pipeline.dlq.render import (
     inspect_json,
     inspect_table,
@@ -48,19 +54,14 @@ from pipeline.dlq.render import (
 )
 from pipeline.dlq.replay import DEFAULT_MAX_REPLAYS
 from pipeline.dlq.stats import collect
+from pipeline.transport.reader import ScanError, scan
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-dlq_app = typer.Typer(
+dlq_app = Commands(
     name="dlq",
     help="Dead letters: see why requests failed, then replay or re-parse them safely.",
     no_args_is_help=True,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
 
 Reasons = Annotated[
     list[str] | None,
@@ -124,11 +125,6 @@ FromBeginning = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
 def _settings() -> Settings:
     return Settings()
 
@@ -155,7 +151,7 @@ def _filter(
             grep=grep,
         )
     except ValueError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
 
 @contextmanager
@@ -164,9 +160,9 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except engine.SelectionChanged as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     except (engine.EngineError, ScanError) as exc:
-        _fail(str(exc), EXIT_FAILED)
+        fail(str(exc), EXIT_FAILED)
 
 
 @contextmanager
@@ -295,7 +291,7 @@ def _run(
 ) -> None:
     """The part replay and reparse share: plan, show, then execute with a progress bar."""
     if rate is not None and rate <= 0:
-        _fail("--rate must be positive", EXIT_USAGE)
+        fail("--rate must be positive", EXIT_USAGE)
     now = datetime.now(UTC)
     with _errors():
         the_plan = engine.plan(
@@ -438,7 +434,7 @@ def reparse_command(
     sources = source or list(SOURCES)
     unknown = sorted(set(sources) - set(SOURCES))
     if unknown:
-        _fail(f"unknown --source {', '.join(unknown)}; choose from dlq, results, review", 2)
+        fail(f"unknown --source {', '.join(unknown)}; choose from dlq, results, review", 2)
     selection = _filter(reason, None, prompt, version, since, until, request_id, grep)
     settings = _settings()
     if prompts_dir is not None:
@@ -446,7 +442,7 @@ def reparse_command(
     try:
         registry = PromptRegistry.load(settings.prompts_dir)
     except PromptLoadError as exc:
-        _fail(f"cannot load prompts from {settings.prompts_dir}: {exc}", EXIT_USAGE)
+        fail(f"cannot load prompts from {settings.prompts_dir}: {exc}", EXIT_USAGE)
     group_name = group or settings.group("dlq-reparse")
     with _errors():
         control = current_state(settings)

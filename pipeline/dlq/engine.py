@@ -50,10 +50,12 @@ from confluent_kafka import (
 )
 
 from pipeline.config import Settings
-from pipeline.dlq.model import RawHeaders, SourceRecord
-from pipeline.dlq.reader import (
+from pipeline.errors import LlmpipeError
+from pipeline.transport.reader import (
     METADATA_TIMEOUT_S,
     Ranges,
+    RawHeaders,
+    SourceRecord,
     consumer_config,
     offsets_for_time,
     partitions,
@@ -74,12 +76,16 @@ META_VERSION = 1
 Action = Literal["send", "refuse", "recovered"]
 
 
-class EngineError(Exception):
+class EngineError(LlmpipeError):
     """Something the operator must act on; the message says what and how."""
+
+    exit_code = 1
 
 
 class SelectionChanged(EngineError):
     """The group's committed position was made by a different selection (see module doc)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pipeline.contract.envelopes import (
 )
 from pipeline.observability.redact import DEFAULT_REDACTOR
 from pipeline.transport import headers as h
+from pipeline.transport.reader import RawHeaders, SourceRecord
 
 PREVIEW_BYTES = 96
 HEX_BYTES = 48
@@ -35,54 +36,6 @@ MAX_SHOWN_CHARS = 2000
 _CODEC = Codec()
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-RawHeaders = tuple[tuple[str, bytes | None], ...]
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One Kafka record exactly as read: headers keep their order and duplicates.
-
-    Replays must be byte-faithful, so nothing is normalised here; :attr:`headers_map` is the
-    contract view (lower-cased, last value wins) used for reading provenance.
-    """
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int | None
-    key: bytes | None
-    value: bytes | None
-    headers: RawHeaders = ()
-
-    @property
-    def ref(self) -> tuple[str, int, int]:
-        return (self.topic, self.partition, self.offset)
-
-    @cached_property
-    def headers_map(self) -> dict[str, bytes]:
-        return h.as_map(self.headers)
-
-    def header(self, name: str) -> str | None:
-        return h.text(self.headers_map, name)
-
-    @property
-    def request_id(self) -> str | None:
-        """The ``x-request-id`` header, else the key: the rule of :mod:`pipeline.harness.ledger`.
-
-        Dead letters of undecodable messages cannot carry the id from the body, but every
-        producer in the pipeline (and the documented upstream contract) keys by request id.
-        """
-        rid = self.header(h.REQUEST_ID)
-        if rid:
-            return rid
-        if self.key:
-            return self.key.decode("utf-8", "replace")
-        return None
-
-    @property
-    def time(self) -> datetime | None:
-        return from_ms(self.timestamp_ms)
 
 
 @dataclass

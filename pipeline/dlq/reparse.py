@@ -30,20 +30,13 @@ from pipeline.contract.envelopes import Completion, Escalation, Result
 from pipeline.contract.topology import COMPLETIONS, DLQ, FALLBACK, RESULTS, REVIEW
 from pipeline.control.state import ControlState
 from pipeline.dlq.engine import Outgoing, PlanItem, marker_value
-from pipeline.dlq.model import (
-    DeadLetterView,
-    Facts,
-    Filter,
-    ReasonedView,
-    SourceRecord,
-    decode_value,
-)
-from pipeline.dlq.reader import consumer_config, read_ranges, snapshot_ranges
+from pipeline.dlq.model import DeadLetterView, Facts, Filter, ReasonedView, decode_value
 from pipeline.observability.propagation import configure_tracing, extract, inject, tracer
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.settle import Settler
 from pipeline.transport import headers as h
+from pipeline.transport.reader import SourceRecord, consumer_config, read_ranges, snapshot_ranges
 
 REPARSE_SOURCE = "x-reparse-source"
 REPARSE_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})

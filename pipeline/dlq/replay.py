@@ -15,8 +15,9 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.contract import topology
 from pipeline.dlq.engine import Action, Outgoing, PlanItem, marker_value
-from pipeline.dlq.model import DeadLetterView, Filter, RawHeaders, SourceRecord
+from pipeline.dlq.model import DeadLetterView, Filter
 from pipeline.transport import headers as h
+from pipeline.transport.reader import RawHeaders, SourceRecord
 
 REPLAY_SOURCE = "x-dlq-replay-source"
 DEFAULT_MAX_REPLAYS = 3

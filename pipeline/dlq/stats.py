@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pipeline.dlq.model import DeadLetterView, Filter, SourceRecord
+from pipeline.dlq.model import DeadLetterView, Filter
+from pipeline.transport.reader import SourceRecord
 
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
     ("< 1h", 3600.0),

@@ -21,7 +21,7 @@ from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Result
 from pipeline.contract.topology import RESULTS
-from pipeline.dlq.reader import scan
+from pipeline.transport.reader import scan
 
 
 @dataclass

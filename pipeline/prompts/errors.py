@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import LlmpipeError
 
-class PromptError(Exception):
+
+class PromptError(LlmpipeError):
     """Base class so callers can catch every prompt problem in one clause."""
 
 
@@ -34,6 +36,8 @@ class LoadProblem:
 
 class PromptLoadError(PromptError):
     """The prompts directory is not valid; nothing was loaded (a registry never half-loads)."""
+
+    exit_code = 1
 
     def __init__(self, problems: Sequence[LoadProblem]) -> None:
         self.problems: tuple[LoadProblem, ...] = tuple(problems)
@@ -75,3 +79,5 @@ class TemplateRenderError(PromptError):
 
 class LockFileError(PromptError):
     """The lock file itself is unreadable; distinct from a lock *violation*, which is data."""
+
+    exit_code = 1

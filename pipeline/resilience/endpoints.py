@@ -43,6 +43,7 @@ from datetime import datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from pipeline.errors import LlmpipeError
 from pipeline.llm.cost import PriceTable
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import (
@@ -59,7 +60,7 @@ from pipeline.resilience.base import SYSTEM_CLOCK, Clock, remaining_s
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class EndpointConfigError(ValueError):
+class EndpointConfigError(LlmpipeError, ValueError):
     """The endpoint mapping is malformed or names a key variable that is not set."""
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from pipeline.errors import LlmpipeError
 from pipeline.review.model import Clock, SessionRow
 
 SCRYPT_LOG_N = 14
@@ -53,7 +54,7 @@ Role = Literal["reviewer", "admin"]
 ROLES: tuple[Role, ...] = ("reviewer", "admin")
 
 
-class AuthError(Exception):
+class AuthError(LlmpipeError):
     """A users file, user name, role or secret this module cannot accept."""
 
 

@@ -17,24 +17,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli.console import Commands, err, fail
 from pipeline.config import Settings
 
-review_app = typer.Typer(
+review_app = Commands(
     help="Human review: the review UI, reviewers, corrections and calibration.",
     no_args_is_help=True,
 )
-users_app = typer.Typer(help="Reviewer accounts (a users file of scrypt hashes).")
+users_app = Commands(help="Reviewer accounts (a users file of scrypt hashes).")
 review_app.add_typer(users_app, name="users")
 
-err = Console(stderr=True)
 SECRET_ENV = "LLMPIPE_REVIEW_SESSION_SECRET"
 USERS_ENV = "LLMPIPE_REVIEW_USERS"
 DEFAULT_USERS = Path("review-users.txt")
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(2)
 
 
 def _secret(secret_file: Path | None) -> bytes:
@@ -50,7 +45,7 @@ def _secret(secret_file: Path | None) -> bytes:
         )
         return os.urandom(32)
     if len(data) < 32:
-        raise _fail("the session secret must be at least 32 bytes")
+        fail("the session secret must be at least 32 bytes")
     return data
 
 
@@ -103,7 +98,7 @@ def serve(
     settings = Settings()
     users_file = UsersFile(users)
     if not users_file.load():
-        raise _fail(f"no reviewers in {users}: add one with `llmpipe review users add NAME`")
+        fail(f"no reviewers in {users}: add one with `llmpipe review users add NAME`")
     runtime = ReviewRuntime(
         settings,
         db or settings.review_db,
@@ -123,7 +118,7 @@ def serve(
     try:
         proxies = parse_networks(trusted_proxy or [])
     except ValueError as exc:
-        raise _fail(f"--trusted-proxy: {exc}") from None
+        fail(f"--trusted-proxy: {exc}")
     config = ReviewConfig(
         users_file,
         SessionSigner(_secret(secret_file)),
@@ -158,7 +153,7 @@ def users_add(
 
     chosen = next((r for r in ROLES if r == role), None)  # typed as a Role, or None
     if role is not None and chosen is None:
-        raise _fail(f"--role must be one of {', '.join(ROLES)}")
+        fail(f"--role must be one of {', '.join(ROLES)}")
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -170,7 +165,7 @@ def users_add(
             role=chosen,
         )
     except AuthError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     err.print(f"{'added' if new else 'updated'} {name} in {file}")
 
 
@@ -185,9 +180,9 @@ def users_remove(
     try:
         removed = UsersFile(file).remove(name)
     except AuthError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     if not removed:
-        raise _fail(f"no user {name!r} in {file}")
+        fail(f"no user {name!r} in {file}")
     err.print(f"removed {name} from {file}")
 
 
@@ -201,7 +196,7 @@ def users_list(
     try:
         users = UsersFile(file).load()
     except AuthError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     for user in sorted(users.values(), key=lambda u: u.name):
         typer.echo(f"{user.name}\t{user.role}")
 
@@ -219,7 +214,7 @@ def export(
     from pipeline.review.training import read_corrections, training_records
 
     if format != "jsonl":
-        raise _fail(f"unknown format {format!r}; supported: jsonl")
+        fail(f"unknown format {format!r}; supported: jsonl")
     cutoff = _parse_since(since)
     settings = Settings()
     registry = PromptRegistry.load(settings.prompts_dir)
@@ -246,7 +241,7 @@ def _parse_since(since: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(since)
     except ValueError:
-        raise _fail(f"--since {since!r} is not an ISO 8601 date or time") from None
+        fail(f"--since {since!r} is not an ISO 8601 date or time")
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 

@@ -66,8 +66,9 @@ from pipeline.contract.envelopes import (
     ReviewAction,
     ReviewDecision,
 )
+from pipeline.errors import LlmpipeError
 from pipeline.observability import semconv
-from pipeline.observability.metrics import record_audit_verdict, record_human_decision
+from pipeline.observability.hooks import record_audit_verdict, record_human_decision
 from pipeline.observability.propagation import configure_tracing, extract, inject, tracer
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.model import PromptVersion
@@ -114,7 +115,7 @@ HUMAN_CONFIDENCE = 1.0
 """A reviewer vouched for the output; the model's own score stays in ``validation``."""
 
 
-class ReviewError(Exception):
+class ReviewError(LlmpipeError):
     """A decision or claim the service refuses; ``status`` is the HTTP status to show."""
 
     status = 400

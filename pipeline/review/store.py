@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from pipeline.contract.envelopes import Escalation, ReviewDecision
+from pipeline.errors import LlmpipeError
 from pipeline.review.auth import SessionStore
 from pipeline.review.model import (
     AuditEntry,
@@ -50,7 +51,7 @@ SCHEMA_VERSION = 2
 """2 added ``review_sessions``; a version-1 database is upgraded in place."""
 
 
-class StoreError(Exception):
+class StoreError(LlmpipeError):
     """A database URL or schema this code cannot use."""
 
 

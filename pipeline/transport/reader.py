@@ -1,9 +1,12 @@
-"""Bounded reads: every scan stops at the end offsets seen when it started.
+"""Bounded reads: "read these partitions up to their end offsets", the one way every tool
+reads a topic to its end (DLQ tools, control history, ``llmpipe trace``, prompt stats).
 
-A dead-letter tool that read "until nothing arrives for a while" would be slow, flaky and,
-during a replay, could chase its own output forever (a replayed message that fails again
-lands back on the DLQ). Snapshotting the high watermarks first makes every scan finite
-and makes "what this run covers" a precise statement: ``[start, end)`` per partition.
+A tool that read "until nothing arrives for a while" would be slow, flaky and, during a
+DLQ replay, could chase its own output forever (a replayed message that fails again lands
+back on the DLQ). Snapshotting the high watermarks first makes every scan finite and makes
+"what this run covers" a precise statement: ``[start, end)`` per partition. A scan that
+makes no progress for ``STALL_TIMEOUT_S`` (broker gone) fails instead of hanging, and a
+caller with a wall-clock budget passes ``deadline_s``.
 """
 
 from __future__ import annotations
@@ -11,29 +14,83 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.dlq.model import RawHeaders, SourceRecord
+from pipeline.errors import LlmpipeError
+from pipeline.transport import headers as h
 
 METADATA_TIMEOUT_S = 10.0
 # A scan that makes no progress for this long is broken (broker gone), not slow.
 STALL_TIMEOUT_S = 30.0
 
 Ranges = dict[tuple[str, int], tuple[int, int]]
+RawHeaders = tuple[tuple[str, bytes | None], ...]
 
 
-class ScanError(Exception):
+@dataclass(frozen=True)
+class SourceRecord:
+    """One Kafka record exactly as read: headers keep their order and duplicates.
+
+    Replays must be byte-faithful, so nothing is normalised here; :attr:`headers_map` is the
+    contract view (lower-cased, last value wins) used for reading provenance.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    value: bytes | None
+    headers: RawHeaders = ()
+
+    @property
+    def ref(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
+
+    @cached_property
+    def headers_map(self) -> dict[str, bytes]:
+        return h.as_map(self.headers)
+
+    def header(self, name: str) -> str | None:
+        return h.text(self.headers_map, name)
+
+    @property
+    def request_id(self) -> str | None:
+        """The ``x-request-id`` header, else the key: the rule of :mod:`pipeline.harness.ledger`.
+
+        Dead letters of undecodable messages cannot carry the id from the body, but every
+        producer in the pipeline (and the documented upstream contract) keys by request id.
+        """
+        rid = self.header(h.REQUEST_ID)
+        if rid:
+            return rid
+        if self.key:
+            return self.key.decode("utf-8", "replace")
+        return None
+
+    @property
+    def time(self) -> datetime | None:
+        ms = self.timestamp_ms
+        return datetime.fromtimestamp(ms / 1000, UTC) if ms is not None and ms >= 0 else None
+
+
+class ScanError(LlmpipeError):
     """The broker did not let us read what we planned to read; the message says what."""
+
+    exit_code = 1
 
 
 def consumer_config(settings: Settings, group: str | None = None) -> dict[str, Any]:
     """Manual commits only: the tools decide exactly when a position becomes durable."""
     return {
         **settings.kafka_client_config(),
-        "group.id": group or f"llmpipe-dlq-reader-{uuid.uuid4()}",
+        "group.id": group or f"llmpipe-reader-{uuid.uuid4()}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
@@ -51,10 +108,18 @@ def partitions(consumer: Consumer, topic: str) -> list[int]:
 
 
 def watermarks(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
-    low, high = consumer.get_watermark_offsets(
-        TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
-    )
-    return int(low), int(high)
+    """Low and high watermark; retried while a just-created topic's leader is elected."""
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
+            )
+            return int(low), int(high)
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def offsets_for_time(
@@ -68,12 +133,22 @@ def offsets_for_time(
 
 
 def snapshot_ranges(
-    consumer: Consumer, topics: Iterable[str], since_ms: int | None = None
+    consumer: Consumer,
+    topics: Iterable[str],
+    since_ms: int | None = None,
+    missing_ok: bool = False,
 ) -> Ranges:
-    """``[start, end)`` for a read-only scan: from the start (or ``since``) to today's end."""
+    """``[start, end)`` for a read-only scan: from the start (or ``since``) to today's end.
+
+    A topic that does not exist is an error, or, with ``missing_ok``, nothing to read."""
     ranges: Ranges = {}
     for topic in topics:
-        parts = partitions(consumer, topic)
+        try:
+            parts = partitions(consumer, topic)
+        except ScanError:
+            if missing_ok:
+                continue
+            raise
         seek = offsets_for_time(consumer, topic, parts, since_ms) if since_ms else {}
         for p in parts:
             low, high = watermarks(consumer, topic, p)
@@ -114,15 +189,22 @@ def to_record(message: Message) -> SourceRecord:
     )
 
 
-def read_ranges(consumer: Consumer, ranges: Ranges) -> Iterator[SourceRecord]:
-    """Yield every record in the ranges, in offset order per partition, then stop."""
+def read_ranges(
+    consumer: Consumer, ranges: Ranges, deadline_s: float | None = None
+) -> Iterator[SourceRecord]:
+    """Yield every record in the ranges, in offset order per partition, then stop; fail
+    with :class:`ScanError` naming what is left when ``deadline_s`` runs out."""
     pending = {tp: bounds for tp, bounds in ranges.items() if bounds[0] < bounds[1]}
     if not pending:
         return
+    deadline = time.monotonic() + deadline_s if deadline_s is not None else None
     consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in pending.items()])
     last_progress = time.monotonic()
     try:
         while pending:
+            if deadline is not None and time.monotonic() > deadline:
+                left = ", ".join(f"{t}[{p}]" for t, p in sorted(pending))
+                raise ScanError(f"{left} not read to the end within {deadline_s:.0f}s")
             messages = consumer.consume(num_messages=500, timeout=0.1)
             if not messages:
                 if time.monotonic() - last_progress > STALL_TIMEOUT_S:
@@ -155,11 +237,18 @@ def read_ranges(consumer: Consumer, ranges: Ranges) -> Iterator[SourceRecord]:
 
 
 def scan(
-    settings: Settings, topics: Iterable[str], since_ms: int | None = None
+    settings: Settings,
+    topics: Iterable[str],
+    since_ms: int | None = None,
+    deadline_s: float | None = None,
+    missing_ok: bool = False,
 ) -> Iterator[SourceRecord]:
-    """Read-only: a throwaway group that never commits, so looking never moves anything."""
+    """Read-only: a throwaway group that never commits, so looking never moves anything.
+
+    ``topics`` are full names (with the prefix); see :func:`snapshot_ranges`."""
     consumer = Consumer(consumer_config(settings))
     try:
-        yield from read_ranges(consumer, snapshot_ranges(consumer, topics, since_ms))
+        ranges = snapshot_ranges(consumer, topics, since_ms, missing_ok)
+        yield from read_ranges(consumer, ranges, deadline_s)
     finally:
         consumer.close()

@@ -24,14 +24,16 @@ from confluent_kafka.admin import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.errors import LlmpipeError
+
 ADMIN_TIMEOUT_S = 30.0
 
 
-class TopicSpecError(Exception):
+class TopicSpecError(LlmpipeError):
     """A topic file that cannot be read; the message names the file and the field."""
 
 
-class TopicPlanError(Exception):
+class TopicPlanError(LlmpipeError):
     """A change the cluster cannot make, such as lowering a partition count."""
 
 

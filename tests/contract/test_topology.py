@@ -30,7 +30,7 @@ from pipeline.contract import topology
 from pipeline.contract.decisions import Decision
 from pipeline.contract.envelopes import Request, Result, Usage, ValidationReport, utc_now
 from pipeline.contract.topology import RESULTS, ROUTE_RESULT, SETTLE, Stage, Topic
-from pipeline.dlq.model import DeadLetterView, SourceRecord, build_filter
+from pipeline.dlq.model import DeadLetterView, build_filter
 from pipeline.dlq.replay import ReplaySelector
 from pipeline.evaluation.harness import RecordedAnswerClient, StageHarness
 from pipeline.harness.fakellm import running_fake_llm
@@ -42,6 +42,7 @@ from pipeline.observability.testing import metric_points
 from pipeline.stages import table
 from pipeline.stages.decisions import emit_result
 from pipeline.transport import headers as h
+from pipeline.transport.reader import SourceRecord
 from tests.stage_support import GOOD_ANSWER, REGISTRY, validated
 from tests.support import produce, running_worker
 

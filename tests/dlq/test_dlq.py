@@ -37,8 +37,7 @@ from pipeline.contract.envelopes import (
 from pipeline.control.state import ControlState
 from pipeline.dlq import engine
 from pipeline.dlq.cli import dlq_app
-from pipeline.dlq.model import DeadLetterView, SourceRecord, build_filter
-from pipeline.dlq.reader import consumer_config, partitions, scan, to_record
+from pipeline.dlq.model import DeadLetterView, build_filter
 from pipeline.dlq.render import inspect_json
 from pipeline.dlq.reparse import REPARSE_SOURCE, ReparseSelector
 from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector
@@ -47,6 +46,7 @@ from pipeline.harness.ledger import read_terminal
 from pipeline.harness.scenarios import VERSION, mixed_requests, plan_request
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
+from pipeline.transport.reader import SourceRecord, consumer_config, partitions, scan, to_record
 from tests.support import create_topics, make_settings, produce, running_worker, settings_env
 
 pytestmark = pytest.mark.kafka

@@ -18,18 +18,12 @@ from pipeline.dlq.engine import (
     marker_value,
     parse_marker,
 )
-from pipeline.dlq.model import (
-    DeadLetterView,
-    SourceRecord,
-    build_filter,
-    parse_time,
-    raw_preview,
-    to_ms,
-)
+from pipeline.dlq.model import DeadLetterView, build_filter, parse_time, raw_preview, to_ms
 from pipeline.dlq.render import inspect_json
 from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector, replayed_headers
 from pipeline.dlq.stats import collect
 from pipeline.transport import headers as h
+from pipeline.transport.reader import SourceRecord
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 PREFIX = "u."
