@@ -425,7 +425,7 @@ def eval_command(
         fail(str(exc), EXIT_USAGE)
 
     if not live and endpoint is not None:
-        _fail("--endpoint needs --live", EXIT_USAGE)
+        fail("--endpoint needs --live", EXIT_USAGE)
 
     async def run_live(settings: Any) -> dict[str, Any]:
         from pipeline.evaluation.harness import live_client
