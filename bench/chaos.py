@@ -39,7 +39,6 @@ from bench.common import (
     Report,
     TopicCounter,
     base_args,
-    create_topics,
     delete_topics,
     finish,
     free_port,
@@ -52,6 +51,7 @@ from bench.common import (
 from bench.common import start_worker as _start_worker
 from pipeline.config import Settings
 from pipeline.contract import topology
+from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import DEFAULT_WEIGHTS, PlannedRequest, mixed_requests

@@ -39,7 +39,8 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
-from pipeline.transport.topics import apply, load_specs
+from pipeline.harness.environment import create_topics, worker_environment
+from pipeline.transport.topics import load_specs
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -142,11 +143,6 @@ def new_settings(bootstrap: str, **overrides: Any) -> Settings:
     """Settings with a unique topic prefix, so concurrent runs never share a topic."""
     prefix = f"b{uuid.uuid4().hex[:10]}."
     return Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, **overrides)
-
-
-def create_topics(settings: Settings) -> None:
-    admin = AdminClient(settings.kafka_client_config())
-    apply(admin, load_specs(settings.topics_dir), settings.topic_prefix)
 
 
 def delete_topics(settings: Settings) -> None:
@@ -331,18 +327,7 @@ def free_port() -> int:
 
 def worker_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment an operator would give ``llmpipe worker`` for these settings."""
-    env = {
-        **os.environ,
-        "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
-        "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
-        "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
-        "LLMPIPE_MODEL_MAX_ATTEMPTS": str(settings.model_max_attempts),
-        "LLMPIPE_MAX_IN_FLIGHT": str(settings.max_in_flight),
-        "LLMPIPE_PII_POLICY": settings.pii_policy,
-        "LLMPIPE_OUTPUT_FORMAT": settings.output_format,
-        "PYTHONPATH": pythonpath(),
-    }
+    env = {**os.environ, **worker_environment(settings), "PYTHONPATH": pythonpath()}
     env.update(extra or {})
     return env
 

@@ -52,7 +52,6 @@ from bench.chaos import NO_BREAKERS
 from bench.common import (
     Report,
     base_args,
-    create_topics,
     delete_topics,
     finish,
     free_port,
@@ -62,6 +61,7 @@ from bench.common import (
 )
 from pipeline.config import Settings
 from pipeline.contract import topology
+from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm.behaviors import BehaviorSpec
 from pipeline.harness.fakellm.responses import render_content
 from pipeline.transport.batch import produce_batch

@@ -10,8 +10,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.harness.environment import create_topics
 from tests.real_model import local_model  # noqa: F401 - the shared real-model fixture
-from tests.support import SESSION, create_topics, make_settings
+from tests.support import SESSION, make_settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 

@@ -11,15 +11,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
-
 from pipeline.config import Settings
+from pipeline.harness.environment import worker_environment
 from pipeline.runtime.worker import Worker
 from pipeline.transport.batch import Message, produce_batch
-from pipeline.transport.topics import apply, load_specs
 
 SESSION = uuid.uuid4().hex[:4]
 """Starts every topic prefix this test run hands out, so that its clean-up deletes its own
@@ -30,11 +27,6 @@ new test topic would pull the topics from under another run's test."""
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:
     prefix = f"t{SESSION}-{uuid.uuid4().hex[:6]}."
     return Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, **overrides)
-
-
-def create_topics(settings: Settings, topics_dir: Path | None = None) -> None:
-    admin = AdminClient(settings.kafka_client_config())
-    apply(admin, load_specs(topics_dir or settings.topics_dir), settings.topic_prefix)
 
 
 def produce(settings: Settings, topic: str, messages: list[Message]) -> None:
@@ -92,7 +84,7 @@ def worker_process(
     settings: Settings, *extra_env: tuple[str, str]
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``llmpipe worker`` as a real OS process, the way an operator runs it."""
-    env = {**os.environ, **settings_env(settings), **dict(extra_env)}
+    env = {**os.environ, **worker_environment(settings), **dict(extra_env)}
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "worker"],
         env=env,
@@ -109,15 +101,3 @@ def worker_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    return {
-        "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
-        "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
-        "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
-        "LLMPIPE_MAX_IN_FLIGHT": str(settings.max_in_flight),
-        "LLMPIPE_DELIVERY": settings.delivery,
-        "LLMPIPE_COMMIT_INTERVAL_MS": str(settings.commit_interval_ms),
-    }

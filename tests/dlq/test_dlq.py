@@ -41,13 +41,14 @@ from pipeline.dlq.model import DeadLetterView, build_filter
 from pipeline.dlq.render import inspect_json
 from pipeline.dlq.reparse import REPARSE_SOURCE, ReparseSelector
 from pipeline.dlq.replay import REPLAY_SOURCE, ReplaySelector
+from pipeline.harness.environment import create_topics, worker_environment
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import read_terminal
 from pipeline.harness.scenarios import VERSION, mixed_requests, plan_request
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
 from pipeline.transport.reader import SourceRecord, consumer_config, partitions, scan, to_record
-from tests.support import create_topics, make_settings, produce, running_worker, settings_env
+from tests.support import make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
 
@@ -256,7 +257,7 @@ def test_dead_letters_of_every_reason_carry_full_provenance(kafka_settings: Sett
         by_position = {(r.partition, r.offset): r for r in originals.records}
     registry = PromptRegistry.load(settings.prompts_dir)
     dead = list(scan(settings, [settings.topic("llm.dlq")]))
-    cli, env = CliRunner(), settings_env(settings)
+    cli, env = CliRunner(), worker_environment(settings)
     garbage = cli.invoke(dlq_app, ["inspect", "--reason", "decode_error", "--json"], env=env)
     assert garbage.exit_code == 0, garbage.output
     shown_lines = [json.loads(line) for line in garbage.stdout.splitlines()]
@@ -383,7 +384,7 @@ def test_a_killed_replay_resumes_and_sends_each_dead_letter_exactly_once(
             settings, [f"keep-{i}" for i in range(8)], "invalid_variables", start=40
         ),
     )
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **worker_environment(settings)}
     command = [
         sys.executable,
         "-m",
@@ -465,7 +466,7 @@ def test_dry_run_produces_and_commits_nothing_and_a_changed_selection_is_refused
         + synthetic_dead_letters(settings, ["dry-other"], "invalid_variables", start=6),
     )
     cli = CliRunner()
-    env = settings_env(settings)
+    env = worker_environment(settings)
     group = settings.group("dlq-replay")
     dry = cli.invoke(
         dlq_app, ["replay", "--reason", "unknown_prompt", "--dry-run", "--json"], env=env
@@ -635,7 +636,7 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
             results.wait_for(lambda t: len(t.by_id(REPARSE_SOURCE)) == 7, "7 re-parsed results")
             review.wait_for(lambda t: len(t.by_id(REPARSE_SOURCE)) == 2, "2 re-parsed review items")
 
-            env = {**settings_env(settings), "LLMPIPE_PROMPTS_DIR": str(new)}
+            env = {**worker_environment(settings), "LLMPIPE_PROMPTS_DIR": str(new)}
             again = CliRunner().invoke(dlq_app, ["reparse", "--json"], env=env)
             assert again.exit_code == 0, again.output
             assert json.loads(again.stdout.splitlines()[-1])["sent"] == 0, "nothing twice"

@@ -7,10 +7,11 @@ from collections import Counter
 import pytest
 
 from pipeline.config import Settings
+from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import read_terminal
 from pipeline.harness.scenarios import OUTCOMES, SCENARIO_OVERRIDES, mixed_requests
-from tests.support import create_topics, make_settings, produce, running_worker
+from tests.support import make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
 

@@ -11,10 +11,11 @@ import signal
 
 import pytest
 
+from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import read_terminal
 from pipeline.harness.scenarios import mixed_requests
-from tests.support import create_topics, make_settings, produce, worker_process
+from tests.support import make_settings, produce, worker_process
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -23,6 +23,7 @@ from pipeline.contract.envelopes import (
     ReviewDecision,
 )
 from pipeline.control.burn_in import BURN_IN_TOPIC
+from pipeline.harness.environment import create_topics, worker_environment
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.review.calibration import calibrate, samples_from_kafka
@@ -34,7 +35,7 @@ from pipeline.stages.policy import audit_bucket
 from pipeline.transport import headers as h
 from pipeline.transport.batch import Message
 from tests.policy_support import ANSWER, NAME, prompt_ref, write_prompts
-from tests.support import create_topics, make_settings, produce, running_worker, settings_env
+from tests.support import make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
 
@@ -217,7 +218,7 @@ def test_audit_share_10_percent_of_1000_accepted_requests(
     assert sum(not s.correct for s in samples) == len(edited)
     (report,) = calibrate(NAME, samples, registry, target=0.02)
     out = Path(os.environ.get("LLMPIPE_CALIBRATION_OUT", tmp_path / "calibration"))
-    for name, value in settings_env(settings).items():
+    for name, value in worker_environment(settings).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("LLMPIPE_PROMPTS_DIR", str(tmp_path / "prompts"))
     monkeypatch.setenv("COLUMNS", "110")

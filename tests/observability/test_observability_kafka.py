@@ -29,6 +29,7 @@ from pipeline.config import Settings
 from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Escalation
+from pipeline.harness.environment import create_topics, worker_environment
 from pipeline.harness.fakellm import FakeLLMServer, running_fake_llm
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import PlannedRequest, mixed_requests, plan_request
@@ -44,7 +45,7 @@ from pipeline.observability.testing import (
 )
 from pipeline.runtime.worker import Worker
 from tests.observability.personal_data import PERSONAL, SEPARATORS
-from tests.support import create_topics, make_settings, produce, running_worker, settings_env
+from tests.support import make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
 
@@ -524,7 +525,7 @@ def test_trace_prints_the_journey_through_review_and_fallback(observed: Observed
     app = typer.Typer()
     app.command()(trace)
     runner = CliRunner()
-    env = settings_env(observed.settings)
+    env = worker_environment(observed.settings)
 
     def journey(rid: str) -> list[dict[str, Any]]:
         result = runner.invoke(app, [rid, "--json"], env=env)

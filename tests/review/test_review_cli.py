@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Correction, ReviewAction, ReviewDecision
+from pipeline.harness.environment import worker_environment
 from pipeline.review.auth import UsersFile
 from pipeline.review.cli import review_app
 from pipeline.review.model import decision_id_for
 from pipeline.transport import headers as h
 from tests.review.test_review_support import escalation, review_message, wait_for
-from tests.support import produce, settings_env
+from tests.support import produce
 
 runner = CliRunner()
 
@@ -73,7 +74,7 @@ def test_users_have_roles_and_can_be_removed(tmp_path: Path) -> None:
 def test_export_and_calibration_read_the_topics(
     kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for name, setting in settings_env(kafka_settings).items():
+    for name, setting in worker_environment(kafka_settings).items():
         monkeypatch.setenv(name, setting)
     codec = Codec()
     old = datetime(2029, 1, 1, tzinfo=UTC)
@@ -152,7 +153,7 @@ def test_serve_runs_and_refuses_to_start_without_reviewers(
     users = tmp_path / "users.txt"
     env = {
         **os.environ,
-        **settings_env(kafka_settings),
+        **worker_environment(kafka_settings),
         "LLMPIPE_REVIEW_DB": f"sqlite:///{tmp_path / 'review.db'}",
         "LLMPIPE_REVIEW_SESSION_SECRET": "s" * 32,
     }

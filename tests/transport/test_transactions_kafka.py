@@ -24,10 +24,11 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from pipeline.config import Settings
+from pipeline.harness.environment import create_topics, worker_environment
 from pipeline.harness.scenarios import mixed_requests
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
-from tests.support import create_topics, make_settings, produce, settings_env
+from tests.support import make_settings, produce
 
 pytestmark = [pytest.mark.kafka]
 
@@ -40,7 +41,7 @@ def child(
 ) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", *argv],
-        env={**os.environ, **settings_env(settings), **dict(env)},
+        env={**os.environ, **worker_environment(settings), **dict(env)},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
