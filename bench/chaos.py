@@ -55,7 +55,7 @@ from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import DEFAULT_WEIGHTS, PlannedRequest, mixed_requests
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 
 CHAOS_PORT = 9292
 CHAOS_DATA = "/tmp/bench-kafka-data"
@@ -214,7 +214,12 @@ def _reached(counter: TopicCounter, target: int) -> bool:
 
 
 def _produce(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
-    produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
+    produce_batch(
+        settings,
+        topology.REQUESTS,
+        [(p.key, p.value, p.headers) for p in planned],
+        timeout_s=BULK_TIMEOUT_S,
+    )
 
 
 def _worker(settings: Settings, name: str, env: Mapping[str, str] | None = None) -> Proc:

@@ -64,7 +64,7 @@ from pipeline.contract import topology
 from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm.behaviors import BehaviorSpec
 from pipeline.harness.fakellm.responses import render_content
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 
 MARK = "[[fuzz:"
 ID_WIDTH = 16  # tracking ids are exactly this long, so a prefix identifies the input
@@ -583,6 +583,7 @@ def campaign(
                 settings,
                 topology.REQUESTS,
                 [(c.rid.encode(), c.value, c.headers) for c in cases],
+                timeout_s=BULK_TIMEOUT_S,
             )
             seen = _sightings(settings, rids, timeout_s, settle_s=1.0)
             alive = worker.alive()

@@ -30,7 +30,7 @@ from bench.common import (
 from pipeline.config import Settings
 from pipeline.contract import topology
 from pipeline.harness.scenarios import PlannedRequest, mixed_requests
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 
 GROUP_JOIN_TIMEOUT_S = 90.0
 
@@ -62,7 +62,12 @@ def valid_requests(count: int, seed: int = 1) -> list[PlannedRequest]:
 
 
 def _send(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
-    produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
+    produce_batch(
+        settings,
+        topology.REQUESTS,
+        [(p.key, p.value, p.headers) for p in planned],
+        timeout_s=BULK_TIMEOUT_S,
+    )
 
 
 def _time_outputs(

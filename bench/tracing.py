@@ -51,7 +51,7 @@ from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.harness.scenarios import mixed_requests
 from pipeline.observability.testing import running_otlp_receiver
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 from pipeline.transport.topics import apply, load_specs
 
 
@@ -169,7 +169,12 @@ def run_once(
     apply(admin, specs, settings.topic_prefix)
     try:
         planned = mixed_requests(count, seed=1, weights={"valid": 1}, prefix="ovh")
-        produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
+        produce_batch(
+            settings,
+            topology.REQUESTS,
+            [(p.key, p.value, p.headers) for p in planned],
+            timeout_s=BULK_TIMEOUT_S,
+        )
         worker_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
             "LLMPIPE_BOOTSTRAP_SERVERS": bootstrap,

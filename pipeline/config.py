@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
     ssl_cafile: Path | None = Field(None, description="CA bundle for SSL listeners.")
 
+    cli_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a CLI command waits for the broker (a write's acknowledgement, a "
+        "read's metadata) before it fails with one line.",
+    )
+
     model_base_url: str = Field(
         "http://127.0.0.1:8089/v1", description="OpenAI-compatible base URL (ends in /v1)."
     )

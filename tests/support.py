@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.harness.environment import worker_environment
 from pipeline.runtime.worker import Worker
-from pipeline.transport.batch import Message, produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, Message, produce_batch
 
 SESSION = uuid.uuid4().hex[:4]
 """Starts every topic prefix this test run hands out, so that its clean-up deletes its own
@@ -30,7 +30,7 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 
 def produce(settings: Settings, topic: str, messages: list[Message]) -> None:
-    produce_batch(settings, topic, messages)
+    produce_batch(settings, topic, messages, timeout_s=BULK_TIMEOUT_S)
 
 
 def _wait_until_consuming(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,11 +14,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pipeline.cli.console import Commands, err, out
+from pipeline.cli.usage import Root
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.errors import LlmpipeError
 
-app = Commands(help="llmpipe: make LLM output safe to use in production.", no_args_is_help=True)
+app = Root(help="llmpipe: make LLM output safe to use in production.", no_args_is_help=True)
 kafka_app = Commands(
     help="Run a local Kafka broker (KRaft, single node, loopback).", no_args_is_help=True
 )
@@ -27,6 +29,10 @@ topics_app = Commands(
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 
+# A tool's failure is one line that names its cause; the Kafka client's own warnings
+# (librdkafka's log, outage notices) go to the JSON logger a worker configures, never raw to
+# a terminal (without any handler, Python would print them through its last-resort one).
+logging.getLogger("llmpipe.kafka").addHandler(logging.NullHandler())
 F = TypeVar("F", bound=Callable[..., Any])
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
@@ -132,21 +138,21 @@ def send(
     """Publish one JSON request to llm.requests (handy for trying things out)."""
     import uuid
 
+    from pipeline.cli.names import check_prompt, parse_vars
     from pipeline.transport import headers as h
     from pipeline.transport.batch import produce_batch
 
-    try:
-        parsed = json.loads(variables)
-    except json.JSONDecodeError as exc:
-        raise LlmpipeError(f"--vars is not JSON: {exc}") from None
+    parsed = parse_vars(variables)
+    check_prompt(settings(), prompt, version)
     rid = request_id or str(uuid.uuid4())
     body: dict[str, Any] = {"request_id": rid, "prompt": prompt, "variables": parsed}
     if version is not None:
         body["prompt_version"] = version
     headers = [(h.CONTENT_TYPE, b"application/json")]
     message = (rid.encode(), json.dumps(body).encode(), headers)
-    produce_batch(settings(), topology.REQUESTS, [message])
+    (written,) = produce_batch(settings(), topology.REQUESTS, [message])
     out.print(rid)
+    err.print(f"written to {written}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -510,10 +510,10 @@ def pin_command(
                 f"warning: {name}@{pinned} is not in {LOCK_FILE_NAME} (not released)", err=True
             )
     with _kafka_errors():
-        event = publish(Settings(), pin_key(name), value, who, reason)
+        event, written = publish(Settings(), pin_key(name), value, who, reason)
     typer.echo(
         f"pinned {serving(registry, name, value).describe(name)} "
-        f"by {event.actor} at {event.at.isoformat()}: {reason}"
+        f"by {event.actor} at {event.at.isoformat()}: {reason} (written to {written})"
     )
 
 
@@ -553,7 +553,9 @@ def rollback_command(
     except PinError as exc:
         fail(str(exc), EXIT_FAILED)
     with _kafka_errors():
-        event = publish(settings, pin_key(name), plan.value, actor, ROLLBACK_REASON_PREFIX + reason)
+        event, written = publish(
+            settings, pin_key(name), plan.value, actor, ROLLBACK_REASON_PREFIX + reason
+        )
     restored = ""
     if plan.restores is not None:
         restored = (
@@ -562,7 +564,7 @@ def rollback_command(
         )
     typer.echo(
         f"rolled back {name}: {before.describe(name)} -> {after.describe(name)}{restored} "
-        f"by {event.actor} at {event.at.isoformat()}"
+        f"by {event.actor} at {event.at.isoformat()} (written to {written})"
     )
 
 

@@ -241,6 +241,8 @@ def trace(
     ] = 30.0,
 ) -> None:
     """Show every message of one request across all topics, as a timeline."""
+    if not request_id.strip():
+        raise typer.BadParameter("must not be empty", param_hint="REQUEST_ID")
     try:
         start = parse_since(since) if since else None
     except ValueError as exc:

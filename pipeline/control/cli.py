@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.console import Commands, fail, out
+from pipeline.cli.names import check_flag_scope
 from pipeline.config import Settings
 from pipeline.control.state import FLAG_DEFAULTS, KNOWN_FLAGS, flag_key
 from pipeline.control.topic import current_state, publish
@@ -77,7 +78,12 @@ def set_flag(
         fail(f"value must be on/off/true/false/default, not {value!r}")
     if not reason.strip():
         fail("--reason must say why")
-    event = publish(Settings(), key, parsed, actor, reason)
+    settings = Settings()
+    if parsed is not None:  # clearing a setting is always allowed, even for a removed name
+        check_flag_scope(settings, name, scope)
+    event, written = publish(settings, key, parsed, actor, reason)
     out.print(
-        f"{event.key} = {str(event.value).lower()} (by {event.actor} at {event.at.isoformat()})"
+        f"{event.key} = {str(event.value).lower()} (by {event.actor} at "
+        f"{event.at.isoformat()}; written to {written})",
+        soft_wrap=True,
     )

@@ -14,7 +14,7 @@ from pipeline.contract.codec import CONTENT_TYPE_HEADER, Codec, DecodeError
 from pipeline.contract.envelopes import ControlEvent, utc_now
 from pipeline.contract.topology import CONTROL
 from pipeline.control.state import ControlState
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import Written, produce_batch
 from pipeline.transport.reader import scan
 
 
@@ -27,15 +27,18 @@ def default_actor() -> str:
 
 def publish(
     settings: Settings, key: str, value: Any, actor: str | None = None, reason: str = ""
-) -> ControlEvent:
-    """Write one control event and wait for the broker's acknowledgement."""
+) -> tuple[ControlEvent, Written]:
+    """Write one control event; the event and where its delivery report says it landed.
+
+    Raises :class:`~pipeline.transport.batch.DeliveryError` when the broker did not
+    acknowledge it (a kill switch that did not switch must never look switched)."""
     event = ControlEvent(
         key=key, value=value, actor=actor or default_actor(), reason=reason, at=utc_now()
     )
     data, content_type = Codec().encode(event)
     headers = [(CONTENT_TYPE_HEADER, content_type.encode())]
-    produce_batch(settings, CONTROL, [(key.encode(), data, headers)])
-    return event
+    (written,) = produce_batch(settings, CONTROL, [(key.encode(), data, headers)])
+    return event, written
 
 
 def read_history(settings: Settings, timeout_s: float = 10.0) -> list[ControlEvent]:

@@ -139,6 +139,9 @@ def _filter(
     request_id: list[str] | None,
     grep: str | None,
 ) -> Filter:
+    from pipeline.cli.names import check_reasons
+
+    check_reasons(reason or ())
     try:
         return build_filter(
             reasons=reason or (),

@@ -36,7 +36,7 @@ from pipeline.harness.scenarios import (
     mixed_requests,
     plan_request,
 )
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 from pipeline.transport.clients import KafkaClients
 from pipeline.transport.topics import apply, load_specs
 
@@ -72,7 +72,12 @@ def run_demo(
             f"[bold]worker[/bold] pid {worker.pid} (stages validate, model, settle, fallback)"
         )
         planned = mixed_requests(count, seed=int(time.time()) % 10_000, prefix="demo")
-        produce_batch(settings, topology.REQUESTS, [(p.key, p.value, p.headers) for p in planned])
+        produce_batch(
+            settings,
+            topology.REQUESTS,
+            [(p.key, p.value, p.headers) for p in planned],
+            timeout_s=BULK_TIMEOUT_S,
+        )
         console.print(
             f"[bold]published[/bold] {len(planned)} requests to {settings.topic(topology.REQUESTS)}"
         )
@@ -135,7 +140,12 @@ def run_local_demo(settings: Settings, count: int, keep: bool, console: Console)
             f"[bold]worker[/bold] pid {worker.pid} (structured output {STRUCTURED_OUTPUT_MODE})"
         )
         planned = local_requests(count, seed=int(time.time()) % 10_000)
-        produce_batch(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+        produce_batch(
+            settings,
+            "llm.requests",
+            [(p.key, p.value, p.headers) for p in planned],
+            timeout_s=BULK_TIMEOUT_S,
+        )
         console.print(f"[bold]published[/bold] {len(planned)} requests (about 2 s each)")
         ledger = _follow(settings, [p.request_id for p in planned], console, timeout_s=900)
     rows: Counter[tuple[str, str, str, str]] = Counter()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, load_schemas
 from pipeline.contract.envelopes import ENVELOPES, Envelope
-from pipeline.transport.batch import produce_batch
+from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 from tests.contract.test_envelopes import strategy
 
 pytestmark = pytest.mark.kafka
@@ -45,7 +45,7 @@ def test_every_schema_round_trips_through_the_broker(kafka_settings: Settings) -
         headers = [("content-type", content_type.encode()), ("x-envelope", name.encode())]
         messages.append((str(i).encode(), value, headers))
     topic = "llm.results"
-    produce_batch(kafka_settings, topic, messages)
+    produce_batch(kafka_settings, topic, messages, timeout_s=BULK_TIMEOUT_S)
 
     consumer = Consumer(
         {
