@@ -12,3 +12,20 @@ def test_readme_config_table_matches_settings() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     block = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert block == settings_table(), "regenerate with: python -m pipeline.config"
+
+
+def test_readme_lists_exactly_the_reason_codes_the_cli_accepts() -> None:
+    """`dlq --reason` checks names against pipeline.contract.reasons; the README is the list
+    operators read, so the two must be the same."""
+    import re
+
+    from pipeline.contract.reasons import DEAD_LETTER_REASONS, ESCALATION_REASONS
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    dead = readme.split("Dead-letter reasons:", 1)[1].split("Fallback and review reasons:", 1)
+    listed_dead = set(re.findall(r"`([a-z_]+)`", dead[0]))
+    escalation = dead[1].split("A risk rule that raises", 1)
+    listed_escalation = set(re.findall(r"`([a-z_]+)`", escalation[0]))
+    assert listed_dead | {"risk_rule_failed"} == set(DEAD_LETTER_REASONS)
+    assert "`risk_rule_failed`" in escalation[1][:200]
+    assert listed_escalation == set(ESCALATION_REASONS)
