@@ -142,7 +142,7 @@ def run_local_demo(settings: Settings, count: int, keep: bool, console: Console)
         planned = local_requests(count, seed=int(time.time()) % 10_000)
         produce_batch(
             settings,
-            "llm.requests",
+            topology.REQUESTS,
             [(p.key, p.value, p.headers) for p in planned],
             timeout_s=BULK_TIMEOUT_S,
         )

@@ -35,9 +35,10 @@ from typing import Literal
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Escalation, ReviewDecision
+from pipeline.contract.topology import REVIEW, REVIEW_DECISIONS
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.review.kafka_io import DECISIONS_TOPIC, REVIEW_TOPIC, read_to_end
+from pipeline.review.kafka_io import read_to_end
 from pipeline.review.model import CalibrationRow
 from pipeline.stages.policy import AUDIT, BURN_IN
 
@@ -310,11 +311,12 @@ def samples_from_kafka(
     codec = Codec()
     items = (
         esc
-        for esc, _ in read_to_end(settings, REVIEW_TOPIC, Escalation, codec, on_skip=on_skip)
+        for esc, _ in read_to_end(settings, REVIEW, Escalation, codec, on_skip=on_skip)
         if esc.validated.prompt.name == prompt
     )
     decisions = (
-        d for d, _ in read_to_end(settings, DECISIONS_TOPIC, ReviewDecision, codec, on_skip=on_skip)
+        d
+        for d, _ in read_to_end(settings, REVIEW_DECISIONS, ReviewDecision, codec, on_skip=on_skip)
     )
     return samples_from(list(items), decisions)
 

@@ -24,16 +24,13 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Envelope, Escalation, ReviewDecision
+from pipeline.contract.topology import REVIEW, REVIEW_DECISIONS
 from pipeline.review.model import Clock, IncomingItem, TopicPosition
 from pipeline.review.store import ReviewStore
 from pipeline.transport import headers as h
 
 log = logging.getLogger("llmpipe.review.kafka")
 
-REVIEW_TOPIC = "llm.review"
-DECISIONS_TOPIC = "llm.review.decisions"
-RESULTS_TOPIC = "llm.results"
-CORRECTIONS_TOPIC = "llm.corrections"
 
 E = TypeVar("E", bound=Envelope)
 T = TypeVar("T")
@@ -173,7 +170,7 @@ class TopicFollower:
         self._clock = clock
         self._poll_timeout_s = poll_timeout_s
         self._refresh_partitions_s = refresh_partitions_s
-        self._topics = (settings.topic(REVIEW_TOPIC), settings.topic(DECISIONS_TOPIC))
+        self._topics = (settings.topic(REVIEW), settings.topic(REVIEW_DECISIONS))
         self._group = settings.group("review")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

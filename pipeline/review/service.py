@@ -66,6 +66,7 @@ from pipeline.contract.envelopes import (
     ReviewAction,
     ReviewDecision,
 )
+from pipeline.contract.topology import CORRECTIONS, RESULTS, REVIEW_DECISIONS
 from pipeline.errors import LlmpipeError
 from pipeline.observability import semconv
 from pipeline.observability.hooks import record_audit_verdict, record_human_decision
@@ -78,9 +79,6 @@ from pipeline.review.audit import AUDIT_CORRECTION, VERDICTS, delivers_result, i
 from pipeline.review.display import json_for_editing
 from pipeline.review.inputs import InputError, json_object
 from pipeline.review.kafka_io import (
-    CORRECTIONS_TOPIC,
-    DECISIONS_TOPIC,
-    RESULTS_TOPIC,
     OutboundMessage,
     PublishError,
 )
@@ -511,10 +509,10 @@ class ReviewService:
             span.set_attribute(semconv.REQUEST_ID, request.request_id)
             trace_headers = inject()
             trace_id = format(span.get_span_context().trace_id, "032x")
-        envelopes: list[tuple[str, str, Envelope]] = [(DECISIONS_TOPIC, ROUTE_DECISION, decision)]
+        envelopes: list[tuple[str, str, Envelope]] = [(REVIEW_DECISIONS, ROUTE_DECISION, decision)]
         if delivers_result(esc, decision.action, self.registry):
             assert decision.output is not None
-            envelopes.append((RESULTS_TOPIC, ROUTE_RESULT, self._result(item, decision, trace_id)))
+            envelopes.append((RESULTS, ROUTE_RESULT, self._result(item, decision, trace_id)))
         if decision.action == "edit":
             assert decision.output is not None
             correction = Correction(
@@ -526,7 +524,7 @@ class ReviewService:
                 reviewer=decision.reviewer,
                 decided_at=decision.decided_at,
             )
-            envelopes.append((CORRECTIONS_TOPIC, ROUTE_CORRECTION, correction))
+            envelopes.append((CORRECTIONS, ROUTE_CORRECTION, correction))
         messages = []
         for topic, route, envelope in envelopes:
             value, content_type = self._codec.encode(envelope)

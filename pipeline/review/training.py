@@ -14,10 +14,11 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.contract.envelopes import Correction
+from pipeline.contract.topology import CORRECTIONS
 from pipeline.prompts.errors import PromptError
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
-from pipeline.review.kafka_io import CORRECTIONS_TOPIC, read_to_end
+from pipeline.review.kafka_io import read_to_end
 
 
 def training_records(
@@ -74,5 +75,5 @@ def training_records(
 def read_corrections(
     settings: Settings, on_skip: Callable[[str], None] | None = None
 ) -> Iterator[Correction]:
-    for correction, _ in read_to_end(settings, CORRECTIONS_TOPIC, Correction, on_skip=on_skip):
+    for correction, _ in read_to_end(settings, CORRECTIONS, Correction, on_skip=on_skip):
         yield correction
