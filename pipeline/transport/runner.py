@@ -298,10 +298,12 @@ class StageRunner:
         """Short while work is under way, so a finished message is committed on time."""
         if not self._has_room():
             return 0.0
-        if not (self._tasks or self._backlog or self._outbox or self._tracker_changed()):
-            return POLL_TIMEOUT_S
-        due = self._last_commit + self._commit_interval_s - time.monotonic()
-        return max(0.0, min(POLL_TIMEOUT_S, self._commit_interval_s / 4, due))
+        if self._outbox or self._tracker_changed():  # something to commit: until it is due
+            due = self._last_commit + self._commit_interval_s - time.monotonic()
+            return max(0.0, min(POLL_TIMEOUT_S, due))
+        if self._tasks:  # work under way: come back soon to commit what finishes
+            return min(POLL_TIMEOUT_S, self._commit_interval_s / 4)
+        return POLL_TIMEOUT_S
 
     def _tracker_changed(self) -> bool:
         return any(self._tracker.changed(*tp) for tp in self._owned)
