@@ -82,6 +82,31 @@ def test_writes_to_an_unreachable_broker_fail_fast_in_one_line(args: tuple[str, 
     assert took < BOUND_S, f"{args} took {took:.1f} s"
 
 
+READS = [
+    ("flags", "list"),
+    ("flags", "get", "model_calls_enabled"),
+    ("prompts", "pins"),
+    ("prompts", "stats"),
+    ("prompts", "rollback", "ticket_triage", "--reason", "r"),
+    ("dlq", "stats"),
+    ("dlq", "inspect"),
+    ("dlq", "replay", "--group", "incident-1", "--reason", "too_large"),
+    ("trace", "some-request"),
+    ("topics", "plan"),
+]
+
+
+@pytest.mark.parametrize("args", READS, ids=lambda a: " ".join(a[:2]))
+def test_reads_from_an_unreachable_broker_fail_fast_in_one_line(args: tuple[str, ...]) -> None:
+    """librdkafka's own log (hundreds of connection lines) never reaches the terminal."""
+    code, out, err, took = llmpipe(*args, env={"LLMPIPE_BOOTSTRAP_SERVERS": UNREACHABLE})
+    assert code == 1, (out, err)
+    line = _one_line(err)
+    assert "LLMPIPE_BOOTSTRAP_SERVERS" in line and UNREACHABLE in line, line
+    assert "%3|" not in out + err
+    assert took < BOUND_S, f"{args} took {took:.1f} s"
+
+
 def test_failed_flag_write_exits_1_and_the_flag_is_not_set(kafka_settings: Settings) -> None:
     """A wrong prefix: the control topic does not exist, so nothing can be written."""
     wrong = kafka_settings.topic_prefix + "typo."

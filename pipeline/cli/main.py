@@ -66,8 +66,11 @@ def kafka_status() -> None:
 
 def _admin() -> Any:
     from pipeline.transport.clients import KafkaClients
+    from pipeline.transport.reader import require_broker
 
-    return KafkaClients(settings()).admin()
+    admin = KafkaClients(settings()).admin()
+    require_broker(admin, settings())
+    return admin
 
 
 def _specs(directory: Path | None) -> Any:

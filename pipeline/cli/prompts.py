@@ -357,7 +357,7 @@ def stats_command(
         try:
             results, undecodable = read_results(Settings(), since_ms)
         except ScanError as exc:
-            fail(f"Kafka: {exc}", EXIT_FAILED)
+            fail(str(exc), EXIT_FAILED)
     table = prompt_stats(results, name)
     if as_json:
         for row in table:
@@ -470,7 +470,11 @@ def _kafka_errors() -> Iterator[None]:
 
     try:
         yield
-    except (KafkaException, ScanError, TimeoutError, RuntimeError, LookupError) as exc:
+    except typer.Exit:  # click's Exit is a RuntimeError: an exit already decided stays as is
+        raise
+    except ScanError as exc:  # its message names the cause and the setting already
+        fail(str(exc), EXIT_FAILED)
+    except (KafkaException, TimeoutError, RuntimeError, LookupError) as exc:
         fail(f"Kafka: {exc} (LLMPIPE_BOOTSTRAP_SERVERS, LLMPIPE_TOPIC_PREFIX)", EXIT_FAILED)
 
 

@@ -20,10 +20,12 @@ from functools import cached_property
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
 from pipeline.errors import LlmpipeError
 from pipeline.transport import headers as h
+from pipeline.transport.clients import KafkaClients
 
 METADATA_TIMEOUT_S = 10.0
 # A scan that makes no progress for this long is broken (broker gone), not slow.
@@ -86,10 +88,32 @@ class ScanError(LlmpipeError):
     exit_code = 1
 
 
+def require_broker(client: Consumer | AdminClient, settings: Settings) -> None:
+    """Fail within ``LLMPIPE_CLI_TIMEOUT_S`` with one line when no broker answers.
+
+    Without this a tool's first metadata call waits its own, longer timeout, and the error
+    it raises names librdkafka's internals instead of the setting to check."""
+    try:
+        client.list_topics(timeout=settings.cli_timeout_s)
+    except KafkaException:
+        raise BrokerUnreachable(
+            f"cannot reach the Kafka broker at {settings.bootstrap_servers} within "
+            f"{settings.cli_timeout_s:g} s (LLMPIPE_BOOTSTRAP_SERVERS; LLMPIPE_CLI_TIMEOUT_S "
+            "sets the wait)"
+        ) from None
+
+
+class BrokerUnreachable(ScanError):
+    """No broker answered a metadata request."""
+
+
 def consumer_config(settings: Settings, group: str | None = None) -> dict[str, Any]:
-    """Manual commits only: the tools decide exactly when a position becomes durable."""
+    """Manual commits only: the tools decide exactly when a position becomes durable.
+
+    Connection, security and logging come from the client factory, so librdkafka's log goes
+    through the project's logger, never raw to a terminal."""
     return {
-        **settings.kafka_client_config(),
+        **KafkaClients(settings).base_config(),
         "group.id": group or f"llmpipe-reader-{uuid.uuid4()}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -248,6 +272,7 @@ def scan(
     ``topics`` are full names (with the prefix); see :func:`snapshot_ranges`."""
     consumer = Consumer(consumer_config(settings))
     try:
+        require_broker(consumer, settings)
         ranges = snapshot_ranges(consumer, topics, since_ms, missing_ok)
         yield from read_ranges(consumer, ranges, deadline_s)
     finally:
