@@ -44,11 +44,10 @@ demo: install
 demo-local: install model-server
 	LLMPIPE_MODEL_VENV=$(abspath $(MODEL_VENV)) $(BIN)/llmpipe demo --local-model
 
-## The tests: lint, types, prompt lock, then the suite against a real broker.
-test: kafka-up lint typecheck
-	$(BIN)/llmpipe prompts check
-	$(BIN)/llmpipe prompts test
-	$(BIN)/pytest -q
+## The tests: lint, types, prompt lock, then the suite against a real broker (started if none
+## runs, and then stopped again; a broker that was already running is left alone).
+test: install lint typecheck
+	bash infra/kafka/with-broker.sh sh -c '$(BIN)/llmpipe prompts check && $(BIN)/llmpipe prompts test && $(BIN)/pytest -q'
 
 lint: install
 	$(BIN)/ruff check pipeline tests bench

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
@@ -68,4 +69,25 @@ def test_compose_uses_real_settings_and_commands() -> None:
     top_level = {path[0] for path in ALL}
     for name, service in compose["services"].items():
         if service.get("build") and service.get("command"):
-            assert service["command"][0] in top_level, f"{name}: unknown command"
+            entry = service.get("entrypoint", ["llmpipe"])[1:]
+            assert (*entry, *service["command"])[0] in top_level, f"{name}: unknown command"
+
+
+def test_compose_examples_run_real_commands() -> None:
+    """Each `docker compose run --rm SERVICE ARGS` example in the compose file, with that
+    service's entrypoint (the image's is `llmpipe`), is a command the CLI has."""
+    text = (REPO_ROOT / "docker-compose.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    examples = re.findall(r"docker compose run --rm (\S+) ([^#\n]*)", text)
+    assert any(service == "review" for service, _ in examples)
+    runner = CliRunner()
+    for service, rest in examples:
+        entry = services[service].get("entrypoint", ["llmpipe"])
+        assert entry[0] == "llmpipe", service
+        words = [*entry[1:], *rest.split()]
+        path = [w for w in words if not w.startswith("-")]
+        while path and tuple(path) not in ALL:
+            path.pop()
+        assert path, f"{service} {rest}: no llmpipe command"
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (service, rest, result.output)

@@ -88,3 +88,53 @@ def test_round_trip_through_broker() -> None:
             consumer.close()
     finally:
         admin.delete_topics([topic])[topic].result(timeout=30)
+
+
+WITH_BROKER = REPO_ROOT / "infra" / "kafka" / "with-broker.sh"
+
+
+def _free_port_pair() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return int(port)
+    raise AssertionError("no two free adjacent ports")
+
+
+def test_make_test_wrapper_leaves_a_running_broker_alone() -> None:
+    """`make test` runs through with-broker.sh: the shared broker must still run after."""
+    inside = subprocess.run(
+        ["bash", str(WITH_BROKER), "sh", "-c", "exit 3"], capture_output=True, timeout=60
+    )
+    assert inside.returncode == 3, inside  # the command's own exit code
+    assert _status().returncode == 0, "with-broker.sh stopped a broker it did not start"
+
+
+def test_make_test_wrapper_stops_the_broker_it_started(tmp_path: os.PathLike[str]) -> None:
+    """Its own port and data dir: the shared broker is never touched."""
+    port = _free_port_pair()
+    env = {
+        **os.environ,
+        "LLMPIPE_KAFKA_PORT": str(port),
+        "LLMPIPE_KAFKA_DATA": str(tmp_path),
+        "LLMPIPE_KAFKA_HEAP": "-Xms256m -Xmx512m",
+    }
+    status = f"bash {KAFKA_SH} status"
+    run = subprocess.run(
+        ["bash", str(WITH_BROKER), "sh", "-c", status],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert run.returncode == 0, f"no broker inside the wrapper: {run.stdout}{run.stderr}"
+    after = subprocess.run(["bash", str(KAFKA_SH), "status"], capture_output=True, env=env)
+    assert after.returncode != 0, "the broker with-broker.sh started is still running"
+    assert _status().returncode == 0, "the shared broker was stopped"
