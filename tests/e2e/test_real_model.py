@@ -26,12 +26,13 @@ import pytest
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Completion, Escalation, Request
-from pipeline.dlq.reader import scan
+from pipeline.harness.environment import create_topics
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.llm.local_server import LocalModelServer
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.parse import parse_output
-from tests.support import create_topics, make_settings, produce, running_worker
+from pipeline.transport.reader import scan
+from tests.support import make_settings, produce, running_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
