@@ -199,3 +199,24 @@ def test_clearing_a_flag_of_a_removed_name_is_allowed(kafka_settings: Settings) 
     )
     assert code == 0, err
     assert json.dumps("flag:prompt_enabled:retired_prompt")[1:-1] in out
+
+
+def test_flags_keep_their_history_after_a_reset(kafka_settings: Settings) -> None:
+    """After `flags set ... default` the record of who switched what off, and why, stays."""
+    env = _env(kafka_settings)
+    for value, reason in (("off", "provider incident"), ("default", "resolved")):
+        code, _, err, _ = llmpipe(
+            "flags", "set", "model_calls_enabled", value, "--reason", reason, env=env
+        )
+        assert code == 0, err
+    code, out, err, _ = llmpipe("flags", "list", "--json", env=env)
+    assert (code, out) == (0, ""), err
+    code, out, err, _ = llmpipe("flags", "list", "--history", "--json", env=env)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["flag"], r["value"], r["reason"]) for r in rows] == [
+        ("model_calls_enabled", False, "provider incident"),
+        ("model_calls_enabled", None, "resolved"),
+    ]
+    code, out, err, _ = llmpipe("flags", "list", "--history", env=env)
+    assert code == 0 and "provider incident" in out and "default (cleared)" in out, out

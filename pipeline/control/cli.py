@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli.console import Commands, fail, out
@@ -30,17 +33,41 @@ def _key(name: str, scope: str | None) -> str:
 
 
 @flags_app.command("list")
-def list_flags() -> None:
+def list_flags(
+    history: Annotated[
+        bool,
+        typer.Option(
+            "--history",
+            help="Every flag event still on the topic, oldest first, including the ones "
+            "cleared with `default` (who switched what, when and why).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per flag.")] = False,
+) -> None:
     """Every flag set on the control topic, with who set it, when and why."""
-    events = [e for e in current_state(Settings()).events() if e.key.startswith("flag:")]
-    table = Table(title="flags (unset flags have their defaults)")
+    from pipeline.control.topic import read_history
+
+    settings = Settings()
+    if history:
+        events = [e for e in read_history(settings) if e.key.startswith("flag:")]
+    else:
+        events = [e for e in current_state(settings).events() if e.key.startswith("flag:")]
+    if as_json:
+        for event in events:
+            row = {"flag": event.key[5:], "value": event.value, "actor": event.actor}
+            row |= {"at": event.at.isoformat(), "reason": event.reason}
+            typer.echo(json.dumps(row))
+        return
+    title = "flag events (oldest first)" if history else "flags (unset flags have their defaults)"
+    table = Table(title=title)
     for column in ("flag", "value", "set by", "at", "reason"):
-        table.add_column(column)
+        # Identifiers wrap instead of being cut off when the output is not a terminal.
+        table.add_column(column, overflow="fold")
     for event in events:
-        table.add_row(
-            event.key[5:], str(event.value).lower(), event.actor, event.at.isoformat(), event.reason
-        )
-    out.print(table)
+        value = "default (cleared)" if event.value is None else str(event.value).lower()
+        table.add_row(event.key[5:], value, event.actor, event.at.isoformat(), event.reason)
+    # Off a terminal (a pipe, a log) Rich would assume 80 columns and cut identifiers.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     defaults = ", ".join(f"{name}={str(value).lower()}" for name, value in FLAG_DEFAULTS.items())
     out.print(f"defaults: {defaults}")
 
