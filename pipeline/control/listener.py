@@ -141,5 +141,15 @@ class ControlListener:
             event = self._codec.decode(value, ControlEvent, content_type)
             self._state.apply(event)
             record_control_change(event.key)
+            if self.ready.is_set():  # the initial load is summed up in one line instead
+                log.info(
+                    "control event applied: %s = %s (by %s at %s: %s)",
+                    event.key,
+                    "default" if event.value is None else event.value,
+                    event.actor,
+                    event.at.isoformat(),
+                    event.reason,
+                    extra={"control_key": event.key},
+                )
         except (DecodeError, ValueError) as exc:
             log.error("ignoring a bad control event: %s", exc)

@@ -156,3 +156,41 @@ def test_daily_token_budget_sends_the_rest_to_fallback(kafka_settings: Settings)
     over = outcomes.count(("result:fallback", "budget_exceeded"))
     assert answered >= 1 and over >= 1 and answered + over == len(ids), outcomes
     assert fake.counters()["total_calls"] == answered
+
+
+def test_a_listener_logs_each_applied_control_event_once(
+    kafka_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator reading a worker's log sees the flag arrive: one line per live event."""
+    import asyncio
+    import logging
+
+    from pipeline.contract.codec import Codec
+    from pipeline.contract.topology import CONTROL
+    from pipeline.control.listener import ControlListener
+    from pipeline.control.state import ControlState
+    from pipeline.transport.clients import KafkaClients
+
+    key = flag_key(GLOBAL_MODEL_CALLS)
+
+    async def run() -> None:
+        state, stop = ControlState(), asyncio.Event()
+        listener = ControlListener(
+            kafka_settings.topic(CONTROL), state, Codec(), KafkaClients(kafka_settings)
+        )
+        task = asyncio.create_task(listener.run(stop))
+        await asyncio.wait_for(listener.ready.wait(), 60)
+        await asyncio.to_thread(publish, kafka_settings, key, False, "ops", "provider incident")
+        for _ in range(1500):  # up to 30 s for the listener to fold the event
+            if not state.flag(GLOBAL_MODEL_CALLS):
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+        assert not state.flag(GLOBAL_MODEL_CALLS), "the event never reached the listener"
+
+    with caplog.at_level(logging.INFO, logger="llmpipe"):
+        asyncio.run(run())
+    applied = [r.getMessage() for r in caplog.records if "control event applied" in r.getMessage()]
+    assert applied == [applied[0]] and f"{key} = False (by ops at" in applied[0], applied
+    assert "provider incident" in applied[0]
