@@ -29,3 +29,20 @@ def test_readme_lists_exactly_the_reason_codes_the_cli_accepts() -> None:
     assert listed_dead | {"risk_rule_failed"} == set(DEAD_LETTER_REASONS)
     assert "`risk_rule_failed`" in escalation[1][:200]
     assert listed_escalation == set(ESCALATION_REASONS)
+
+
+def test_fake_model_docs_cover_every_behaviour_and_route() -> None:
+    """docs/fake-model.md is the only description of the fake server's knobs."""
+    from pipeline.harness.fakellm.behaviors import BEHAVIORS
+
+    doc = (REPO_ROOT / "docs" / "fake-model.md").read_text()
+    table = doc.split("## Behaviours", 1)[1].split("##", 1)[0]
+    import re
+
+    documented = {m.split(":")[0].strip("[") for m in re.findall(r"^\| `([^`]+)`", table, re.M)}
+    assert documented == set(BEHAVIORS)
+    server = (REPO_ROOT / "pipeline" / "harness" / "fakellm" / "server.py").read_text()
+    for route in re.findall(r"`(?:GET|POST|GET` / `POST) (/[a-z/_]+)`", doc):
+        assert f'"{route}"' in server, route
+    for directive in ("[[fake:NAME]]", "[[answer:JSON]]", "x-fake-behavior", "times=N"):
+        assert directive in doc

@@ -32,7 +32,11 @@ def fake_llm(
         str | None, typer.Option(help="Behaviour for every request without a directive.")
     ] = None,
 ) -> None:
-    """Run a fake OpenAI-compatible model that misbehaves on purpose (tests, demo, bench)."""
+    """Run a fake OpenAI-compatible model that misbehaves on purpose (tests, demo, bench).
+
+    Behaviours, the [[fake:NAME]] and [[answer:JSON]] directives, the x-fake-behavior
+    header, profiles and the /counters and /control endpoints: docs/fake-model.md.
+    """
     try:
         parse_profile(profile)
         if default_behavior:
