@@ -109,6 +109,7 @@ class Arm:
     requests: int = 0
     first_invalid: int = 0
     reasks: int = 0
+    """Calls after the first answer: re-asks, and retries of them (timeouts on a busy box)."""
     routes: dict[str, int] = field(default_factory=dict)
     confidences: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -117,11 +118,11 @@ class Arm:
         return self.routes.get(route, 0) / self.requests
 
     def row(self, prompt: str, arm: str) -> str:
-        mean = sum(self.confidences) / len(self.confidences) if self.confidences else float("nan")
+        mean = f"{sum(self.confidences) / len(self.confidences):.2f}" if self.confidences else "-"
         return (
             f"| {prompt} | {arm} | {self.requests} | {self.first_invalid / self.requests:.0%} | "
             f"{self.reasks / self.requests:.2f} | {self.rate('result:model'):.0%} | "
-            f"{self.rate('result:fallback'):.0%} | {self.rate('review'):.0%} | {mean:.2f} | "
+            f"{self.rate('result:fallback'):.0%} | {self.rate('review'):.0%} | {mean} | "
             f"{self.seconds:.0f} |"
         )
 
@@ -228,7 +229,7 @@ def test_a_real_model_through_the_pipeline_with_structured_output_on_and_off(
                 _check_and_measure(settings, prompt, sent, earlier, ledger, arm)
                 earlier |= set(sent)
     lines = [
-        "| prompt | structured output | requests | invalid first answers | re-asks / request "
+        "| prompt | structured output | requests | invalid first answers | extra calls / request "
         "| model results | fallback | review | mean confidence | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *(arm.row(prompt, name) for (prompt, name), arm in table.items()),
