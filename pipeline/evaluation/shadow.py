@@ -20,15 +20,12 @@ import asyncio
 import heapq
 import json
 import math
-import time
-import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer
 from rich.console import Group
 from rich.table import Table
 
@@ -40,10 +37,11 @@ from pipeline.evaluation.harness import ROUTES, Outcome, StageHarness
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.model_call import CallingClient
+from pipeline.transport import headers as h
+from pipeline.transport import reader
 
 OUTCOME_TOPICS = (RESULTS, REVIEW, FALLBACK, DLQ)
 NOT_FOUND = "not found"
-_TIMEOUT_S = 10.0
 # Look a little before the oldest sampled request: a clock skew between
 # producers must not hide its outcome.
 _OUTCOME_SLACK_MS = 60_000
@@ -257,74 +255,7 @@ def report_renderable(report: ShadowReport) -> Group:
     return Group(*parts)
 
 
-# -- Kafka reading (assign only, never commit, never produce) ------------------------------
-
-
-@contextmanager
-def _reader(settings: Settings) -> Iterator[Consumer]:
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            # A fresh id, never committed: assign() + no commits leave every group untouched.
-            "group.id": f"llmpipe-shadow-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": False,
-        }
-    )
-    try:
-        yield consumer
-    finally:
-        consumer.close()
-
-
-def _read_until(
-    consumer: Consumer, starts: Mapping[TopicPartition, int], ends: Mapping[tuple[str, int], int]
-) -> Iterator[Message]:
-    """Yield messages from each start offset up to the end offsets seen before reading.
-
-    Completion is judged by the consumer's position, not by the last offset
-    delivered: transaction markers (the review service writes
-    transactionally) occupy offsets that are never delivered as messages.
-    """
-    pending = {
-        TopicPartition(tp.topic, tp.partition)
-        for tp, start in starts.items()
-        if start < ends[(tp.topic, tp.partition)]
-    }
-    if not pending:
-        return
-    consumer.assign([TopicPartition(tp.topic, tp.partition, start) for tp, start in starts.items()])
-    idle_since = time.monotonic()
-    while pending:
-        batch = consumer.consume(num_messages=500, timeout=0.5)
-        for message in batch:
-            offset = message.offset()
-            where = (str(message.topic()), int(message.partition() or 0))
-            if message.error() or offset is None or offset >= ends[where]:
-                continue
-            yield message
-        for tp in consumer.position(list(pending)):
-            if tp.offset >= ends[(tp.topic, tp.partition)]:
-                pending.discard(TopicPartition(tp.topic, tp.partition))
-        if batch:
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > _TIMEOUT_S:
-            names = sorted(f"{tp.topic}[{tp.partition}]" for tp in pending)
-            raise TimeoutError(f"no progress within {_TIMEOUT_S}s reading {', '.join(names)}")
-
-
-def _partitions(consumer: Consumer, topic: str) -> list[TopicPartition]:
-    metadata = consumer.list_topics(topic, timeout=_TIMEOUT_S)
-    described = metadata.topics.get(topic)
-    if described is None or described.error is not None:
-        raise LookupError(f"topic {topic} does not exist (check LLMPIPE_TOPIC_PREFIX)")
-    return [TopicPartition(topic, p) for p in sorted(described.partitions)]
-
-
-def _headers(message: Message) -> dict[str, bytes]:
-    raw = cast("list[tuple[str, Any]]", message.headers() or [])
-    return {k.lower(): v for k, v in raw if isinstance(v, bytes)}
+# -- Kafka reading (the bounded reader: assign only, never commit, never produce) -------
 
 
 def read_served(
@@ -345,29 +276,30 @@ def read_served(
     codec = codec or Codec()
     topic = settings.topic(VALIDATED)
     newest: dict[str, Served] = {}
-    with _reader(settings) as consumer:
-        starts: dict[TopicPartition, int] = {}
-        ends: dict[tuple[str, int], int] = {}
-        for tp in _partitions(consumer, topic):
-            low, high = consumer.get_watermark_offsets(tp, timeout=_TIMEOUT_S)
-            starts[tp] = max(low, high - scan)
-            ends[(topic, tp.partition)] = high
-        for message in _read_until(consumer, starts, ends):
-            value = message.value()
-            if value is None:
+    consumer = Consumer(reader.consumer_config(settings))
+    try:
+        reader.require_broker(consumer, settings)
+        ranges = {
+            tp: (max(start, end - scan), end)
+            for tp, (start, end) in reader.snapshot_ranges(consumer, [topic]).items()
+        }
+        for record in reader.read_ranges(consumer, ranges):
+            if record.value is None:
                 continue
-            content_type = _headers(message).get("content-type", b"").decode() or None
             try:
-                validated = codec.decode(value, ValidatedRequest, content_type)
+                validated = codec.decode(
+                    record.value, ValidatedRequest, record.header(h.CONTENT_TYPE)
+                )
             except DecodeError:
                 continue
             if validated.prompt.name != name or validated.prompt.version == exclude_version:
                 continue
-            timestamp = message.timestamp()[1]
-            served = Served(validated, timestamp)
+            served = Served(validated, record.timestamp_ms or 0)
             previous = newest.get(served.request_id)
-            if previous is None or previous.timestamp_ms <= timestamp:
+            if previous is None or previous.timestamp_ms <= served.timestamp_ms:
                 newest[served.request_id] = served
+    finally:
+        consumer.close()
     return heapq.nlargest(limit, newest.values(), key=lambda s: s.timestamp_ms)
 
 
@@ -387,42 +319,23 @@ def read_outcomes(
     since = min(s.timestamp_ms for s in served) - _OUTCOME_SLACK_MS
     logical = {settings.topic(t): t for t in OUTCOME_TOPICS}
     sightings: dict[str, dict[str, list[Outcome]]] = {}
-    with _reader(settings) as consumer:
-        partitions = [tp for topic in logical for tp in _partitions(consumer, topic)]
-        ends = {
-            (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=_TIMEOUT_S)[1]
-            for tp in partitions
-        }
-        found = consumer.offsets_for_times(
-            [TopicPartition(tp.topic, tp.partition, max(since, 0)) for tp in partitions],
-            timeout=_TIMEOUT_S,
-        )
-        starts = {
-            TopicPartition(tp.topic, tp.partition): tp.offset
-            if tp.offset >= 0
-            else ends[(tp.topic, tp.partition)]
-            for tp in found
-        }
-        for message in _read_until(consumer, starts, ends):
-            headers = _headers(message)
-            rid = headers.get("x-request-id", b"").decode("utf-8", "replace")
-            if rid not in wanted:
-                continue
-            topic = logical[str(message.topic())]
-            outcome = _decode_outcome(codec, topic, message, headers)
-            if outcome is not None:
-                sightings.setdefault(rid, {}).setdefault(topic, []).append(outcome)
+    for record in reader.scan(settings, logical, since_ms=max(since, 0)):
+        rid = record.header(h.REQUEST_ID)
+        if rid is None or rid not in wanted:
+            continue
+        topic = logical[record.topic]
+        outcome = _decode_outcome(codec, topic, record)
+        if outcome is not None:
+            sightings.setdefault(rid, {}).setdefault(topic, []).append(outcome)
     return [
         Served(s.validated, s.timestamp_ms, resolve_outcome(sightings.get(s.request_id, {})))
         for s in served
     ]
 
 
-def _decode_outcome(
-    codec: Codec, topic: str, message: Message, headers: Mapping[str, bytes]
-) -> Outcome | None:
-    content_type = headers.get("content-type", b"").decode() or None
-    value = message.value() or b""
+def _decode_outcome(codec: Codec, topic: str, record: reader.SourceRecord) -> Outcome | None:
+    content_type = record.header(h.CONTENT_TYPE)
+    value = record.value or b""
     try:
         if topic == RESULTS:
             return Outcome.from_result(codec.decode(value, Result, content_type))
@@ -431,9 +344,11 @@ def _decode_outcome(
             return Outcome.from_review(escalation) if topic == REVIEW else None
     except DecodeError:
         return None
-    reason = headers.get("x-dlq-reason", b"").decode() or None
-    detail = headers.get("x-dlq-error-message", b"").decode("utf-8", "replace")
-    return Outcome(route="dead_letter", reason=reason, detail=detail)
+    return Outcome(
+        route="dead_letter",
+        reason=record.header(h.DLQ_REASON),
+        detail=record.header(h.DLQ_ERROR_MESSAGE) or "",
+    )
 
 
 # -- running the candidate -----------------------------------------------------------------

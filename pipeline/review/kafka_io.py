@@ -28,6 +28,7 @@ from pipeline.contract.topology import REVIEW, REVIEW_DECISIONS
 from pipeline.review.model import Clock, IncomingItem, TopicPosition
 from pipeline.review.store import ReviewStore
 from pipeline.transport import headers as h
+from pipeline.transport import reader
 
 log = logging.getLogger("llmpipe.review.kafka")
 
@@ -421,33 +422,11 @@ def read_to_end(
     it terminates even while producers keep writing.
     """
     codec = codec or Codec()
-    full = settings.topic(topic)
-    consumer = Consumer(_consumer_config(settings, settings.group("review-export")))
-    try:
-        partitions = list_partitions(consumer, full, timeout_s)
-        ends = end_offsets(consumer, partitions, timeout_s)
-        todo = {tp for tp, end in ends.items() if end > 0}
-        consumer.assign([KafkaTopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(todo)])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {full} to its end within {timeout_s:.0f}s")
-            for message in consumer.consume(num_messages=500, timeout=0.2):
-                if message.error() is not None:
-                    continue
-                tp = (message.topic(), message.partition())
-                headers = _headers(message)
-                try:
-                    yield (
-                        codec.decode(message.value() or b"", cls, h.text(headers, h.CONTENT_TYPE)),
-                        headers,
-                    )
-                except DecodeError as exc:
-                    if on_skip is not None:
-                        on_skip(f"{tp[0]}/{tp[1]}@{message.offset()}: {exc}")
-            for position in consumer.position([KafkaTopicPartition(t, p) for t, p in sorted(todo)]):
-                tp = (position.topic, position.partition)
-                if position.offset >= ends[tp]:
-                    todo.discard(tp)
-    finally:
-        consumer.close()
+    for record in reader.scan(settings, [settings.topic(topic)], deadline_s=timeout_s):
+        try:
+            envelope = codec.decode(record.value or b"", cls, record.header(h.CONTENT_TYPE))
+        except DecodeError as exc:
+            if on_skip is not None:
+                on_skip(f"{record.topic}/{record.partition}@{record.offset}: {exc}")
+            continue
+        yield envelope, record.headers_map
