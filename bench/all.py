@@ -43,8 +43,9 @@ CI runs the short chaos and fuzz versions in `tests/e2e/test_chaos.py` and
 - `python -m bench.features`: tracing off / on / exported, redaction on / off
 - `python -m bench.tracing`: tracing in detail: off, default, OTLP export, exported content,
   10 % sampling (a real OTLP receiver; results in docs/observability.md)
-- `python -m bench.chaos`: SIGKILL loops, takeover, model outage, broker restart (its own
-  broker on port 9292), each ending with the ledger
+- `python -m bench.chaos [--mode exactly_once|at_least_once|both]`: SIGKILLs and a broker
+  outage (a broker of its own), scaling 1 -> 3 -> 1 workers, a fenced zombie, a model
+  outage, each ending with the ledger and the calls redone against a fault-free run
 - `python -m bench.fuzz`: hypothesis campaign of arbitrary bytes, adversarial JSON and
   arbitrary model output through a live worker
 
@@ -125,8 +126,12 @@ def summary(reports: dict[str, Report]) -> list[str]:
         res = reports["chaos"].results
         rows.append(
             (
-                "chaos: missing / duplicates per run",
-                "; ".join(f"{k} {v['missing']} / {v['duplicates']}" for k, v in res.items()),
+                "chaos: missing / duplicates / two places / calls redone per run",
+                "; ".join(
+                    f"{k} {v['missing']} / {v['duplicates']} / {v.get('two_places', '-')} / "
+                    f"{'-' if v.get('redone_calls') is None else v['redone_calls']}"
+                    for k, v in res.items()
+                ),
             )
         )
     if "fuzz" in reports:

@@ -2,16 +2,24 @@
 
 Each scenario produces a known mix of requests (:func:`pipeline.harness.scenarios.mixed_requests`),
 does damage while many calls are in flight, lets the pipeline recover, and ends with the
-ledger (:mod:`pipeline.harness.ledger`): requests in, found in results / review / dead letters,
-**missing (must be 0)** and duplicates. Duplicates are expected: delivery is
-at-least-once, so work that was in flight, or produced but not yet committed, when
-something died is done again. They are counted and bounded, never hidden.
+ledger (:mod:`pipeline.harness.ledger`), read ``read_committed`` over results, review and dead
+letters, every sighting of every request checked: **missing**, **duplicates**, requests in
+**two terminal places**, sightings **off the route** their fault implies, and **model
+calls redone** (calls counted per request at the fake server, minus the same requests'
+calls in a fault-free run).
 
-The same functions run in two sizes: ``tests/e2e/test_chaos.py`` calls them small enough for
-CI (< 90 s in total), ``python -m bench.chaos`` runs the long versions and writes
-``bench/out/chaos.json``. The broker scenario starts its *own* broker (port 9292, data in
-``/tmp/bench-kafka-data``) through ``infra/kafka/kafka.sh`` and only ever stops that one;
-the shared broker on 9092 is never touched.
+Redone calls and duplicates are not bounded by a worst case but by what each fault
+actually put at risk, measured when it happened (:func:`measure_fault`): the calls in
+flight at the server (the worker is frozen with SIGSTOP, counted, then SIGKILLed) plus the
+work finished but not covered by any commit (the stage groups' committed positions and
+metadata, :mod:`pipeline.harness.commits`). Request by request, what was redone must not exceed
+what was at risk for it.
+
+The same functions run in two sizes: the tests (``tests/e2e/test_pipeline_crash.py``,
+``tests/e2e/test_chaos.py``) call them small enough for CI, ``python -m bench.chaos`` runs the
+long versions in both delivery modes and writes ``bench/out/chaos.json``. Broker faults
+run on a broker of their own (free ports, a temporary data dir, through
+``infra/kafka/kafka.sh``); the shared broker on 9092 is never stopped.
 
 Waits are conditions with deadlines (in-flight counts, group membership, topic counts),
 never fixed sleeps: the machine is small and shared, and a sleep long enough for a loaded
@@ -23,18 +31,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
+import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from confluent_kafka.admin import AdminClient
+
 from bench.common import (
     KAFKA_SCRIPT,
+    DeadlineExceeded,
     Proc,
     Report,
     TopicCounter,
@@ -51,15 +69,40 @@ from bench.common import (
 from bench.common import start_worker as _start_worker
 from pipeline.config import Settings
 from pipeline.contract import topology
+from pipeline.harness.commits import CommitSnapshot, group_commits, read_index
+from pipeline.harness.commits import snapshot as commit_snapshot
 from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import FakeLLMServer
-from pipeline.harness.ledger import Ledger, read_terminal
-from pipeline.harness.scenarios import DEFAULT_WEIGHTS, PlannedRequest, mixed_requests
+from pipeline.harness.fakellm.server import CallTally
+from pipeline.harness.ledger import (
+    MODEL_CALL,
+    SETTLE_CALL,
+    Ledger,
+    RequestCalls,
+    calls_of,
+    fewer_calls,
+    pipeline_call_kind,
+    read_terminal,
+    redone_calls,
+)
+from pipeline.harness.scenarios import (
+    DEFAULT_WEIGHTS,
+    SCENARIO_OVERRIDES,
+    PlannedRequest,
+    mixed_requests,
+)
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 
-CHAOS_PORT = 9292
-CHAOS_DATA = "/tmp/bench-kafka-data"
 GROUP_TIMEOUT_S = 60.0
+# A restarted worker: process start, group joins, then enough of its own calls.
+BUSY_TIMEOUT_S = 90.0
+# A frozen worker's last calls reach the server within this (loopback, a loaded machine).
+QUIET_S = 0.3
+# After a broker outage: from the broker answering again to a worker's next commit (its
+# sessions timed out during the outage, so this includes rejoining every group).
+RECOVERY_TIMEOUT_S = 60.0
+# A second JVM on a shared machine: smaller than the shared broker's 2 GB.
+OWN_BROKER_HEAP = "-Xms256m -Xmx1g"
 
 # Model faults with long timeouts ("hang") are left out of the default chaos mix: they
 # hold a slot for timeout x attempts and would only make the runs longer, not harder.
@@ -69,12 +112,7 @@ CHAOS_WEIGHTS = {k: v for k, v in DEFAULT_WEIGHTS.items() if k != "hang"}
 # crash runs that would hide what is being tested (does every request still take the
 # route its own fault implies after a crash?), so they raise the thresholds out of reach.
 # The model-outage run keeps the defaults: there, opening is the behaviour under test.
-NO_BREAKERS = {
-    "LLMPIPE_BREAKER_FAILURE_RATE": "1.0",
-    "LLMPIPE_BREAKER_MIN_CALLS": "100",
-    "LLMPIPE_QUALITY_BREAKER_FAILURE_RATE": "1.0",
-    "LLMPIPE_QUALITY_BREAKER_MIN_CALLS": "100",
-}
+NO_BREAKERS = {f"LLMPIPE_{k.upper()}": str(v) for k, v in SCENARIO_OVERRIDES.items()}
 
 
 # -- a fake model that can die and come back on the same port -------------------------------
@@ -85,12 +123,16 @@ class RestartableFake:
 
     The port is fixed up front so the worker's configured URL stays valid across a
     restart, exactly like a model server that crashes and is brought back by its
-    supervisor. While stopped, connections are refused.
+    supervisor. While stopped, connections are refused. Calls are counted per request
+    and per stage (:func:`pipeline.harness.ledger.pipeline_call_kind`), so a run can say exactly
+    which calls a fault made the pipeline pay again.
     """
 
     def __init__(self, latency: float = 0.0, jitter: float = 0.0) -> None:
         self.port = free_port()
-        self.server = FakeLLMServer(port=self.port, latency=latency, jitter=jitter)
+        self.server = FakeLLMServer(
+            port=self.port, latency=latency, jitter=jitter, call_kind=pipeline_call_kind
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake", daemon=True)
         self._thread.start()
@@ -112,6 +154,9 @@ class RestartableFake:
     def in_flight(self) -> int:
         return int(self.server.counters()["in_flight"])
 
+    def live_in_flight(self) -> int:
+        return self.server.live_in_flight()
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.stop()
@@ -130,64 +175,246 @@ def fake_model(latency: float, jitter: float = 0.2) -> Iterator[RestartableFake]
         fake.close()
 
 
+# -- faults and what was at risk when they happened ----------------------------------------
+
+
+@dataclass
+class Fault:
+    """One fault, and what a redo after it may repeat, measured when it happened.
+
+    ``at_risk_calls``: request -> model calls of the current epoch whose stage input was
+    not committed (calls in flight at the server, plus calls finished but not covered by
+    a commit): the most a redo can pay again. ``at_risk_outputs``: request -> stages in
+    which it already had an output while its input there was uncommitted: the most
+    duplicates a redo can add (at least once; always empty with exactly-once hops, whose
+    uncommitted outputs nobody can see). The ages say how long ago that uncommitted work
+    finished: much more than a commit interval means finished work was never recorded.
+    """
+
+    kind: str
+    at_s: float
+    in_flight: int
+    at_risk_calls: dict[str, int] = field(default_factory=dict)
+    at_risk_outputs: dict[str, int] = field(default_factory=dict)
+    oldest_uncommitted_output_ms: int = 0
+    oldest_uncommitted_call_ms: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+    redone: int = 0  # calls redone after this fault (attributed by ChaosOutcome.account)
+
+    @property
+    def uncommitted_calls(self) -> int:
+        return sum(self.at_risk_calls.values()) - self.in_flight
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "at_s": round(self.at_s, 1),
+            "calls_in_flight": self.in_flight,
+            "uncommitted_calls": self.uncommitted_calls,
+            "uncommitted_outputs": sum(self.at_risk_outputs.values()),
+            "oldest_uncommitted_output_ms": self.oldest_uncommitted_output_ms,
+            "oldest_uncommitted_call_ms": self.oldest_uncommitted_call_ms,
+            "calls_redone": self.redone,
+            **self.notes,
+        }
+
+
+def _started_since(now: RequestCalls, since: RequestCalls, rid: str, kind: str) -> int:
+    before = since.get(rid, {}).get(kind)
+    tally = now.get(rid, {}).get(kind)
+    return (tally.started if tally else 0) - (before.started if before else 0)
+
+
+def measure_fault(
+    kind: str,
+    clock: Clock,
+    now: RequestCalls,
+    since: RequestCalls,
+    in_flight: Mapping[str, int],
+    commits: CommitSnapshot,
+) -> Fault:
+    """What a fault put at risk: ``now``/``since`` are the server's per-request calls at
+    the fault and at the start of the epoch it ends, ``commits`` the stage groups' commits
+    read right after it (worker dead or broker about to stop)."""
+    open_by_kind = {
+        MODEL_CALL: commits.uncommitted("model"),
+        SETTLE_CALL: commits.uncommitted("settle"),
+    }
+    at_risk: dict[str, int] = {}
+    oldest_call_ms = 0
+    for rid in now:
+        calls = sum(
+            max(0, _started_since(now, since, rid, k))
+            for k, open_ids in open_by_kind.items()
+            if rid in open_ids
+        )
+        calls = max(calls, in_flight.get(rid, 0))
+        if calls:
+            at_risk[rid] = calls
+            if rid not in in_flight:
+                ended = max((t.last_ended_at for t in now[rid].values()), default=0.0)
+                if ended:
+                    age = commits.taken_at_ms - int(ended * 1000)
+                    oldest_call_ms = max(oldest_call_ms, age)
+    outputs: Counter[str] = Counter()
+    oldest_output_ms = 0
+    for stage in commits.groups:
+        for rid, age in commits.finished_uncommitted(stage).items():
+            outputs[rid] += 1
+            oldest_output_ms = max(oldest_output_ms, age)
+    return Fault(
+        kind,
+        clock.elapsed,
+        sum(in_flight.values()),
+        at_risk,
+        dict(outputs),
+        oldest_output_ms,
+        oldest_call_ms,
+    )
+
+
 # -- outcome of one scenario ----------------------------------------------------------------
 
 
 @dataclass
 class ChaosOutcome:
-    """The ledger of one run plus what was done to the pipeline, and when."""
+    """The ledger of one run plus what was done to the pipeline, and when.
+
+    Every sighting of every request is checked: ``duplicates`` counts copies beyond the
+    first anywhere, ``two_places`` requests found in more than one terminal topic,
+    ``wrong_route`` requests with any sighting off the route their own fault implies.
+    ``redone_calls`` compares the fake server's calls per request with a fault-free run of
+    the same requests; ``over_budget`` lists requests that were redone (or duplicated)
+    more than what was at risk for them at the faults: each must be empty.
+    """
 
     name: str
+    mode: str
     requests: int
     found: int
     missing: int
     duplicates: int
+    two_places: int
+    wrong_route: int
     routes: dict[str, int]
     reasons: dict[str, int]
-    unexpected_routes: int
-    wrong_outcome: int
     events: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    faults: list[Fault] = field(default_factory=list)
+    redone_calls: int | None = None
+    redone_over_budget: dict[str, tuple[int, int]] = field(default_factory=dict)
+    duplicates_over_budget: dict[str, tuple[int, int]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_ledger(
-        cls, name: str, planned: Sequence[PlannedRequest], ledger: Ledger, events: list[str]
+        cls,
+        name: str,
+        mode: str,
+        planned: Sequence[PlannedRequest],
+        ledger: Ledger,
+        events: list[str],
+        reasons: bool = True,
     ) -> ChaosOutcome:
-        wrong = Counter(
-            f"{p.fault}->{ledger.first(p.request_id).outcome}/{ledger.first(p.request_id).reason}"
-            for p in planned
-            if p.request_id in ledger.seen
-            and (ledger.first(p.request_id).outcome, ledger.first(p.request_id).reason)
-            != (p.expected, p.expected_reason)
-        )
-        # Outcome only (result source / review / dead letter), ignoring the reason: the
-        # reason of a model fault can legitimately change when a breaker intervenes.
-        wrong_outcome = sum(
-            1
-            for p in planned
-            if p.request_id in ledger.seen and ledger.first(p.request_id).outcome != p.expected
+        """``reasons=False`` checks outcomes only (breakers may change a model reason)."""
+        wrong = ledger.wrong_routes(
+            {p.request_id: (p.expected, p.expected_reason) for p in planned}, reasons
         )
         summary = ledger.summary()
-        return cls(
+        outcome = cls(
             name=name,
+            mode=mode,
             requests=summary["requests"],
             found=summary["found"],
             missing=summary["missing"],
             duplicates=summary["duplicates"],
+            two_places=summary["two_places"],
+            wrong_route=len(wrong),
             routes=dict(summary["routes"]),
             reasons={f"{o}/{r}": n for (o, r), n in sorted(ledger.reasons().items())},
-            unexpected_routes=sum(wrong.values()),
-            wrong_outcome=wrong_outcome,
             events=events,
-            details={"unexpected_by_fault": dict(wrong.most_common(10))},
         )
+        by_fault = Counter(
+            f"{p.fault}->{','.join(wrong[p.request_id])}" for p in planned if p.request_id in wrong
+        )
+        outcome.details["wrong_route_by_fault"] = dict(by_fault.most_common(10))
+        if ledger.two_places:
+            outcome.details["two_places_e.g."] = {
+                rid: sorted(t) for rid, t in list(ledger.two_places.items())[:5]
+            }
+        return outcome
+
+    def account(
+        self,
+        ledger: Ledger,
+        faulty: RequestCalls | None,
+        baseline: RequestCalls | None,
+    ) -> None:
+        """Bound the redone calls and the duplicates, request by request, by the faults."""
+        calls_budget: Counter[str] = Counter()
+        outputs_budget: Counter[str] = Counter()
+        for f in self.faults:
+            calls_budget.update(f.at_risk_calls)
+            outputs_budget.update(f.at_risk_outputs)
+        if faulty is not None and baseline is not None:
+            ids = sorted(ledger.expected)
+            redone = redone_calls(faulty, baseline, ids)
+            self.redone_calls = sum(redone.values())
+            self.redone_over_budget = {
+                rid: (n, calls_budget[rid]) for rid, n in redone.items() if n > calls_budget[rid]
+            }
+            for rid, n in redone.items():  # to the faults that put the calls at risk, in order
+                for f in self.faults:
+                    take = min(n, f.at_risk_calls.get(rid, 0))
+                    f.redone += take
+                    n -= take
+            cheaper = fewer_calls(faulty, baseline, ids)
+            self.details["fewer_calls_than_baseline"] = len(cheaper)
+            self.details["calls_faulty"] = sum(calls_of(faulty, rid) for rid in ids)
+            self.details["calls_baseline"] = sum(calls_of(baseline, rid) for rid in ids)
+        for rid, extra in ledger.duplicates.items():
+            allowed = 2 ** outputs_budget[rid] - 1
+            if extra > allowed:
+                self.duplicates_over_budget[rid] = (extra, allowed)
+
+    @property
+    def calls_at_risk(self) -> int:
+        return sum(sum(f.at_risk_calls.values()) for f in self.faults)
+
+    @property
+    def outputs_at_risk(self) -> int:
+        return sum(sum(f.at_risk_outputs.values()) for f in self.faults)
 
     def line(self) -> str:
+        redone = "n/a" if self.redone_calls is None else str(self.redone_calls)
         return (
-            f"{self.name}: {self.requests} in, {self.found} found, {self.missing} missing, "
-            f"{self.duplicates} duplicates, routes {self.routes}"
+            f"{self.name} [{self.mode}]: {self.requests} in, {self.found} found, "
+            f"{self.missing} missing, {self.duplicates} duplicates, {self.two_places} in two "
+            f"places, {self.wrong_route} off route, {redone} calls redone "
+            f"(at risk: {self.calls_at_risk} calls, {self.outputs_at_risk} outputs), "
+            f"routes {self.routes}"
         )
+
+    def explain(self) -> str:
+        """Everything a failing assertion should print."""
+        faults = "\n".join(f"  fault {i + 1}: {f.row()}" for i, f in enumerate(self.faults))
+        over = ""
+        if self.redone_over_budget:
+            over += f"\nredone over budget (redone, at risk): {_head(self.redone_over_budget)}"
+        if self.duplicates_over_budget:
+            over += f"\nduplicates over budget: {_head(self.duplicates_over_budget)}"
+        return f"{self.line()}\n{faults}{over}\n" + "\n".join(self.events) + f"\n{self.details}"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "faults"}
+        data["faults"] = [f.row() for f in self.faults]
+        data["redone_over_budget"] = len(self.redone_over_budget)
+        data["duplicates_over_budget"] = len(self.duplicates_over_budget)
+        return data
+
+
+def _head(items: Mapping[str, Any], n: int = 5) -> dict[str, Any]:
+    return dict(list(items.items())[:n])
 
 
 class Clock:
@@ -205,14 +432,6 @@ class Clock:
         return time.monotonic() - self._t0
 
 
-def _busy_or_dead(fake: RestartableFake, worker: Proc, in_flight: int) -> bool:
-    return fake.in_flight() >= in_flight or not worker.alive()
-
-
-def _reached(counter: TopicCounter, target: int) -> bool:
-    return counter.count() >= target
-
-
 def _produce(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
     produce_batch(
         settings,
@@ -222,8 +441,18 @@ def _produce(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
     )
 
 
-def _worker(settings: Settings, name: str, env: Mapping[str, str] | None = None) -> Proc:
-    return _start_worker(settings, name, {"LLMPIPE_MODEL_MAX_ATTEMPTS": "2", **(env or {})})
+def delivery_env(mode: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment for a delivery mode; faults use two attempts per call."""
+    return {
+        "LLMPIPE_DELIVERY": mode,
+        "LLMPIPE_MODEL_MAX_ATTEMPTS": "2",
+        **NO_BREAKERS,
+        **(extra or {}),
+    }
+
+
+def _worker(settings: Settings, name: str, env: Mapping[str, str]) -> Proc:
+    return _start_worker(settings, name, {"LLMPIPE_MODEL_MAX_ATTEMPTS": "2", **env})
 
 
 def _ledger(
@@ -260,119 +489,660 @@ def _topics(settings: Settings, keep: bool = False) -> Iterator[Settings]:
             delete_topics(settings)
 
 
+# -- the broker -----------------------------------------------------------------------------
+
+
+def _kafka(command: str, port: int, data: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "LLMPIPE_KAFKA_HEAP": OWN_BROKER_HEAP,
+        **os.environ,
+        "LLMPIPE_KAFKA_PORT": str(port),
+        "LLMPIPE_KAFKA_DATA": data,
+    }
+    return subprocess.run(
+        ["bash", str(KAFKA_SCRIPT), command], env=env, capture_output=True, text=True, check=False
+    )
+
+
+def free_broker_port() -> int:
+    """A port whose neighbour (the KRaft controller's) is free too."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535:
+            with contextlib.suppress(OSError), socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 1))
+                return port
+    raise RuntimeError("no free pair of ports for a broker")
+
+
+@dataclass
+class OwnBroker:
+    """A dedicated broker that only this run stops and starts (never the shared 9092)."""
+
+    port: int
+    data: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def down(self) -> None:
+        result = _kafka("down", self.port, self.data)
+        if result.returncode != 0:
+            raise RuntimeError(f"chaos broker did not stop: {result.stderr[-2000:]}")
+
+    def up(self) -> None:
+        result = _kafka("up", self.port, self.data)
+        if result.returncode != 0:
+            raise RuntimeError(f"chaos broker did not start: {result.stderr[-2000:]}")
+
+
+@contextlib.contextmanager
+def own_broker(port: int | None = None, data: str | None = None) -> Iterator[OwnBroker]:
+    """A dedicated broker for broker chaos, on its own ports and data dir; stopped and
+    deleted at the end. Refuses port 9092: that broker belongs to everyone else."""
+    port = port or free_broker_port()
+    if port == 9092:
+        raise ValueError("broker chaos must never run against the shared broker on 9092")
+    data = data or tempfile.mkdtemp(prefix=f"llmpipe-chaos-kafka-{port}-")
+    broker = OwnBroker(port, data)
+    broker.up()
+    try:
+        yield broker
+    finally:
+        _kafka("down", port, data)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 # -- scenarios ------------------------------------------------------------------------------
 
+# The kill runs: model faults of every kind, hangs included (they hold the lowest offset of
+# a partition for timeout x attempts, the case that made every kill re-pay everything
+# finished above it), at a rate that keeps some hang in flight at most faults.
+KILL_WEIGHTS = {**DEFAULT_WEIGHTS, "hang": 3.0}
+MODES = ("exactly_once", "at_least_once")
 
-def sigkill_loop(
+
+def baseline_calls(
     bootstrap: str,
-    requests: int = 2_000,
-    kills: int = 5,
-    in_flight_at_kill: int = 40,
-    latency: float = 0.5,
-    seed: int = 21,
-) -> ChaosOutcome:
-    """SIGKILL the only worker again and again while it has many model calls in flight.
-
-    Each new worker must pick up from the committed offsets; everything that was in flight
-    at a kill is consumed again (duplicates), nothing may be skipped (missing).
-    """
-    clock = Clock()
-    planned = mixed_requests(requests, seed=seed, weights=CHAOS_WEIGHTS, prefix="kill")
-    in_flight_seen: list[int] = []
+    planned: Sequence[PlannedRequest],
+    latency: float,
+    model_timeout_s: float,
+    mode: str = "exactly_once",
+) -> RequestCalls:
+    """The same requests through one worker without faults: model calls per request."""
     with fake_model(latency) as fake:
         settings = new_settings(
-            bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=64
+            bootstrap, model_base_url=fake.url, model_timeout_s=model_timeout_s, max_in_flight=64
         )
         with _topics(settings):
-            _produce(settings, planned)
-            clock.log(f"produced {requests} requests")
-            for i in range(kills):
-                worker = _worker(settings, f"chaos-kill{i}", NO_BREAKERS)
-                try:
-                    wait_until(
-                        functools.partial(_busy_or_dead, fake, worker, in_flight_at_kill),
-                        GROUP_TIMEOUT_S,
-                        f"{in_flight_at_kill} model calls in flight",
-                    )
-                    in_flight_seen.append(fake.in_flight())
-                    worker.kill()
-                    clock.log(f"SIGKILL worker {i + 1}/{kills} with {in_flight_seen[-1]} in flight")
-                    # The server finishes the orphaned calls on its own clock; wait for them
-                    # so the next kill counts only the next worker's calls.
-                    wait_until(lambda: fake.in_flight() == 0, 60, "orphaned calls to finish")
-                finally:
-                    worker.stop()
-            survivor = _worker(settings, "chaos-kill-final", NO_BREAKERS)
-            clock.log("final worker started")
+            worker = _worker(settings, "baseline", delivery_env(mode))
             try:
-                ledger = _ledger(settings, planned, timeout_s=240, settle_s=3, clock=clock)
-                clock.log("ledger complete" if not ledger.missing else "ledger timed out")
-                alive = survivor.alive()
+                _produce(settings, planned)
+                ledger = read_terminal(settings, [p.request_id for p in planned], timeout_s=180)
+                if ledger.missing or ledger.duplicates:
+                    raise RuntimeError(f"the fault-free baseline run failed: {ledger.summary()}")
             finally:
-                survivor.stop()
-    outcome = ChaosOutcome.from_ledger("sigkill_loop", planned, ledger, clock.events)
+                worker.stop()
+        return fake.server.request_calls()
+
+
+@dataclass
+class Lane:
+    """One pipeline of a kill run: its own fake model, topics, worker and faults.
+
+    Several lanes (one per delivery mode) can share a run: they are killed in turn and
+    live through the same broker outage, which halves the cost of a run on a small
+    machine without letting them see each other's messages or calls.
+    """
+
+    mode: str
+    fake: RestartableFake
+    settings: Settings
+    planned: list[PlannedRequest]
+    env: dict[str, str]
+    worker: Proc | None = None
+    epoch_start: RequestCalls = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    started_workers: int = 0
+
+    def start_worker(self, clock: Clock) -> Proc:
+        self.worker = _worker(self.settings, f"chaos-{self.mode}-{self.started_workers}", self.env)
+        self.started_workers += 1
+        clock.log(f"[{self.mode}] worker {self.started_workers} started")
+        return self.worker
+
+    def new_epoch(self) -> None:
+        self.epoch_start = self.fake.server.request_calls()
+
+    def ended_this_epoch(self) -> int:
+        now = self.fake.server.request_calls()
+        return sum(
+            t.ended - (self.epoch_start.get(rid, {}).get(k) or CallTally()).ended
+            for rid, kinds in now.items()
+            for k, t in kinds.items()
+        )
+
+    def busy(self, in_flight: int, finished: int) -> bool:
+        """The worker is in its stride: ``finished`` calls of its own done (so it has
+        committed some work) and ``in_flight`` of its own in flight."""
+        worker = self.worker
+        assert worker is not None
+        if not worker.alive():
+            raise RuntimeError(f"{worker.name} died: {worker.log_tail()}")
+        return (
+            self.ended_this_epoch() >= finished and self.fake.server.live_in_flight() >= in_flight
+        )
+
+    def state(self) -> str:
+        name = self.worker.name if self.worker is not None else "no worker"
+        return (
+            f"[{self.mode}] {name}: {self.ended_this_epoch()} calls done, "
+            f"{self.fake.server.live_in_flight()} in flight"
+        )
+
+    def freeze(self) -> tuple[dict[str, int], RequestCalls]:
+        """SIGSTOP: the worker sends and finishes nothing more; read the server's calls."""
+        worker = self.worker
+        assert worker is not None
+        os.kill(worker.pid, signal.SIGSTOP)
+        at_freeze = self.fake.server.in_flight_requests()
+        # Calls the worker sent just before it froze may still be in the socket, not yet
+        # read by the server: wait until the server has seen every call it will see.
+        last = -1
+        stable_since = time.monotonic()
+        while time.monotonic() - stable_since < QUIET_S:
+            started = int(self.fake.server.counters()["total_calls"])
+            if started != last:
+                last, stable_since = started, time.monotonic()
+            time.sleep(0.02)
+        # In flight at the freeze: what was then, plus what was still on its way.
+        later = self.fake.server.in_flight_requests()
+        in_flight = {r: max(at_freeze.get(r, 0), later.get(r, 0)) for r in {*at_freeze, *later}}
+        return in_flight, self.fake.server.request_calls()
+
+    def kill(
+        self, clock: Clock, frozen: tuple[dict[str, int], RequestCalls], kind: str = "sigkill"
+    ) -> Fault:
+        """SIGKILL the frozen worker, read the stage commits, wait out its orphaned calls."""
+        worker = self.worker
+        assert worker is not None
+        in_flight, calls = frozen
+        worker.kill()
+        worker.stop()
+        commits = commit_snapshot(self.settings)
+        fault = measure_fault(kind, clock, calls, self.epoch_start, in_flight, commits)
+        clock.log(
+            f"[{self.mode}] SIGKILL {worker.name}: {fault.in_flight} calls in flight, "
+            f"{fault.uncommitted_calls} finished calls uncommitted, "
+            f"{sum(fault.at_risk_outputs.values())} outputs uncommitted"
+        )
+        self.fake.server.wait_orphans_drained(60)
+        self.new_epoch()
+        self.worker = None
+        self.faults.append(fault)
+        return fault
+
+
+def _log_lines(worker: Proc) -> list[bytes]:
+    with contextlib.suppress(OSError):
+        return worker.log_path.read_bytes().splitlines()
+    return []
+
+
+def _about_the_worker(line: bytes) -> bool:
+    """A line about the process (broker health, librdkafka, anything printed raw), not
+    about one message: per-message lines (a dead letter logged) carry their stage."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return bool(line.strip())
+    return not (isinstance(record, dict) and "stage" in record)
+
+
+def _committed_total(settings: Settings, stage: str) -> int:
+    return sum(group_commits(settings, stage).positions.values())
+
+
+def _commits_resumed(settings: Settings, before: int, worker: Proc) -> bool:
+    return _committed_total(settings, "model") > before or not worker.alive()
+
+
+def _freeze_when_busy(
+    lanes: Sequence[Lane], in_flight: int, finished: int, clock: Clock
+) -> list[tuple[dict[str, int], RequestCalls]]:
+    """SIGSTOP each lane's worker as soon as it is busy; return what each had at the server."""
+    frozen: dict[int, tuple[dict[str, int], RequestCalls]] = {}
+
+    def all_frozen() -> bool:
+        for i, lane in enumerate(lanes):
+            if i not in frozen and lane.busy(in_flight, finished):
+                frozen[i] = lane.freeze()
+        return len(frozen) == len(lanes)
+
+    try:
+        wait_until(all_frozen, BUSY_TIMEOUT_S, f"{finished} calls done and {in_flight} in flight")
+    except DeadlineExceeded as exc:
+        states = "; ".join(lane.state() for lane in lanes)
+        raise DeadlineExceeded(f"{exc}: {states}\n" + "\n".join(clock.events)) from exc
+    return [frozen[i] for i in range(len(lanes))]
+
+
+def _outage(
+    broker: OwnBroker,
+    outage_s: float,
+    lanes: Sequence[Lane],
+    frozen: Sequence[tuple[dict[str, int], RequestCalls]],
+    clock: Clock,
+    when_back: Callable[[], None],
+) -> None:
+    """Stop the broker for ``outage_s``, start it again, wait for every lane to commit.
+
+    The lanes' workers arrive frozen (busy, see :func:`_freeze_when_busy`): their commits
+    are read, they are resumed and the broker is stopped. What was at risk in a lane: every
+    call of the epoch whose stage input those commits did not cover, including calls made
+    while the broker was away (none could commit). Each worker's log lines from the stop
+    until its commits resume are counted: an outage must cost a few lines, not one per
+    retry.
+    """
+    before = []
+    for lane, (in_flight, _) in zip(lanes, frozen, strict=True):
+        assert lane.worker is not None
+        before.append(
+            (
+                commit_snapshot(lane.settings),
+                _committed_total(lane.settings, "model"),
+                in_flight,
+                len(_log_lines(lane.worker)),
+            )
+        )
+    for lane in lanes:  # commits read while frozen: nothing moved meanwhile
+        assert lane.worker is not None
+        os.kill(lane.worker.pid, signal.SIGCONT)
+    t_down = time.monotonic()
+    broker.down()
+    clock.log(f"broker stopped ({[sum(b[2].values()) for b in before]} model calls in flight)")
+    # The outage is the scenario's subject: it lasts outage_s however fast the JVM stops.
+    wait_until(lambda: time.monotonic() - t_down >= outage_s, outage_s + 5, "the outage")
+    broker.up()
+    down_s = time.monotonic() - t_down
+    clock.log(f"broker back after {down_s:.1f}s")
+    when_back()  # new work, so that resumed commits show even if the old work was done
+    back_at = time.monotonic()
+    for lane, (commits, committed, in_flight, lines_before) in zip(lanes, before, strict=True):
+        worker = lane.worker
+        assert worker is not None
+        resumed = functools.partial(_commits_resumed, lane.settings, committed, worker)
+        recovered = True
+        try:
+            wait_until(resumed, RECOVERY_TIMEOUT_S - (time.monotonic() - back_at), "commits")
+        except DeadlineExceeded:
+            recovered = False
+        recovered_s = time.monotonic() - t_down
+        written = _log_lines(worker)[lines_before:]
+        lines = sum(1 for line in written if _about_the_worker(line))
+        clock.log(
+            f"[{lane.mode}] "
+            + (
+                f"commits resumed {recovered_s:.1f}s after the stop"
+                if recovered
+                else f"NO commit {RECOVERY_TIMEOUT_S:.0f}s after the broker was back"
+            )
+            + f"; {lines} log lines meanwhile ({len(written)} with per-message lines)"
+        )
+        for line in [x for x in written if _about_the_worker(x)][:3]:
+            clock.log(f"[{lane.mode}]   log: {line.decode(errors='replace')[:160]}")
+        fault = measure_fault(
+            "broker_outage",
+            clock,
+            lane.fake.server.request_calls(),
+            lane.epoch_start,
+            in_flight,
+            commits,
+        )
+        fault.notes.update(
+            {
+                "outage_s": round(down_s, 1),
+                "recovered": recovered,
+                "recovered_s": round(recovered_s, 1) if recovered else None,
+                "log_lines": lines,
+                "log_lines_all": len(written),
+            }
+        )
+        lane.faults.append(fault)
+        lane.new_epoch()
+        if not recovered:
+            # What a liveness probe would do: kill the stuck worker; a new one takes over.
+            clock.log(f"[{lane.mode}] the stuck worker is killed and replaced")
+            lane.kill(clock, lane.freeze(), kind="sigkill_stuck")
+
+
+def _chunks(planned: Sequence[PlannedRequest], faults: int) -> list[list[PlannedRequest]]:
+    """Requests to produce before each fault and after the last: 35 % first (nothing is
+    left over yet), 5 % last, the rest in equal parts; a worker killed busy leaves part of
+    its chunk to the next."""
+    n = len(planned)
+    cuts = [0, int(n * 0.35)]
+    middle = n - cuts[1] - int(n * 0.05)
+    cuts += [cuts[1] + middle * i // (faults - 1) for i in range(1, faults)] if faults > 1 else []
+    cuts.append(n)
+    return [list(planned[a:b]) for a, b in itertools.pairwise(cuts)]
+
+
+def kill_run(
+    broker: OwnBroker,
+    modes: Sequence[str] = MODES,
+    requests: int = 1_000,
+    plan: Sequence[str] = ("kill", "kill", "outage", "kill"),
+    in_flight_at_kill: int = 60,
+    finished_before_kill: int = 100,
+    latency: float = 0.5,
+    model_timeout_s: float = 2.0,
+    outage_s: float = 10.0,
+    seed: int = 21,
+    baseline: Callable[[], RequestCalls] | None = None,
+    static_membership: bool = False,
+) -> dict[str, ChaosOutcome]:
+    """SIGKILL the only worker again and again with many calls in flight, and stop the
+    broker once, all on a broker of this run's own; then account for every request and
+    every model call. One lane per delivery mode, side by side.
+
+    Before each fault the previous worker's orphaned calls have ended and the current
+    worker is in its stride: ``finished_before_kill`` calls of its own done and
+    ``in_flight_at_kill`` in flight. ``baseline`` gives the calls each request costs
+    without faults; it is called once the run is over, so it can be a fault-free run going
+    on meanwhile (a future's ``result``).
+
+    ``static_membership`` gives every worker of a lane the same
+    ``LLMPIPE_GROUP_INSTANCE_ID``, as a supervisor restarting a crashed pod does, so a
+    restarted worker gets its partitions back at once instead of after the session
+    timeout. Off by default: a static member whose session times out during a broker
+    outage longer than the session timeout is fenced by its own rejoin, and librdkafka
+    reports that as a fatal consumer error (confluentinc/librdkafka#3437); this run found
+    the worker then stops consuming without exiting.
+    """
+    clock = Clock()
+    planned = mixed_requests(requests, seed=seed, weights=KILL_WEIGHTS, prefix="kill")
+    with contextlib.ExitStack() as stack:
+        lanes: list[Lane] = []
+        for mode in modes:
+            fake = stack.enter_context(fake_model(latency))
+            settings = new_settings(
+                broker.bootstrap,
+                model_base_url=fake.url,
+                model_timeout_s=model_timeout_s,
+                max_in_flight=64,
+            )
+            stack.enter_context(_topics(settings))
+            static = {"LLMPIPE_GROUP_INSTANCE_ID": f"{settings.topic_prefix}w"}
+            env = delivery_env(mode, static if static_membership else None)
+            lanes.append(Lane(mode, fake, settings, planned, env))
+        # A chunk of the requests before each fault and one after the last: every worker
+        # finds a backlog, however fast its predecessor drained the last one.
+        chunks = _chunks(planned, len(plan))
+
+        produced: set[int] = set()
+
+        def produce_chunk(i: int) -> None:
+            if i in produced:
+                return
+            produced.add(i)
+            for lane in lanes:
+                _produce(lane.settings, chunks[i])
+            clock.log(f"produced {len(chunks[i])} more requests to each of {len(lanes)} lanes")
+
+        try:
+            for i, step in enumerate(plan):
+                clock.log(f"next fault: {step}")
+                produce_chunk(i)
+                for lane in lanes:
+                    if lane.worker is None:
+                        lane.start_worker(clock)
+                # Each lane is frozen the moment its worker is busy (its backlog lasts
+                # only a second or two at full speed); the fault hits all once all are.
+                frozen = _freeze_when_busy(lanes, in_flight_at_kill, finished_before_kill, clock)
+                if step == "kill":
+                    with ThreadPoolExecutor(len(lanes)) as pool:
+                        list(pool.map(Lane.kill, lanes, [clock] * len(lanes), frozen))
+                elif step == "outage":
+                    _outage(
+                        broker,
+                        outage_s,
+                        lanes,
+                        frozen,
+                        clock,
+                        functools.partial(produce_chunk, i + 1),
+                    )
+                else:
+                    raise ValueError(f"unknown fault {step!r}")
+            produce_chunk(len(plan))
+            outcomes: dict[str, ChaosOutcome] = {}
+            calls_without_faults: RequestCalls | None = None
+            for lane in lanes:
+                worker = lane.worker or lane.start_worker(clock)
+                ledger = _ledger(lane.settings, planned, timeout_s=180, settle_s=2, clock=clock)
+                clock.log(
+                    f"[{lane.mode}] ledger " + ("complete" if not ledger.missing else "timed out")
+                )
+                outcome = ChaosOutcome.from_ledger(
+                    "kill_run", lane.mode, planned, ledger, clock.events
+                )
+                outcome.faults = lane.faults
+                if calls_without_faults is None and baseline is not None:
+                    calls_without_faults = baseline()
+                outcome.account(ledger, lane.fake.server.request_calls(), calls_without_faults)
+                outcome.details.update(
+                    {
+                        "final_worker_alive": worker.alive(),
+                        "plan": list(plan),
+                        "workers_started": lane.started_workers,
+                    }
+                )
+                outcomes[lane.mode] = outcome
+        finally:
+            for lane in lanes:
+                if lane.worker is not None:
+                    lane.worker.stop()
+    for outcome in outcomes.values():
+        outcome.duration_s = clock.elapsed
+    return outcomes
+
+
+def _output_gaps(settings: Settings, since_ms: int, until_ms: int) -> dict[str, float]:
+    """Longest stretch (s) without output, per stage, between two wall-clock moments."""
+    stage_topics = {
+        "validate": [topology.VALIDATED],
+        "model": [topology.COMPLETIONS],
+        "settle+fallback": [topology.RESULTS, topology.REVIEW],
+    }
+    gaps: dict[str, float] = {}
+    for stage, topics in stage_topics.items():
+        stamps = sorted(
+            m.timestamp_ms
+            for t in topics
+            for placed in read_index(settings, t).by_request.values()
+            for m in placed
+        )
+        window = [since_ms, *(s for s in stamps if since_ms <= s <= until_ms)]
+        gaps[stage] = round(
+            max((b - a for a, b in itertools.pairwise(window)), default=0) / 1000, 2
+        )
+    return gaps
+
+
+def scaling(
+    bootstrap: str,
+    mode: str = "exactly_once",
+    requests: int = 1_500,
+    latency: float = 0.5,
+    max_in_flight: int = 16,
+    seed: int = 22,
+) -> ChaosOutcome:
+    """One worker, then a second and a third join mid-stream; then one is stopped with
+    SIGTERM and another SIGKILLed. Nothing may be lost or repeated, and the other workers
+    must keep producing while partitions move: the longest gap in each stage's output
+    between the first join and the end of the run is reported.
+
+    A small ``max_in_flight`` keeps the backlog long enough for four membership changes.
+    """
+    clock = Clock()
+    planned = mixed_requests(requests, seed=seed, weights=CHAOS_WEIGHTS, prefix="scale")
+    env = delivery_env(mode)
+    membership: list[tuple[str, float]] = []
+    with fake_model(latency) as fake:
+        settings = new_settings(
+            bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=max_in_flight
+        )
+        groups = stage_groups(settings)
+        with _topics(settings):
+            procs = {"a": _worker(settings, "scale-a", env)}
+            try:
+                wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S)
+                _produce(settings, planned)
+                clock.log(f"produced {requests} requests to worker a")
+                first_ms = int(time.time() * 1000)
+                with TopicCounter(settings, list(topology.terminal_topics())) as done:
+
+                    def reach(share: float) -> None:
+                        target = int(share * requests)
+                        wait_until(lambda: done.count() >= target, 120, f"{target} outputs")
+
+                    reach(0.08)
+                    first_ms = int(time.time() * 1000)
+                    for name, share in (("b", 0.2), ("c", 0.4)):
+                        procs[name] = _worker(settings, f"scale-{name}", env)
+                        clock.log(f"worker {name} starts")
+                        wait_groups_stable(settings, groups, len(procs), GROUP_TIMEOUT_S)
+                        membership.append((f"{name} joined", clock.elapsed))
+                        clock.log(f"{len(procs)} workers own partitions in every group")
+                        reach(share)
+                    code = procs.pop("a").stop()
+                    clock.log(f"worker a stopped with SIGTERM (exit {code})")
+                    wait_groups_stable(settings, groups, 2, GROUP_TIMEOUT_S)
+                    membership.append(("a left", clock.elapsed))
+                    reach(0.6)
+                    in_flight = fake.in_flight()
+                    procs["b"].kill()
+                    clock.log(f"worker b SIGKILLed ({in_flight} calls in flight)")
+                    killed = procs.pop("b")
+                    wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S + 30)
+                    membership.append(("b evicted", clock.elapsed))
+                    clock.log("worker c owns every partition")
+                    del killed
+                ledger = _ledger(settings, planned, timeout_s=180, settle_s=3, clock=clock)
+                clock.log("ledger complete" if not ledger.missing else "ledger timed out")
+                last_ms = max(
+                    (s.timestamp_ms for sightings in ledger.seen.values() for s in sightings),
+                    default=first_ms,
+                )
+                gaps = _output_gaps(settings, first_ms, last_ms)
+                alive = all(p.alive() for p in procs.values())
+            finally:
+                for p in procs.values():
+                    p.stop()
+    outcome = ChaosOutcome.from_ledger("scaling", mode, planned, ledger, clock.events)
+    outcome.account(ledger, None, None)
     outcome.duration_s = clock.elapsed
     outcome.details.update(
         {
-            "kills": kills,
-            "in_flight_at_each_kill": in_flight_seen,
-            "final_worker_alive": alive,
-            "duplicate_bound": kills * 4 * settings.max_in_flight,
+            "longest_output_gap_s": gaps,
+            "membership_changes": [f"{what} at t+{t:.1f}s" for what, t in membership],
+            "survivor_alive": alive,
         }
     )
     return outcome
 
 
-def kill_one_of_two(
-    bootstrap: str, requests: int = 3_000, latency: float = 0.3, seed: int = 22
-) -> ChaosOutcome:
-    """Two workers share the partitions; one is SIGKILLed; the other must take over.
+def _members(settings: Settings, groups: Sequence[str]) -> dict[str, set[str]]:
+    """group -> member ids, from the broker's view."""
+    admin = AdminClient(settings.kafka_client_config())
+    out: dict[str, set[str]] = {}
+    for group, future in admin.describe_consumer_groups(list(groups)).items():
+        with contextlib.suppress(Exception):
+            out[group] = {m.member_id for m in future.result(10).members}
+    return out
 
-    Takeover is observed in the broker's group view (every stage group down to one member
-    owning all partitions), then the survivor must finish every request.
+
+def fencing(
+    bootstrap: str,
+    mode: str = "exactly_once",
+    requests: int = 600,
+    latency: float = 1.0,
+    in_flight: int = 40,
+    seed: int = 25,
+) -> ChaosOutcome:
+    """A zombie: a worker frozen (SIGSTOP) with calls in flight until its partitions have
+    moved to a replacement, then resumed (SIGCONT). It must not be able to commit anything
+    it finishes: the ledger stays clean while the replacement redoes that work.
+
+    The replacement takes the zombie's static membership (``LLMPIPE_GROUP_INSTANCE_ID``),
+    as a rolling restart does, so the partitions move at once instead of after a session
+    timeout; the zombie's calls are answered while it is frozen, so on resuming it holds
+    finished work that it will try to commit.
     """
     clock = Clock()
-    planned = mixed_requests(requests, seed=seed, weights=CHAOS_WEIGHTS, prefix="pair")
+    planned = mixed_requests(requests, seed=seed, weights={"valid": 1}, prefix="fence")
+    env = delivery_env(mode, {"LLMPIPE_GROUP_INSTANCE_ID": f"fence-{seed}"})
     with fake_model(latency) as fake:
         settings = new_settings(
-            bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=64
+            bootstrap, model_base_url=fake.url, model_timeout_s=10.0, max_in_flight=64
         )
         groups = stage_groups(settings)
         with _topics(settings):
-            victim = _worker(settings, "chaos-a", NO_BREAKERS)
-            survivor = _worker(settings, "chaos-b", NO_BREAKERS)
+            zombie = _worker(settings, "zombie", env)
+            replacement: Proc | None = None
             try:
-                wait_groups_stable(settings, groups, 2, GROUP_TIMEOUT_S)
-                clock.log("both workers own partitions in every stage group")
-                _produce(settings, planned)
-                clock.log(f"produced {requests} requests")
-                with TopicCounter(settings, [topology.RESULTS]) as counter:
-                    wait_until(
-                        lambda: counter.count() >= requests // 10 and fake.in_flight() >= 32,
-                        GROUP_TIMEOUT_S,
-                        "10% of results with calls in flight",
-                    )
-                    in_flight = fake.in_flight()
-                    done_at_kill = counter.count()
-                victim.kill()
-                clock.log(f"SIGKILL worker a ({in_flight} calls in flight, {done_at_kill} done)")
-                killed_at = time.monotonic()
                 wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S)
-                takeover_s = time.monotonic() - killed_at
-                clock.log(f"worker b owns every partition after {takeover_s:.1f}s")
-                ledger = _ledger(settings, planned, timeout_s=240, settle_s=3, clock=clock)
+                before = _members(settings, list(groups))
+                _produce(settings, planned)
+                fake.server.wait_live_in_flight(in_flight, GROUP_TIMEOUT_S)
+                os.kill(zombie.pid, signal.SIGSTOP)
+                frozen = fake.server.in_flight_requests()
+                frozen_calls = sum(frozen.values())
+                clock.log(f"zombie frozen with {frozen_calls} calls in flight")
+                replacement = _worker(settings, "replacement", env)
+
+                def moved() -> bool:
+                    now = _members(settings, list(groups))
+                    return all(now.get(g) and not now[g] & before.get(g, set()) for g in groups)
+
+                wait_until(moved, GROUP_TIMEOUT_S, "every group to drop the zombie's member")
+                wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S)
+                clock.log("the replacement owns every partition")
+                fake.server.wait_live_in_flight(1, GROUP_TIMEOUT_S)
+                os.kill(zombie.pid, signal.SIGCONT)
+                clock.log("zombie resumed")
+                ledger = _ledger(settings, planned, timeout_s=180, settle_s=5, clock=clock)
                 clock.log("ledger complete" if not ledger.missing else "ledger timed out")
-                alive = survivor.alive()
+                zombie_alive = zombie.alive()
+                fence_lines = [
+                    line
+                    for line in zombie.log_tail(400).splitlines()
+                    if "fenc" in line.lower() or "FENCED" in line
+                ]
+                alive = replacement.alive()
             finally:
-                victim.stop()
-                survivor.stop()
-    outcome = ChaosOutcome.from_ledger("kill_one_of_two", planned, ledger, clock.events)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(zombie.pid, signal.SIGCONT)
+                zombie.stop()
+                if replacement is not None:
+                    replacement.stop()
+    calls = fake.server.request_calls()
+    outcome = ChaosOutcome.from_ledger("fencing", mode, planned, ledger, clock.events)
+    outcome.account(ledger, None, None)
     outcome.duration_s = clock.elapsed
     outcome.details.update(
         {
-            "takeover_s": round(takeover_s, 1),
-            "survivor_alive": alive,
-            "in_flight_at_kill": in_flight,
+            "zombie_calls_in_flight_when_frozen": frozen_calls,
+            # The replacement redid each of them (a second call), so a copy committed by
+            # the zombie would show up as a duplicate.
+            "frozen_requests_called_again": sum(
+                1 for rid in frozen if calls_of(calls, rid, MODEL_CALL) >= 2
+            ),
+            "frozen_requests": len(frozen),
+            "zombie_alive_after": zombie_alive,
+            "zombie_fencing_log_lines": fence_lines[:3],
+            "replacement_alive": alive,
         }
     )
     return outcome
@@ -380,6 +1150,7 @@ def kill_one_of_two(
 
 def model_server_restart(
     bootstrap: str,
+    mode: str = "exactly_once",
     requests: int = 3_000,
     latency: float = 0.3,
     outage_fallbacks: int = 20,
@@ -391,15 +1162,16 @@ def model_server_restart(
     Half the requests are produced before the outage, half after the server is back. The
     outage lasts until the pipeline has visibly reacted (``outage_fallbacks`` requests on
     the fallback path), not a fixed time. Requests caught by the outage must end on the
-    fallback path with a model reason; none may be lost; and model answers must resume
-    once the server is back (counted from ``Result.produced_at``). The endpoint breaker is
-    kept on (it is what reacts to an outage) with a short open time, so that it half-opens
+    fallback path with a model reason; none may be lost or repeated (no worker died and no
+    commit failed, so nothing is redelivered); and model answers must resume once the
+    server is back (counted from ``Result.produced_at``). The endpoint breaker is kept on
+    (it is what reacts to an outage) with a short open time, so that it half-opens
     within the run.
     """
     clock = Clock()
     planned = mixed_requests(requests, seed=seed, weights={"valid": 1}, prefix="model")
     first, second = planned[: requests // 2], planned[requests // 2 :]
-    env = {"LLMPIPE_BREAKER_OPEN_S": str(breaker_open_s)}
+    env = {"LLMPIPE_DELIVERY": mode, "LLMPIPE_BREAKER_OPEN_S": str(breaker_open_s)}
     with fake_model(latency) as fake:
         settings = new_settings(
             bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=64
@@ -444,7 +1216,10 @@ def model_server_restart(
         and r.source == "model"
         and r.produced_at >= back_at
     )
-    outcome = ChaosOutcome.from_ledger("model_server_restart", planned, ledger, clock.events)
+    outcome = ChaosOutcome.from_ledger(
+        "model_server_restart", mode, planned, ledger, clock.events, reasons=False
+    )
+    outcome.account(ledger, None, None)
     outcome.duration_s = clock.elapsed
     outcome.details.update(
         {
@@ -453,6 +1228,17 @@ def model_server_restart(
             "canaries_until_breaker_closed": canaries,
             "breaker_open_s": breaker_open_s,
             "worker_alive": alive,
+            "off_model_reasons": sorted(
+                {
+                    s.reason or "-"
+                    for sightings in ledger.seen.values()
+                    for s in sightings
+                    if s.outcome == "result:fallback" and not (s.reason or "").startswith("model_")
+                }
+            ),
+            "sighting_outcomes": sorted(
+                {s.outcome for sightings in ledger.seen.values() for s in sightings}
+            ),
         }
     )
     return outcome
@@ -477,155 +1263,103 @@ def _until_model_answers(settings: Settings, timeout_s: float) -> int:
     raise TimeoutError(f"no model answer within {timeout_s:.0f}s after the restart")
 
 
-# -- the broker -----------------------------------------------------------------------------
-
-
-def _kafka(command: str, port: int, data: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LLMPIPE_KAFKA_PORT": str(port), "LLMPIPE_KAFKA_DATA": data}
-    return subprocess.run(
-        ["bash", str(KAFKA_SCRIPT), command], env=env, capture_output=True, text=True, check=False
-    )
-
-
-@contextlib.contextmanager
-def own_broker(port: int = CHAOS_PORT, data: str = CHAOS_DATA) -> Iterator[str]:
-    """A dedicated broker for broker chaos, stopped at the end if this started it.
-
-    Refuses port 9092: that broker belongs to everyone else on the machine.
-    """
-    if port == 9092:
-        raise ValueError("broker chaos must never run against the shared broker on 9092")
-    started = _kafka("status", port, data).returncode != 0
-    if started:
-        up = _kafka("up", port, data)
-        if up.returncode != 0:
-            raise RuntimeError(f"could not start the chaos broker: {up.stderr[-2000:]}")
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        if started:
-            _kafka("down", port, data)
-
-
-def broker_restart(
-    port: int = CHAOS_PORT,
-    data: str = CHAOS_DATA,
-    requests: int = 3_000,
-    latency: float = 0.3,
-    restarts: int = 2,
-    seed: int = 24,
-) -> ChaosOutcome:
-    """Stop the broker (SIGTERM, controlled shutdown) mid-stream and start it again.
-
-    While it is down the worker cannot produce, fetch or commit: produce retries with
-    backoff, commits fail (so the work is redone: duplicates), calls in flight finish and
-    wait. After the restart everything must drain with nothing missing.
-    """
-    clock = Clock()
-    planned = mixed_requests(requests, seed=seed, weights=CHAOS_WEIGHTS, prefix="broker")
-    down_s: list[float] = []
-    with own_broker(port, data) as bootstrap, fake_model(latency) as fake:
-        clock.log(f"chaos broker up on {bootstrap}")
-        settings = new_settings(
-            bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=64
-        )
-        with _topics(settings):
-            worker = _worker(settings, "chaos-broker", NO_BREAKERS)
-            try:
-                wait_groups_stable(settings, stage_groups(settings), 1, GROUP_TIMEOUT_S)
-                _produce(settings, planned)
-                clock.log(f"produced {requests} requests")
-                for i in range(restarts):
-                    target = requests * (i + 1) // (restarts + 2)
-                    with TopicCounter(settings, [topology.RESULTS]) as counter:
-                        wait_until(
-                            functools.partial(_reached, counter, target),
-                            120,
-                            f"{target} results before restart {i + 1}",
-                        )
-                    in_flight = fake.in_flight()
-                    t_down = time.monotonic()
-                    _kafka("down", port, data)
-                    clock.log(f"broker stopped ({in_flight} model calls in flight)")
-                    up = _kafka("up", port, data)
-                    if up.returncode != 0:
-                        raise RuntimeError(f"chaos broker did not come back: {up.stderr[-2000:]}")
-                    down_s.append(time.monotonic() - t_down)
-                    clock.log(f"broker back after {down_s[-1]:.1f}s")
-                ledger = _ledger(settings, planned, timeout_s=300, settle_s=3, clock=clock)
-                clock.log("ledger complete" if not ledger.missing else "ledger timed out")
-                alive = worker.alive()
-            finally:
-                worker.stop()
-    outcome = ChaosOutcome.from_ledger("broker_restart", planned, ledger, clock.events)
-    outcome.duration_s = clock.elapsed
-    outcome.details.update({"outages_s": [round(d, 1) for d in down_s], "worker_alive": alive})
-    return outcome
-
-
 # -- the long run ---------------------------------------------------------------------------
 
 
 def outcome_rows(outcomes: Sequence[ChaosOutcome]) -> list[str]:
     rows = table(
-        ["run", "requests", "found", "missing", "duplicates", "other route", "other reason", "s"],
+        [
+            "run",
+            "mode",
+            "requests",
+            "missing",
+            "duplicates",
+            "two places",
+            "off route",
+            "calls redone",
+            "calls at risk",
+            "s",
+        ],
         [
             (
                 o.name,
+                o.mode,
                 o.requests,
-                o.found,
                 o.missing,
                 o.duplicates,
-                o.wrong_outcome,
-                o.unexpected_routes - o.wrong_outcome,
+                o.two_places,
+                o.wrong_route,
+                "-" if o.redone_calls is None else o.redone_calls,
+                o.calls_at_risk if o.faults else "-",
                 o.duration_s,
             )
             for o in outcomes
         ],
     )
     for o in outcomes:
-        rows += ["", f"**{o.name}** routes: {o.routes}", ""]
+        rows += ["", f"**{o.name} [{o.mode}]** routes: {o.routes}", ""]
+        if o.faults:
+            rows += table(
+                list(o.faults[0].row()),
+                [list(f.row().values()) for f in o.faults],
+            )
+            rows.append("")
         rows += [f"    {e}" for e in o.events]
         if o.details:
             rows += ["", f"details: {o.details}"]
     return rows
 
 
-def run(quick: bool, bootstrap: str, broker: bool = True) -> Report:
+def run(quick: bool, bootstrap: str, broker: bool = True, modes: Sequence[str] = MODES) -> Report:
     started = time.monotonic()
     scale = 1 if quick else 2
     report = Report(
         "chaos",
-        "Chaos: worker kills, takeover, model outage, broker restart",
-        {"quick": quick, "broker_chaos": broker, "chaos_broker_port": CHAOS_PORT},
+        "Chaos: worker kills and a broker outage, scaling, fencing, model outage",
+        {"quick": quick, "broker_chaos": broker, "modes": list(modes)},
     )
-    outcomes = [
-        sigkill_loop(bootstrap, requests=1_000 * scale, kills=3 if quick else 5),
-        kill_one_of_two(bootstrap, requests=1_500 * scale),
-        model_server_restart(bootstrap, requests=1_500 * scale),
-    ]
+    outcomes: list[ChaosOutcome] = []
     if broker:
-        outcomes.append(broker_restart(requests=1_500 * scale, restarts=1 if quick else 2))
-    report.results = {o.name: o.__dict__ for o in outcomes}
+        requests = 1_000 * scale
+        planned = mixed_requests(requests, seed=21, weights=KILL_WEIGHTS, prefix="kill")
+        baseline = baseline_calls(bootstrap, planned, 0.5, 2.0)
+        plan = (
+            ("kill", "kill", "outage", "kill")
+            if quick
+            else ("kill", "kill", "kill", "outage", "kill", "kill")
+        )
+        with own_broker() as own:
+            outcomes += kill_run(
+                own, modes, requests, plan=plan, baseline=lambda: baseline
+            ).values()
+    for mode in modes:
+        outcomes.append(scaling(bootstrap, mode, requests=1_500 * scale))
+        outcomes.append(fencing(bootstrap, mode))
+        outcomes.append(model_server_restart(bootstrap, mode, requests=1_500 * scale))
+    report.results = {f"{o.name}[{o.mode}]": o.as_dict() for o in outcomes}
     report.markdown += outcome_rows(outcomes)
     lost = sum(o.missing for o in outcomes)
     report.notes.append(
         f"requests lost across all runs: {lost}"
-        + (" (PASS)" if lost == 0 else " (FAIL: at-least-once is broken)")
+        + (" (PASS)" if lost == 0 else " (FAIL: a request was lost)")
     )
     report.notes.append(
-        "duplicates come from at-least-once delivery: messages in flight, or produced but "
-        "not yet committed (commits run every 0.5 s), when a worker or the broker died are "
-        "processed again; consumers de-duplicate on request_id"
+        "calls redone = model calls at the fake server minus the same requests' calls in a "
+        "fault-free run; calls at risk = calls in flight at each fault plus finished calls "
+        "whose stage input no commit covered (read from the groups' commits right after it)"
     )
     return finish(report, started, bootstrap)
 
 
 def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
-    parser.add_argument("--no-broker", action="store_true", help="skip the broker restart run")
+    parser.add_argument("--no-broker", action="store_true", help="skip the kill+outage runs")
+    parser.add_argument(
+        "--mode", choices=[*MODES, "both"], default="both", help="delivery mode(s) to run"
+    )
     args = parser.parse_args()
-    run(args.quick, args.bootstrap, broker=not args.no_broker)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    run(args.quick, args.bootstrap, broker=not args.no_broker, modes=modes)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from confluent_kafka import Producer
 
@@ -72,17 +73,75 @@ def _by_key(records: Sequence[Record]) -> dict[bytes, int]:
     return {r.key: r.timestamp_ms for r in records if r.key is not None}
 
 
-def run(quick: bool, bootstrap: str, model_latency: float = 0.0) -> Report:
+MODES = ("exactly_once", "at_least_once")
+
+
+def run(
+    quick: bool, bootstrap: str, model_latency: float = 0.0, modes: tuple[str, ...] = MODES
+) -> Report:
+    """One measurement per delivery mode; the first mode's figures are the report's."""
     started = time.monotonic()
     duration_s = 20.0 if quick else 60.0
     report = Report(
         "latency",
         "Added latency at half of the measured maximum load",
-        {"duration_s": duration_s, "model_latency_s": model_latency, "warmup_s": WARMUP_S},
+        {
+            "duration_s": duration_s,
+            "model_latency_s": model_latency,
+            "warmup_s": WARMUP_S,
+            "delivery_modes": list(modes),
+        },
     )
+    by_mode = {m: measure(quick, bootstrap, model_latency, duration_s, m) for m in modes}
+    curves: dict[str, list[float]] = {m: sorted(r.pop("_added")) for m, r in by_mode.items()}
+    report.results = {**by_mode[modes[0]], "by_delivery_mode": by_mode}
+    for mode, res in by_mode.items():
+        report.markdown += [
+            f"**{mode}**: maximum measured in this run: {res['max_rate']:.0f} req/s; offered "
+            f"open-loop: {res['offered_rate']:.0f} req/s for {duration_s:.0f} s "
+            f"({res['measured']} requests after a {WARMUP_S:.0f} s warm-up).",
+            "",
+        ]
+        report.markdown += table(
+            ["ms", "p50", "p95", "p99"],
+            [
+                (name, *res[key].values())
+                for name, key in (
+                    ("end to end", "end_to_end_ms"),
+                    ("model call", "model_ms"),
+                    ("**added by the pipeline**", "added_ms"),
+                    ("hop 1: requests -> validated", "hop_validate_ms"),
+                    ("hop 2: validated -> completions, minus the call", "hop_model_minus_call_ms"),
+                    ("hop 3: completions -> results", "hop_settle_ms"),
+                )
+            ],
+        )
+        report.markdown.append("")
+    report.notes.append(
+        "timestamps are those of the output records, written when a hop commits (each "
+        "hop's outputs wait in its outbox for the next commit, every LLMPIPE_COMMIT_INTERVAL_MS)"
+    )
+    plot_lines(
+        report,
+        "cdf",
+        {m: (xs, [i / len(xs) for i in range(len(xs))]) for m, xs in curves.items()},
+        "added latency (ms)",
+        "fraction of requests",
+    )
+    return finish(report, started, bootstrap)
+
+
+def measure(
+    quick: bool, bootstrap: str, model_latency: float, duration_s: float, mode: str
+) -> dict[str, Any]:
+    env = {"LLMPIPE_DELIVERY": mode}
     with FakeLLMProcess() as instant:
         peak = measure_pipeline(
-            bootstrap, valid_requests(3_000 if quick else 6_000, seed=6), instant, label="max"
+            bootstrap,
+            valid_requests(3_000 if quick else 6_000, seed=6),
+            instant,
+            label="max",
+            extra_env=env,
         )
     rate = peak.rate / 2
     count = int(rate * duration_s)
@@ -91,7 +150,7 @@ def run(quick: bool, bootstrap: str, model_latency: float = 0.0) -> Report:
     with (
         FakeLLMProcess(latency=model_latency) as fake,
         fresh_topics(bootstrap, model_base_url=fake.url) as settings,
-        workers(settings, 1),
+        workers(settings, 1, env),
     ):
         wait_groups_stable(settings, stage_groups(settings), 1, 90)
         paced_produce(settings, planned, rate)
@@ -127,7 +186,7 @@ def run(quick: bool, bootstrap: str, model_latency: float = 0.0) -> Report:
     def pcts(values: list[float]) -> dict[str, float]:
         return {f"p{q}": round(percentile(values, q), 1) for q in (50, 95, 99)}
 
-    report.results = {
+    return {
         "max_rate": round(peak.rate, 1),
         "offered_rate": round(rate, 1),
         "requests": count,
@@ -138,43 +197,17 @@ def run(quick: bool, bootstrap: str, model_latency: float = 0.0) -> Report:
         "hop_validate_ms": pcts(hop1),
         "hop_model_minus_call_ms": pcts(hop2),
         "hop_settle_ms": pcts(hop3),
+        "_added": added,
     }
-    report.markdown += [
-        f"Maximum measured in this run: {peak.rate:.0f} req/s; offered open-loop: "
-        f"{rate:.0f} req/s for {duration_s:.0f} s ({len(e2e)} requests after a "
-        f"{WARMUP_S:.0f} s warm-up).",
-        "",
-    ]
-    report.markdown += table(
-        ["ms", "p50", "p95", "p99"],
-        [
-            (name, *report.results[key].values())
-            for name, key in (
-                ("end to end", "end_to_end_ms"),
-                ("model call", "model_ms"),
-                ("**added by the pipeline**", "added_ms"),
-                ("hop 1: requests -> validated", "hop_validate_ms"),
-                ("hop 2: validated -> completions, minus the call", "hop_model_minus_call_ms"),
-                ("hop 3: completions -> results", "hop_settle_ms"),
-            )
-        ],
-    )
-    ordered = sorted(added)
-    plot_lines(
-        report,
-        "cdf",
-        {"added latency": (ordered, [i / len(ordered) for i in range(len(ordered))])},
-        "added latency (ms)",
-        "fraction of requests",
-    )
-    return finish(report, started, bootstrap)
 
 
 def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
     parser.add_argument("--model-latency", type=float, default=0.0)
+    parser.add_argument("--mode", choices=[*MODES, "both"], default="both", help="delivery mode(s)")
     args = parser.parse_args()
-    run(args.quick, args.bootstrap, args.model_latency)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    run(args.quick, args.bootstrap, args.model_latency, modes)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,17 @@ def profile_worker(bootstrap: str, count: int) -> str:
     return str(out.relative_to(OUT_DIR.parent))
 
 
-def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
+MODES = ("exactly_once", "at_least_once")
+
+
+def _key(mode: str) -> str:
+    """The run's key: ``pipeline`` for the default mode (what earlier reports called it)."""
+    return "pipeline" if mode == MODES[0] else f"pipeline_{mode}"
+
+
+def run(
+    quick: bool, bootstrap: str, profile: bool = False, modes: tuple[str, ...] = MODES
+) -> Report:
     started = time.monotonic()
     count = 5_000 if quick else 20_000
     repeats = 1 if quick else 2
@@ -96,6 +106,7 @@ def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
             "scenario": "valid",
             "repeats": repeats,
             "max_in_flight": 64,
+            "delivery_modes": list(modes),
         },
     )
     planned = valid_requests(count)
@@ -104,14 +115,36 @@ def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
     # the same requests repeated to a larger backlog.
     relay_count = 50_000 if quick else 100_000
     relay_planned = (planned * (relay_count // count + 1))[:relay_count]
-    runs: dict[str, list[Run]] = {"relay_confluent": [], "pipeline": []}
+    runs: dict[str, list[Run]] = {"relay_confluent": []}
+    runs.update({_key(m): [] for m in modes})
     with FakeLLMProcess() as fake:
         for _ in range(repeats):  # interleaved, so drifting background load hits all alike
             runs["relay_confluent"].append(measure_relay(bootstrap, relay_planned))
-            runs["pipeline"].append(measure_pipeline(bootstrap, planned, fake, label="pipeline"))
+            for mode in modes:
+                runs[_key(mode)].append(
+                    measure_pipeline(
+                        bootstrap,
+                        planned,
+                        fake,
+                        label=f"pipeline ({mode})",
+                        extra_env={"LLMPIPE_DELIVERY": mode},
+                    )
+                )
         clients = client_alone(fake, 2_000 if quick else 5_000, repeats + 1)
     chosen = {k: median_run(v) for k, v in runs.items()}
-    pipe = chosen["pipeline"]
+    pipe = chosen[_key(modes[0])]
+    by_mode = {
+        mode: {
+            "rate": round(chosen[_key(mode)].rate, 1),
+            "vs_confluent_relay": round(
+                chosen[_key(mode)].rate / chosen["relay_confluent"].rate, 4
+            ),
+            "worker_cpu_ms_per_request": round(
+                chosen[_key(mode)].cpu_s.get("worker0", float("nan")) / count * 1000, 2
+            ),
+        }
+        for mode in modes
+    }
     ratios = {
         "pipeline_vs_confluent_relay": pipe.rate / chosen["relay_confluent"].rate,
     }
@@ -120,6 +153,7 @@ def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
         "runs": {k: v.as_dict() for k, v in chosen.items()},
         "ratios": {k: round(v, 4) for k, v in ratios.items()},
         "worker_cpu_ms_per_request": round(worker_cpu_ms, 2),
+        "by_delivery_mode": by_mode,
         "model_client_alone": clients,
     }
     report.markdown += table(
@@ -130,7 +164,17 @@ def run(quick: bool, bootstrap: str, profile: bool = False) -> Report:
         "",
         f"**Ratio pipeline / confluent relay: {ratios['pipeline_vs_confluent_relay']:.4f}** "
         f"(1 / {1 / ratios['pipeline_vs_confluent_relay']:.0f}).",
-        f"The worker spends {worker_cpu_ms:.2f} ms of CPU per request (all stages).",
+        f"The worker spends {worker_cpu_ms:.2f} ms of CPU per request (all stages, {modes[0]}).",
+        "",
+        "By delivery mode (same requests, same run):",
+        "",
+        *table(
+            ["mode", "steady req/s", "vs confluent relay", "worker CPU ms per request"],
+            [
+                (m, v["rate"], v["vs_confluent_relay"], v["worker_cpu_ms_per_request"])
+                for m, v in by_mode.items()
+            ],
+        ),
         "",
         "Model client alone (no Kafka), instant fake model, 64 calls in flight unless noted:",
         "",
@@ -190,8 +234,9 @@ def _fmt(values: dict[str, float]) -> str:
 def main() -> None:
     parser = base_args(__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="also profile with pyinstrument")
+    parser.add_argument("--mode", choices=[*MODES, "both"], default="both", help="delivery mode(s)")
     args = parser.parse_args()
-    run(args.quick, args.bootstrap, args.profile)
+    run(args.quick, args.bootstrap, args.profile, MODES if args.mode == "both" else (args.mode,))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ requests in a run without faults.
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pipeline.harness.fakellm.server import CallTally
 from pipeline.stages.self_check import GRADER_SYSTEM
 from pipeline.stages.settle import REASK_TEMPLATE
 from pipeline.transport import headers as h
+from pipeline.transport.clients import KafkaClients
 
 
 @dataclass(frozen=True)
@@ -152,15 +152,7 @@ def committed_reader(settings: Settings, eof: bool = False) -> Consumer:
 
     ``eof`` reports the end of each partition (for read_committed: the last stable offset).
     """
-    return Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"llmpipe-ledger-{uuid.uuid4()}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "enable.partition.eof": eof,
-        }
-    )
+    return KafkaClients(settings).consumer(None, **{"enable.partition.eof": eof})
 
 
 def read_terminal(

@@ -1,57 +1,215 @@
-"""SIGKILL a worker with many model calls in flight: nothing is lost after a restart.
+"""SIGKILL the worker three times with many model calls in flight; stop the broker once.
 
-This is the proof for the offset rule in :mod:`pipeline.transport.offsets` (the hazard of
-faust-streaming issue #606): offsets are only committed below the lowest in-flight message.
+1,000 requests of every fault kind, hangs past their timeout included, through a worker
+process that is SIGKILLed three times (each time busy: its own calls finishing, and at
+least 50 of them in flight at the fake server); the same 1,000 requests through a worker
+that lives through a 10 s outage of its broker. Two runs, not one, only to keep each test
+within pytest's time limit on a loaded 2-core machine. The broker is this module's own
+(free ports, temporary data dir): the shared broker on 9092 serves everyone else and is
+never stopped. Both delivery modes run side by side in each run (one lane each: own
+topics, own fake model, own worker), so they share the broker's start and its outage.
+
+Every figure is measured, not assumed (see :mod:`bench.chaos`): the worker is frozen with
+SIGSTOP before each kill so the calls in flight can be counted exactly at the server, the
+stage groups' commits are read right after it to name the work finished but uncommitted,
+and the fake server counts calls per request, so the calls a kill made the pipeline pay
+again are compared, request by request, with a fault-free run of the same requests.
+
+- exactly-once: 0 missing, 0 duplicates, 0 requests in two terminal places, every sighting
+  on its fault's route, and no fault redone beyond what was at risk at it: the calls in
+  flight plus the finished calls no commit covered (per request too, within the measured
+  noise of the fault-free baseline);
+- at-least-once: 0 missing, and no request duplicated by a kill beyond the stages in
+  which it had an output while its input was uncommitted;
+- both: finished work is recorded with the next commit (nothing uncommitted at a kill
+  finished long ago, e.g. held back behind a hanging call), the outage costs a few dozen
+  log lines, not thousands, and the worker commits again after it.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from pipeline.harness.environment import create_topics
-from pipeline.harness.fakellm import running_fake_llm
-from pipeline.harness.ledger import read_terminal
+from bench import chaos
+from pipeline.harness.ledger import RequestCalls
 from pipeline.harness.scenarios import mixed_requests
-from tests.support import make_settings, produce, worker_process
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-KILLS = 2
-IN_FLIGHT_AT_KILL = 50
+REQUESTS = 1_000
+SEED = 21
+KILLS = 3
+# A worker is killed once it has this many calls of its own in flight and has finished
+# FINISHED_BEFORE_KILL; the count taken when it is frozen may be a little lower (calls end
+# between the two readings), never below MIN_IN_FLIGHT_AT_KILL.
+KILL_AT = 60
+FINISHED_BEFORE_KILL = 100
+MIN_IN_FLIGHT_AT_KILL = 50
+LATENCY_S = 0.5
+MODEL_TIMEOUT_S = 2.0
+OUTAGE_S = 10.0
+# "A few dozen lines" for a 10 s broker outage (the aiokafka worker logged ~70,000).
+MAX_OUTAGE_LOG_LINES = 40
+NOISY_REQUESTS = 10  # 1 % of the requests
+NOISY_CALLS = 2
+# Finished work must be covered by the next commit (default interval 100 ms): anything
+# uncommitted at a kill that finished longer ago than this was held back, not in transit
+# (typically under 0.5 s here; the aiokafka runner held finished work back 16-28 s behind
+# a hanging call). Generous: on a loaded 2-core machine a commit can wait for the CPU.
+MAX_UNCOMMITTED_AGE_MS = 10_000
 
 
-def test_sigkill_with_calls_in_flight_loses_nothing(kafka_bootstrap: str) -> None:
-    planned = mixed_requests(600, seed=5, weights={"valid": 1})
-    with running_fake_llm(latency=2.0, jitter=0.2) as fake:
-        settings = make_settings(
-            kafka_bootstrap, model_base_url=fake.url, model_timeout_s=10.0, max_in_flight=64
+@pytest.fixture(scope="module")
+def broker() -> Iterator[chaos.OwnBroker]:
+    with chaos.own_broker() as own:
+        yield own
+
+
+@pytest.fixture(scope="module")
+def baseline(kafka_bootstrap: str) -> Iterator[Future[RequestCalls]]:
+    """The same requests without faults, on the shared broker, while the runs go on."""
+    planned = mixed_requests(REQUESTS, seed=SEED, weights=chaos.KILL_WEIGHTS, prefix="kill")
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(
+            chaos.baseline_calls, kafka_bootstrap, planned, LATENCY_S, MODEL_TIMEOUT_S
         )
-        create_topics(settings)
-        produce(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
-        in_flight_at_kill = []
-        for _ in range(KILLS):
-            fake.reset_counters()
-            with worker_process(settings) as worker:
-                fake.wait_in_flight_blocking(IN_FLIGHT_AT_KILL, timeout=60)
-                os.kill(worker.pid, signal.SIGKILL)
-                # The server still holds the killed worker's calls until their latency ends
-                # (1.6 s at least), so this counts the calls that were in flight at the kill.
-                in_flight_at_kill.append(fake.counters()["in_flight"])
-                worker.wait(10)
-        with worker_process(settings):
-            ledger = read_terminal(
-                settings, [p.request_id for p in planned], timeout_s=120, settle_s=3
-            )
-    duplicates = sum(ledger.duplicates.values())
-    print(f"crash test: {ledger.summary()} in flight at each kill: {in_flight_at_kill}")
-    assert not ledger.missing, (
-        f"{len(ledger.missing)} requests lost, e.g. {sorted(ledger.missing)[:5]}"
+
+
+def _run(
+    broker: chaos.OwnBroker, baseline: Future[RequestCalls], plan: tuple[str, ...]
+) -> dict[str, chaos.ChaosOutcome]:
+    return chaos.kill_run(
+        broker,
+        chaos.MODES,
+        REQUESTS,
+        plan=plan,
+        in_flight_at_kill=KILL_AT,
+        finished_before_kill=FINISHED_BEFORE_KILL,
+        latency=LATENCY_S,
+        model_timeout_s=MODEL_TIMEOUT_S,
+        outage_s=OUTAGE_S,
+        seed=SEED,
+        baseline=baseline.result,
     )
-    assert all(n >= IN_FLIGHT_AT_KILL for n in in_flight_at_kill)
-    # At-least-once: only work that was in flight (or produced but not yet committed) at a
-    # kill can be repeated, so duplicates are bounded by what the stages hold in flight.
-    assert duplicates <= KILLS * 4 * settings.max_in_flight
-    assert ledger.routes() == {"result:model": len(planned)}
+
+
+@pytest.fixture(scope="module")
+def kills(broker: chaos.OwnBroker, baseline: Future[RequestCalls]) -> dict[str, chaos.ChaosOutcome]:
+    return _run(broker, baseline, ("kill",) * KILLS)
+
+
+@pytest.fixture(scope="module")
+def outage(
+    broker: chaos.OwnBroker, baseline: Future[RequestCalls]
+) -> dict[str, chaos.ChaosOutcome]:
+    return _run(broker, baseline, ("outage",))
+
+
+def _check_ledger(outcome: chaos.ChaosOutcome) -> None:
+    """Both modes: nothing lost; a redo takes the same route (the fake model answers a
+    request the same way every time), so a copy elsewhere would be a bug in any mode."""
+    why = outcome.explain()
+    assert outcome.missing == 0, why
+    assert outcome.wrong_route == 0, why
+    assert outcome.two_places == 0, why
+    assert outcome.details["final_worker_alive"], why
+
+
+def _check_exactly_once(outcome: chaos.ChaosOutcome) -> None:
+    why = outcome.explain()
+    assert outcome.duplicates == 0, why
+    # Nobody downstream can see uncommitted work with transactions.
+    assert all(not f.at_risk_outputs for f in outcome.faults), why
+    assert outcome.details["fewer_calls_than_baseline"] == 0, why
+    assert outcome.redone_calls is not None
+    # Request by request, then fault by fault: the calls redone never exceed the calls in
+    # flight plus the finished-but-uncommitted calls (attribution is capped, so the sum
+    # is checked too). The fault-free baseline is not exactly reproducible for a handful
+    # of requests (retries with jittered backoff cost one call more or less from run to
+    # run, with or without faults: the same few ids in every run), so at most
+    # NOISY_REQUESTS requests may exceed their budget, by at most NOISY_CALLS each.
+    over = outcome.redone_over_budget
+    assert len(over) <= NOISY_REQUESTS, why
+    assert all(n - budget <= NOISY_CALLS for n, budget in over.values()), why
+    for i, fault in enumerate(outcome.faults, 1):
+        assert fault.redone <= fault.in_flight + fault.uncommitted_calls, f"fault {i}\n{why}"
+    noise = sum(n - budget for n, budget in over.values())
+    assert sum(f.redone for f in outcome.faults) + noise == outcome.redone_calls, why
+
+
+def _check_kills(outcome: chaos.ChaosOutcome) -> None:
+    """Three kills, each of a busy worker, none finding finished work held back."""
+    why = outcome.explain()
+    assert [f.kind for f in outcome.faults] == ["sigkill"] * KILLS, why
+    assert outcome.details["workers_started"] == KILLS + 1, why
+    for i, fault in enumerate(outcome.faults, 1):
+        assert fault.in_flight >= MIN_IN_FLIGHT_AT_KILL, f"kill {i}: {fault.row()}\n{why}"
+        assert fault.oldest_uncommitted_call_ms <= MAX_UNCOMMITTED_AGE_MS, f"kill {i}\n{why}"
+        assert fault.oldest_uncommitted_output_ms <= MAX_UNCOMMITTED_AGE_MS, f"kill {i}\n{why}"
+
+
+def _check_outage(outcome: chaos.ChaosOutcome) -> None:
+    why = outcome.explain()
+    outages = [f for f in outcome.faults if f.kind == "broker_outage"]
+    assert len(outages) == 1, why
+    assert outages[0].notes["outage_s"] >= OUTAGE_S, why
+    assert outages[0].in_flight >= MIN_IN_FLIGHT_AT_KILL, why
+    assert outages[0].notes["log_lines"] <= MAX_OUTAGE_LOG_LINES, why
+
+
+def test_exactly_once_sigkills_lose_and_repeat_nothing(
+    kills: dict[str, chaos.ChaosOutcome],
+) -> None:
+    outcome = kills["exactly_once"]
+    print(outcome.explain())
+    _check_ledger(outcome)
+    _check_kills(outcome)
+    _check_exactly_once(outcome)
+
+
+def test_at_least_once_sigkills_repeat_only_uncommitted_work(
+    kills: dict[str, chaos.ChaosOutcome],
+) -> None:
+    outcome = kills["at_least_once"]
+    print(outcome.explain())
+    _check_ledger(outcome)
+    _check_kills(outcome)
+    # Request by request: at most one more copy per stage that had already produced its
+    # output when a kill found its input uncommitted (copies multiply downstream).
+    assert not outcome.duplicates_over_budget, outcome.explain()
+
+
+def test_exactly_once_broker_outage_loses_and_repeats_nothing_and_logs_little(
+    outage: dict[str, chaos.ChaosOutcome],
+) -> None:
+    outcome = outage["exactly_once"]
+    print(outcome.explain())
+    _check_ledger(outcome)
+    _check_outage(outcome)
+    _check_exactly_once(outcome)
+
+
+def test_at_least_once_broker_outage_loses_nothing_and_logs_little(
+    outage: dict[str, chaos.ChaosOutcome],
+) -> None:
+    outcome = outage["at_least_once"]
+    print(outcome.explain())
+    why = outcome.explain()
+    # At least once: the outage's duplicates (outputs written while commits failed) are
+    # reported, not bounded; lost is what must never happen.
+    assert outcome.missing == 0, why
+    assert outcome.two_places == 0, why
+    assert outcome.details["final_worker_alive"], why
+    _check_outage(outcome)
+
+
+@pytest.mark.parametrize("mode", chaos.MODES)
+def test_a_worker_commits_again_after_a_broker_outage_longer_than_its_session(
+    outage: dict[str, chaos.ChaosOutcome], mode: str
+) -> None:
+    outcome = outage[mode]
+    (fault,) = [f for f in outcome.faults if f.kind == "broker_outage"]
+    assert fault.notes["recovered"], outcome.explain()
