@@ -49,6 +49,7 @@ from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import BurnInClaim, PromptRef, utc_now
 from pipeline.prompts.model import BurnInPolicy
+from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
 
 log = logging.getLogger("llmpipe.burn_in")
@@ -296,3 +297,16 @@ def _end_offset(consumer: Consumer, topic: str, timeout_s: float) -> int:
                     f"{topic} does not answer; run `llmpipe topics apply`"
                 ) from None
             time.sleep(0.1)
+
+
+async def start_burn_in_ledger(
+    settings: Settings, registry: PromptRegistry, codec: Codec | None = None
+) -> KafkaBurnInLedger | None:
+    """The fleet-wide burn-in counter, caught up, when some prompt version declares a
+    burn-in; None otherwise. Everything that settles answers (workers, DLQ re-parse) takes
+    it from here, so no path delivers an answer of a version still in burn-in unreviewed."""
+    if not any(pv.review.burn_in.active for pv in registry):
+        return None
+    ledger = KafkaBurnInLedger(settings, codec)
+    await asyncio.to_thread(ledger.start)
+    return ledger

@@ -28,6 +28,7 @@ from pipeline.contract.codec import Codec
 from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.envelopes import Completion, Escalation, Result
 from pipeline.contract.topology import COMPLETIONS, DLQ, FALLBACK, RESULTS, REVIEW
+from pipeline.control.burn_in import start_burn_in_ledger
 from pipeline.control.state import ControlState
 from pipeline.dlq.engine import Outgoing, PlanItem, marker_value
 from pipeline.dlq.model import DeadLetterView, Facts, Filter, ReasonedView, decode_value
@@ -191,19 +192,26 @@ class ReparseSelector:
 
     async def _settle_all(self, pending: list[tuple[PlanItem, Candidate]]) -> None:
         configure_tracing()
-        settler = Settler(self._registry, self._control, client=None)
+        # The same review policy as the workers: a version in burn-in is held for review
+        # here too, and audit copies are written with their results.
+        burn_in = await start_burn_in_ledger(self._settings, self._registry, self._codec)
+        settler = Settler(self._registry, self._control, client=None, burn_in=burn_in)
         fallback = FallbackWorker(self._registry, self._control)
-        for item, candidate in pending:
-            assert candidate.completion is not None
-            carrier = (candidate.headers or {}).items()
-            with tracer().start_as_current_span(
-                "dlq reparse", context=extract(carrier), kind=trace.SpanKind.INTERNAL
-            ):
-                decision = await settler(candidate.completion)
-                if isinstance(decision, Emit) and decision.topic == FALLBACK:
-                    assert isinstance(decision.envelope, Escalation)
-                    decision = fallback(decision.envelope)
-                self._record(item, candidate, decision)
+        try:
+            for item, candidate in pending:
+                assert candidate.completion is not None
+                carrier = (candidate.headers or {}).items()
+                with tracer().start_as_current_span(
+                    "dlq reparse", context=extract(carrier), kind=trace.SpanKind.INTERNAL
+                ):
+                    decision = await settler(candidate.completion)
+                    if isinstance(decision, Emit) and decision.topic == FALLBACK:
+                        assert isinstance(decision.envelope, Escalation)
+                        decision = fallback(decision.envelope)
+                    self._record(item, candidate, decision)
+        finally:
+            if burn_in is not None:
+                await asyncio.to_thread(burn_in.stop)
 
     def _record(self, item: PlanItem, candidate: Candidate, decision: Decision) -> None:
         new = outcome_of(decision)
@@ -216,30 +224,34 @@ class ReparseSelector:
         if new == old:
             item.action, item.note = "refuse", "unchanged under the current rules"
             return
-        value, content_type = self._codec.encode(decision.envelope)
+        ref = SourceRecord(item.ref[0], item.ref[1], item.ref[2], None, None, None)
+        key = candidate.key if candidate.key is not None else decision.request_id.encode()
+        item.destination = self._settings.topic(decision.topic)
+        item.note = f"{old[0]} -> {new[0]}"
+        # The result first, then its copies (an audit item): what a worker would produce.
+        item.payload = [self._outgoing(emit, candidate, ref, key) for emit in decision.outputs()]
+
+    def _outgoing(
+        self, emit: Emit, candidate: Candidate, ref: SourceRecord, key: bytes
+    ) -> Outgoing:
+        value, content_type = self._codec.encode(emit.envelope)
         headers = h.output_headers(
-            decision.request_id,
-            decision.prompt,
-            decision.route,
+            emit.request_id,
+            emit.prompt,
+            emit.route,
             content_type,
             inject(),
-            decision.reason,
+            emit.reason,
             candidate.headers,
         )
-        ref = SourceRecord(item.ref[0], item.ref[1], item.ref[2], None, None, None)
         headers.append((REPARSE_SOURCE, marker_value(self._group, ref)))
-        topic = self._settings.topic(decision.topic)
-        item.destination = topic
-        item.note = f"{old[0]} -> {new[0]}"
-        item.payload = [
-            Outgoing(
-                topic=topic,
-                partition=None,
-                key=candidate.key if candidate.key is not None else decision.request_id.encode(),
-                value=value,
-                headers=tuple(headers),
-            )
-        ]
+        return Outgoing(
+            topic=self._settings.topic(emit.topic),
+            partition=None,
+            key=key,
+            value=value,
+            headers=tuple(headers),
+        )
 
     def outgoing(self, record: SourceRecord, item: PlanItem) -> list[Outgoing]:
         """Decided in :meth:`finalize`, so a dry run shows exactly what a real run sends."""

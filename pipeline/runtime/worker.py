@@ -20,7 +20,7 @@ from pipeline.contract import topology
 from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.decisions import DeadLetter, Decision
 from pipeline.contract.topology import Stage
-from pipeline.control.burn_in import KafkaBurnInLedger
+from pipeline.control.burn_in import KafkaBurnInLedger, start_burn_in_ledger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
 from pipeline.observability import configure_observability
@@ -126,11 +126,7 @@ class Worker:
         """The fleet-wide burn-in counter, when this worker settles a version that has one."""
         if topology.SETTLE not in self.stage_names:
             return None
-        if not any(pv.review.burn_in.active for pv in self.registry):
-            return None
-        ledger = KafkaBurnInLedger(self.settings, self.codec)
-        await asyncio.to_thread(ledger.start)
-        return ledger
+        return await start_burn_in_ledger(self.settings, self.registry, self.codec)
 
     def _handlers(
         self, client: ResilientClient, burn_in: KafkaBurnInLedger | None = None

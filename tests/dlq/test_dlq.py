@@ -34,6 +34,7 @@ from pipeline.contract.envelopes import (
     ValidatedRequest,
     utc_now,
 )
+from pipeline.contract.topology import ROUTE_AUDIT
 from pipeline.control.state import ControlState
 from pipeline.dlq import engine
 from pipeline.dlq.cli import dlq_app
@@ -543,8 +544,11 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
     v2 = old / "ticket_triage" / "v2.yaml"
     v2.write_text(v2.read_text().replace("max_length: {summary: 200}", "max_length: {summary: 30}"))
     new = copy_prompts(tmp_path / "new")
+    # v9 audits every accepted answer: a re-parsed result brings its audit copy, as a
+    # worker's would (the same review policy on every path that settles answers).
     (new / "ticket_triage" / "v9.yaml").write_text(
         (new / "ticket_triage" / "v2.yaml").read_text().replace("version: 2", "version: 9")
+        + "review:\n  audit:\n    share: 1.0\n"
     )
     rng, codec = random.Random(3), Codec()
     planned = [plan_request(f"rp-valid-{i}", "valid", rng, codec) for i in range(6)]
@@ -634,7 +638,9 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
             assert report.sent == 9 and report.refused == 2
             assert fake.counters()["total_calls"] == 0, "re-parsing must never call the model"
             results.wait_for(lambda t: len(t.by_id(REPARSE_SOURCE)) == 7, "7 re-parsed results")
-            review.wait_for(lambda t: len(t.by_id(REPARSE_SOURCE)) == 2, "2 re-parsed review items")
+            review.wait_for(
+                lambda t: len(t.by_id(REPARSE_SOURCE)) == 3, "2 re-parsed review items + 1 audit"
+            )
 
             env = {**worker_environment(settings), "LLMPIPE_PROMPTS_DIR": str(new)}
             again = CliRunner().invoke(dlq_app, ["reparse", "--json"], env=env)
@@ -663,10 +669,9 @@ def test_reparse_settles_stored_answers_again_without_calling_the_model(
         if record.request_id == "rp-skew":
             assert trace_id(hdrs["traceparent"]) == trace_id(traceparent(77))
             assert result.trace_id == trace_id(traceparent(77))
-    review_ids = sorted(
-        r.request_id or "" for r in review.records if REPARSE_SOURCE in r.headers_map
-    )
-    assert review_ids == ["rp-hedge-0", "rp-hedge-1"]
-    assert {r.header(h.REASON) for r in review.records if REPARSE_SOURCE in r.headers_map} == {
-        "low_confidence"
-    }
+    reviewed = [r for r in review.records if REPARSE_SOURCE in r.headers_map]
+    assert sorted((r.request_id, r.header(h.ROUTE), r.header(h.REASON)) for r in reviewed) == [
+        ("rp-hedge-0", "review", "low_confidence"),
+        ("rp-hedge-1", "review", "low_confidence"),
+        ("rp-skew", ROUTE_AUDIT, "audit"),
+    ]
