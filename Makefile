@@ -47,7 +47,7 @@ demo-local: install model-server
 ## The tests: lint, types, prompt lock, then the suite against a real broker (started if none
 ## runs, and then stopped again; a broker that was already running is left alone).
 test: install lint typecheck
-	bash infra/kafka/with-broker.sh sh -c '$(BIN)/llmpipe prompts check && $(BIN)/llmpipe prompts test && $(BIN)/pytest -q'
+	bash infra/kafka/with-broker.sh sh -c '$(BIN)/llmpipe prompts check && $(BIN)/llmpipe prompts test && BIN=$(BIN) bash tests/run-suite.sh'
 
 lint: install
 	$(BIN)/ruff check pipeline tests bench

@@ -17,6 +17,14 @@ from tests.support import SESSION, make_settings
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the local model server is marked ``real_model``: `make test`
+    runs those in a process of their own, beside the rest (see tests/run-suite.sh)."""
+    for item in items:
+        if "local_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)
+
+
 def _broker_running() -> bool:
     return (
         subprocess.run(["bash", str(KAFKA_SCRIPT), "status"], capture_output=True).returncode == 0
