@@ -79,6 +79,7 @@ from pipeline.review.inputs import (
 )
 from pipeline.review.model import QUEUE_SORTS, QueueFilter, QueueSort
 from pipeline.review.service import ReviewError, ReviewService
+from pipeline.review.store import StoreUnavailable
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "templates"
@@ -640,8 +641,17 @@ class ReviewWeb:
     # -- the app ------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        ready = self.service.ready
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        ready = self.service.ready and self.service.store.available
+        body = {"ready": ready, "database": self.service.store.available}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def unavailable(self, request: Request, exc: Exception) -> Response:
+        """The database is down or restarting: a 503 page, drawn without touching it (no
+        session lookup), with a hint to retry; the store reconnects by itself."""
+        message = "The review database is unavailable right now; try again in a few seconds."
+        return HTMLResponse(
+            self.error_bytes(503, message), status_code=503, headers={"Retry-After": "5"}
+        )
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -695,7 +705,11 @@ def create_app(
     app = Starlette(
         routes=web.routes(),
         lifespan=lifespan,
-        exception_handlers={404: web.http_error, 405: web.http_error},
+        exception_handlers={
+            404: web.http_error,
+            405: web.http_error,
+            StoreUnavailable: web.unavailable,
+        },
     )
     return Hardened(app, config.http, web.error_bytes)
 

@@ -65,8 +65,14 @@ def serve(
         Path | None, typer.Option(help=f"Session signing key (or {SECRET_ENV}).")
     ] = None,
     instance: Annotated[
-        str, typer.Option(help="Instance name; keep it stable across restarts.")
-    ] = "0",
+        str | None,
+        typer.Option(
+            envvar="LLMPIPE_REVIEW_INSTANCE",
+            help="Instance id, unique per running instance (its Kafka transactional id); "
+            "default: generated per process. A configured one stays the same across restarts, "
+            "so a restart fences its predecessor's transactions at once.",
+        ),
+    ] = None,
     cookie_secure: Annotated[
         bool,
         typer.Option(help="Always mark cookies Secure (they are anyway on HTTPS requests)."),

@@ -26,7 +26,7 @@ from pipeline.contract.codec import Codec, DecodeError
 from pipeline.contract.envelopes import Envelope, Escalation, ReviewDecision
 from pipeline.contract.topology import REVIEW, REVIEW_DECISIONS
 from pipeline.review.model import Clock, IncomingItem, TopicPosition
-from pipeline.review.store import ReviewStore
+from pipeline.review.store import ReviewStore, StoreUnavailable
 from pipeline.transport import headers as h
 from pipeline.transport import reader
 
@@ -233,12 +233,15 @@ class TopicFollower:
             return end_offsets(self._probe, partitions, timeout_s)
 
     def _run(self) -> None:
-        """Poll, apply, publish positions; survive broker hiccups, stop on database errors.
+        """Poll, apply, publish positions; survive broker hiccups and database outages.
 
-        A Kafka error is retried (nothing was applied, positions did not move). A failed
-        database write is fatal for the follower: the consumer already moved past the
-        batch, so carrying on would leave a hole in the index; the service then reports
-        not ready, and a restart resumes from the stored positions.
+        A Kafka error is retried (nothing was applied, positions did not move). A batch
+        the database cannot take right now (:class:`StoreUnavailable`: it restarted) is
+        kept and applied again until it goes in, because the consumer already moved past
+        it; applying is idempotent, so a batch whose commit outcome was unknown does no
+        harm the second time. Meanwhile :meth:`sync` waits (positions do not move). Any
+        other database error is fatal for the follower: the service then reports not
+        ready, and a restart resumes from the stored positions.
         """
         consumer = Consumer(_consumer_config(self._settings, self._group))
         assigned: set[Partition] = set()
@@ -250,12 +253,12 @@ class TopicFollower:
                         assigned = self._assign(consumer, assigned)
                         refreshed = time.monotonic()
                     messages = consumer.consume(num_messages=500, timeout=self._poll_timeout_s)
-                except KafkaException as exc:
+                except (KafkaException, StoreUnavailable) as exc:
                     log.warning("review follower: %s; retrying", exc)
                     self._stop.wait(0.5)
                     continue
-                if messages:
-                    self._apply(messages)
+                if messages and not self._apply_until_stored(messages):
+                    return
                 positions = consumer.position(
                     [KafkaTopicPartition(t, p) for t, p in sorted(assigned)]
                 )
@@ -300,7 +303,23 @@ class TopicFollower:
             consumer.incremental_assign(fresh)
         return everything
 
-    def _apply(self, messages: Sequence[Any]) -> None:
+    def _apply_until_stored(self, messages: Sequence[Any]) -> bool:
+        """Apply a batch, retrying through a database outage; False if stopped first."""
+        batch = self._decode(messages)
+        delay = 0.2
+        while True:
+            try:
+                self._store.apply(*batch, self._clock())
+                return True
+            except StoreUnavailable as exc:
+                log.warning("review follower: %s; keeping the batch and retrying", exc)
+                if self._stop.wait(delay):
+                    return False
+                delay = min(delay * 2, 2.0)
+
+    def _decode(
+        self, messages: Sequence[Any]
+    ) -> tuple[list[IncomingItem], list[ReviewDecision], list[TopicPosition]]:
         items: list[IncomingItem] = []
         decisions: list[ReviewDecision] = []
         positions: dict[Partition, int] = {}
@@ -335,28 +354,35 @@ class TopicFollower:
             except DecodeError as exc:
                 self.skipped += 1
                 log.warning("skipping %s/%s@%s: %s", topic, partition, offset, exc)
-        self._store.apply(
+        return (
             items,
             decisions,
             [TopicPosition(t, p, o) for (t, p), o in sorted(positions.items())],
-            self._clock(),
         )
+
+
+def transactional_id(settings: Settings, instance: str) -> str:
+    """The Kafka transactional id of a review service instance: one home for the format."""
+    return f"{settings.topic_prefix}llmpipe.review.{instance}"
 
 
 class TransactionalPublisher:
     """Writes the messages of one decision atomically: all of them become visible, or none.
 
-    The ``transactional.id`` is stable per review-service instance, so a restarted
-    process fences its previous incarnation: ``init_transactions`` aborts whatever that
-    one left open. After any failure the producer is thrown away and re-initialised for
-    the same reason, which turns "unknown outcome" into "committed or aborted", a state
-    that reading the decisions topic can then tell apart.
+    The ``transactional.id`` belongs to one review-service instance (see
+    :func:`transactional_id`), so a restart under the same instance id fences its previous
+    incarnation: ``init_transactions`` aborts whatever that one left open. After any
+    failure the producer is thrown away; it is initialised again only by :meth:`begin`,
+    never inside :meth:`publish`, because the service must check the decisions topic
+    *after* holding a live producer epoch (fence first, then read, then write): a check
+    made before a re-initialisation could be outdated by another instance's delivery.
     """
 
-    def __init__(self, settings: Settings, transactional_id: str, timeout_s: float = 15.0) -> None:
+    def __init__(self, settings: Settings, instance: str, timeout_s: float = 15.0) -> None:
+        self._settings = settings
         self._config = {
             **settings.kafka_client_config(),
-            "transactional.id": transactional_id,
+            "transactional.id": transactional_id(settings, instance),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 0,
@@ -366,21 +392,44 @@ class TransactionalPublisher:
         self._producer: Producer | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        with self._lock:
-            self._ensure()
+    @property
+    def transactional_id(self) -> str:
+        return str(self._config["transactional.id"])
 
-    def _ensure(self) -> Producer:
-        if self._producer is None:
+    def start(self) -> None:
+        self.begin()
+
+    def begin(self) -> None:
+        """Hold a live producer epoch of this instance's id (initialising one if needed)."""
+        with self._lock:
+            if self._producer is not None:
+                return
             producer = Producer(self._config)
-            producer.init_transactions(self._timeout_s)
+            try:
+                producer.init_transactions(self._timeout_s)
+            except KafkaException as exc:
+                producer.flush(0)
+                raise PublishError(f"cannot initialise transactions: {exc}") from exc
             self._producer = producer
-        return self._producer
+
+    def fence(self, instance: str) -> None:
+        """Fence another instance's transactional id: abort its open transaction, and make
+        its producer unable to commit, before this instance delivers what it owned."""
+        config = {**self._config, "transactional.id": transactional_id(self._settings, instance)}
+        producer = Producer(config)
+        try:
+            producer.init_transactions(self._timeout_s)
+        except KafkaException as exc:
+            raise PublishError(f"cannot fence instance {instance}: {exc}") from exc
+        finally:
+            producer.flush(0)
 
     def publish(self, messages: Sequence[OutboundMessage]) -> None:
         with self._lock:
+            producer = self._producer
+            if producer is None:
+                raise PublishError("no live producer: begin() first")
             try:
-                producer = self._ensure()
                 producer.begin_transaction()
                 for message in messages:
                     headers: list[tuple[str, str | bytes | None]] = list(message.headers)

@@ -80,6 +80,20 @@ class StoredDecision:
     on_topic: bool
     recorded_at_ms: int
     published_at_ms: int | None
+    owner: str | None = None
+    """The instance that delivers it (pending decisions always have one)."""
+    taken_from: str | None = None
+    """The owner it was taken over from, fenced before delivery."""
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """A review service instance as the shared database knows it."""
+
+    instance: str
+    started_ms: int
+    last_seen_ms: int
+    stopped_ms: int | None
 
 
 @dataclass(frozen=True)

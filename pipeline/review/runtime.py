@@ -5,6 +5,8 @@ as one unit (used by ``llmpipe review serve`` and by the tests that need the rea
 from __future__ import annotations
 
 import logging
+import secrets
+import socket
 import threading
 
 from pipeline.config import Settings
@@ -15,9 +17,19 @@ from pipeline.review.calibration import accepted_error_rates
 from pipeline.review.kafka_io import TopicFollower, TransactionalPublisher
 from pipeline.review.model import Clock, system_clock
 from pipeline.review.service import ReviewService
-from pipeline.review.store import SqlReviewStore, open_store
+from pipeline.review.store import SqlReviewStore, StoreUnavailable, open_store
 
 log = logging.getLogger("llmpipe.review")
+
+
+def new_instance_id() -> str:
+    """A review instance id unique without configuration: host name plus 32 random bits.
+
+    Two instances started with defaults therefore never share a Kafka transactional id
+    (they would fence each other's transactions). A restart gets a new id; the pending
+    decisions of the old one are taken over once it is marked stopped or falls silent.
+    """
+    return f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
 
 class ReviewRuntime:
@@ -30,17 +42,19 @@ class ReviewRuntime:
         clock: Clock = system_clock,
         lease_ms: int = 10 * 60_000,
         sla_ms: int = 60 * 60_000,
-        instance: str = "0",
+        instance: str | None = None,
         maintenance_interval_s: float = 5.0,
+        orphan_after_ms: int = 60_000,
     ) -> None:
         self.settings = settings
+        self.instance = instance or new_instance_id()
+        """Configured (stable across restarts: a restart fences its predecessor at once)
+        or generated (unique per process)."""
+        self.clock = clock
         self.store: SqlReviewStore = open_store(db_url or settings.review_db)
         codec = Codec(output_format=settings.output_format)
         self.follower = TopicFollower(settings, self.store, codec, clock)
-        # Stable per instance (not per process): a restart must fence its predecessor.
-        self.publisher = TransactionalPublisher(
-            settings, f"{settings.topic_prefix}llmpipe.review.{instance}"
-        )
+        self.publisher = TransactionalPublisher(settings, self.instance)
         registry = registry or PromptRegistry.load(settings.prompts_dir)
         self.service = ReviewService(
             self.store,
@@ -52,6 +66,8 @@ class ReviewRuntime:
             codec=codec,
             lease_ms=lease_ms,
             sla_ms=sla_ms,
+            instance=self.instance,
+            orphan_after_ms=orphan_after_ms,
         )
         names = registry.names()
         self._unwatch = watch_accepted_error(
@@ -67,6 +83,20 @@ class ReviewRuntime:
         If it did not, serving starts anyway (reads work, decisions answer 503) and the
         maintenance thread keeps trying.
         """
+        before = self.store.register_instance(self.instance, self.clock())
+        if before is not None and before.stopped_ms is None:
+            log.warning(
+                "review instance id %s was already running (last seen %d ms ago): if that "
+                "process still runs, the two fence each other's Kafka transactions; give "
+                "every instance its own id",
+                self.instance,
+                self.clock() - before.last_seen_ms,
+            )
+        log.info(
+            "review instance %s (transactional id %s)",
+            self.instance,
+            self.publisher.transactional_id,
+        )
         self.publisher.start()
         self.follower.start()
         ready = self.service.become_ready(ready_timeout_s)
@@ -78,10 +108,13 @@ class ReviewRuntime:
         """Retry what a crash or an outage left undone: readiness, then pending decisions."""
         while not self._stop.wait(self._interval_s):
             try:
+                self.store.heartbeat(self.instance, self.clock())
                 if not self.service.ready:
                     self.service.become_ready(self._interval_s)
                 else:
                     self.service.deliver_pending()
+            except StoreUnavailable as exc:
+                log.warning("review maintenance waits for the database: %s", exc)
             except Exception:
                 log.exception("review maintenance failed; retrying")
 
@@ -92,4 +125,8 @@ class ReviewRuntime:
             self._thread.join(30)
         self.follower.stop()
         self.publisher.close()
+        try:
+            self.store.instance_stopped(self.instance, self.clock())
+        except StoreUnavailable as exc:  # then it is taken over once it looks silent
+            log.warning("could not record that instance %s stopped: %s", self.instance, exc)
         self.store.close()

@@ -32,6 +32,24 @@ restart with a wiped database. Three mechanisms, each covering what the others c
 All producing goes through one lock, so the check-then-produce in (2) cannot interleave
 with another thread's produce of the same decision.
 
+Several instances on one database
+---------------------------------
+Every instance sees every pending decision in the shared database, so "retry what is
+pending" needs an owner, or two instances would deliver the same decision. A decision is
+owned by the instance that recorded it (``owner``), and only the owner delivers it, with
+its own transactional id. The order inside a delivery is fence, then read, then write:
+the owner holds a live producer epoch, *then* re-reads that it still owns the row and
+checks the topic, *then* produces in that epoch.
+
+An instance that is gone (stopped cleanly, or silent for ``orphan_after_ms``) leaves its
+pending decisions to another, which takes them over in the database (``taken_from``
+remembers whom from) and fences the old owner's transactional id before delivering. If
+the old owner was only paused and wakes up, either it re-reads the row after the takeover
+and sees it is no longer its own, or it read it before, held an epoch from before, and
+that epoch is fenced, so its commit fails. Either way one commit. Instance ids are
+generated unique per process by default; a configured id must be unique per instance
+and stays the same across its restarts.
+
 Terminal answers per action
 ---------------------------
 * approve: a ``Result`` (source ``human``) with the model's output.
@@ -136,7 +154,14 @@ class NotReady(ReviewError):
 
 
 class Publisher(Protocol):
-    def publish(self, messages: Sequence[OutboundMessage]) -> None: ...
+    def begin(self) -> None:
+        """Hold a live epoch of this instance's transactional id (fences its predecessor)."""
+
+    def fence(self, instance: str) -> None:
+        """Fence another instance's transactional id."""
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> None:
+        """Produce in one transaction with the epoch :meth:`begin` holds."""
 
 
 class TopicState(Protocol):
@@ -216,8 +241,14 @@ class ReviewService:
         lease_ms: int = 10 * 60_000,
         sla_ms: int = 60 * 60_000,
         sync_timeout_s: float = 10.0,
+        instance: str = "0",
+        orphan_after_ms: int = 60_000,
     ) -> None:
         self.store = store
+        self.instance = instance
+        self.orphan_after_ms = orphan_after_ms
+        """Silence after which an instance's pending decisions are taken over; longer than
+        Kafka's transaction timeout, so a dead owner's open transaction is aborted by then."""
         self.registry = registry
         self.clock = clock
         self.lease_ms = lease_ms
@@ -324,7 +355,7 @@ class ReviewService:
     def claim_next(self, reviewer: str, query: QueueFilter) -> str | None:
         """Claim the oldest free item; a lost race just moves on to the next candidate."""
         now = self.clock()
-        for request_id in self.store.next_claimable(query, now):
+        for request_id in self.store.next_claimable(query, now, reviewer):
             if self.store.claim(request_id, reviewer, now, self.lease_ms).ok:
                 return request_id
         return None
@@ -370,7 +401,7 @@ class ReviewService:
             detail = "; ".join([str(exc), *exc.errors])
             self.store.audit(reviewer, request_id, f"refused:{action[:20]}", detail, now)
             raise
-        if not self.store.record_decision(decision, now):
+        if not self.store.record_decision(decision, now, self.instance):
             existing = self.store.decision(request_id)
             assert existing is not None
             return DecideOutcome(existing, duplicate=True)
@@ -380,17 +411,39 @@ class ReviewService:
         return DecideOutcome(stored, duplicate=False)
 
     def deliver_pending(self) -> DeliveryStats:
-        """Re-drive every decision not yet known to be on Kafka (after a crash or outage)."""
-        for pending in self.store.pending_decisions():
+        """Re-drive this instance's decisions not yet known to be on Kafka (after a crash
+        or an outage), after taking over those of instances that are gone."""
+        alive_since = self.clock() - self.orphan_after_ms
+        for owner in self.store.orphaned_owners(self.instance, alive_since):
+            moved = self.store.take_over(owner, self.instance, self.clock())
+            log.warning("took over %d pending decision(s) of instance %s", moved, owner)
+        for pending in self.store.pending_decisions(self.instance):
             self._deliver(pending.decision.request_id)
         return self.stats
 
     def _deliver(self, request_id: str) -> None:
-        """Produce the decision's messages unless the decisions topic already has it."""
+        """Produce the decision's messages unless the decisions topic already has it.
+
+        Fence, then read, then write (see the module docstring): the producer epoch is
+        held before the row is read, so a takeover after the read is caught by the fence.
+        """
         with self._publish_lock:
-            stored = self.store.decision(request_id)
-            if stored is None or stored.state == "published":
+            try:
+                self._publisher.begin()
+            except PublishError as exc:
+                self.stats.deferred += 1
+                log.warning("decision %s deferred: %s", request_id, exc)
                 return
+            stored = self.store.decision(request_id)
+            if stored is None or stored.state == "published" or stored.owner != self.instance:
+                return
+            if stored.taken_from is not None:
+                try:
+                    self._publisher.fence(stored.taken_from)
+                except PublishError as exc:
+                    self.stats.deferred += 1
+                    log.warning("decision %s deferred: %s", request_id, exc)
+                    return
             if not self._topics.sync(self._sync_timeout_s):
                 self.stats.deferred += 1
                 log.warning("decision %s deferred: decisions topic not readable", request_id)

@@ -10,16 +10,27 @@ restarts consumption from the beginning of the topics.
 One repository interface (:class:`ReviewStore`), one implementation on DB-API 2.0 with SQL
 that both SQLite (stdlib, the default) and PostgreSQL accept: ``INSERT ... ON CONFLICT``,
 conditional ``UPDATE`` for claims, no ``RETURNING``, integers for times. The only dialect
-differences, the placeholder style, the auto-increment column and how a write transaction
-starts, live in :class:`Dialect`.
+differences, the placeholder style, the auto-increment column, how a write transaction
+starts, the migration lock and which errors mean "the database is not there", live in
+:class:`Dialect`. The schema comes from the versioned migrations in
+:mod:`pipeline.review.migrations`, applied on open.
+
+Several instances share one PostgreSQL database. When it restarts (or the network drops),
+a call fails with :class:`StoreUnavailable` (the web layer answers 503) and the connection
+is opened again on a later call, no sooner than an exponential backoff allows, so an
+outage costs each caller one fast refusal instead of a hang, and nothing is half-written:
+every write is one transaction, and every caller retries idempotently (see the service).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +40,7 @@ from urllib.parse import unquote, urlparse
 from pipeline.contract.envelopes import Escalation, ReviewDecision
 from pipeline.errors import LlmpipeError
 from pipeline.review.auth import SessionStore
+from pipeline.review.migrations import MigrationError, migrate
 from pipeline.review.model import (
     AuditEntry,
     CalibrationRow,
@@ -36,6 +48,7 @@ from pipeline.review.model import (
     ClaimStatus,
     DecisionState,
     IncomingItem,
+    InstanceRow,
     QueueFacets,
     QueueFilter,
     QueueSort,
@@ -47,16 +60,32 @@ from pipeline.review.model import (
     ms_to_datetime,
 )
 
-SCHEMA_VERSION = 2
-"""2 added ``review_sessions``; a version-1 database is upgraded in place."""
+log = logging.getLogger("llmpipe.review.store")
 
 
 class StoreError(LlmpipeError):
     """A database URL or schema this code cannot use."""
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached right now; a later call reconnects (with backoff).
+
+    Nothing was written by the call that raised it, or its transaction's outcome is
+    unknown; every caller can retry safely (inserts are idempotent by primary key).
+    """
+
+
 class ReviewStore(SessionStore, Protocol):
     """What the service needs from persistence; small so another backend stays cheap."""
+
+    @property
+    def available(self) -> bool:
+        """False while the database is unreachable (calls raise :class:`StoreUnavailable`)."""
 
     def apply(
         self,
@@ -76,17 +105,27 @@ class ReviewStore(SessionStore, Protocol):
 
     def claim(self, request_id: str, reviewer: str, now_ms: int, lease_ms: int) -> ClaimOutcome: ...
 
-    def next_claimable(self, query: QueueFilter, now_ms: int) -> list[str]: ...
+    def next_claimable(self, query: QueueFilter, now_ms: int, reviewer: str) -> list[str]: ...
 
     def release(
         self, request_id: str, reviewer: str, now_ms: int, *, holder: str | None = None
     ) -> bool: ...
 
-    def record_decision(self, decision: ReviewDecision, now_ms: int) -> bool: ...
+    def record_decision(self, decision: ReviewDecision, now_ms: int, owner: str) -> bool: ...
 
     def decision(self, request_id: str) -> StoredDecision | None: ...
 
-    def pending_decisions(self) -> list[StoredDecision]: ...
+    def pending_decisions(self, owner: str | None = None) -> list[StoredDecision]: ...
+
+    def orphaned_owners(self, instance: str, alive_since_ms: int) -> list[str]: ...
+
+    def take_over(self, from_owner: str, to_owner: str, now_ms: int) -> int: ...
+
+    def register_instance(self, instance: str, now_ms: int) -> InstanceRow | None: ...
+
+    def heartbeat(self, instance: str, now_ms: int) -> None: ...
+
+    def instance_stopped(self, instance: str, now_ms: int) -> None: ...
 
     def mark_published(self, decision_id: str, now_ms: int) -> None: ...
 
@@ -109,89 +148,69 @@ class Dialect:
     placeholder: str
     serial_pk: str
     begin_write: str
+    migration_lock: str | None
+    """Taken inside the migration transaction, so concurrent starts migrate one at a time."""
+    unavailable: Callable[[BaseException], bool]
+    """Whether an error means "not reachable right now" (or a transient conflict): the
+    caller gets :class:`StoreUnavailable` and may retry. Any other error is a bug."""
+    reconnects: bool
+    """Whether a lost connection is opened again (never for SQLite: ``:memory:`` would be
+    a new, empty database, and a file connection does not get lost)."""
 
     def sql(self, statement: str) -> str:
         """Statements are written with ``?``; no literal question mark occurs in them."""
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
 
 
-SQLITE = Dialect("sqlite", "?", "INTEGER PRIMARY KEY AUTOINCREMENT", "BEGIN IMMEDIATE")
-POSTGRES = Dialect("postgresql", "%s", "BIGSERIAL PRIMARY KEY", "BEGIN")
-
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS review_meta (
-        name TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS review_items (
-        request_id TEXT PRIMARY KEY,
-        prompt_name TEXT NOT NULL,
-        prompt_version INTEGER NOT NULL,
-        reason TEXT NOT NULL,
-        confidence DOUBLE PRECISION,
-        escalated_at_ms BIGINT NOT NULL,
-        escalation TEXT NOT NULL,
-        kafka_key TEXT,
-        traceparent TEXT,
-        source_topic TEXT NOT NULL,
-        source_partition INTEGER NOT NULL,
-        source_offset BIGINT NOT NULL,
-        first_seen_ms BIGINT NOT NULL,
-        claimed_by TEXT,
-        lease_until_ms BIGINT
-    )""",
-    "CREATE INDEX IF NOT EXISTS review_items_age ON review_items (escalated_at_ms)",
-    # request_id is the primary key: the database itself refuses a second decision.
-    """CREATE TABLE IF NOT EXISTS review_decisions (
-        request_id TEXT PRIMARY KEY,
-        decision_id TEXT NOT NULL UNIQUE,
-        action TEXT NOT NULL,
-        reviewer TEXT NOT NULL,
-        decision TEXT NOT NULL,
-        state TEXT NOT NULL,
-        on_topic INTEGER NOT NULL,
-        recorded_at_ms BIGINT NOT NULL,
-        published_at_ms BIGINT
-    )""",
-    "CREATE INDEX IF NOT EXISTS review_decisions_state ON review_decisions (state)",
-    """CREATE TABLE IF NOT EXISTS review_audit (
-        id {serial_pk},
-        at_ms BIGINT NOT NULL,
-        actor TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        action TEXT NOT NULL,
-        detail TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS review_audit_item ON review_audit (request_id, at_ms)",
-    # Logged-in sessions; ``session_key`` is a hash of the cookie's id, never the id.
-    """CREATE TABLE IF NOT EXISTS review_sessions (
-        session_key TEXT PRIMARY KEY,
-        reviewer TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        created_ms BIGINT NOT NULL,
-        last_seen_ms BIGINT NOT NULL,
-        flash TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS review_sessions_user ON review_sessions (reviewer)",
-    """CREATE TABLE IF NOT EXISTS review_offsets (
-        topic TEXT NOT NULL,
-        kafka_partition INTEGER NOT NULL,
-        next_offset BIGINT NOT NULL,
-        PRIMARY KEY (topic, kafka_partition)
-    )""",
+SQLITE = Dialect(
+    "sqlite",
+    "?",
+    "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "BEGIN IMMEDIATE",
+    None,
+    # "database is locked" past the busy timeout; sqlite3 also reports SQL mistakes as
+    # OperationalError, and those must stay errors.
+    lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc),
+    False,
 )
+
+
+def _postgres(psycopg: Any) -> Dialect:
+    return Dialect(
+        "postgresql",
+        "%s",
+        "BIGSERIAL PRIMARY KEY",
+        "BEGIN",
+        "SELECT pg_advisory_xact_lock(7240513)",  # any fixed number: "llmpipe review schema"
+        # Connection loss, server shutdown (57P01), deadlock, serialization failure.
+        lambda exc: isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError),
+        True,
+    )
+
+
+@dataclass
+class Backoff:
+    """Delays between reconnection attempts: doubling from ``initial_s`` up to ``max_s``."""
+
+    initial_s: float = 0.2
+    max_s: float = 5.0
+
 
 _ITEM_COLUMNS = (
     "i.escalation, i.kafka_key, i.traceparent, i.first_seen_ms, i.claimed_by, i.lease_until_ms, "
-    "d.decision, d.state, d.on_topic, d.recorded_at_ms, d.published_at_ms"
+    "d.decision, d.state, d.on_topic, d.recorded_at_ms, d.published_at_ms, d.owner, d.taken_from"
 )
 _ITEM_FROM = "review_items i LEFT JOIN review_decisions d ON d.request_id = i.request_id"
-_DECISION_COLUMNS = "decision, state, on_topic, recorded_at_ms, published_at_ms"
+_DECISION_COLUMNS = "decision, state, on_topic, recorded_at_ms, published_at_ms, owner, taken_from"
 
 
-def open_store(url: str) -> SqlReviewStore:
+def open_store(url: str, *, wait_s: float = 30.0, backoff: Backoff | None = None) -> SqlReviewStore:
     """``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite://`` (memory) or
-    ``postgresql://user:pass@host/db`` (needs the ``psycopg`` package, version 3)."""
+    ``postgresql://user:pass@host:port/db`` (needs the ``postgres`` extra: psycopg 3).
+
+    Opening migrates the schema to the newest version. A PostgreSQL server that is not up
+    yet (containers starting together) is waited for up to ``wait_s``.
+    """
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         raw = unquote(url[len("sqlite://") :])
@@ -200,63 +219,150 @@ def open_store(url: str) -> SqlReviewStore:
         else:
             target = raw[1:] if raw.startswith("/") else raw
             Path(target).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(
-            target, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        if target != ":memory:":
-            connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA foreign_keys=ON")
-        return SqlReviewStore(connection, SQLITE)
+
+        def connect_sqlite() -> sqlite3.Connection:
+            connection = sqlite3.connect(
+                target, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            if target != ":memory:":
+                connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            return connection
+
+        return SqlReviewStore(connect_sqlite, SQLITE, wait_s=wait_s, backoff=backoff)
     if parsed.scheme in ("postgres", "postgresql"):
         try:
             psycopg = importlib.import_module("psycopg")
         except ImportError as exc:
-            raise StoreError("a PostgreSQL review_db needs the 'psycopg' package") from exc
-        connection = psycopg.connect(url.replace("postgres://", "postgresql://", 1))
-        connection.autocommit = True
-        return SqlReviewStore(connection, POSTGRES)
+            raise StoreError(
+                "a PostgreSQL review_db needs psycopg: pip install 'llmpipe[postgres]'"
+            ) from exc
+        dsn = url.replace("postgres://", "postgresql://", 1)
+
+        def connect_postgres() -> Any:
+            # A short connect timeout: during an outage a request is refused fast, not hung.
+            return psycopg.connect(dsn, autocommit=True, connect_timeout=3)
+
+        return SqlReviewStore(connect_postgres, _postgres(psycopg), wait_s=wait_s, backoff=backoff)
     raise StoreError(f"unsupported review_db URL {url!r}: use sqlite:///path or postgresql://")
 
 
 class SqlReviewStore:
-    """:class:`ReviewStore` on one DB-API connection.
+    """:class:`ReviewStore` on one DB-API connection, opened again when it is lost.
 
     One connection behind a lock is enough: reviewers act at human speed and the topic
     follower writes in batches. Every write happens inside an explicit transaction so the
     follower's rows and offsets, and a claim's check and update, commit together.
     """
 
-    def __init__(self, connection: Any, dialect: Dialect) -> None:
-        self._db = connection
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        dialect: Dialect,
+        *,
+        wait_s: float = 30.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._connect = connect
         self._dialect = dialect
+        self._backoff = backoff or Backoff()
+        self._delay_s = self._backoff.initial_s
+        self._retry_at = 0.0
+        self._db: Any = None
         self._lock = threading.RLock()
-        self._migrate()
+        self.reconnects = 0
+        """Connections opened again after one was lost (for tests and logs)."""
+        self._open(wait_s)
 
     # -- plumbing -----------------------------------------------------------------------
 
-    @contextmanager
-    def _tx(self) -> Iterator[Any]:
-        with self._lock:
-            cursor = self._db.cursor()
-            cursor.execute(self._dialect.begin_write)
+    def _open(self, wait_s: float) -> None:
+        """Connect and migrate, waiting up to ``wait_s`` for a database that is not up yet."""
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                yield cursor
-            except BaseException:
-                cursor.execute("ROLLBACK")
+                self._migrate()
+                return
+            except StoreUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"cannot open the review database: {exc}") from exc
+                time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
+
+    @property
+    def available(self) -> bool:
+        """False while the connection is lost and not yet opened again."""
+        return self._db is not None
+
+    def _connection(self) -> Any:
+        if self._db is not None:
+            return self._db
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            raise StoreUnavailable(f"the review database is unreachable; retrying in {wait:.1f}s")
+        try:
+            self._db = self._connect()
+        except Exception as exc:
+            if not self._dialect.unavailable(exc):
                 raise
-            else:
-                cursor.execute("COMMIT")
-            finally:
-                cursor.close()
+            self._schedule_retry()
+            raise StoreUnavailable(
+                f"the review database is unreachable: {_first_line(exc)}"
+            ) from exc
+        if self._retry_at:
+            self.reconnects += 1
+            log.warning("review database connection re-established")
+        self._delay_s = self._backoff.initial_s
+        return self._db
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._delay_s
+        self._delay_s = min(self._delay_s * 2, self._backoff.max_s)
+
+    def _lost(self, exc: BaseException) -> StoreUnavailable:
+        """Translate a driver error; drop the connection when the driver says it is gone."""
+        db = self._db
+        broken = bool(getattr(db, "broken", False) or getattr(db, "closed", False))
+        if self._dialect.reconnects and broken:
+            log.warning("review database connection lost: %s", _first_line(exc))
+            self._db = None
+            with contextlib.suppress(Exception):
+                db.close()
+            self._schedule_retry()
+        return StoreUnavailable(f"the review database is unavailable: {_first_line(exc)}")
 
     @contextmanager
-    def _read(self) -> Iterator[Any]:
+    def _cursor(self, begin: str | None) -> Iterator[Any]:
+        """A cursor, in a transaction when ``begin`` is given, with errors translated."""
         with self._lock:
-            cursor = self._db.cursor()
+            db = self._connection()
+            try:
+                cursor = db.cursor()
+                if begin is not None:
+                    cursor.execute(begin)
+            except Exception as exc:
+                if self._dialect.unavailable(exc):
+                    raise self._lost(exc) from exc
+                raise
             try:
                 yield cursor
+                if begin is not None:
+                    cursor.execute("COMMIT")
+            except BaseException as exc:
+                if begin is not None:
+                    with contextlib.suppress(Exception):
+                        cursor.execute("ROLLBACK")
+                if self._dialect.unavailable(exc):
+                    raise self._lost(exc) from exc
+                raise
             finally:
-                cursor.close()
+                with contextlib.suppress(Exception):
+                    cursor.close()
+
+    def _tx(self) -> contextlib.AbstractContextManager[Any]:
+        return self._cursor(self._dialect.begin_write)
+
+    def _read(self) -> contextlib.AbstractContextManager[Any]:
+        return self._cursor(None)
 
     def _exec(self, cursor: Any, statement: str, params: Sequence[Any] = ()) -> Any:
         cursor.execute(self._dialect.sql(statement), tuple(params))
@@ -264,31 +370,25 @@ class SqlReviewStore:
 
     def _migrate(self) -> None:
         with self._tx() as cur:
-            for statement in _DDL:
-                cur.execute(statement.format(serial_pk=self._dialect.serial_pk))
-            row = self._exec(
-                cur, "SELECT value FROM review_meta WHERE name = ?", ("schema_version",)
-            ).fetchone()
-            if row is None:
-                self._exec(
-                    cur,
-                    "INSERT INTO review_meta (name, value) VALUES (?, ?)",
-                    ("schema_version", str(SCHEMA_VERSION)),
+            if self._dialect.migration_lock is not None:
+                cur.execute(self._dialect.migration_lock)
+            try:
+                applied = migrate(
+                    lambda statement, params: self._exec(cur, statement, params),
+                    self._dialect.serial_pk,
+                    int(time.time() * 1000),
                 )
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"review database schema {row[0]} is newer than this code ({SCHEMA_VERSION})"
-                )
-            elif int(row[0]) < SCHEMA_VERSION:  # the DDL above created what was missing
-                self._exec(
-                    cur,
-                    "UPDATE review_meta SET value = ? WHERE name = ?",
-                    (str(SCHEMA_VERSION), "schema_version"),
-                )
+            except MigrationError as exc:
+                raise StoreError(str(exc)) from exc
+        if applied:
+            log.info("review database migrated: applied schema versions %s", applied)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+                self._db = None
 
     # -- the topic follower's side ------------------------------------------------------
 
@@ -338,8 +438,11 @@ class SqlReviewStore:
                     "SELECT on_topic FROM review_decisions WHERE request_id = ?",
                     (decision.request_id,),
                 ).fetchone()
-                if known is None:
-                    self._insert_decision(cur, decision, "published", True, now_ms, now_ms)
+                # Not known: the database was rebuilt. The insert can still lose to another
+                # instance's follower rebuilding the same row; then it is only marked.
+                if known is None and self._insert_decision(
+                    cur, decision, "published", True, now_ms, now_ms, None
+                ):
                     self._insert_audit(
                         cur,
                         decision.reviewer,
@@ -457,16 +560,19 @@ class SqlReviewStore:
             previous = holder if status == "taken_over" else None
             return ClaimOutcome(status, reviewer, until, previous)
 
-    def next_claimable(self, query: QueueFilter, now_ms: int) -> list[str]:
-        """Candidates for "review next": oldest first, skipping items under a live lease."""
+    def next_claimable(self, query: QueueFilter, now_ms: int, reviewer: str) -> list[str]:
+        """Candidates for "review next": the reviewer's own live claims first (one whose
+        answer never reached the browser, e.g. during a database outage, is not stranded
+        until its lease ends), then the filter's order, skipping others' live leases."""
         where, params = _filter_sql(query, now_ms)
         with self._read() as cur:
             rows = self._exec(
                 cur,
                 f"SELECT i.request_id FROM {_ITEM_FROM} WHERE {where}"
-                " AND (i.claimed_by IS NULL OR i.lease_until_ms <= ?)"
-                f" ORDER BY {_ORDER[query.sort]} LIMIT ?",
-                (*params, now_ms, query.limit),
+                " AND (i.claimed_by IS NULL OR i.lease_until_ms <= ? OR i.claimed_by = ?)"
+                " ORDER BY CASE WHEN i.claimed_by = ? AND i.lease_until_ms > ? THEN 0 ELSE 1 END,"
+                f" {_ORDER[query.sort]} LIMIT ?",
+                (*params, now_ms, reviewer, reviewer, now_ms, query.limit),
             ).fetchall()
         return [str(r[0]) for r in rows]
 
@@ -494,14 +600,16 @@ class SqlReviewStore:
 
     # -- decisions (the outbox) ---------------------------------------------------------
 
-    def record_decision(self, decision: ReviewDecision, now_ms: int) -> bool:
-        """Insert a ``pending`` decision; False when the request already has one.
+    def record_decision(self, decision: ReviewDecision, now_ms: int, owner: str) -> bool:
+        """Insert a ``pending`` decision owned by instance ``owner``; False when the request
+        already has one.
 
         The primary key on ``request_id`` makes this the idempotency gate: a double click,
-        a retried POST or a second reviewer all end here and only the first row wins.
+        a retried POST or a second reviewer (on any instance) all end here and only the
+        first row wins. The owner is the only instance that delivers it (see the service).
         """
         with self._tx() as cur:
-            inserted = self._insert_decision(cur, decision, "pending", False, now_ms, None)
+            inserted = self._insert_decision(cur, decision, "pending", False, now_ms, None, owner)
             if inserted:
                 self._insert_audit(
                     cur,
@@ -522,14 +630,103 @@ class SqlReviewStore:
             ).fetchone()
         return _decision(row) if row is not None else None
 
-    def pending_decisions(self) -> list[StoredDecision]:
+    def pending_decisions(self, owner: str | None = None) -> list[StoredDecision]:
+        """Decisions not yet known to be on Kafka: all, or those ``owner`` delivers."""
+        where, params = ("AND owner = ?", (owner,)) if owner is not None else ("", ())
         with self._read() as cur:
             rows = self._exec(
                 cur,
                 f"SELECT {_DECISION_COLUMNS} FROM review_decisions WHERE state = 'pending'"
-                " ORDER BY recorded_at_ms",
+                f" {where} ORDER BY recorded_at_ms",
+                params,
             ).fetchall()
         return [_decision(row) for row in rows]
+
+    def orphaned_owners(self, instance: str, alive_since_ms: int) -> list[str]:
+        """Owners of pending decisions that are not ``instance`` and are gone: stopped,
+        silent since before ``alive_since_ms``, or never registered."""
+        with self._read() as cur:
+            rows = self._exec(
+                cur,
+                "SELECT DISTINCT d.owner FROM review_decisions d"
+                " LEFT JOIN review_instances i ON i.instance = d.owner"
+                " WHERE d.state = 'pending' AND d.owner IS NOT NULL AND d.owner <> ?"
+                " AND (i.instance IS NULL OR i.stopped_ms IS NOT NULL OR i.last_seen_ms < ?)"
+                " ORDER BY d.owner",
+                (instance, alive_since_ms),
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
+    def take_over(self, from_owner: str, to_owner: str, now_ms: int) -> int:
+        """Move ``from_owner``'s pending decisions to ``to_owner``; how many moved.
+
+        ``taken_from`` remembers the previous owner: the new one fences that instance's
+        Kafka transactional id before it delivers (see the service), so a previous owner
+        that was only paused cannot commit the same decision too.
+        """
+        with self._tx() as cur:
+            moved = self._exec(
+                cur,
+                "SELECT request_id FROM review_decisions WHERE state = 'pending' AND owner = ?",
+                (from_owner,),
+            ).fetchall()
+            self._exec(
+                cur,
+                "UPDATE review_decisions SET owner = ?, taken_from = ?"
+                " WHERE state = 'pending' AND owner = ?",
+                (to_owner, from_owner, from_owner),
+            )
+            for (request_id,) in moved:
+                self._insert_audit(
+                    cur,
+                    "system",
+                    str(request_id),
+                    "delivery_taken_over",
+                    f"instance {to_owner} delivers it; {from_owner} is gone",
+                    now_ms,
+                )
+        return len(moved)
+
+    # -- instances ----------------------------------------------------------------------
+
+    def register_instance(self, instance: str, now_ms: int) -> InstanceRow | None:
+        """Record that ``instance`` runs; returns the row it had before (None if new)."""
+        with self._tx() as cur:
+            row = self._exec(
+                cur,
+                "SELECT instance, started_ms, last_seen_ms, stopped_ms FROM review_instances"
+                " WHERE instance = ?",
+                (instance,),
+            ).fetchone()
+            self._exec(
+                cur,
+                "INSERT INTO review_instances (instance, started_ms, last_seen_ms)"
+                " VALUES (?, ?, ?) ON CONFLICT (instance) DO UPDATE SET"
+                " started_ms = excluded.started_ms, last_seen_ms = excluded.last_seen_ms,"
+                " stopped_ms = NULL",
+                (instance, now_ms, now_ms),
+            )
+        if row is None:
+            return None
+        stopped = int(row[3]) if row[3] is not None else None
+        return InstanceRow(str(row[0]), int(row[1]), int(row[2]), stopped)
+
+    def heartbeat(self, instance: str, now_ms: int) -> None:
+        with self._tx() as cur:
+            self._exec(
+                cur,
+                "UPDATE review_instances SET last_seen_ms = ? WHERE instance = ?",
+                (now_ms, instance),
+            )
+
+    def instance_stopped(self, instance: str, now_ms: int) -> None:
+        """A clean stop: the instance's pending decisions can be taken over at once."""
+        with self._tx() as cur:
+            self._exec(
+                cur,
+                "UPDATE review_instances SET stopped_ms = ?, last_seen_ms = ? WHERE instance = ?",
+                (now_ms, now_ms, instance),
+            )
 
     def mark_published(self, decision_id: str, now_ms: int) -> None:
         with self._tx() as cur:
@@ -664,12 +861,13 @@ class SqlReviewStore:
         on_topic: bool,
         now_ms: int,
         published_ms: int | None,
+        owner: str | None,
     ) -> bool:
         inserted = self._exec(
             cur,
             "INSERT INTO review_decisions (request_id, decision_id, action, reviewer, decision,"
-            " state, on_topic, recorded_at_ms, published_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT DO NOTHING",
+            " state, on_topic, recorded_at_ms, published_at_ms, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 decision.request_id,
                 decision.decision_id,
@@ -680,6 +878,7 @@ class SqlReviewStore:
                 1 if on_topic else 0,
                 now_ms,
                 published_ms,
+                owner,
             ),
         ).rowcount
         return bool(inserted == 1)
@@ -734,13 +933,15 @@ _ORDER: dict[QueueSort, str] = {
 
 
 def _decision(row: Sequence[Any]) -> StoredDecision:
-    envelope, state, on_topic, recorded, published = row
+    envelope, state, on_topic, recorded, published, owner, taken_from = row
     return StoredDecision(
         decision=ReviewDecision.model_validate_json(envelope),
         state=state,
         on_topic=bool(on_topic),
         recorded_at_ms=int(recorded),
         published_at_ms=int(published) if published is not None else None,
+        owner=str(owner) if owner is not None else None,
+        taken_from=str(taken_from) if taken_from is not None else None,
     )
 
 

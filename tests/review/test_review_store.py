@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -27,36 +24,6 @@ from tests.review.test_review_support import (
 )
 
 LEASE_MS = 10 * 60_000
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-PG_URL = os.environ.get("LLMPIPE_REVIEW_TEST_PG_URL")
-"""e.g. postgresql://postgres@127.0.0.1:55432/review: runs every store test on PostgreSQL too."""
-
-
-@pytest.fixture(params=["sqlite", "postgresql"] if PG_URL else ["sqlite"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The same tests on both dialects: the SQL is meant to be portable, so prove it."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'review.db'}"
-    assert PG_URL is not None
-    psycopg = pytest.importorskip("psycopg")
-    with psycopg.connect(PG_URL, autocommit=True) as connection:
-        for table in ("review_meta", "review_items", "review_decisions", "review_audit"):
-            connection.execute(f"DROP TABLE IF EXISTS {table}")
-        connection.execute("DROP TABLE IF EXISTS review_offsets")
-    return PG_URL
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[SqlReviewStore]:
-    opened = open_store(db_url)
-    yield opened
-    opened.close()
 
 
 def make_service(
@@ -336,7 +303,7 @@ def test_a_decision_already_on_the_topic_is_not_produced_again(
     service, kafka = make_service(store, clock)
     service.claim("r1", "alice")
     decision = build(service, store, "r1", "alice")
-    assert store.record_decision(decision, clock())
+    assert store.record_decision(decision, clock(), service.instance)
     kafka.backlog.append(decision)
     service.deliver_pending()
     assert kafka.published == []

@@ -149,6 +149,14 @@ class MemoryKafka:
         self.backlog: list[ReviewDecision] = []
         """Decisions on the "topic" the follower has not read yet; ``sync`` reads them."""
         self._offset = 0
+        self.fenced: list[str] = []
+        """Instances whose transactional id was fenced (before a takeover delivery)."""
+
+    def begin(self) -> None:
+        """One in-memory "producer": always live."""
+
+    def fence(self, instance: str) -> None:
+        self.fenced.append(instance)
 
     def publish(self, messages: Sequence[OutboundMessage]) -> None:
         if self.fail_next:
