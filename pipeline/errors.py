@@ -8,6 +8,8 @@ Programming errors and transient infrastructure failures are not LlmpipeErrors.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import ClassVar
 
 
@@ -19,3 +21,12 @@ class LlmpipeError(Exception):
     scan the broker cut short)."""
 
     exit_code: ClassVar[int] = 2
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``known``, or ``""``.
+
+    Every refusal of an unknown name (prompt, version, flag, stage, endpoint, reason,
+    topic) ends with this, so an operator's typo is answered with the name they meant."""
+    close = difflib.get_close_matches(name, sorted(set(known)), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -91,8 +91,17 @@ READS = [
     ("dlq", "stats"),
     ("dlq", "inspect"),
     ("dlq", "replay", "--group", "incident-1", "--reason", "too_large"),
+    ("dlq", "replay", "--group", "incident-1", "--dry-run"),
+    ("dlq", "reparse", "--group", "incident-1"),
     ("trace", "some-request"),
     ("topics", "plan"),
+    ("topics", "apply"),
+    ("flags", "list", "--history"),
+    ("flags", "get", "prompt_enabled", "--scope", "ticket_triage"),
+    ("prompts", "pins", "--history"),
+    ("prompts", "shadow", "ticket_triage", "--candidate", "3"),
+    ("review", "calibration", "ticket_triage", "--no-plots"),
+    ("review", "export"),
 ]
 
 
@@ -103,6 +112,9 @@ def test_reads_from_an_unreachable_broker_fail_fast_in_one_line(args: tuple[str,
     assert code == 1, (out, err)
     line = _one_line(err)
     assert "LLMPIPE_BOOTSTRAP_SERVERS" in line and UNREACHABLE in line, line
+    # The first broker call is bounded by LLMPIPE_CLI_TIMEOUT_S (3 s here), not by a
+    # client's own metadata timeout (dlq replay used to wait a fixed 10 s, 14 s in all).
+    assert "within 3 s" in line, line
     assert "%3|" not in out + err
     assert took < BOUND_S, f"{args} took {took:.1f} s"
 
@@ -177,6 +189,78 @@ def test_unknown_names_and_usage_errors_exit_2_in_one_line_before_any_write(
     would fail with exit 1 (and take seconds) instead."""
     code, out, err, took = llmpipe(*args, env={"LLMPIPE_BOOTSTRAP_SERVERS": UNREACHABLE})
     assert code == 2, (args, out, err)
+    line = _one_line(err)
+    assert fragment in line, line
+    if suggestion:
+        assert suggestion in line, line
+    assert took < BOUND_S
+
+
+# Every other command taking a prompt, version, flag, scope, stage, topic or reason name.
+# Run in this process (the check is the same code; a subprocess per case would add a
+# second of start-up each), still against an unreachable broker, so a check made after a
+# Kafka call would exit 1 after seconds instead.
+CHECKED_NAMES = [
+    (
+        ("review", "calibration", "no_such_prompt"),
+        "unknown prompt 'no_such_prompt'",
+        "(known: cited_answer, invoice_extract, ticket_triage)",
+    ),
+    (("review", "calibration", "ticket_triag"), "unknown prompt", "'ticket_triage'?"),
+    (("prompts", "show", "ticket_triag"), "unknown prompt", "'ticket_triage'?"),
+    (("prompts", "render", "invoice_extrct"), "unknown prompt", "'invoice_extract'?"),
+    (("prompts", "show", "ticket_triage", "--version", "9"), "unknown version", None),
+    (("prompts", "test", "cited_anser"), "unknown prompt", "'cited_answer'?"),
+    (("prompts", "stats", "ticket_triag"), "unknown prompt", "'ticket_triage'?"),
+    (
+        ("prompts", "pin", "ticket_triag", "2", "--reason", "r"),
+        "unknown prompt",
+        "'ticket_triage'?",
+    ),
+    (("prompts", "pin", "ticket_triage", "9", "--reason", "r"), "unknown version", None),
+    (
+        ("prompts", "rollback", "ticket_triag", "--reason", "r"),
+        "unknown prompt",
+        "'ticket_triage'?",
+    ),
+    (("prompts", "shadow", "ticket_triag", "--candidate", "3"), "unknown prompt", None),
+    (("flags", "get", "model_calls_enable"), "unknown flag", "'model_calls_enabled'?"),
+    (("flags", "get", "prompt_enabled", "--scope", "ticket_triag"), "unknown prompt", None),
+    (
+        ("flags", "set", "force_review", "on", "--scope", "ticket_triag", "--reason", "r"),
+        "unknown prompt",
+        "'ticket_triage'?",
+    ),
+    (("dlq", "stats", "--stage", "validat"), "unknown stage 'validat'", "'validate'?"),
+    (("dlq", "inspect", "--prompt", "ticket_triag"), "unknown prompt", "'ticket_triage'?"),
+    (("dlq", "stats", "--prompt", "ticket_triage", "--version", "9"), "unknown version", None),
+    (("dlq", "replay", "--to", "llm.request", "--group", "g"), "unknown topic", "'llm.requests'?"),
+    (("dlq", "reparse", "--reason", "low_confidenc"), "unknown reason", "'low_confidence'?"),
+    (("worker", "--stages", "validat"), "unknown stages", "'validate'?"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment", "suggestion"), CHECKED_NAMES, ids=lambda v: str(v)[:40]
+)
+def test_every_command_checks_its_names_before_any_kafka_call(
+    args: tuple[str, ...],
+    fragment: str,
+    suggestion: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pipeline.cli.main import app
+    from pipeline.cli.usage import run
+
+    monkeypatch.setenv("LLMPIPE_BOOTSTRAP_SERVERS", UNREACHABLE)
+    monkeypatch.setenv("LLMPIPE_CLI_TIMEOUT_S", "3")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        run(app, list(args))
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, (args, err)
     line = _one_line(err)
     assert fragment in line, line
     if suggestion:

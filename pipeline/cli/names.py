@@ -8,14 +8,14 @@ not become a dead letter the operator only finds later. Each check raises
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterable
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.contract import topology
 from pipeline.contract.reasons import DEAD_LETTER_REASONS, ESCALATION_REASONS
-from pipeline.errors import LlmpipeError
+from pipeline.errors import LlmpipeError, did_you_mean
 from pipeline.prompts.registry import PromptRegistry
 
 
@@ -28,8 +28,7 @@ def check(kind: str, name: str, known: Iterable[str]) -> str:
     choices = sorted(set(known))
     if name in choices:
         return name
-    close = difflib.get_close_matches(name, choices, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, choices)
     listed = f" (known: {', '.join(choices) or 'none'})" if len(choices) <= 12 else ""
     raise UnknownNameError(f"unknown {kind} {name!r}{hint}{listed}")
 
@@ -89,3 +88,28 @@ def check_flag_scope(settings: Settings, flag: str, scope: str | None) -> None:
         check("model endpoint", scope, known_models(settings))
     else:
         check("prompt", scope, registry(settings).names())
+
+
+def check_stages(stages: Iterable[str]) -> None:
+    """Stage names from the topology (``dlq --stage``)."""
+    for stage in stages:
+        check("stage", stage, topology.stage_names())
+
+
+def check_topic(name: str) -> None:
+    """A logical topic name from the topology (``dlq replay --to``; the prefix is added)."""
+    check("topic", name, topology.TOPICS)
+
+
+UNSERVED_PROMPT_REASONS = frozenset({"unknown_prompt", "unknown_prompt_version"})
+
+
+def check_prompt_filter(
+    settings: Settings, name: str | None, version: int | None, reasons: Iterable[str] = ()
+) -> None:
+    """``--prompt``/``--version`` filters of the tools reading stored messages: a typo would
+    silently match nothing. Only a filter on the dead letters of requests for a prompt or
+    version nobody serves (``--reason unknown_prompt``/``unknown_prompt_version``) may name
+    one the registry does not hold."""
+    if name is not None and not UNSERVED_PROMPT_REASONS & set(reasons):
+        check_prompt(settings, name, version)

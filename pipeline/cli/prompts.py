@@ -342,11 +342,13 @@ def stats_command(
     """
     from rich.console import Console
 
+    from pipeline.cli.names import check_prompt_filter
     from pipeline.cli.trace import parse_since
     from pipeline.config import Settings
     from pipeline.evaluation.stats import prompt_stats, read_results, stats_json, stats_table
     from pipeline.transport.reader import ScanError
 
+    check_prompt_filter(Settings(), name, None)
     since_ms = None
     if since is not None:
         try:

@@ -79,7 +79,9 @@ def get_flag(
 ) -> None:
     """The value every worker applies now."""
     _key(name, scope)
-    value = current_state(Settings()).flag(name, scope)
+    settings = Settings()
+    check_flag_scope(settings, name, scope)
+    value = current_state(settings).flag(name, scope)
     out.print(str(value).lower())
 
 

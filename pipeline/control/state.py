@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.contract.envelopes import ControlEvent
+from pipeline.errors import did_you_mean
 from pipeline.prompts.serving import Pin
 
 GLOBAL_MODEL_CALLS = "model_calls_enabled"
@@ -30,7 +31,8 @@ FLAG_DEFAULTS: dict[str, bool] = {
 
 def flag_key(name: str, scope: str | None = None) -> str:
     if name not in FLAG_DEFAULTS:
-        raise ValueError(f"unknown flag {name!r}; known flags: {', '.join(KNOWN_FLAGS)}")
+        close = did_you_mean(name, KNOWN_FLAGS)
+        raise ValueError(f"unknown flag {name!r}{close} (known flags: {', '.join(KNOWN_FLAGS)})")
     if name == GLOBAL_MODEL_CALLS and scope:
         raise ValueError(f"{name} is global; it takes no scope")
     if name != GLOBAL_MODEL_CALLS and not scope:

@@ -139,9 +139,11 @@ def _filter(
     request_id: list[str] | None,
     grep: str | None,
 ) -> Filter:
-    from pipeline.cli.names import check_reasons
+    from pipeline.cli.names import check_prompt_filter, check_reasons, check_stages
 
     check_reasons(reason or ())
+    check_stages(stage or ())
+    check_prompt_filter(_settings(), prompt, version, reason or ())
     try:
         return build_filter(
             reasons=reason or (),
@@ -370,8 +372,11 @@ def replay_command(
     as_json: AsJson = False,
 ) -> None:
     """Send selected dead letters back to their stage: resumable, never twice, poison-guarded."""
+    from pipeline.cli.names import check_topic
     from pipeline.dlq.replay import ReplaySelector
 
+    if to is not None:
+        check_topic(to)
     selection = _filter(reason, stage, prompt, version, since, until, request_id, grep)
     settings = _settings()
     group_name = group or settings.group("dlq-replay")

@@ -60,6 +60,7 @@ from pipeline.transport.reader import (
     offsets_for_time,
     partitions,
     read_ranges,
+    require_broker,
     to_record,
     watermarks,
     where,
@@ -261,6 +262,7 @@ def plan(
     warnings: list[str] = []
     consumer = Consumer(consumer_config(settings, group))
     try:
+        require_broker(consumer, settings)
         ranges: Ranges = {}
         resets: set[tuple[str, int]] = set()
         last_commit_ms: int | None = None

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import LlmpipeError
+from pipeline.errors import LlmpipeError, did_you_mean
 
 
 class PromptError(LlmpipeError):
@@ -51,7 +51,8 @@ class UnknownPromptError(PromptError, LookupError):
         self.name = name
         self.known = tuple(known)
         hint = ", ".join(self.known) if self.known else "none"
-        super().__init__(f"unknown prompt {name!r} (known prompts: {hint})")
+        close = did_you_mean(name, self.known)
+        super().__init__(f"unknown prompt {name!r}{close} (known prompts: {hint})")
 
 
 class UnknownPromptVersionError(PromptError, LookupError):

@@ -268,6 +268,7 @@ def calibration(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """How often accepted answers are wrong, per version, from audit and burn-in verdicts."""
+    from pipeline.cli.names import check
     from pipeline.prompts.registry import PromptRegistry
     from pipeline.review.calibration import (
         calibrate,
@@ -279,6 +280,7 @@ def calibration(
 
     settings = Settings()
     registry = PromptRegistry.load(settings.prompts_dir)
+    check("prompt", prompt, registry.names())
     if db is not None:
         store = open_store(db)
         try:

@@ -23,6 +23,7 @@ from pipeline.contract.topology import Stage
 from pipeline.control.burn_in import KafkaBurnInLedger, start_burn_in_ledger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
+from pipeline.errors import did_you_mean
 from pipeline.observability import configure_observability
 from pipeline.observability.hooks import record_distribution_shift
 from pipeline.observability.redact import Redactor
@@ -70,7 +71,10 @@ class Worker:
         stages = known if stages is None else stages
         unknown = set(stages) - set(known)
         if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(known)}")
+            close = did_you_mean(sorted(unknown)[0], known)
+            raise ValueError(
+                f"unknown stages {sorted(unknown)}{close} (choose from {', '.join(known)})"
+            )
         self.settings = settings
         self.stage_names = list(stages)
         self.registry = registry or PromptRegistry.load(settings.prompts_dir)
