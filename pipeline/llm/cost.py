@@ -118,6 +118,15 @@ def _catalogue_knows(model: str) -> bool:
 def _catalogue_cost(
     model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int
 ) -> float | None:
+    price = _flat_price(model)
+    if price is not None:
+        return price.cost(prompt_tokens, completion_tokens, cached_tokens)
+    return _calc_price(model, prompt_tokens, completion_tokens, cached_tokens)
+
+
+def _calc_price(
+    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+) -> float | None:
     from genai_prices import Usage, calc_price  # ~0.5 s import: only when a price is needed
 
     usage = Usage(
@@ -129,3 +138,49 @@ def _catalogue_cost(
         return float(calc_price(usage, model).total_price)
     except LookupError:
         return None
+
+
+FLAT_UNITS = ("input_mtok", "output_mtok", "cache_read_mtok")
+PROBES = ((1_000, 200, 0), (1_000, 200, 400), (7, 0, 7), (0, 3, 0))
+
+
+@lru_cache(maxsize=1024)
+def _flat_price(model: str) -> Price | None:
+    """The catalogue's price of ``model`` as a :class:`Price`, when it is one.
+
+    ``calc_price`` walks genai-prices' unit registry on every call (about a tenth of a
+    worker's CPU per request when it ran per call); most models have one flat rate per
+    token kind, which is three numbers. A model whose price has tiers (by prompt length),
+    dates or anything else keeps the exact per-call calculation, and so does one whose
+    flat reading disagrees with ``calc_price`` on a few probe usages.
+    """
+    from decimal import Decimal
+
+    from genai_prices import data_snapshot, types
+
+    try:
+        _, info = data_snapshot.get_snapshot().find_provider_model(model, None, None, None)
+    except LookupError:
+        return None
+    if not isinstance(info.prices, types.ModelPrice):
+        return None  # conditional (dated) prices
+    rates = vars(info.prices)
+    if any(
+        rates.get(unit) is not None and not isinstance(rates[unit], Decimal) for unit in FLAT_UNITS
+    ):
+        return None  # tiered
+    if rates.get("input_mtok") is None or rates.get("output_mtok") is None:
+        return None
+    cached = rates.get("cache_read_mtok")
+    price = Price(
+        float(rates["input_mtok"]),
+        float(rates["output_mtok"]),
+        None if cached is None else float(cached),
+    )
+    for usage in PROBES:
+        exact = _calc_price(model, *usage)
+        if exact is None or not math.isclose(
+            price.cost(*usage), exact, rel_tol=1e-9, abs_tol=1e-15
+        ):
+            return None
+    return price
