@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import fastavro
+import orjson
 from pydantic import ValidationError
 
 from pipeline.contract.envelopes import Envelope
@@ -66,6 +67,12 @@ class Codec:
     ) -> None:
         self._raw = dict(schemas if schemas is not None else load_schemas())
         self._parsed = _parse_all(self._raw)
+        self._to_avro = {
+            name: _converter(schema, self._raw, True) for name, schema in self._raw.items()
+        }
+        self._from_avro = {
+            name: _converter(schema, self._raw, False) for name, schema in self._raw.items()
+        }
         self.output_format = output_format
         if output_format == "confluent" and schema_id_for is None:
             raise ValueError("the Confluent wire format needs a schema id source")
@@ -79,7 +86,7 @@ class Codec:
         if self.output_format == "json":
             return envelope.model_dump_json().encode(), JSON
         name = self.schema_name(type(envelope))
-        record = _to_avro(envelope.model_dump(), self._raw[name], self._raw)
+        record = self._to_avro[name](envelope.model_dump())
         buffer = io.BytesIO()
         if self.output_format == "confluent":
             assert self._schema_id_for is not None
@@ -113,7 +120,7 @@ class Codec:
             record = fastavro.schemaless_reader(stream, self._parsed[name], None)
             if stream.tell() != len(body):
                 raise DecodeError("decode_error", "trailing bytes after the Avro record")
-            fields = _from_avro(record, self._raw[name], self._raw)
+            fields = self._from_avro[name](record)
             if not isinstance(fields, dict):
                 raise DecodeError("decode_error", "Avro record did not decode to an object")
             return fields
@@ -179,55 +186,78 @@ def _parse_all(raw: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     return parsed
 
 
+Convert = Callable[[Any], Any]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _from_json(text: str) -> Any:
+    """orjson first; the standard library for what only it accepts (``NaN``, integers past
+    64 bits, lone surrogate escapes), so a field decodes exactly as ``json.loads`` would."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _converter(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Convert:
+    """One function per schema between model fields and fastavro records, built once.
+
+    The only difference between the two shapes is the JSON-marked string fields (a JSON
+    value in the model, its text in Avro), so the function touches exactly those paths and
+    passes everything else through: no per-field Python on the fields that need none.
+    """
+    built = _build(schema, raw, to_avro)
+    return built if built is not None else _identity
+
+
+def _build(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Convert | None:
+    """The conversion for ``schema``, or None when values pass through unchanged."""
+    schema = _resolve(schema, raw)
+    if isinstance(schema, list):
+        branch = next(s for s in schema if s != "null")
+        inner = _build(branch, raw, to_avro)
+        if inner is None:
+            return None
+        return lambda value: None if value is None else inner(value)
+    if not isinstance(schema, dict):
+        return None
+    if schema.get(JSON_FIELD_MARK):
+        return _to_json if to_avro else _from_json
+    kind = schema["type"]
+    if kind == "record":
+        fields = [(f["name"], _build(f["type"], raw, to_avro)) for f in schema["fields"]]
+        changed = [(name, conv) for name, conv in fields if conv is not None]
+        if not changed:
+            return None
+
+        def record(value: Any) -> Any:
+            out = dict(value)
+            for name, conv in changed:
+                out[name] = conv(out.get(name))
+            return out
+
+        return record
+    if kind in ("array", "map"):
+        item = _build(schema["items" if kind == "array" else "values"], raw, to_avro)
+        if item is None:
+            return None
+        if kind == "array":
+            return lambda value: [item(v) for v in value]
+        return lambda value: {k: item(v) for k, v in value.items()}
+    if isinstance(kind, dict | list):
+        return _build(kind, raw, to_avro)
+    return None
+
+
 def _resolve(schema: Any, raw: Mapping[str, dict[str, Any]]) -> Any:
     if isinstance(schema, str) and schema in raw:
         return raw[schema]
     if isinstance(schema, dict) and isinstance(schema.get("type"), str) and schema["type"] in raw:
         return raw[schema["type"]]
     return schema
-
-
-def _to_avro(value: Any, schema: Any, raw: Mapping[str, dict[str, Any]]) -> Any:
-    schema = _resolve(schema, raw)
-    if isinstance(schema, list):
-        if value is None:
-            return None
-        branch = next(s for s in schema if s != "null")
-        return _to_avro(value, branch, raw)
-    if not isinstance(schema, dict):
-        return value
-    if schema.get(JSON_FIELD_MARK):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    kind = schema["type"]
-    if kind == "record":
-        return {f["name"]: _to_avro(value.get(f["name"]), f["type"], raw) for f in schema["fields"]}
-    if kind == "array":
-        return [_to_avro(v, schema["items"], raw) for v in value]
-    if kind == "map":
-        return {k: _to_avro(v, schema["values"], raw) for k, v in value.items()}
-    if isinstance(kind, dict | list):
-        return _to_avro(value, kind, raw)
-    return value
-
-
-def _from_avro(value: Any, schema: Any, raw: Mapping[str, dict[str, Any]]) -> Any:
-    schema = _resolve(schema, raw)
-    if isinstance(schema, list):
-        if value is None:
-            return None
-        branch = next(s for s in schema if s != "null")
-        return _from_avro(value, branch, raw)
-    if not isinstance(schema, dict):
-        return value
-    if schema.get(JSON_FIELD_MARK):
-        return json.loads(value)
-    kind = schema["type"]
-    if kind == "record":
-        return {f["name"]: _from_avro(value[f["name"]], f["type"], raw) for f in schema["fields"]}
-    if kind == "array":
-        return [_from_avro(v, schema["items"], raw) for v in value]
-    if kind == "map":
-        return {k: _from_avro(v, schema["values"], raw) for k, v in value.items()}
-    if isinstance(kind, dict | list):
-        return _from_avro(value, kind, raw)
-    return value
