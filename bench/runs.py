@@ -47,6 +47,9 @@ class Run:
     cpu_s: dict[str, float]
     cores: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
+    steady_cpu_ms: dict[str, float] = field(default_factory=dict)
+    """CPU ms per output message by process, over the same 10-90 % window as ``rate``:
+    start-up (imports, group joins) and shutdown are left out, unlike ``cpu_s``."""
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -81,12 +84,14 @@ def _time_outputs(
     sampler: Callable[[int], None] | None = None,
 ) -> Run:
     """Wait for ``count`` results, then compute rates and CPU shares from their timestamps."""
+    samples: list[tuple[float, dict[str, float]]] = []
     with TopicCounter(settings, [topology.RESULTS]) as counter:
 
         def done() -> bool:
             for name, proc in procs.items():
                 if not proc.alive():
                     raise RuntimeError(f"{name} exited: {proc.log_tail()}")
+            samples.append((time.time(), {n: p.cpu_s() for n, p in procs.items()}))
             seen = counter.count()
             if sampler is not None:
                 sampler(seen)
@@ -108,7 +113,39 @@ def _time_outputs(
         wall_s=wall_s,
         cpu_s=meter.result,
         cores=meter.utilisation(),
+        steady_cpu_ms=steady_cpu_ms(stamps, samples),
     )
+
+
+def steady_cpu_ms(
+    stamps_ms: Sequence[int], samples: Sequence[tuple[float, Mapping[str, float]]]
+) -> dict[str, float]:
+    """CPU ms per message by process between the 10th and 90th percentile output times.
+
+    ``samples`` are (wall time, CPU seconds by process) taken while waiting; the CPU at
+    each end of the window is interpolated between the samples around it. Timestamps, not
+    watermarks, bound the window, so transaction markers (exactly-once) do not count.
+    """
+    if len(stamps_ms) < 10 or len(samples) < 2:
+        return {}
+    ordered = sorted(stamps_ms)
+    lo, hi = len(ordered) // 10, len(ordered) * 9 // 10 - 1
+    t_lo, t_hi = ordered[lo] / 1000, ordered[hi] / 1000
+    out: dict[str, float] = {}
+    for name in samples[0][1]:
+        used = _cpu_at(samples, name, t_hi) - _cpu_at(samples, name, t_lo)
+        out[name] = round(used / (hi - lo) * 1000, 3)
+    return out
+
+
+def _cpu_at(samples: Sequence[tuple[float, Mapping[str, float]]], name: str, t: float) -> float:
+    """A process's CPU seconds at wall time ``t``, linear between the nearest samples."""
+    before = max((s for s in samples if s[0] <= t), key=lambda s: s[0], default=samples[0])
+    after = min((s for s in samples if s[0] >= t), key=lambda s: s[0], default=samples[-1])
+    if after[0] <= before[0]:
+        return before[1][name]
+    share = (t - before[0]) / (after[0] - before[0])
+    return before[1][name] + share * (after[1][name] - before[1][name])
 
 
 def measure_pipeline(
