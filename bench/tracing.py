@@ -181,6 +181,7 @@ def run_once(
             "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
             "LLMPIPE_MODEL_BASE_URL": model_url,
             "PYTHONPATH": str(REPO_ROOT),
+            "LLMPIPE_WORKER_PROCESSES": "1",
             **env,
         }
         worker = subprocess.Popen(

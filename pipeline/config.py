@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         description="How often a stage commits (one transaction per interval in exactly_once): "
         "the latency each hop may add.",
     )
+    worker_processes: int = Field(
+        0,
+        ge=0,
+        description="Worker processes `llmpipe worker` runs under one supervisor; 0 means "
+        "one per core this process may use (CPU affinity and cgroup quota).",
+    )
     group_instance_id: str | None = Field(
         None,
         description="Static group membership id (unique per worker process): a restart "

@@ -116,15 +116,28 @@ def worker(
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run.")] = ",".join(
         topology.stage_names()
     ),
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Worker processes under one supervisor (default: LLMPIPE_WORKER_PROCESSES, "
+            "else one per available core). 1 runs the worker in this process.",
+        ),
+    ] = None,
 ) -> None:
     """Run pipeline stages until SIGTERM/SIGINT."""
     from pipeline.observability.logs import configure_logging
     from pipeline.prompts.errors import PromptLoadError
-    from pipeline.runtime.worker import run_worker
+    from pipeline.runtime.supervisor import available_cores, run_supervisor
+    from pipeline.runtime.worker import check_stages, run_worker
 
     configure_logging()
     try:
-        run_worker(settings(), [s.strip() for s in stages.split(",") if s.strip()])
+        chosen = check_stages([s.strip() for s in stages.split(",") if s.strip()])
+        count = processes or settings().worker_processes or available_cores()
+        if count > 1:
+            raise typer.Exit(run_supervisor(count, chosen))
+        run_worker(settings(), chosen)
     except (PromptLoadError, ValueError) as exc:
         raise LlmpipeError(str(exc)) from None
 

@@ -32,4 +32,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         "LLMPIPE_OUTPUT_FORMAT": settings.output_format,
         "LLMPIPE_DELIVERY": settings.delivery,
         "LLMPIPE_COMMIT_INTERVAL_MS": str(settings.commit_interval_ms),
+        # One process per worker a test or benchmark starts, unless its settings ask for
+        # more: a SIGKILL must be one worker's crash, and CPU is measured per process.
+        "LLMPIPE_WORKER_PROCESSES": str(settings.worker_processes or 1),
     }

@@ -60,6 +60,19 @@ def stage_handler(codec: Codec, stage: Stage, step: Step) -> Handler:
     return handle
 
 
+def check_stages(stages: Sequence[str] | None) -> list[str]:
+    """The stages to run (all when None); ``ValueError`` naming any the topology lacks."""
+    known = topology.stage_names()
+    chosen = list(known if stages is None else stages)
+    unknown = set(chosen) - set(known)
+    if unknown:
+        close = did_you_mean(sorted(unknown)[0], known)
+        raise ValueError(
+            f"unknown stages {sorted(unknown)}{close} (choose from {', '.join(known)})"
+        )
+    return chosen
+
+
 class Worker:
     def __init__(
         self,
@@ -67,14 +80,7 @@ class Worker:
         stages: Sequence[str] | None = None,
         registry: PromptRegistry | None = None,
     ) -> None:
-        known = topology.stage_names()
-        stages = known if stages is None else stages
-        unknown = set(stages) - set(known)
-        if unknown:
-            close = did_you_mean(sorted(unknown)[0], known)
-            raise ValueError(
-                f"unknown stages {sorted(unknown)}{close} (choose from {', '.join(known)})"
-            )
+        stages = check_stages(stages)
         self.settings = settings
         self.stage_names = list(stages)
         self.registry = registry or PromptRegistry.load(settings.prompts_dir)
