@@ -82,6 +82,13 @@ class BrokerHealth:
         self._errors = 0
         self._last_other: dict[str, float] = {}
         self._last_probe = 0.0
+        self._outages = 0
+
+    @property
+    def outages(self) -> int:
+        """How many outages have been reported: a client that lived through one may keep
+        stale state (see :class:`~pipeline.transport.delivery.TransactionalDelivery`)."""
+        return self._outages
 
     @property
     def down(self) -> bool:
@@ -112,6 +119,7 @@ class BrokerHealth:
             if self._reported or now - self._failing_since < OUTAGE_AFTER_S:
                 return
             self._reported = True
+            self._outages += 1
             since = self._failing_since_wall
         assert since is not None
         log.warning(

@@ -20,15 +20,16 @@ the runner calls them on its Kafka thread.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from pipeline.errors import LlmpipeError
 from pipeline.transport.message import Outbound
 
 log = logging.getLogger("llmpipe.runner")
@@ -39,10 +40,12 @@ CALL_TIMEOUT_S = 10.0
 # transaction.timeout.ms, so nothing half-done becomes visible).
 COMMIT_DEADLINE_S = 20.0
 PRODUCE_QUEUE_WAIT_S = 0.1
-# A commit that has not returned after this is stuck in librdkafka (see
-# TransactionalDelivery); one that is merely retrying through an outage returns within
-# COMMIT_DEADLINE_S plus a call timeout.
-WATCHDOG_S = COMMIT_DEADLINE_S + CALL_TIMEOUT_S + 5.0
+# A librdkafka call given CALL_TIMEOUT_S that has not returned this much later is stuck
+# (see TransactionalDelivery); so is a commit that has not returned after WATCHDOG_S (one
+# that is merely retrying through an outage returns within COMMIT_DEADLINE_S plus a call).
+CALL_GRACE_S = 10.0
+WATCHDOG_S = COMMIT_DEADLINE_S + CALL_TIMEOUT_S + CALL_GRACE_S
+WATCH_INTERVAL_S = 0.25
 
 
 class Outcome(enum.Enum):
@@ -117,6 +120,16 @@ class Delivery(Protocol):
     def close(self) -> None: ...
 
 
+class KafkaFatalError(LlmpipeError):
+    """A Kafka client can no longer work (librdkafka's fatal errors: a static member
+    fenced, a transactional id refused; committed offsets that stay unreadable): the
+    worker exits 1 with this one line so that its supervisor starts a fresh one, instead
+    of staying up and consuming nothing. A fresh process rejoins its groups and resumes
+    from the committed offsets, skipping what their metadata records as done."""
+
+    exit_code = 1
+
+
 class _Abandoned(Exception):
     """This attempt was given up by the watchdog; it must not commit anything."""
 
@@ -124,28 +137,50 @@ class _Abandoned(Exception):
 class TransactionalDelivery:
     """Exactly-once hops: outputs and input offsets in one transaction per commit.
 
-    The transactional calls run on a thread of their own, watched: librdkafka's
-    ``send_offsets_to_transaction`` can block past its timeout, forever, after the broker
-    or group coordinator went away (confluentinc/librdkafka#5456 and #5511, open in
-    2.16; reproduced here with a 10 s broker stop). When a commit takes longer than
-    :data:`WATCHDOG_S` the runner stops waiting, reports the batch as not committed,
-    and replaces the producer: the new one, with the same ``transactional.id``, fences
-    the stuck one (``init_transactions`` bumps the epoch), so the stuck transaction can
-    never commit after its batch was given to the new producer, and the stuck thread is
-    abandoned. A retriable error (a timeout while the broker is away) retries the same
-    call, as librdkafka documents; an abortable one aborts; a fatal one replaces the
-    producer.
+    One transactional producer at a time, replaced (a new producer with the same
+    ``transactional.id``, whose ``init_transactions`` fences the old one and aborts
+    whatever it left open on the broker) whenever it may be unusable:
+
+    - after any failed transaction, instead of aborting and reusing it: a fresh producer
+      has a fresh coordinator cache, and aborting needs the very coordinator that just
+      failed;
+    - before the first transaction after a broker outage (``outages`` counts them): a
+      producer that lived through one keeps its group coordinator cached, and
+      librdkafka's ``send_offsets_to_transaction`` can then block past its timeout,
+      forever (confluentinc/librdkafka#5456 and #5511, open in 2.16; reproduced here:
+      every stage's first commit after a 20-30 s broker stop hung);
+    - when a call hangs all the same (the watchdog): a librdkafka call that has not
+      returned :data:`CALL_GRACE_S` after its own timeout, or a commit that has run
+      :data:`WATCHDOG_S`, is abandoned with its thread; the batch is reported not
+      committed, and the attempt counter makes sure the abandoned thread can neither
+      commit it later nor touch the new producer.
+
+    The calls run on a thread of their own. A retriable error (a timeout while the broker
+    is away) retries the same call, as librdkafka documents, within
+    :data:`COMMIT_DEADLINE_S`; anything else fails the batch, which the runner retries.
+    A producer that cannot even be initialised for a non-retriable reason raises
+    :class:`KafkaFatalError`.
     """
 
     mode = "exactly_once"
 
-    def __init__(self, make_producer: Callable[[], ProducerLike], consumer: CommitterLike) -> None:
+    def __init__(
+        self,
+        make_producer: Callable[[], ProducerLike],
+        consumer: CommitterLike,
+        outages: Callable[[], int] = lambda: 0,
+        name: str = "",
+    ) -> None:
         self._make_producer = make_producer
         self._consumer = consumer
+        self._outages = outages
+        self._name = f"stage {name}: " if name else ""
+        self._lock = threading.Lock()
         self._producer: ProducerLike | None = None
+        self._producer_outages = 0
         self._thread = self._new_thread()
         self._attempt = 0
-        self._needs_abort = False
+        self._call_since: float | None = None  # when the current librdkafka call began
         self._failing = False
 
     @staticmethod
@@ -153,23 +188,45 @@ class TransactionalDelivery:
         return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-txn")
 
     def start(self) -> None:
-        self._thread.submit(self._start).result(timeout=COMMIT_DEADLINE_S + WATCHDOG_S)
+        self._attempt += 1
+        attempt = self._attempt
+        self._thread.submit(self._start, attempt).result(timeout=COMMIT_DEADLINE_S + WATCHDOG_S)
 
-    def _start(self) -> None:
+    def _start(self, attempt: int) -> ProducerLike:
+        outages = self._outages()
         producer = self._make_producer()
         deadline = time.monotonic() + COMMIT_DEADLINE_S
         while True:
             try:
-                # Fences an earlier incarnation with the same transactional.id and aborts
-                # what it left open.
-                producer.init_transactions(CALL_TIMEOUT_S)
+                # Fences an earlier producer with the same transactional.id and aborts what
+                # it left open.
+                self._timed(attempt, lambda: producer.init_transactions(CALL_TIMEOUT_S))
                 break
             except KafkaException as exc:
                 error = _error(exc)
-                if error is None or not error.retriable() or time.monotonic() > deadline:
+                if error is None or (not error.retriable() and error.fatal()):
+                    raise KafkaFatalError(
+                        f"{self._name}the transactional producer cannot start: {exc}"
+                    ) from exc
+                if not error.retriable() or time.monotonic() > deadline:
                     raise
-        self._producer = producer
-        self._needs_abort = False
+        with self._lock:
+            if attempt != self._attempt:
+                raise _Abandoned
+            self._producer = producer
+            self._producer_outages = outages
+        return producer
+
+    def _timed(self, attempt: int, fn: Callable[[], None]) -> None:
+        """One librdkafka call, visible to the watchdog while it runs."""
+        if attempt != self._attempt:
+            raise _Abandoned
+        self._call_since = time.monotonic()
+        try:
+            fn()
+        finally:
+            if attempt == self._attempt:
+                self._call_since = None
 
     def commit(
         self,
@@ -180,28 +237,37 @@ class TransactionalDelivery:
         """Called on the runner's Kafka thread (the group metadata is a consumer call)."""
         group = self._consumer.consumer_group_metadata() if offsets else None
         self._attempt += 1
+        self._call_since = None
+        started = time.monotonic()
         future = self._thread.submit(self._commit, self._attempt, outputs, offsets, group, stopping)
-        try:
-            return future.result(timeout=WATCHDOG_S)
-        except concurrent.futures.TimeoutError:
-            log.warning(
-                "a transactional commit hangs in librdkafka after %.0f s (librdkafka#5456); "
-                "replacing the producer, the batch is retried",
-                WATCHDOG_S,
-            )
-            self._replace()
-            return Outcome.FAILED
-        except KafkaException as exc:  # init_transactions of a replacement producer failed
-            log.warning("transactional producer unavailable (%s); retried", exc)
-            return Outcome.FAILED
+        while True:
+            try:
+                return future.result(timeout=WATCH_INTERVAL_S)
+            except concurrent.futures.TimeoutError:
+                call_since = self._call_since
+                now = time.monotonic()
+                if now - started > WATCHDOG_S or (
+                    call_since is not None and now - call_since > CALL_TIMEOUT_S + CALL_GRACE_S
+                ):
+                    break
+            except KafkaException as exc:  # a replacement producer could not start
+                self._warn(f"transactional producer unavailable ({exc}); the batch is retried")
+                return Outcome.FAILED
+        self._warn(
+            f"a transactional call hangs in librdkafka after {time.monotonic() - started:.0f} s "
+            "(librdkafka#5456); replacing the producer, the batch is retried"
+        )
+        self._replace()
+        return Outcome.FAILED
 
     def _replace(self) -> None:
         """Abandon the stuck thread and producer; the next commit makes a new producer."""
-        self._attempt += 1  # the stuck attempt no longer matches: it will not commit
+        with self._lock:
+            self._attempt += 1  # the stuck attempt no longer matches: it will not commit
+            self._producer = None
+            self._call_since = None
         self._thread.shutdown(wait=False)
         self._thread = self._new_thread()
-        self._producer = None
-        self._needs_abort = False
 
     def _commit(
         self,
@@ -211,18 +277,12 @@ class TransactionalDelivery:
         group: Any,
         stopping: Callable[[], bool],
     ) -> Outcome:
-        if self._producer is None:
-            self._start()
-        producer = self._producer
-        assert producer is not None
         deadline = time.monotonic() + COMMIT_DEADLINE_S
 
         def call(fn: Callable[[], None]) -> None:
             while True:
-                if attempt != self._attempt:
-                    raise _Abandoned
                 try:
-                    fn()
+                    self._timed(attempt, fn)
                     return
                 except KafkaException as exc:
                     error = _error(exc)
@@ -232,65 +292,49 @@ class TransactionalDelivery:
                         raise
 
         try:
-            if self._needs_abort:
-                call(lambda: producer.abort_transaction(CALL_TIMEOUT_S))
-                self._needs_abort = False
+            producer = self._producer
+            if producer is not None and self._producer_outages != self._outages():
+                log.info("%sa new transactional producer after the broker outage", self._name)
+                producer = None
+            if producer is None:
+                producer = self._start(attempt)
             producer.begin_transaction()
-            self._needs_abort = True
             for out in outputs:
                 _produce(producer, out)
             if offsets:
                 call(lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S))
             call(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
-            self._needs_abort = False
         except _Abandoned:
             return Outcome.FAILED
         except KafkaException as exc:
-            self._failed(exc)
+            with self._lock:
+                if attempt != self._attempt:  # abandoned meanwhile: fenced, say nothing
+                    return Outcome.FAILED
+                # Not aborted here: the next producer's init_transactions aborts it (the
+                # broker would at transaction.timeout.ms); nothing of it is visible.
+                self._producer = None
+            self._warn(f"transaction failed ({exc}); the batch is retried with a new producer")
             return Outcome.FAILED
         if self._failing:
-            log.info("transactional commits succeed again")
+            log.info("%stransactional commits succeed again", self._name)
             self._failing = False
         return Outcome.COMMITTED
 
-    def _failed(self, exc: KafkaException) -> None:
-        """Abort (outputs never visible) or, if the producer is unusable, replace it."""
-        error = _error(exc)
-        level = logging.DEBUG if self._failing else logging.WARNING
+    def _warn(self, message: str) -> None:
+        log.log(logging.DEBUG if self._failing else logging.WARNING, self._name + message)
         self._failing = True
-        log.log(level, "transaction failed (%s); aborted, the batch is retried", exc)
-        if error is not None and error.fatal():
-            self._producer = None  # a new one (same transactional.id) is made next time
-            self._needs_abort = False
-            return
-        producer = self._producer
-        if producer is None or not self._needs_abort:
-            return
-        try:
-            producer.abort_transaction(CALL_TIMEOUT_S)
-            self._needs_abort = False
-        except KafkaException as abort_exc:
-            abort_error = _error(abort_exc)
-            if abort_error is not None and abort_error.fatal():
-                self._producer = None
-                self._needs_abort = False
-            # otherwise retried before the next transaction begins
 
     def close(self) -> None:
         try:
             self._thread.submit(self._close).result(timeout=WATCHDOG_S)
         except concurrent.futures.TimeoutError:
-            log.warning("the transactional producer did not close; abandoned")
+            log.warning("%sthe transactional producer did not close; abandoned", self._name)
         self._thread.shutdown(wait=False)
 
     def _close(self) -> None:
         producer = self._producer
         self._producer = None
-        if producer is not None and self._needs_abort:
-            # If this fails, the broker aborts it at transaction.timeout.ms.
-            with contextlib.suppress(KafkaException):
-                producer.abort_transaction(CALL_TIMEOUT_S)
-        if producer is not None:
+        if producer is not None:  # no transaction is open between commits
             producer.flush(CALL_TIMEOUT_S)
 
 
@@ -299,9 +343,12 @@ class IdempotentDelivery:
 
     mode = "at_least_once"
 
-    def __init__(self, make_producer: Callable[[], ProducerLike], consumer: CommitterLike) -> None:
+    def __init__(
+        self, make_producer: Callable[[], ProducerLike], consumer: CommitterLike, name: str = ""
+    ) -> None:
         self._make_producer = make_producer
         self._consumer = consumer
+        self._name = f"stage {name}: " if name else ""
         self._producer: ProducerLike | None = None
         self._failing = False
 
@@ -341,12 +388,12 @@ class IdempotentDelivery:
             self._warn(f"offset commit failed ({exc}); retried with the next commit")
             return Outcome.SENT
         if self._failing:
-            log.info("commits succeed again")
+            log.info("%scommits succeed again", self._name)
             self._failing = False
         return Outcome.COMMITTED
 
     def _warn(self, message: str) -> None:
-        log.log(logging.DEBUG if self._failing else logging.WARNING, message)
+        log.log(logging.DEBUG if self._failing else logging.WARNING, self._name + message)
         self._failing = True
 
     def close(self) -> None:

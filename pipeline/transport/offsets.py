@@ -192,9 +192,17 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[tuple[str, int], _PartitionState] = {}
 
-    def assign(self, topic: str, partition: int, committed: int | None, metadata: str) -> int:
+    def assign(
+        self,
+        topic: str,
+        partition: int,
+        committed: int | None,
+        metadata: str,
+        also_done: Iterable[int] = (),
+    ) -> int:
         """Start owning a partition at its committed offset; returns how many offsets the
-        commit recorded as already done (they are skipped when they arrive).
+        commit recorded as already done (they are skipped when they arrive). ``also_done``:
+        offsets known done some other way (their outputs delivered, their commit lost).
 
         Raises :class:`MetadataError` for metadata this module did not write; the caller
         decides to process those offsets again (safe: nothing is lost, some work redone).
@@ -202,9 +210,11 @@ class OffsetTracker:
         state = _PartitionState()
         self._parts[(topic, partition)] = state
         if committed is None or committed < 0:
-            return 0
+            state.done = set(also_done)
+            state.highest_done = max(state.done, default=-1)
+            return len(state.done)
         state.committed = state.next_position = committed
-        state.done = decode_done(committed, metadata)
+        state.done = decode_done(committed, metadata) | {o for o in also_done if o >= committed}
         state.highest_done = max(state.done, default=-1)
         state.committed_version = state.version
         return len(state.done)

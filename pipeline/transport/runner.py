@@ -55,6 +55,7 @@ from pipeline.transport import headers as h
 from pipeline.transport.delivery import (
     Delivery,
     IdempotentDelivery,
+    KafkaFatalError,
     Outcome,
     ProducerLike,
     TransactionalDelivery,
@@ -76,7 +77,11 @@ POLL_TIMEOUT_S = 0.1
 # When every slot is busy the runner still polls (paused) this often: it stays in the
 # group and answers a rebalance within this time.
 FULL_POLL_INTERVAL_S = 0.5
-COMMITTED_TIMEOUT_S = 30.0
+COMMITTED_TIMEOUT_S = 10.0
+# How long a new assignment may wait for its committed offsets before the worker gives up
+# (well inside max.poll.interval.ms: the wait blocks this consumer's poll).
+COMMITTED_DEADLINE_S = 120.0
+COMMITTED_RETRY_S = 0.5
 LAG_SAMPLE_INTERVAL_S = 1.0
 # Finished messages waiting for their commit, per max_in_flight: beyond this (commits
 # failing, e.g. while the broker is down) the runner stops fetching.
@@ -114,6 +119,9 @@ class ConsumerLike(Protocol):
 
 
 class HealthLike(Protocol):
+    @property
+    def outages(self) -> int: ...
+
     def ok(self) -> None: ...
 
     def probe_due(self, every_s: float = ...) -> bool: ...
@@ -210,6 +218,9 @@ class StageRunner:
         self._paused: set[Partition] = set()
         self._backlog: deque[Inbound] = deque()
         self._outbox: list[_Finished] = []
+        # at_least_once: offsets whose outputs were delivered while their commit failed,
+        # kept across a lost assignment so that getting the partition back skips them.
+        self._sent: dict[Partition, set[int]] = {}
         self._tasks: dict[asyncio.Task[None], Inbound] = {}
         self._key_chains: dict[bytes, asyncio.Task[None]] = {}
         self._progress = asyncio.Event()
@@ -275,10 +286,14 @@ class StageRunner:
     def _make_delivery(self, consumer: ConsumerLike) -> Delivery:
         if self.delivery_mode == "exactly_once":
             tid = self._transactional_id
+            health = self._clients.health
             return TransactionalDelivery(
-                lambda: self._clients.transactional_producer(tid), consumer
+                lambda: self._clients.transactional_producer(tid),
+                consumer,
+                outages=lambda: health.outages,
+                name=self.stage,
             )
-        return IdempotentDelivery(self._clients.producer, consumer)
+        return IdempotentDelivery(self._clients.producer, consumer, name=self.stage)
 
     def _subscribe(self, consumer: ConsumerLike) -> None:
         consumer.subscribe(
@@ -401,16 +416,57 @@ class StageRunner:
         """Read the committed offsets with their metadata: what an earlier owner finished."""
         if not partitions:
             return
-        try:
-            committed = consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_S)
-        except KafkaException as exc:
-            log.warning(
-                "stage %s: committed offsets unreadable (%s); finished work may be redone",
-                self.stage,
-                exc,
-            )
-            committed = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
-        self._call_loop(self._assigned(committed))
+        self._call_loop(self._assigned(self._read_committed(consumer, partitions)))
+
+    def _read_committed(
+        self, consumer: ConsumerLike, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """The committed offsets and metadata of newly assigned partitions, retried until read.
+
+        Never given up on quietly: without the metadata the finished offsets above the
+        committed one would be processed again, and their outputs, already committed,
+        would be duplicates. Right after a broker restart the group coordinator answers
+        ``NOT_COORDINATOR`` or ``COORDINATOR_LOAD_IN_PROGRESS`` for a while, and a
+        transaction left open by a dead producer makes the offsets unstable until the broker
+        aborts it (``transaction.timeout.ms``); past :data:`COMMITTED_DEADLINE_S` the
+        worker exits (:class:`KafkaFatalError`) rather than redo committed work.
+        """
+        deadline = time.monotonic() + COMMITTED_DEADLINE_S
+        read: dict[Partition, TopicPartition] = {}
+        pending = list(partitions)
+        warned = False
+        while True:
+            failure: object = None
+            try:
+                result = consumer.committed(pending, timeout=COMMITTED_TIMEOUT_S)
+            except KafkaException as exc:
+                failure = exc
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.fatal():
+                    raise KafkaFatalError(f"stage {self.stage}: {error.str()}") from exc
+            else:
+                for tp in result:
+                    if tp.error is None:
+                        read[(tp.topic, tp.partition)] = tp
+                    else:
+                        failure = tp.error
+                pending = [tp for tp in pending if (tp.topic, tp.partition) not in read]
+            if not pending:
+                return [read[(tp.topic, tp.partition)] for tp in partitions]
+            if time.monotonic() > deadline:
+                raise KafkaFatalError(
+                    f"stage {self.stage}: committed offsets of {len(pending)} assigned "
+                    f"partitions unreadable for {COMMITTED_DEADLINE_S:.0f} s ({failure}); "
+                    "exiting rather than redo committed work"
+                )
+            if not warned:
+                log.warning(
+                    "stage %s: committed offsets unreadable (%s); retrying before consuming",
+                    self.stage,
+                    failure,
+                )
+                warned = True
+            time.sleep(COMMITTED_RETRY_S)
 
     def _on_revoke(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Finish (or cancel) the revoked partitions' work, commit what is done, let go."""
@@ -444,10 +500,14 @@ class StageRunner:
     async def _assigned(self, committed: Sequence[TopicPartition]) -> None:
         for tp in committed:
             key = (tp.topic, tp.partition)
-            error = tp.error
-            position = tp.offset if error is None and tp.offset >= 0 else None
+            position = tp.offset if tp.offset >= 0 else None
+            # Delivered by this worker but never committed (at_least_once: the commit
+            # failed, e.g. its session timed out in a broker outage): done all the same.
+            sent = self._sent.pop(key, set())
             try:
-                skip = self._tracker.assign(tp.topic, tp.partition, position, tp.metadata or "")
+                skip = self._tracker.assign(
+                    tp.topic, tp.partition, position, tp.metadata or "", sent
+                )
             except MetadataError as exc:
                 log.warning(
                     "stage %s: %s/%d commit metadata not ours (%s); redoing from the offset",
@@ -456,7 +516,7 @@ class StageRunner:
                     tp.partition,
                     exc,
                 )
-                skip = self._tracker.assign(tp.topic, tp.partition, position, "")
+                skip = self._tracker.assign(tp.topic, tp.partition, position, "", sent)
             self._owned.add(key)
             if skip:
                 log.info(
@@ -472,6 +532,10 @@ class StageRunner:
         for message in messages:
             error = message.error()
             if error is not None:
+                if error.fatal():
+                    # e.g. a static member fenced by its own rejoin after a long outage
+                    # (librdkafka#3437): the consumer will never fetch again.
+                    raise KafkaFatalError(f"stage {self.stage}: consumer failed: {error.str()}")
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.debug("stage %s: consume error %s", self.stage, error)
                 continue
@@ -725,6 +789,12 @@ class StageRunner:
             if outcome is Outcome.COMMITTED:
                 for tp, (position, version) in plan.versions.items():
                     self._tracker.mark_committed(*tp, position, version)
+                    sent = self._sent.get(tp)
+                    if sent:
+                        sent.difference_update({o for o in sent if o < position})
+            elif outcome is Outcome.SENT:
+                for item in plan.finished:
+                    self._sent.setdefault(item.partition, set()).add(item.offset)
         for tp in release:
             self._forget(tp)
 

@@ -56,6 +56,16 @@ class FakeMessage:
 
 
 @dataclass
+class ErrorMessage:
+    """What librdkafka's consume() returns for a consumer-level error."""
+
+    _error: KafkaError
+
+    def error(self) -> KafkaError:
+        return self._error
+
+
+@dataclass
 class Produced:
     topic: str
     key: bytes | None
@@ -79,6 +89,14 @@ class FakeBroker:
     epochs: dict[str, int] = field(default_factory=dict)  # transactional.id -> epoch
     # Calls to send_offsets_to_transaction that block until set (librdkafka#5456).
     hang_send_offsets: list[threading.Event] = field(default_factory=list)
+    # Next consumer.committed() calls raise these (then the list is popped), every call
+    # raises the second while it is set.
+    committed_failures: list[KafkaError] = field(default_factory=list)
+    committed_unreadable: KafkaError | None = None
+    # Consumer offset commits (at_least_once) fail with this while it is set.
+    offset_commit_error: KafkaError | None = None
+    # The next consume() returns a message carrying this error (a fatal consumer error).
+    consumer_error: KafkaError | None = None
 
     def append(
         self,
@@ -156,6 +174,9 @@ class FakeConsumer:
         out: list[Any] = []
         if self.crashed:
             return out
+        if self.broker.consumer_error is not None:
+            error, self.broker.consumer_error = self.broker.consumer_error, None
+            return [ErrorMessage(error)]
         with self.broker.lock:
             for tp in sorted(self.assignment - self.paused):
                 log = self.broker.logs.get(tp, [])
@@ -180,6 +201,10 @@ class FakeConsumer:
     # -- offsets ---------------------------------------------------------------------------
 
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> Any:
+        if self.broker.committed_unreadable is not None:
+            raise KafkaException(self.broker.committed_unreadable)
+        if self.broker.committed_failures:
+            raise KafkaException(self.broker.committed_failures.pop(0))
         result = []
         for tp in partitions:
             offset, metadata = self.broker.committed.get((tp.topic, tp.partition), (-1001, ""))
@@ -189,6 +214,8 @@ class FakeConsumer:
     def commit(self, *args: Any, offsets: list[TopicPartition], **kwargs: Any) -> Any:
         if self.crashed:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "crashed"))
+        if self.broker.offset_commit_error is not None:
+            raise KafkaException(self.broker.offset_commit_error)
         with self.broker.lock:
             self.broker.commit_offsets(offsets)
         return offsets
@@ -276,6 +303,8 @@ class FakeProducer:
         assert self.in_txn
         if self.broker.hang_send_offsets:
             self.broker.hang_send_offsets.pop(0).wait()
+            if self.broker.epochs.get(self.tid) != self.epoch:  # replaced while it hung
+                raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
         if group_metadata.generation != self.broker.generation:
             raise KafkaException(
                 KafkaError(KafkaError.ILLEGAL_GENERATION, "fenced", txn_requires_abort=True)
@@ -304,6 +333,7 @@ class FakeProducer:
 class FakeHealth:
     def __init__(self) -> None:
         self.oks = 0
+        self.outages = 0
 
     def ok(self) -> None:
         self.oks += 1

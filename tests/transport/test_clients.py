@@ -43,6 +43,7 @@ def test_an_outage_is_one_line_and_its_end_another(caplog: pytest.LogCaptureFixt
     assert lines[0].startswith("broker unreachable since") and lines[0].endswith("retrying")
     assert lines[1].startswith("broker recovered after 10 s (4000 connection errors)")
     assert not health.down
+    assert health.outages == 1, "counted once, for the producers to replace"
 
 
 def test_a_few_connection_errors_that_end_quickly_are_not_an_outage(
@@ -55,6 +56,7 @@ def test_a_few_connection_errors_that_end_quickly_are_not_an_outage(
     health.error(refused())
     health.ok()
     assert kafka_lines(caplog) == []
+    assert health.outages == 0
 
 
 def test_other_client_errors_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:

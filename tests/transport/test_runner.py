@@ -27,6 +27,7 @@ from pipeline.contract.topology import VALIDATED
 from pipeline.observability.redact import Redactor
 from pipeline.transport import delivery as delivery_module
 from pipeline.transport import runner as runner_module
+from pipeline.transport.delivery import KafkaFatalError
 from pipeline.transport.instrumentation import MessageTrace, NoInstrumentation
 from pipeline.transport.message import Inbound
 from pipeline.transport.offsets import decode_done, encode_done
@@ -297,10 +298,12 @@ def test_an_aborted_transaction_is_invisible_and_its_batch_is_retried_once() -> 
         return emit(message)
 
     async def main() -> None:
-        runner = make_runner(FakeClients(broker, [P0]), handler)
+        clients = FakeClients(broker, [P0])
+        runner = make_runner(clients, handler)
         async with running(runner):
             await wait_for(lambda: committed(broker, P0)[0] == 20, "the commit")
         assert runner.stats.failed_commits == 1
+        assert len(clients.producers) == 2, "the retry runs on a fresh producer"
 
     asyncio.run(main())
     assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
@@ -528,3 +531,176 @@ def test_a_commit_stuck_in_librdkafka_is_abandoned_fenced_and_retried_once(
 
     asyncio.run(main())
     assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
+
+
+def test_a_call_hanging_past_its_own_timeout_is_abandoned_before_the_commit_watchdog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hung call is noticed by its own timeout (plus a grace), not the whole commit's
+    bound; when it returns at last (fenced by the replacement) it touches nothing."""
+    monkeypatch.setattr(delivery_module, "WATCHDOG_S", 600.0)
+    monkeypatch.setattr(delivery_module, "CALL_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(delivery_module, "CALL_GRACE_S", 0.2)
+    broker = FakeBroker()
+    ids = fill(broker, P0, 10)
+    stuck = threading.Event()
+    broker.hang_send_offsets.append(stuck)
+    clients = FakeClients(broker, [P0])
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 10, "the commit after the hang")
+            assert len(clients.producers) == 2, "the stuck producer was replaced"
+            stuck.set()  # returns fenced: must neither commit nor drop the new producer
+            ids.extend(fill(broker, P0, 10))
+            await wait_for(lambda: committed(broker, P0)[0] == 20, "later commits")
+            assert len(clients.producers) == 2, "the late failure left the new producer alone"
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
+
+
+# -- after a broker outage; fatal errors ------------------------------------------------------
+
+
+def test_after_a_broker_outage_the_next_commit_uses_a_new_producer_that_fences_the_old() -> None:
+    """librdkafka#5456/#5511: a producer that lived through an outage may hang in its next
+    send_offsets_to_transaction; a fresh one (same transactional.id) cannot."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 10)
+    clients = FakeClients(broker, [P0])
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 10, "commits before the outage")
+            assert len(clients.producers) == 1
+            clients.health.outages += 1
+            ids.extend(fill(broker, P0, 10))
+            await wait_for(lambda: committed(broker, P0)[0] == 20, "commits after it")
+            assert len(clients.producers) == 2
+            old, new = clients.producers
+            assert broker.epochs[new.tid] == new.epoch == old.epoch + 1, "the old one is fenced"
+            ids.extend(fill(broker, P0, 10))
+            await wait_for(lambda: committed(broker, P0)[0] == 30, "and later ones")
+            assert len(clients.producers) == 2, "one replacement per outage"
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
+
+
+def test_committed_offsets_unreadable_for_a_while_are_retried_so_done_work_is_not_redone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after a broker restart the coordinator refuses offset fetches for a while;
+    reading them later (not giving up and redoing from the offset) keeps the skip."""
+    monkeypatch.setattr(runner_module, "COMMITTED_RETRY_S", 0.01)
+    broker = FakeBroker()
+    fill(broker, P0, 10)
+    broker.committed[P0] = (2, encode_done(2, [3, 5, 7]))
+    broker.committed_failures += [
+        KafkaError(KafkaError.NOT_COORDINATOR, "not coordinator"),
+        KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "loading"),
+    ]
+    handled: list[int] = []
+
+    async def handler(message: Inbound) -> Decision:
+        handled.append(message.offset)
+        return emit(message)
+
+    async def main() -> None:
+        async with running(make_runner(FakeClients(broker, [P0]), handler)):
+            await wait_for(lambda: committed(broker, P0) == (10, set()), "the partition done")
+
+    asyncio.run(main())
+    assert not broker.committed_failures
+    assert sorted(handled) == [2, 4, 6, 8, 9], "offsets recorded as done are skipped"
+
+
+def test_committed_offsets_that_stay_unreadable_stop_the_runner_with_a_fatal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner_module, "COMMITTED_RETRY_S", 0.01)
+    monkeypatch.setattr(runner_module, "COMMITTED_DEADLINE_S", 0.2)
+    broker = FakeBroker()
+    fill(broker, P0, 10)
+    broker.committed[P0] = (2, encode_done(2, [3, 5, 7]))
+    broker.committed_unreadable = KafkaError(KafkaError._TIMED_OUT, "timed out")
+    handled: list[int] = []
+
+    async def handler(message: Inbound) -> Decision:
+        handled.append(message.offset)
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(FakeClients(broker, [P0]), handler)
+        with pytest.raises(KafkaFatalError, match="unreadable for 0 s"):
+            await asyncio.wait_for(runner.run(asyncio.Event()), 30)
+
+    asyncio.run(main())
+    assert handled == [], "nothing is processed without its committed offsets"
+    assert broker.committed[P0] == (2, encode_done(2, [3, 5, 7])), "nor committed"
+
+
+def test_a_fatal_consumer_error_stops_the_runner_instead_of_leaving_it_idle() -> None:
+    """A static member fenced after a long outage (librdkafka#3437) never fetches again: the
+    runner raises, so the worker exits non-zero and its supervisor starts a fresh one."""
+    broker = FakeBroker()
+    fill(broker, P0, 5)
+    clients = FakeClients(broker, [P0])
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        await wait_for(lambda: committed(broker, P0)[0] == 5, "work before the error")
+        broker.consumer_error = KafkaError(
+            KafkaError._FATAL, "Fatal consumer error: Broker: Static consumer fenced", fatal=True
+        )
+        with pytest.raises(KafkaFatalError, match="Static consumer fenced"):
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(main())
+
+
+def test_at_least_once_work_delivered_while_commits_failed_is_not_redone_on_reassignment() -> None:
+    """A broker outage longer than the session: outputs delivered, their offset commit
+    refused (unknown member), the partitions lost, then assigned back to the same worker.
+    What it delivered is skipped, not delivered again (the outage's duplicates)."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 10)
+    clients = FakeClients(broker, [P0])
+    calls: Counter[int] = Counter()
+
+    async def handler(message: Inbound) -> Decision:
+        calls[message.offset] += 1
+        return emit(message)
+
+    async def main() -> None:
+        broker.offset_commit_error = KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "unknown member")
+        runner = make_runner(clients, handler, delivery="at_least_once")
+        async with running(runner):
+            await wait_for(lambda: len(broker.outputs) == 10, "outputs delivered")
+            assert P0 not in broker.committed, "their offsets were not committed"
+            consumer = clients.consumers[0]
+            consumer.events.append(("lost", [P0]))
+            await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+            broker.offset_commit_error = None
+            consumer.events.append(("assign", [P0]))
+            ids.extend(fill(broker, P0, 5))
+            await wait_for(lambda: committed(broker, P0) == (15, set()), "the partition back")
+            assert runner.stats.skipped == 10
+
+    asyncio.run(main())
+    assert set(calls.values()) == {1}, "nothing redone"
+    assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
