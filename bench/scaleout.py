@@ -41,7 +41,6 @@ def run(quick: bool, bootstrap: str) -> Report:
                     label=f"{n} worker(s)",
                     processes=n,
                     preload=False,
-                    extra_env={"LLMPIPE_WORKERS": str(n)},
                 )
             )
     base = runs[0].rate

@@ -73,10 +73,8 @@ class Settings(BaseSettings):
     model_rate_limits: str = Field(
         "",
         description="JSON: model (or `*`) -> {requests_per_minute, tokens_per_minute, "
-        "max_in_flight}, account-wide.",
-    )
-    workers: int = Field(
-        1, description="Worker processes sharing the account: rate limits and budgets divide by it."
+        "max_in_flight}, account-wide: each worker takes its share, following the fleet's "
+        "leases on llm.fleet.",
     )
     breaker_min_calls: int = Field(10, description="Calls in the window before a breaker can open.")
     breaker_failure_rate: float = Field(0.5, description="Failure rate that opens an endpoint.")

@@ -187,6 +187,16 @@ class ControlEvent(Envelope):
     at: datetime
 
 
+class FleetEvent(Envelope):
+    """Shared protective state on the compacted ``llm.fleet`` topic (see
+    :mod:`pipeline.resilience.fleet`): written by workers, folded by every worker."""
+
+    key: str
+    worker: str
+    value: Any = None
+    at: datetime
+
+
 class BurnInClaim(Envelope):
     prompt: PromptRef
     request_id: str
@@ -207,6 +217,7 @@ ENVELOPES: dict[str, type[Envelope]] = {
         ReviewDecision,
         Correction,
         ControlEvent,
+        FleetEvent,
         BurnInClaim,
     )
 }

@@ -27,6 +27,7 @@ from pipeline.contract.envelopes import (
     Correction,
     Envelope,
     Escalation,
+    FleetEvent,
     Request,
     Result,
     ReviewDecision,
@@ -44,6 +45,7 @@ RESULTS = "llm.results"
 CORRECTIONS = "llm.corrections"
 DLQ = "llm.dlq"
 CONTROL = "llm.control"
+FLEET = "llm.fleet"
 
 # -- routes: where a stage decision sends a message ------------------------------------
 ROUTE_VALIDATED = "validated"
@@ -115,6 +117,7 @@ TOPICS: dict[str, Topic] = {
         Topic(CORRECTIONS, Correction, step="correction"),
         Topic(DLQ, None, ROUTE_DEAD_LETTER, terminal=True, step="dead letter"),
         Topic(CONTROL, ControlEvent),
+        Topic(FLEET, FleetEvent),
     )
 }
 

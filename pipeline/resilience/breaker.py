@@ -225,6 +225,13 @@ class CircuitBreaker:
         else:
             self._open()
 
+    def close(self) -> None:
+        """Close now: an outside signal (another worker's probe succeeded) says what this
+        circuit guards is healthy again. A closed circuit stays as it is."""
+        self._maybe_half_open()
+        if self._state is not BreakerState.CLOSED:
+            self._close()
+
     def release(self, permit: Permit | None) -> None:
         """Hand back a permit whose call did not reach the endpoint (neutral outcome)."""
         if permit is not None and permit.generation == self._generation:

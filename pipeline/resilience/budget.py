@@ -24,11 +24,17 @@ This layer sits above the fallback chain: it is checked once per request whichev
 model ends up answering, it charges the usage of the model that did, and a refusal is
 never mistaken for a model failure (no breaker counts it, no fallback model is tried).
 
-The counts live in memory and are **per worker**: like rate limits, give each of N
-workers ``1/N`` of the allowance (:meth:`BudgetConfig.per_worker`, applied by
-:func:`pipeline.resilience.stack.build_client` from ``LLMPIPE_WORKERS``). A restart
-forgets the day's spending, which errs on the side of serving; an exact, shared budget
-would need a shared store and belongs in the ledger, not on the call path.
+Account-wide and durable
+    The allowances are account-wide. Each worker keeps its own day in memory (so the call
+    path never waits on the network) and reports it to a :class:`SharedSpend`; in a worker
+    that is :class:`~pipeline.resilience.fleet.FleetSpend`, published on the compacted
+    ``llm.fleet`` topic within a flush interval (100 ms) and read back by every worker,
+    and by a restarted one before it serves. A prompt's day is this worker's charges and
+    reservations plus every other worker key's (gone or restarted workers included), so a
+    deploy forgets nothing and N workers share one allowance. The overshoot is bounded by
+    what was reserved at once by calls the others could not see yet (in flight, or started
+    within the last flush interval). A worker killed with calls in flight leaves their
+    reservations charged: the provider may have been paid for them.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.llm.cost import PriceTable
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
@@ -80,26 +86,6 @@ class BudgetConfig:
     def daily_limit(self, prompt: str) -> int | None:
         return self.daily_tokens.get(prompt, self.default_daily_tokens)
 
-    def per_worker(self, workers: int) -> BudgetConfig:
-        """This worker's share of daily allowances split over ``workers`` processes.
-
-        The per-request cap is a property of one request and is not divided.
-        """
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
-        if workers == 1:
-            return self
-        return replace(
-            self,
-            daily_tokens={p: max(1, v // workers) for p, v in self.daily_tokens.items()},
-            daily_cost_usd={p: v / workers for p, v in self.daily_cost_usd.items()},
-            default_daily_tokens=(
-                None
-                if self.default_daily_tokens is None
-                else max(1, self.default_daily_tokens // workers)
-            ),
-        )
-
 
 @dataclass
 class PromptUsage:
@@ -112,6 +98,24 @@ class PromptUsage:
     reserved_usd: float = 0.0
 
 
+class SharedSpend(Protocol):
+    """The rest of the fleet's spend (see the module docstring)."""
+
+    def others(self, day: date, prompt: str) -> tuple[int, float]:
+        """Tokens and dollars charged or reserved today by every other worker."""
+        ...
+
+    def carried(self, day: date, prompt: str) -> tuple[int, float]:
+        """What this worker had spent today before it (re)started under the same id."""
+        ...
+
+    def report(
+        self, day: date, prompt: str, tokens: int, reserved: int, usd: float, reserved_usd: float
+    ) -> None:
+        """This worker's day for ``prompt`` now."""
+        ...
+
+
 class BudgetedClient:
     """Refuses requests over budget with :class:`BudgetExceeded`; passes the rest down."""
 
@@ -122,11 +126,13 @@ class BudgetedClient:
         *,
         clock: Clock = SYSTEM_CLOCK,
         prices: PriceTable | None = None,
+        shared: SharedSpend | None = None,
     ) -> None:
         self._inner = inner
         self._config = config
         self._clock = clock
         self._prices = prices or PriceTable()
+        self._shared = shared
         self._usage: dict[str, PromptUsage] = {}
 
     async def aclose(self) -> None:
@@ -145,8 +151,21 @@ class BudgetedClient:
         usage = self._usage.get(prompt)
         if usage is None or usage.day != today:
             usage = PromptUsage(today)
+            if self._shared is not None:
+                usage.spent, usage.spent_usd = self._shared.carried(today, prompt)
             self._usage[prompt] = usage
         return usage
+
+    def _report(self, prompt: str, usage: PromptUsage) -> None:
+        if self._shared is not None:
+            self._shared.report(
+                usage.day,
+                prompt,
+                usage.spent,
+                usage.reserved,
+                usage.spent_usd,
+                usage.reserved_usd,
+            )
 
     def _seconds_to_midnight(self) -> float:
         now = self._clock.time()
@@ -174,16 +193,24 @@ class BudgetedClient:
         reserved_usd = cost if money is not None and cost is not None else 0.0
         usage.reserved += estimate
         usage.reserved_usd += reserved_usd
+        self._report(prompt, usage)
         try:
             completion = await self._inner.complete(request, deadline, models=models)
-        finally:
+        except BaseException:
             usage.reserved -= estimate
             usage.reserved_usd -= reserved_usd
+            self._report(prompt, usage)
+            raise
+        usage.reserved -= estimate
+        usage.reserved_usd -= reserved_usd
         # Charged to the day the call ends in: after midnight that is the new day's record.
         today = self._day_usage(prompt)
         today.spent += used_tokens(completion, request)
         if reserved_usd:
             today.spent_usd += completion.cost_usd if completion.cost_usd is not None else cost or 0
+        self._report(prompt, usage)
+        if today is not usage:
+            self._report(prompt, today)
         return completion
 
     def _estimate_cost(self, request: ChatRequest) -> float | None:
@@ -221,7 +248,10 @@ class BudgetedClient:
         limit: int | None,
         money: float | None,
     ) -> None:
-        committed = usage.spent + usage.reserved
+        others, others_usd = (
+            self._shared.others(usage.day, prompt) if self._shared is not None else (0, 0.0)
+        )
+        committed = usage.spent + usage.reserved + others
         if limit is not None and committed + estimate > limit:
             raise BudgetExceeded(
                 f"prompt {prompt} has {max(limit - committed, 0)} of its {limit} tokens "
@@ -229,11 +259,11 @@ class BudgetedClient:
                 scope="daily",
                 limit=limit,
                 requested=estimate,
-                spent=usage.spent,
+                spent=usage.spent + others,
                 prompt=prompt,
                 retry_after_s=self._seconds_to_midnight(),
             )
-        committed_usd = usage.spent_usd + usage.reserved_usd
+        committed_usd = usage.spent_usd + usage.reserved_usd + others_usd
         if money is not None and cost is not None and committed_usd + cost > money:
             raise BudgetExceeded(
                 f"prompt {prompt} has ${max(money - committed_usd, 0):.6f} of its "
@@ -241,7 +271,7 @@ class BudgetedClient:
                 scope="daily_cost",
                 limit=money,
                 requested=cost,
-                spent=usage.spent_usd,
+                spent=usage.spent_usd + others_usd,
                 prompt=prompt,
                 retry_after_s=self._seconds_to_midnight(),
             )

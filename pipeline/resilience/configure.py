@@ -6,9 +6,22 @@ from pipeline.config import Settings
 from pipeline.control.state import ENDPOINT_ENABLED, ControlState
 from pipeline.llm.cost import PriceTable, parse_prices
 from pipeline.observability.hooks import record_breaker_change
-from pipeline.resilience.breaker import QUALITY_DEFAULTS, BreakerConfig, QualityBreaker
+from pipeline.resilience.breaker import (
+    QUALITY_DEFAULTS,
+    BreakerConfig,
+    BreakerState,
+    QualityBreaker,
+    StateListener,
+)
 from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets, parse_daily_costs
 from pipeline.resilience.endpoints import default_options, parse_endpoints
+from pipeline.resilience.fleet import (
+    EndpointNews,
+    FleetQualityBreaker,
+    FleetShares,
+    FleetSpend,
+    FleetState,
+)
 from pipeline.resilience.ratelimit import parse_rate_limits
 from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
 
@@ -25,7 +38,6 @@ def stack_config(settings: Settings) -> StackConfig:
                 settings.model_structured_output, settings.model_headers, settings.model_extra_body
             ),
         ),
-        workers=settings.workers,
         rate_limits=rate_limits,
         default_rate_limit=default_limit,
         breaker=BreakerConfig(
@@ -48,25 +60,63 @@ def stack_config(settings: Settings) -> StackConfig:
     )
 
 
-def resilient_client(settings: Settings, control: ControlState) -> ResilientClient:
+def resilient_client(
+    settings: Settings, control: ControlState, fleet: FleetState | None = None
+) -> ResilientClient:
     """The model client every stage uses; endpoint and model-call kill switches come from
-    ``control`` (a request held by open breakers stops waiting when model calls are off)."""
-    return build_client(
-        stack_config(settings),
+    ``control`` (a request held by open breakers stops waiting when model calls are off).
+    With ``fleet`` its rate limits and budgets are this worker's part of the account's and
+    its endpoint breakers share their news with the fleet."""
+    config = stack_config(settings)
+    on_change: StateListener = record_breaker_change
+    if fleet is not None:
+        on_change = _both(record_breaker_change, fleet.news.on_state_change)
+    client = build_client(
+        config,
         is_enabled=lambda model: control.flag(ENDPOINT_ENABLED, model),
-        on_breaker_change=record_breaker_change,
+        on_breaker_change=on_change,
         may_wait=control.model_calls_enabled,
+        shares=fleet.shares if fleet is not None else None,
+        spend=fleet.spend if fleet is not None else None,
+    )
+    if fleet is not None:
+        fleet.news.attach(client.breakers)
+        fleet.demand_source = client.rate_limits.demand
+    return client
+
+
+def _both(first: StateListener, second: StateListener) -> StateListener:
+    def both(model: str, old: BreakerState, new: BreakerState) -> None:
+        first(model, old, new)
+        second(model, old, new)
+
+    return both
+
+
+def quality_config(settings: Settings) -> BreakerConfig:
+    return BreakerConfig(
+        window_size=max(QUALITY_DEFAULTS.window_size, settings.quality_breaker_min_calls),
+        min_calls=settings.quality_breaker_min_calls,
+        failure_rate=settings.quality_breaker_failure_rate,
+        open_s=settings.quality_breaker_open_s,
+        half_open_calls=QUALITY_DEFAULTS.half_open_calls,
     )
 
 
 def quality_breaker(settings: Settings) -> QualityBreaker:
-    return QualityBreaker(
-        BreakerConfig(
-            window_size=max(QUALITY_DEFAULTS.window_size, settings.quality_breaker_min_calls),
-            min_calls=settings.quality_breaker_min_calls,
-            failure_rate=settings.quality_breaker_failure_rate,
-            open_s=settings.quality_breaker_open_s,
-            half_open_calls=QUALITY_DEFAULTS.half_open_calls,
+    """A process's own quality breaker (tools, tests): fed only by what it settles."""
+    return QualityBreaker(quality_config(settings), on_state_change=record_breaker_change)
+
+
+def fleet_state(settings: Settings, me: str) -> FleetState:
+    """The state a worker shares with the fleet on ``llm.fleet`` (see
+    :mod:`pipeline.resilience.fleet`); ``me`` names this worker there."""
+    return FleetState(
+        me=me,
+        quality=FleetQualityBreaker(
+            quality_config(settings), on_state_change=record_breaker_change
         ),
-        on_state_change=record_breaker_change,
+        news=EndpointNews(stack_config(settings).breaker),
+        shares=FleetShares(me),
+        spend=FleetSpend(me),
     )

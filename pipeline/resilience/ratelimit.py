@@ -25,41 +25,40 @@ How the buckets work
     for smoother traffic (OpenAI, for one, may enforce 60 000/min as 1 000/s).
 
 Calls in flight
-    ``max_in_flight`` is an :class:`asyncio.Semaphore` per model, taken before the buckets
-    (a call holding a slot is the next to go). Waiting for a slot is bounded by the same
-    deadline.
+    ``max_in_flight`` is a resizable set of call slots per model (:class:`Slots`), taken
+    before the buckets (a call holding a slot is the next to go). Waiting for a slot is
+    bounded by the same deadline.
 
-When there is no deadline
-    The bound is ``request.timeout_s``. Below :class:`~pipeline.resilience.retry.RetryingClient`
-    (which does not pass the deadline on, but shrinks ``timeout_s`` to what is left of its
-    budget and the deadline) that is exactly the time left whenever the deadline is near.
-
-Several workers share one provider budget
-    Limits here are per process: every worker keeps its own buckets and nothing is
-    coordinated over the network (that would put a shared store on the hot path of every
-    call). To keep N workers under an account limit, give each ``1/N`` of it:
-    ``RateLimit(...).per_worker(N)`` divides the per-minute numbers, the bursts and the
-    in-flight cap. Configuration comes from the environment through
-    :func:`parse_rate_limits`, e.g.::
+Several workers share one provider account
+    The numbers configured are account-wide; each worker applies its current *share* of
+    them, given by a :class:`ShareSource` (in a worker, :class:`~pipeline.resilience.fleet.
+    FleetShares`: computed from the leases every worker renews on ``llm.fleet``, weighted by
+    who has load). When the share changes (a worker joined, died or got busy)
+    :meth:`RateLimitedClient.rescale` resizes the buckets' rates and bursts and the slots,
+    and calls already waiting for their turn are re-timed at the new rate, so neither a
+    killed worker's share lies idle nor a new worker's share is spent twice for longer than
+    a lease interval. The in-flight cap is split into whole slots that add up to the cap
+    (no floor of one per worker: a worker may have none for a while). Configuration comes
+    from the environment through :func:`parse_rate_limits`, e.g.::
 
         LLMPIPE_MODEL_RATE_LIMITS='{"gpt-4o-mini": {"requests_per_minute": 500,
             "tokens_per_minute": 200000, "max_in_flight": 32}, "*": {"requests_per_minute": 60}}'
-        LLMPIPE_WORKERS=4   # each worker then allows 125 req/min, 50 000 tokens/min, 8 in flight
 
-    The numbers are account-wide; the division happens in
-    :func:`pipeline.resilience.stack.build_client`. If workers are scaled without updating
-    ``LLMPIPE_WORKERS`` the provider's 429s (obeyed by the retry layer) are the backstop.
+    Without a share source (a tool, a test) the client has the whole limit. The provider's
+    429s (obeyed by the retry layer) stay the backstop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.llm.protocol import ChatCompletion, ChatRequest
 from pipeline.observability.hooks import record_rate_limit_rejection, record_rate_limit_wait
@@ -106,27 +105,6 @@ class RateLimit:
         if not (math.isfinite(self.period_s) and self.period_s > 0):
             raise ValueError(f"period_s must be a positive number, got {self.period_s!r}")
 
-    def per_worker(self, workers: int) -> RateLimit:
-        """This worker's share when ``workers`` processes split one account-wide limit."""
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
-        if workers == 1:
-            return self
-
-        def share(value: float | None) -> float | None:
-            return None if value is None else value / workers
-
-        return replace(
-            self,
-            requests_per_minute=share(self.requests_per_minute),
-            tokens_per_minute=share(self.tokens_per_minute),
-            request_burst=share(self.request_burst),
-            token_burst=share(self.token_burst),
-            max_in_flight=(
-                None if self.max_in_flight is None else max(1, self.max_in_flight // workers)
-            ),
-        )
-
 
 class TokenBucket:
     """A continuously refilled bucket whose level may go negative (reserved ahead)."""
@@ -154,10 +132,82 @@ class TokenBucket:
         self._refill(now)
         self._level = min(self.capacity, self._level + amount)
 
+    def rescale(self, rate_per_s: float, capacity: float, now: float) -> None:
+        """A new rate and burst from now on (a share of an account-wide limit changed);
+        what was refilled so far stays, up to the new burst."""
+        self._refill(now)
+        self.rate_per_s = rate_per_s
+        self.capacity = capacity
+        self._level = min(self._level, capacity)
+
     def _refill(self, now: float) -> None:
         if now > self._at:
             self._level = min(self.capacity, self._level + (now - self._at) * self.rate_per_s)
             self._at = now
+
+
+class Slots:
+    """Call slots whose number can change while calls hold and wait for them.
+
+    FIFO: a freed (or newly added) slot goes to the longest waiter. When the capacity
+    shrinks below the slots in use, nobody new gets one until enough have been released.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def locked(self) -> bool:
+        return self.used >= self.capacity or bool(self._waiters)
+
+    async def acquire(self) -> None:
+        if not self.locked():
+            self.used += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted just as we gave up: hand it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.used -= 1
+        self._grant()
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.used < self.capacity:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """One worker's use of one model's limit over an interval: calls per minute made, and
+    whether it had to wait (it would have made more)."""
+
+    calls_per_min: float
+    saturated: bool
+
+
+class ShareSource(Protocol):
+    """This worker's current part of account-wide limits (see the module docstring)."""
+
+    def fraction(self, model: str) -> float: ...
+
+    def slots(self, model: str, cap: int) -> int: ...
 
 
 @dataclass
@@ -176,16 +226,22 @@ class _ModelLimiter:
     limit: RateLimit
     requests: TokenBucket | None
     tokens: TokenBucket | None
-    slots: asyncio.Semaphore | None
+    slots: Slots | None
+    fraction: float = 1.0
     stats: RateLimitStats = field(default_factory=RateLimitStats)
+    rescaled: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0
+    reported: tuple[int, int, int, float] | None = None
+    """(calls, waits, rejected, when) at the last :meth:`RateLimitedClient.demand`."""
 
 
 def _bucket(
-    per_period: float | None, burst: float | None, period_s: float, now: float
+    per_period: float | None, burst: float | None, period_s: float, now: float, fraction: float
 ) -> TokenBucket | None:
     if per_period is None:
         return None
-    return TokenBucket(per_period / period_s, burst if burst is not None else per_period, now)
+    capacity = burst if burst is not None else per_period
+    return TokenBucket(per_period * fraction / period_s, capacity * fraction, now)
 
 
 class RateLimitedClient:
@@ -202,11 +258,13 @@ class RateLimitedClient:
         *,
         default: RateLimit | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        shares: ShareSource | None = None,
     ) -> None:
         self._inner = inner
         self._limits = dict(limits)
         self._default = default
         self._clock = clock
+        self._shares = shares
         self._models: dict[str, _ModelLimiter] = {}
 
     async def aclose(self) -> None:
@@ -219,6 +277,55 @@ class RateLimitedClient:
         """A copy of the counters per model (only models that have been called)."""
         return {model: replace(state.stats) for model, state in self._models.items()}
 
+    def share(self, model: str) -> tuple[float, int | None]:
+        """This worker's part of ``model``'s limit now: the fraction of the per-minute
+        numbers and this worker's in-flight slots (None: no cap)."""
+        state = self._limiter(model)
+        if state is None:
+            return 1.0, None
+        return state.fraction, state.slots.capacity if state.slots is not None else None
+
+    def demand(self) -> dict[str, Demand]:
+        """Per limited model, the calls per minute since the last call of this method and
+        whether any call had to wait or was refused meanwhile (or is waiting now)."""
+        now = self._clock.monotonic()
+        out: dict[str, Demand] = {}
+        for model, state in self._models.items():
+            stats = state.stats
+            calls, waits, rejected, since = state.reported or (0, 0, 0, now)
+            elapsed = now - since
+            rate = (stats.calls - calls) * 60.0 / elapsed if elapsed > 0 else 0.0
+            saturated = stats.waits > waits or stats.rejected > rejected or state.waiting > 0
+            out[model] = Demand(rate, saturated)
+            state.reported = (stats.calls, stats.waits, stats.rejected, now)
+        return out
+
+    def rescale(self) -> None:
+        """Apply the share source's current shares; waiting calls are re-timed."""
+        if self._shares is None:
+            return
+        now = self._clock.monotonic()
+        for model, state in self._models.items():
+            fraction = self._shares.fraction(model)
+            limit = state.limit
+            slots = self._shares.slots(model, limit.max_in_flight) if limit.max_in_flight else None
+            if fraction == state.fraction and (
+                state.slots is None or slots == state.slots.capacity
+            ):
+                continue
+            state.fraction = fraction
+            for bucket, per_period, burst in (
+                (state.requests, limit.requests_per_minute, limit.request_burst),
+                (state.tokens, limit.tokens_per_minute, limit.token_burst),
+            ):
+                if bucket is not None and per_period is not None:
+                    capacity = burst if burst is not None else per_period
+                    bucket.rescale(per_period * fraction / limit.period_s, capacity * fraction, now)
+            if state.slots is not None and slots is not None:
+                state.slots.resize(slots)
+            state.rescaled.set()
+            state.rescaled = asyncio.Event()
+
     def _limiter(self, model: str) -> _ModelLimiter | None:
         state = self._models.get(model)
         if state is not None:
@@ -227,11 +334,21 @@ class RateLimitedClient:
         if limit is None:
             return None
         now = self._clock.monotonic()
+        fraction = self._shares.fraction(model) if self._shares is not None else 1.0
+        slots: Slots | None = None
+        if limit.max_in_flight:
+            cap = limit.max_in_flight
+            slots = Slots(self._shares.slots(model, cap) if self._shares is not None else cap)
         state = _ModelLimiter(
             limit=limit,
-            requests=_bucket(limit.requests_per_minute, limit.request_burst, limit.period_s, now),
-            tokens=_bucket(limit.tokens_per_minute, limit.token_burst, limit.period_s, now),
-            slots=asyncio.Semaphore(limit.max_in_flight) if limit.max_in_flight else None,
+            requests=_bucket(
+                limit.requests_per_minute, limit.request_burst, limit.period_s, now, fraction
+            ),
+            tokens=_bucket(
+                limit.tokens_per_minute, limit.token_burst, limit.period_s, now, fraction
+            ),
+            slots=slots,
+            fraction=fraction,
         )
         self._models[model] = state
         return state
@@ -265,6 +382,7 @@ class RateLimitedClient:
             return False
         if bound <= 0:
             raise self._reject(state, model, "no free call slot before the deadline", None)
+        state.waiting += 1
         try:
             async with asyncio.timeout(bound):
                 await state.slots.acquire()
@@ -272,6 +390,8 @@ class RateLimitedClient:
             raise self._reject(
                 state, model, f"no free call slot within {bound:.3g}s", None
             ) from None
+        finally:
+            state.waiting -= 1
         return True
 
     async def _paced_call(
@@ -300,10 +420,10 @@ class RateLimitedClient:
                 f"only {max(left, 0.0):.3g}s left",
                 wait,
             )
-        self._take(state, reserved, now)
+        owed = self._take(state, reserved, now)
         if wait > 0:
             try:
-                await clock.sleep(wait)
+                await self._pay(state, request.model, owed, bound - (clock.monotonic() - started))
             except BaseException:
                 self._give(state, reserved, clock.monotonic(), request_too=True)
                 raise
@@ -327,11 +447,48 @@ class RateLimitedClient:
             state.tokens.give(correction, clock.monotonic())
         return completion
 
-    def _take(self, state: _ModelLimiter, reserved: int, now: float) -> None:
-        if state.requests is not None:
-            state.requests.take(1, now)
-        if state.tokens is not None:
-            state.tokens.take(reserved, now)
+    def _take(self, state: _ModelLimiter, reserved: int, now: float) -> list[list[Any]]:
+        """Reserve the call's cost; per bucket, what the reservation owes it (the refill
+        it must wait for), as ``[bucket, owed]`` pairs that :meth:`_pay` pays down."""
+        owed: list[list[Any]] = []
+        for bucket, cost in ((state.requests, 1), (state.tokens, reserved)):
+            if bucket is not None:
+                deficit = cost - bucket.level(now)
+                bucket.take(cost, now)
+                if deficit > 0:
+                    owed.append([bucket, deficit])
+        return owed
+
+    async def _pay(
+        self, state: _ModelLimiter, model: str, owed: list[list[Any]], left: float
+    ) -> None:
+        """Wait until the buckets have refilled what the reservation owes, at whatever rate
+        they refill meanwhile: a share that changes re-times the wait (a rescale wakes
+        every waiter). A wait that no longer fits in ``left`` is refused."""
+        clock = self._clock
+        state.waiting += 1
+        try:
+            while True:
+                wait = max((debt / bucket.rate_per_s for bucket, debt in owed), default=0.0)
+                if wait <= 1e-9:
+                    return
+                if wait >= left:
+                    raise self._reject(
+                        state,
+                        model,
+                        f"rate limit for {model} now needs a {wait:.3g}s wait, "
+                        f"only {max(left, 0.0):.3g}s left",
+                        wait,
+                    )
+                started = clock.monotonic()
+                rates = [bucket.rate_per_s for bucket, _ in owed]
+                await _sleep_or(clock, wait, state.rescaled)
+                elapsed = clock.monotonic() - started
+                left -= elapsed
+                for pair, rate in zip(owed, rates, strict=True):
+                    pair[1] -= elapsed * rate
+        finally:
+            state.waiting -= 1
 
     def _give(self, state: _ModelLimiter, tokens: int, now: float, *, request_too: bool) -> None:
         if request_too and state.requests is not None:
@@ -346,6 +503,17 @@ class RateLimitedClient:
         state.stats.rejected += 1
         record_rate_limit_rejection(model)
         return RateLimitExceeded(model, message, retry_after_s=wait)
+
+
+async def _sleep_or(clock: Clock, seconds: float, event: asyncio.Event) -> None:
+    """Sleep ``seconds`` on ``clock``, or less if ``event`` is set meanwhile."""
+    woken = asyncio.ensure_future(event.wait())
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
+        timer.cancel()
 
 
 _FIELDS = {f.name for f in fields(RateLimit)}

@@ -76,10 +76,10 @@ from pipeline.llm.protocol import ChatCompletion, ChatRequest
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock
 from pipeline.resilience.breaker import BreakerClient, BreakerConfig, StateListener
 from pipeline.resilience.breaker_wait import BreakerWaitClient
-from pipeline.resilience.budget import BudgetConfig, BudgetedClient
+from pipeline.resilience.budget import BudgetConfig, BudgetedClient, SharedSpend
 from pipeline.resilience.endpoints import ClientFactory, EndpointRouter, Endpoints, openai_factory
 from pipeline.resilience.fallback_models import FallbackChainClient
-from pipeline.resilience.ratelimit import RateLimit, RateLimitedClient
+from pipeline.resilience.ratelimit import RateLimit, RateLimitedClient, ShareSource
 from pipeline.resilience.retry import RetryingClient
 
 
@@ -87,12 +87,12 @@ from pipeline.resilience.retry import RetryingClient
 class StackConfig:
     """Everything :func:`build_client` needs; the lead maps ``Settings`` onto it.
 
-    Rate limits and daily budgets are account-wide numbers; ``workers`` divides them
-    (each worker process keeps its own counts, see :mod:`pipeline.resilience.ratelimit`).
+    Rate limits and daily budgets are account-wide numbers; a worker's part of them comes
+    from the fleet (``shares`` and ``spend`` of :func:`build_client`, see
+    :mod:`pipeline.resilience.fleet`).
     """
 
     endpoints: Endpoints
-    workers: int = 1
     rate_limits: Mapping[str, RateLimit] = field(default_factory=dict)
     default_rate_limit: RateLimit | None = None
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -106,8 +106,6 @@ class StackConfig:
     prices: PriceTable = field(default_factory=PriceTable)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.breaker_wait_s < 0:
@@ -158,17 +156,20 @@ def build_client(
     clock: Clock = SYSTEM_CLOCK,
     client_factory: ClientFactory | None = None,
     environ: Mapping[str, str] | None = None,
+    shares: ShareSource | None = None,
+    spend: SharedSpend | None = None,
 ) -> ResilientClient:
     """Build the stack described in the module docstring.
 
     ``is_enabled(model)`` is the operator switch (``endpoint_enabled:<model>``);
     ``may_wait()`` is the kill switch a request held by open breakers obeys;
     ``client_factory`` replaces the production :class:`OpenAIChatClient` factory (tests
-    wrap it to observe calls). A model whose key variable is missing fails here, at
+    wrap it to observe calls); ``shares`` gives this worker's part of the account-wide rate
+    limits and ``spend`` the rest of the fleet's budget spend (without them this client
+    has the whole account to itself). A model whose key variable is missing fails here, at
     start-up, rather than on its first fallback in the middle of an incident.
     """
     config.endpoints.check(environ)
-    workers = config.workers
     router = EndpointRouter(
         config.endpoints,
         client_factory or openai_factory(config.max_connections),
@@ -178,11 +179,10 @@ def build_client(
     )
     rate_limits = RateLimitedClient(
         router,
-        {model: limit.per_worker(workers) for model, limit in config.rate_limits.items()},
-        default=(
-            config.default_rate_limit.per_worker(workers) if config.default_rate_limit else None
-        ),
+        config.rate_limits,
+        default=config.default_rate_limit,
         clock=clock,
+        shares=shares,
     )
     breakers = BreakerClient(
         rate_limits, config.breaker, clock=clock, on_state_change=on_breaker_change
@@ -211,6 +211,6 @@ def build_client(
         clock=clock,
     )
     budget = BudgetedClient(
-        breaker_wait, config.budget.per_worker(workers), clock=clock, prices=config.prices
+        breaker_wait, config.budget, clock=clock, prices=config.prices, shared=spend
     )
     return ResilientClient(budget, breaker_wait, chain, breakers, rate_limits, router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import re
 import signal
 from collections.abc import Awaitable, Sequence
@@ -28,8 +29,11 @@ from pipeline.observability import configure_observability
 from pipeline.observability.hooks import record_distribution_shift
 from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.resilience.configure import quality_breaker, resilient_client
+from pipeline.resilience.breaker import QualityBreaker
+from pipeline.resilience.configure import fleet_state, quality_breaker, resilient_client
+from pipeline.resilience.fleet import FleetState, worker_id
 from pipeline.resilience.stack import ResilientClient
+from pipeline.runtime.fleet import FleetLink
 from pipeline.stages.monitor import DistributionMonitor
 from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
 from pipeline.stages.validate import ContentRules, InputLimits
@@ -38,6 +42,9 @@ from pipeline.transport.clients import KafkaClients
 from pipeline.transport.runner import Handler, Inbound, StageRunner
 
 log = logging.getLogger("llmpipe.worker")
+
+CALLING_STAGES = frozenset({topology.MODEL, topology.SETTLE})
+"""Stages that call models: a worker running one of them joins the fleet on llm.fleet."""
 
 
 def stage_handler(codec: Codec, stage: Stage, step: Step) -> Handler:
@@ -89,19 +96,28 @@ class Worker:
         self.redactor = Redactor()
         self.runners: list[StageRunner] = []
         self.burn_in: KafkaBurnInLedger | None = None
+        self.fleet: FleetState | None = None
+        if CALLING_STAGES & set(self.stage_names):
+            self.fleet = fleet_state(settings, worker_id(settings.group_instance_id))
 
     async def run(self, stop: asyncio.Event) -> None:
         configure_observability()  # tracing + metrics from OTEL_*; idempotent
         settings = self.settings
         clients = KafkaClients(settings)
-        client = resilient_client(settings, self.control)
+        client = resilient_client(settings, self.control, self.fleet)
         listener = ControlListener(
             settings.topic(topology.CONTROL), self.control, self.codec, clients
         )
         control_task = asyncio.create_task(listener.run(stop))
+        background = [control_task]
         burn_in: KafkaBurnInLedger | None = None
         try:
             await _first(listener.ready.wait(), control_task)
+            if self.fleet is not None:
+                link = FleetLink(settings, clients, self.codec, self.fleet, client)
+                fleet_task = asyncio.create_task(link.run(stop))
+                background.append(fleet_task)
+                await _first(link.ready.wait(), fleet_task)
             self.burn_in = burn_in = await self._burn_in()
             handlers = self._handlers(client, burn_in)
             self.runners = [
@@ -123,11 +139,11 @@ class Worker:
                 for name in self.stage_names
             ]
             tasks = [asyncio.create_task(r.run(stop)) for r in self.runners]
-            await asyncio.gather(*tasks, control_task)
+            await asyncio.gather(*tasks, *background)
         finally:
             stop.set()
             control_task.cancel()
-            await asyncio.gather(control_task, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
             await client.aclose()
             if burn_in is not None:
                 await asyncio.to_thread(burn_in.stop)
@@ -142,8 +158,8 @@ class Worker:
         self, client: ResilientClient, burn_in: KafkaBurnInLedger | None = None
     ) -> dict[str, Handler]:
         s = self.settings
-        quality = quality_breaker(s)
-        # Per process, like the quality breaker it trips (fleet-wide sharing: issue #14).
+        # Fed by the whole fleet's outcomes on llm.fleet when this worker calls models.
+        quality: QualityBreaker = self.fleet.quality if self.fleet else quality_breaker(s)
         monitor = DistributionMonitor(
             on_shift=lambda shift: record_distribution_shift(shift.prompt, shift.signal),
             trip=quality.trip,
@@ -175,7 +191,7 @@ async def _first(awaitable: Awaitable[Any], failing: asyncio.Task[None]) -> None
     if failing in done:
         waiter.cancel()
         failing.result()
-        raise RuntimeError("the control listener stopped before it was ready")
+        raise RuntimeError("a state listener stopped before it was ready")
 
 
 def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
@@ -187,6 +203,11 @@ def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         worker = Worker(settings, stages)
+        if "LLMPIPE_WORKERS" in os.environ:
+            log.warning(
+                "LLMPIPE_WORKERS is no longer used and is ignored: each worker's share of the "
+                "rate limits and budgets follows the fleet's leases on llm.fleet"
+            )
         log.info("worker starting stages %s", ",".join(worker.stage_names))
         await worker.run(stop)
 

@@ -224,19 +224,6 @@ async def test_models_have_their_own_buckets_and_unlisted_models_are_free() -> N
     assert clock.sleeps == []  # the default applies to each model separately
 
 
-def test_per_worker_divides_account_limits() -> None:
-    limit = RateLimit(
-        requests_per_minute=500, tokens_per_minute=200_000, max_in_flight=32, request_burst=100
-    )
-    share = limit.per_worker(4)
-    assert (share.requests_per_minute, share.tokens_per_minute) == (125, 50_000)
-    assert (share.max_in_flight, share.request_burst) == (8, 25)
-    assert RateLimit(max_in_flight=2).per_worker(4).max_in_flight == 1
-    assert limit.per_worker(1) is limit
-    with pytest.raises(ValueError):
-        limit.per_worker(0)
-
-
 def test_parse_rate_limits() -> None:
     limits, default = parse_rate_limits(
         '{"gpt-4o-mini": {"requests_per_minute": 500, "max_in_flight": 8},'

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 
@@ -22,7 +22,8 @@ from pipeline.resilience.endpoints import (
     ResolvedEndpoint,
 )
 from pipeline.resilience.errors import AllModelsFailed, BudgetExceeded, CircuitOpen
-from pipeline.resilience.ratelimit import RateLimit
+from pipeline.resilience.fleet import FleetShares, FleetSpend
+from pipeline.resilience.ratelimit import Demand, RateLimit
 from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
 from pipeline.resilience.testing import ManualClock, completion
 
@@ -173,18 +174,23 @@ async def test_disabled_endpoint_is_skipped_and_all_failed_is_reported() -> None
 
 async def test_budget_refuses_before_any_call_and_charges_the_answering_model() -> None:
     fleet = Fleet()
+    spend = FleetSpend("me")
+    spend.fold(date(2026, 1, 1), "p", "other", {"tokens": 0, "reserved": 0})
+    today = datetime.now(UTC).date()
+    spend.fold(today, "p", "other", {"tokens": 500, "reserved": 30})
     client = build_client(
         StackConfig(
             ENDPOINTS,
             budget=BudgetConfig(max_request_tokens=1000, daily_tokens={"p": 1060}),
-            workers=2,
         ),
         client_factory=fleet,
+        spend=spend,
     )
     with pytest.raises(BudgetExceeded):
         await client.complete(req("a", content="x" * 4000), prompt="p")
     assert fleet.by_url == {}
-    # 530 tokens a day for each of 2 workers; a call reserves 2 + 512 and is charged 15.
+    # Another worker has spent 530 of the 1060 tokens; a call reserves 2 + 512 and is
+    # charged 15.
     for _ in range(2):
         await client.complete(req("a"), prompt="p", models=["a", "b"])
     assert client.budget.usage()["p"].spent == 30
@@ -193,18 +199,21 @@ async def test_budget_refuses_before_any_call_and_charges_the_answering_model() 
     assert fleet.by_url["http://a/v1"].calls == 2
 
 
-async def test_workers_divide_rate_limits() -> None:
+async def test_rate_limits_are_this_workers_share_of_the_account() -> None:
+    shares = FleetShares("me")
+    shares.fold("other", {"models": {"a": {"rate": 0, "saturated": True}}}, age_s=0.0)
+    shares.set_own({"a": Demand(0.0, saturated=True)})
     client = build_client(
         StackConfig(
             ENDPOINTS,
-            workers=4,
-            rate_limits={"a": RateLimit(requests_per_minute=400)},
-            default_rate_limit=RateLimit(max_in_flight=8),
+            rate_limits={"a": RateLimit(requests_per_minute=400, max_in_flight=8)},
         ),
         client_factory=Fleet(),
+        shares=shares,
     )
-    assert client.rate_limits.limit_for("a") == RateLimit(requests_per_minute=100)
-    assert client.rate_limits.limit_for("zzz") == RateLimit(max_in_flight=2)
+    await client.complete(req("a"))
+    assert client.rate_limits.limit_for("a") == RateLimit(requests_per_minute=400, max_in_flight=8)
+    assert client.rate_limits.share("a") == (0.5, 4)  # two busy members: half each
 
 
 def test_missing_api_key_fails_at_build_time() -> None:

@@ -1,0 +1,112 @@
+"""A worker's link to ``llm.fleet``: fold the topic into its :class:`FleetState`, publish its
+own part (quality outcomes, endpoint news and spend every flush; its lease every lease
+interval), and resize its rate-limit shares when the membership or the demand changes.
+
+The state and every decision about it are in :mod:`pipeline.resilience.fleet`; the Kafka
+clients are the shared compacted-topic follower and publisher of
+:mod:`pipeline.transport.compacted`. This module only moves records between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from pipeline.config import Settings
+from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.envelopes import FleetEvent
+from pipeline.contract.topology import FLEET
+from pipeline.resilience.fleet import FLUSH_S, LEASE_EVERY_S, FleetState, Outbox
+from pipeline.resilience.stack import ResilientClient
+from pipeline.transport import headers as h
+from pipeline.transport.clients import KafkaClients
+from pipeline.transport.compacted import CompactedFollower, Record, StatePublisher
+
+log = logging.getLogger("llmpipe.fleet")
+
+
+class FleetLink:
+    """Run beside the stages: ``await ready`` before they start, so a restarted worker
+    has read back the day's spend, the open breakers and the other workers' leases."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: KafkaClients,
+        codec: Codec,
+        state: FleetState,
+        client: ResilientClient,
+        *,
+        flush_s: float = FLUSH_S,
+        lease_every_s: float = LEASE_EVERY_S,
+    ) -> None:
+        topic = settings.topic(FLEET)
+        self.state = state
+        self._client = client
+        self._codec = codec
+        self._flush_s = flush_s
+        self._lease_every_s = lease_every_s
+        self._follower = CompactedFollower(topic, self._apply, clients, poll_timeout_s=0.05)
+        self._publisher = StatePublisher(topic, clients, codec)
+        self._shares_version = -1
+        self.ready = self._follower.ready
+
+    async def run(self, stop: asyncio.Event) -> None:
+        follow = asyncio.create_task(self._follower.run(stop))
+        next_lease = 0.0
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._flush_s)
+                if follow.done():
+                    follow.result()
+                    raise RuntimeError("the fleet follower stopped")
+                if not self.ready.is_set():
+                    continue
+                if next_lease == 0.0:
+                    log.info(
+                        "fleet state loaded: %d records, members %s",
+                        self.state.folded,
+                        ",".join(self.state.shares.members()),
+                    )
+                self._publish(self.state.flush())
+                if time.monotonic() >= next_lease:
+                    next_lease = time.monotonic() + self._lease_every_s
+                    self._publish(self.state.heartbeat())
+                self._rescale()
+                self._publisher.poll()
+        finally:
+            if self.ready.is_set():
+                self._publish(self.state.flush())
+                self._publish(self.state.leave())
+                await asyncio.to_thread(self._publisher.flush)
+            stop.set()
+            await asyncio.gather(follow, return_exceptions=True)
+
+    def _publish(self, records: Outbox) -> None:
+        for key, event in records:
+            self._publisher.publish(key, event)
+
+    def _rescale(self) -> None:
+        version = self.state.shares.version
+        if version != self._shares_version:
+            self._shares_version = version
+            self._client.rate_limits.rescale()
+
+    def _apply(self, record: Record) -> None:
+        if record.key is None:
+            return
+        key = record.key.decode("utf-8", "replace")
+        event: FleetEvent | None = None
+        if record.value is not None:
+            try:
+                event = self._codec.decode(
+                    record.value, FleetEvent, h.text(record.headers, h.CONTENT_TYPE)
+                )
+            except DecodeError as exc:
+                log.error("ignoring an unreadable fleet record %s: %s", key, exc)
+                return
+        self.state.apply(event, key)
+        self._rescale()
