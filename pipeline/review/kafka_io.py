@@ -180,6 +180,8 @@ class TopicFollower:
         self._probe: Consumer | None = None
         self._probe_lock = threading.Lock()
         self.error: BaseException | None = None
+        self._stalled = False
+        """A batch waits for the database: syncing cannot succeed until it is back."""
         self.skipped = 0
         """Messages that did not decode; logged and passed over so one cannot wedge the queue."""
 
@@ -202,7 +204,8 @@ class TopicFollower:
         The target is each partition's last stable offset taken now; the follower's
         consumer position moves past transaction markers, so "position >= target" is the
         exact condition. False on timeout (e.g. a transaction of another process is still
-        open and holds the stable offset back).
+        open and holds the stable offset back), and at once while the database is down
+        (nothing can be applied, so waiting would only hold a reviewer's request).
         """
         deadline = time.monotonic() + timeout_s
         try:
@@ -212,7 +215,7 @@ class TopicFollower:
             return False
         with self._changed:
             while True:
-                if self.error is not None:
+                if self.error is not None or self._stalled:
                     return False
                 if all(self._positions.get(tp, 0) >= end for tp, end in targets.items()):
                     return True
@@ -310,12 +313,20 @@ class TopicFollower:
         while True:
             try:
                 self._store.apply(*batch, self._clock())
-                return True
             except StoreUnavailable as exc:
                 log.warning("review follower: %s; keeping the batch and retrying", exc)
+                self._set_stalled(True)
                 if self._stop.wait(delay):
                     return False
                 delay = min(delay * 2, 2.0)
+            else:
+                self._set_stalled(False)
+                return True
+
+    def _set_stalled(self, stalled: bool) -> None:
+        with self._changed:
+            self._stalled = stalled
+            self._changed.notify_all()
 
     def _decode(
         self, messages: Sequence[Any]

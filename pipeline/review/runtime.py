@@ -105,15 +105,21 @@ class ReviewRuntime:
         return ready
 
     def _maintain(self) -> None:
-        """Retry what a crash or an outage left undone: readiness, then pending decisions."""
+        """Retry what a crash or an outage left undone: readiness, then pending decisions;
+        heartbeat so other instances know this one is alive."""
+        in_touch_since: int | None = self.clock()
         while not self._stop.wait(self._interval_s):
             try:
-                self.store.heartbeat(self.instance, self.clock())
+                now = self.clock()
+                self.store.heartbeat(self.instance, now)
+                in_touch_since = now if in_touch_since is None else in_touch_since
                 if not self.service.ready:
                     self.service.become_ready(self._interval_s)
                 else:
-                    self.service.deliver_pending()
+                    long_enough = now - in_touch_since >= self.service.orphan_after_ms
+                    self.service.deliver_pending(take_over_silent=long_enough)
             except StoreUnavailable as exc:
+                in_touch_since = None
                 log.warning("review maintenance waits for the database: %s", exc)
             except Exception:
                 log.exception("review maintenance failed; retrying")

@@ -278,7 +278,7 @@ class ReviewService:
         if not self._topics.sync(timeout_s):
             return False
         self._ready.set()
-        self.deliver_pending()
+        self.deliver_pending(take_over_silent=False)
         return True
 
     # -- reading ------------------------------------------------------------------------
@@ -410,10 +410,17 @@ class ReviewService:
         assert stored is not None
         return DecideOutcome(stored, duplicate=False)
 
-    def deliver_pending(self) -> DeliveryStats:
+    def deliver_pending(self, *, take_over_silent: bool = True) -> DeliveryStats:
         """Re-drive this instance's decisions not yet known to be on Kafka (after a crash
-        or an outage), after taking over those of instances that are gone."""
-        alive_since = self.clock() - self.orphan_after_ms
+        or an outage), after taking over those of instances that are gone.
+
+        Stopped instances are always gone. Silent ones only count when
+        ``take_over_silent``: the caller says no while it has itself not been in touch
+        with the database for ``orphan_after_ms`` (just started, or just back from an
+        outage in which every instance fell silent), so a database outage does not make
+        every instance take over every other one's decisions.
+        """
+        alive_since = self.clock() - self.orphan_after_ms if take_over_silent else None
         for owner in self.store.orphaned_owners(self.instance, alive_since):
             moved = self.store.take_over(owner, self.instance, self.clock())
             log.warning("took over %d pending decision(s) of instance %s", moved, owner)

@@ -117,7 +117,7 @@ class ReviewStore(SessionStore, Protocol):
 
     def pending_decisions(self, owner: str | None = None) -> list[StoredDecision]: ...
 
-    def orphaned_owners(self, instance: str, alive_since_ms: int) -> list[str]: ...
+    def orphaned_owners(self, instance: str, alive_since_ms: int | None) -> list[str]: ...
 
     def take_over(self, from_owner: str, to_owner: str, now_ms: int) -> int: ...
 
@@ -642,18 +642,20 @@ class SqlReviewStore:
             ).fetchall()
         return [_decision(row) for row in rows]
 
-    def orphaned_owners(self, instance: str, alive_since_ms: int) -> list[str]:
+    def orphaned_owners(self, instance: str, alive_since_ms: int | None) -> list[str]:
         """Owners of pending decisions that are not ``instance`` and are gone: stopped,
-        silent since before ``alive_since_ms``, or never registered."""
+        never registered, or (unless ``alive_since_ms`` is None) silent since before it."""
+        silent = " OR i.last_seen_ms < ?" if alive_since_ms is not None else ""
+        params = (instance, alive_since_ms) if alive_since_ms is not None else (instance,)
         with self._read() as cur:
             rows = self._exec(
                 cur,
                 "SELECT DISTINCT d.owner FROM review_decisions d"
                 " LEFT JOIN review_instances i ON i.instance = d.owner"
                 " WHERE d.state = 'pending' AND d.owner IS NOT NULL AND d.owner <> ?"
-                " AND (i.instance IS NULL OR i.stopped_ms IS NOT NULL OR i.last_seen_ms < ?)"
+                f" AND (i.instance IS NULL OR i.stopped_ms IS NOT NULL{silent})"
                 " ORDER BY d.owner",
-                (instance, alive_since_ms),
+                params,
             ).fetchall()
         return [str(row[0]) for row in rows]
 
@@ -670,22 +672,26 @@ class SqlReviewStore:
                 "SELECT request_id FROM review_decisions WHERE state = 'pending' AND owner = ?",
                 (from_owner,),
             ).fetchall()
-            self._exec(
-                cur,
-                "UPDATE review_decisions SET owner = ?, taken_from = ?"
-                " WHERE state = 'pending' AND owner = ?",
-                (to_owner, from_owner, from_owner),
-            )
+            taken = 0
             for (request_id,) in moved:
-                self._insert_audit(
+                # Row by row and conditional: of two instances taking over at once, each
+                # row goes to one, and only its new owner audits it.
+                if self._exec(
                     cur,
-                    "system",
-                    str(request_id),
-                    "delivery_taken_over",
-                    f"instance {to_owner} delivers it; {from_owner} is gone",
-                    now_ms,
-                )
-        return len(moved)
+                    "UPDATE review_decisions SET owner = ?, taken_from = ?"
+                    " WHERE request_id = ? AND state = 'pending' AND owner = ?",
+                    (to_owner, from_owner, request_id, from_owner),
+                ).rowcount:
+                    taken += 1
+                    self._insert_audit(
+                        cur,
+                        "system",
+                        str(request_id),
+                        "delivery_taken_over",
+                        f"instance {to_owner} delivers it; {from_owner} is gone",
+                        now_ms,
+                    )
+        return taken
 
     # -- instances ----------------------------------------------------------------------
 
