@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,12 +25,38 @@ class Settings(BaseSettings):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol, passed to every client."
     )
-    sasl_mechanism: str | None = Field(
-        None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512."
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = (
+        Field(None, description="SASL mechanism (SASL_* protocols; PLAIN unless set).")
     )
-    sasl_username: str | None = Field(None, description="SASL user name.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password.")
-    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL listeners.")
+    sasl_username: str | None = Field(None, description="SASL user name (PLAIN, SCRAM).")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (PLAIN, SCRAM).")
+    sasl_oauthbearer_token_endpoint_url: str | None = Field(
+        None,
+        description="OAUTHBEARER: the OIDC token endpoint; the clients fetch and refresh "
+        "tokens themselves (client-credentials grant).",
+    )
+    sasl_oauthbearer_client_id: str | None = Field(None, description="OAUTHBEARER client id.")
+    sasl_oauthbearer_client_secret: SecretStr | None = Field(
+        None, description="OAUTHBEARER client secret."
+    )
+    sasl_oauthbearer_scope: str | None = Field(
+        None, description="OAUTHBEARER scope(s) asked for, space-separated."
+    )
+    sasl_oauthbearer_extensions: str | None = Field(
+        None, description="OAUTHBEARER SASL extensions, key=value,key=value (e.g. logicalCluster)."
+    )
+    ssl_cafile: Path | None = Field(
+        None,
+        description="CA certificates (PEM) that signed the brokers' certificates; unset: the "
+        "system's CA bundle (public-CA and managed clusters).",
+    )
+    ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM, chain allowed) for mTLS."
+    )
+    ssl_keyfile: Path | None = Field(None, description="Client private key (PEM) for mTLS.")
+    ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted LLMPIPE_SSL_KEYFILE."
+    )
 
     cli_timeout_s: float = Field(
         10.0,
@@ -169,20 +195,95 @@ class Settings(BaseSettings):
     def group(self, name: str) -> str:
         return f"{self.topic_prefix}llmpipe.{name}"
 
+    @model_validator(mode="after")
+    def _kafka_security_complete(self) -> Settings:
+        """A half-configured security setting is an error at start, in one line naming the
+        variable, not a client that retries a handshake forever."""
+        sasl = self.security_protocol.startswith("SASL_")
+        mechanism = self.sasl_mechanism or "PLAIN"
+        if sasl and mechanism == "OAUTHBEARER":
+            missing = [
+                name
+                for name, value in (
+                    (
+                        "LLMPIPE_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                        self.sasl_oauthbearer_token_endpoint_url,
+                    ),
+                    ("LLMPIPE_SASL_OAUTHBEARER_CLIENT_ID", self.sasl_oauthbearer_client_id),
+                    ("LLMPIPE_SASL_OAUTHBEARER_CLIENT_SECRET", self.sasl_oauthbearer_client_secret),
+                )
+                if not value
+            ]
+        elif sasl:
+            missing = [
+                name
+                for name, value in (
+                    ("LLMPIPE_SASL_USERNAME", self.sasl_username),
+                    ("LLMPIPE_SASL_PASSWORD", self.sasl_password),
+                )
+                if not value
+            ]
+        else:
+            missing = []
+        if missing:
+            raise ValueError(
+                f"LLMPIPE_SECURITY_PROTOCOL={self.security_protocol} with SASL mechanism "
+                f"{mechanism} needs {', '.join(missing)}"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("mTLS needs both LLMPIPE_SSL_CERTFILE and LLMPIPE_SSL_KEYFILE")
+        for name, path in (
+            ("LLMPIPE_SSL_CAFILE", self.ssl_cafile),
+            ("LLMPIPE_SSL_CERTFILE", self.ssl_certfile),
+            ("LLMPIPE_SSL_KEYFILE", self.ssl_keyfile),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}={path}: no such file")
+        return self
+
     def kafka_client_config(self) -> dict[str, Any]:
-        """librdkafka-style keys shared by confluent-kafka clients (admin, replay, tools)."""
+        """librdkafka-style keys shared by confluent-kafka clients (admin, replay, tools):
+        connection and security. The one place that maps the security settings.
+
+        TLS without ``LLMPIPE_SSL_CAFILE`` uses the system's CA bundle: ``probe`` makes
+        librdkafka look in the usual places (the wheels link OpenSSL statically, so its
+        compiled-in default directory need not exist on this machine), after OpenSSL's
+        own default paths (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set)."""
         config: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
         }
-        if self.sasl_mechanism:
-            config["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username:
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            config["ssl.ca.location"] = str(self.ssl_cafile) if self.ssl_cafile else "probe"
+            if self.ssl_certfile and self.ssl_keyfile:
+                config["ssl.certificate.location"] = str(self.ssl_certfile)
+                config["ssl.key.location"] = str(self.ssl_keyfile)
+            if self.ssl_key_password:
+                config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        if not self.security_protocol.startswith("SASL_"):
+            return config
+        mechanism = self.sasl_mechanism or "PLAIN"
+        config["sasl.mechanism"] = mechanism
+        if mechanism != "OAUTHBEARER":
+            assert self.sasl_password is not None  # checked when the settings were read
             config["sasl.username"] = self.sasl_username
-        if self.sasl_password:
             config["sasl.password"] = self.sasl_password.get_secret_value()
-        if self.ssl_cafile:
-            config["ssl.ca.location"] = str(self.ssl_cafile)
+            return config
+        assert self.sasl_oauthbearer_client_secret is not None
+        config.update(
+            {
+                "sasl.oauthbearer.method": "oidc",
+                "sasl.oauthbearer.token.endpoint.url": self.sasl_oauthbearer_token_endpoint_url,
+                "sasl.oauthbearer.client.id": self.sasl_oauthbearer_client_id,
+                "sasl.oauthbearer.client.secret": (
+                    self.sasl_oauthbearer_client_secret.get_secret_value()
+                ),
+            }
+        )
+        if self.sasl_oauthbearer_scope:
+            config["sasl.oauthbearer.scope"] = self.sasl_oauthbearer_scope
+        if self.sasl_oauthbearer_extensions:
+            config["sasl.oauthbearer.extensions"] = self.sasl_oauthbearer_extensions
         return config
 
 

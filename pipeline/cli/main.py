@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from pipeline.cli.console import Commands, err, out
 from pipeline.cli.usage import Root
@@ -138,6 +139,8 @@ def worker(
         if count > 1:
             raise typer.Exit(run_supervisor(count, chosen))
         run_worker(settings(), chosen)
+    except ValidationError:
+        raise  # a bad LLMPIPE_* variable: the root app's one line names it
     except (PromptLoadError, ValueError) as exc:
         raise LlmpipeError(str(exc)) from None
 

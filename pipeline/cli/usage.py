@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import typer
 import typer.main
 from confluent_kafka import KafkaError, KafkaException
+from pydantic import ValidationError
 
 # Typer runs its own copy of click; its exceptions are the ones raised.
 from typer._click import exceptions as click
@@ -22,7 +23,20 @@ from pipeline.cli.console import Commands
 from pipeline.errors import LlmpipeError
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line for bad ``LLMPIPE_*`` variables: which ones, and what is wrong."""
+    if exc.title != "Settings":
+        return str(exc).replace("\n", " ")
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"LLMPIPE_{where.upper()}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 def kafka_cause(exc: KafkaException) -> str:
@@ -57,9 +71,15 @@ def run(app: typer.Typer, args: list[str] | None = None) -> NoReturn:
     except LlmpipeError as exc:  # the one-line rule, for commands outside a friendly group
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except ValidationError as exc:  # Settings() read a bad LLMPIPE_* variable
+        print(f"error: {settings_error(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except KafkaException as exc:  # a client call the command did not expect to fail
+        error = exc.args[0] if exc.args else None
+        invalid = isinstance(error, KafkaError) and error.code() == KafkaError._INVALID_ARG
         print(f"error: {kafka_cause(exc)}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
+        # A client librdkafka refused to create (an unreadable key, a wrong key password).
+        sys.exit(EXIT_USAGE if invalid else EXIT_FAILED)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -112,12 +112,14 @@ class Worker:
         background = [control_task]
         burn_in: KafkaBurnInLedger | None = None
         try:
-            await _first(listener.ready.wait(), control_task)
+            if not await _first(listener.ready.wait(), control_task, stop):
+                return  # stopped while waiting for the broker: nothing started yet
             if self.fleet is not None:
                 link = FleetLink(settings, clients, self.codec, self.fleet, client)
                 fleet_task = asyncio.create_task(link.run(stop))
                 background.append(fleet_task)
-                await _first(link.ready.wait(), fleet_task)
+                if not await _first(link.ready.wait(), fleet_task, stop):
+                    return
             self.burn_in = burn_in = await self._burn_in()
             handlers = self._handlers(client, burn_in)
             self.runners = [
@@ -184,14 +186,22 @@ class Worker:
         }
 
 
-async def _first(awaitable: Awaitable[Any], failing: asyncio.Task[None]) -> None:
-    """Wait for ``awaitable`` unless ``failing`` ends first (then re-raise its error)."""
+async def _first(
+    awaitable: Awaitable[Any], failing: asyncio.Task[None], stop: asyncio.Event
+) -> bool:
+    """Wait for ``awaitable`` unless ``failing`` ends first (then re-raise its error).
+
+    False when ``failing`` ended because the worker was told to stop (e.g. SIGTERM while
+    the broker refused it): a clean exit, not an error."""
     waiter = asyncio.ensure_future(awaitable)
     done, _ = await asyncio.wait({waiter, failing}, return_when=asyncio.FIRST_COMPLETED)
     if failing in done:
         waiter.cancel()
         failing.result()
+        if stop.is_set():
+            return False
         raise RuntimeError("a state listener stopped before it was ready")
+    return True
 
 
 def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:

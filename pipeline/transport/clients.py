@@ -22,11 +22,19 @@ unreachable since ..., retrying") and its end once ("recovered after N s"), and
 librdkafka's log goes through the project's JSON logger (``llmpipe.kafka``) with a rate
 limit per kind of line. Connection failures, which the health line already says, are
 logged at debug level.
+
+Refused connections are different: a wrong password, an untrusted broker certificate or a
+client certificate the broker rejects will not heal by retrying, and librdkafka reports
+them only as connection failures (its ``FAIL`` log line; the call that needed the broker
+times out with "transport failure"). :class:`SecurityFailures` picks them out of that log,
+says which settings to check (once per kind per interval, however often librdkafka
+retries), and lets a tool that timed out name the cause (:func:`security_failure_since`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -38,6 +46,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Settings
+from pipeline.errors import LlmpipeError
 
 log = logging.getLogger("llmpipe.kafka")
 
@@ -57,6 +66,106 @@ _OUTAGE_CODES = frozenset(
 # A stage consumer may block in a revocation for up to the revocation bound; far below this.
 MAX_POLL_INTERVAL_MS = 300_000
 SESSION_TIMEOUT_MS = 10_000
+
+# librdkafka's words for a connection the broker (or this client) refused on security
+# grounds, most specific first, with what the operator should check.
+_REFUSALS: tuple[tuple[str, str], ...] = (
+    (
+        "SASL authentication error",
+        "the broker rejected the credentials (LLMPIPE_SASL_MECHANISM, LLMPIPE_SASL_USERNAME, "
+        "LLMPIPE_SASL_PASSWORD)",
+    ),
+    (
+        "certificate verify failed",
+        "the broker's TLS certificate is not signed by a trusted CA (LLMPIPE_SSL_CAFILE; "
+        "unset: the system CA bundle)",
+    ),
+    (
+        "alert bad certificate",
+        "the broker rejected the client certificate (LLMPIPE_SSL_CERTFILE, LLMPIPE_SSL_KEYFILE)",
+    ),
+    (
+        "alert certificate required",
+        "the broker requires a client certificate (LLMPIPE_SSL_CERTFILE, LLMPIPE_SSL_KEYFILE)",
+    ),
+    ("SASL handshake failed", "SASL negotiation failed (LLMPIPE_SASL_MECHANISM)"),
+    ("Unsupported SASL mechanism", "the broker does not offer LLMPIPE_SASL_MECHANISM"),
+    ("OIDC", "fetching the OAUTHBEARER token failed (LLMPIPE_SASL_OAUTHBEARER_*)"),
+    ("SSL handshake failed", "the TLS handshake failed (LLMPIPE_SECURITY_PROTOCOL, LLMPIPE_SSL_*)"),
+    (
+        "Disconnected while requesting ApiVersion",
+        "the broker closed the connection at once: is LLMPIPE_SECURITY_PROTOCOL the listener's?",
+    ),
+)
+# Where librdkafka reports them: failed connections, SASL, and the OIDC token fetch.
+_REFUSAL_FACILITIES = frozenset({"FAIL", "SASL", "OIDC"})
+_AFTER = re.compile(r"\s*\(after \d+ms in state [A-Z_]+\)\s*$")
+
+
+class KafkaRefused(LlmpipeError):
+    """The broker refused this client's credentials or TLS: a setting to fix (exit 2)."""
+
+
+class SecurityFailures:
+    """Refused connections: one error line per kind per interval, and the latest for tools.
+
+    Process-wide because a tool's clients are often built by helpers that keep no handle
+    on their factory, and the question a tool asks after a timeout is "was this process
+    refused since I started waiting?".
+    """
+
+    def __init__(
+        self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._latest: tuple[float, str] | None = None
+
+    @staticmethod
+    def classify(line: str) -> str | None:
+        """The operator's line for a librdkafka failure line, or None if it is not a refusal."""
+        for needle, cause in _REFUSALS:
+            if needle in line:
+                return f"Kafka refused the connection: {cause}: {_AFTER.sub('', line)}"
+        return None
+
+    def report(self, line: str) -> bool:
+        """Record ``line`` if it is a refusal (and log it unless logged recently)."""
+        text = self.classify(line)
+        if text is None:
+            return False
+        kind = text.split(":", 2)[1]
+        now = self._clock()
+        with self._lock:
+            self._latest = (now, text)
+            last = self._last_logged.get(kind)
+            if last is not None and now - last < self._interval_s:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return True
+            self._last_logged[kind] = now
+            suppressed = self._suppressed.pop(kind, 0)
+        extra: dict[str, Any] = {"kafka_error": "refused"}
+        if suppressed:
+            extra["suppressed"] = suppressed
+        log.error("%s; retrying", text, extra=extra)
+        return True
+
+    def since(self, started: float) -> str | None:
+        """The latest refusal at or after ``started`` (a ``time.monotonic()`` value)."""
+        latest = self._latest
+        return latest[1] if latest is not None and latest[0] >= started else None
+
+
+SECURITY_FAILURES = SecurityFailures()
+
+
+def security_failure_since(started: float) -> str | None:
+    """Why the broker refused this process since ``started``, if it did (for one-line
+    errors after a timeout; see :class:`SecurityFailures`)."""
+    return SECURITY_FAILURES.since(started)
 
 
 class BrokerHealth:
@@ -163,16 +272,26 @@ class LibrdkafkaLog:
     """
 
     def __init__(
-        self, interval_s: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+        self,
+        interval_s: float = LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        refusals: SecurityFailures = SECURITY_FAILURES,
     ) -> None:
         self._interval_s = interval_s
         self._clock = clock
+        self._refusals = refusals
         self._lock = threading.Lock()
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
     def log(self, level: int, fmt: str, *args: Any, **_: Any) -> None:
         facility = str(args[0]) if args else "?"
+        if (
+            facility in _REFUSAL_FACILITIES
+            and len(args) > 2
+            and self._refusals.report(str(args[2]))
+        ):
+            return
         if facility in _CONNECTIVITY_FACILITIES:
             level = logging.DEBUG
         if not log.isEnabledFor(level):

@@ -96,6 +96,10 @@ class CompactedFollower:
         consumer = await call(self._consumer)
         try:
             partitions = await call(self._partitions, consumer)
+            while partitions is None:  # no broker answers (yet): wait, do not crash-loop
+                if stop.is_set():
+                    return
+                partitions = await call(self._partitions, consumer)
             tps = [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions]
             ends = await call(self._ends, consumer, tps)
             await call(consumer.assign, tps)
@@ -139,13 +143,19 @@ class CompactedFollower:
         except Exception:  # one bad record must not stop the state every stage reads
             log.exception("%s: a record could not be applied; skipped", self._topic)
 
-    def _partitions(self, consumer: Any) -> list[int]:
-        """A topic created a moment ago may not be in every broker's metadata yet."""
+    def _partitions(self, consumer: Any) -> list[int] | None:
+        """A topic created a moment ago may not be in every broker's metadata yet.
+
+        None when no broker answered: an outage, or a broker that refuses this process's
+        credentials or certificate. Both are logged by the client factory (once, and once
+        per interval), so the caller just asks again: a worker that exited instead would be
+        restarted into the same refusal, again and again."""
         for _ in range(METADATA_ATTEMPTS):
             try:
                 metadata = consumer.list_topics(self._topic, timeout=METADATA_TIMEOUT_S * 4)
             except KafkaException:
-                continue
+                consumer.poll(0)  # serves librdkafka's log, where a refusal shows
+                return None
             topic = metadata.topics.get(self._topic)
             if topic is not None and topic.error is None and topic.partitions:
                 return sorted(topic.partitions)

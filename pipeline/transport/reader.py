@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient
 from pipeline.config import Settings
 from pipeline.errors import LlmpipeError
 from pipeline.transport import headers as h
-from pipeline.transport.clients import KafkaClients
+from pipeline.transport.clients import KafkaClients, KafkaRefused, security_failure_since
 
 METADATA_TIMEOUT_S = 10.0
 # A scan that makes no progress for this long is broken (broker gone), not slow.
@@ -89,13 +89,21 @@ class ScanError(LlmpipeError):
 
 
 def require_broker(client: Consumer | AdminClient, settings: Settings) -> None:
-    """Fail within ``LLMPIPE_CLI_TIMEOUT_S`` with one line when no broker answers.
+    """Fail within ``LLMPIPE_CLI_TIMEOUT_S`` with one line when no broker answers, or
+    when it refused our credentials or TLS (exit 2: a setting to fix, said in the line).
 
     Without this a tool's first metadata call waits its own, longer timeout, and the error
     it raises names librdkafka's internals instead of the setting to check."""
+    started = time.monotonic()
     try:
         client.list_topics(timeout=settings.cli_timeout_s)
     except KafkaException:
+        # librdkafka hands its log (where refusals show) to the client's poll; this client
+        # has no partitions yet, so polling serves the log and reads nothing.
+        client.poll(0)
+        refused = security_failure_since(started)
+        if refused is not None:
+            raise KafkaRefused(refused) from None
         raise BrokerUnreachable(
             f"cannot reach the Kafka broker at {settings.bootstrap_servers} within "
             f"{settings.cli_timeout_s:g} s (LLMPIPE_BOOTSTRAP_SERVERS; LLMPIPE_CLI_TIMEOUT_S "

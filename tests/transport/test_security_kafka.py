@@ -1,0 +1,318 @@
+"""Kafka security against a real broker: TLS, mTLS and SASL listeners of a broker of its own.
+
+One broker for the whole module (``infra/kafka/kafka.sh`` with an SSL listener that
+requires client certificates and a SASL_SSL listener with PLAIN and SCRAM users created by
+Kafka's StorageTool), certificates made by the test (:mod:`tests.transport.pki`). Workers,
+a CLI command and the review service connect through each listener; refused credentials
+and untrusted certificates give one line and exit 2 from the CLI, and a rate-limited error
+from a worker that keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.chaos import free_broker_port
+from pipeline.config import REPO_ROOT, Settings
+from pipeline.contract.envelopes import Result
+from pipeline.harness.environment import create_topics, worker_environment
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.harness.scenarios import mixed_requests
+from pipeline.review.kafka_io import read_to_end
+from pipeline.review.model import QueueFilter
+from pipeline.review.runtime import ReviewRuntime
+from tests.review.test_review_support import FakeClock, escalation, registry, review_message
+from tests.support import make_settings, produce, running_worker
+from tests.transport.pki import CLIENT_KEY_PASSWORD, Pki, make_pki
+
+pytestmark = pytest.mark.kafka
+
+KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
+USER, PASSWORD = "llmpipe-app", "scram-secret-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    pki: Pki
+    ssl: str
+    sasl_ssl: str
+
+    def sasl(self, mechanism: str = "SCRAM-SHA-512", **overrides: Any) -> dict[str, Any]:
+        """Settings for the SASL_SSL listener, trusting the test CA."""
+        return {
+            "bootstrap_servers": self.sasl_ssl,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": mechanism,
+            "sasl_username": USER,
+            "sasl_password": PASSWORD,
+            "ssl_cafile": self.pki.ca,
+            **overrides,
+        }
+
+    def mtls(self, **overrides: Any) -> dict[str, Any]:
+        """Settings for the SSL listener with the client certificate (encrypted key)."""
+        return {
+            "bootstrap_servers": self.ssl,
+            "security_protocol": "SSL",
+            "ssl_cafile": self.pki.ca,
+            "ssl_certfile": self.pki.client_cert,
+            "ssl_keyfile": self.pki.client_key,
+            "ssl_key_password": CLIENT_KEY_PASSWORD,
+            **overrides,
+        }
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[SecureBroker]:
+    port = free_broker_port()
+    assert port != 9092
+    ssl_port, sasl_port = _free_port(), _free_port()
+    work = Path(tempfile.mkdtemp(prefix=f"llmpipe-secure-kafka-{port}-"))
+    pki = make_pki(work / "pki")
+    env = {
+        "LLMPIPE_KAFKA_HEAP": "-Xms256m -Xmx768m",
+        **os.environ,
+        "LLMPIPE_KAFKA_PORT": str(port),
+        "LLMPIPE_KAFKA_DATA": str(work / "data"),
+        "LLMPIPE_KAFKA_TLS_DIR": str(pki.directory),
+        "LLMPIPE_KAFKA_SSL_PORT": str(ssl_port),
+        "LLMPIPE_KAFKA_SASL_SSL_PORT": str(sasl_port),
+        "LLMPIPE_KAFKA_SASL_USERS": f"{USER}:{PASSWORD}",
+    }
+
+    def kafka(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(KAFKA_SCRIPT), command], env=env, capture_output=True, text=True
+        )
+
+    started = kafka("up")
+    assert started.returncode == 0, f"secure broker did not start: {started.stderr[-3000:]}"
+    try:
+        yield SecureBroker(pki, f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}")
+    finally:
+        kafka("down")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _settings(listener: dict[str, Any]) -> Settings:
+    """Test settings (own topic prefix) for a listener's settings."""
+    rest = {k: v for k, v in listener.items() if k != "bootstrap_servers"}
+    return make_settings(listener["bootstrap_servers"], **rest)
+
+
+def _env(settings: dict[str, Any]) -> dict[str, str]:
+    return {f"LLMPIPE_{name.upper()}": str(value) for name, value in settings.items()}
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env={**os.environ, "LLMPIPE_CLI_TIMEOUT_S": "5", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _pipeline_end_to_end(settings: Settings) -> None:
+    """Requests in over this listener, through every stage, results out: a full ledger."""
+    planned = mixed_requests(
+        12, seed=5, weights={"valid": 3, "invalid_json": 1, "garbage_bytes": 1}
+    )
+    with running_fake_llm() as fake:
+        settings = settings.model_copy(update={"model_base_url": fake.url})
+        create_topics(settings)
+        with running_worker(settings):
+            produce(settings, "llm.requests", [(p.key, p.value, p.headers) for p in planned])
+            ledger = read_terminal(settings, [p.request_id for p in planned], timeout_s=120)
+    assert not ledger.missing, f"missing: {sorted(ledger.missing)}"
+    assert not ledger.duplicates, f"duplicates: {ledger.duplicates}"
+    assert not ledger.two_places, f"in two terminal places: {ledger.two_places}"
+    wrong = [p.request_id for p in planned if ledger.first(p.request_id).outcome != p.expected]
+    assert not wrong, f"unexpected routes: {wrong}"
+
+
+def test_a_worker_runs_the_pipeline_over_sasl_ssl_with_scram(broker: SecureBroker) -> None:
+    _pipeline_end_to_end(_settings(broker.sasl()))
+
+
+def test_a_worker_runs_the_pipeline_over_mtls(broker: SecureBroker) -> None:
+    _pipeline_end_to_end(_settings(broker.mtls()))
+
+
+@pytest.mark.parametrize(
+    "listener",
+    ["scram-sha-512", "scram-sha-256", "plain", "mtls"],
+)
+def test_cli_commands_connect_through_each_listener(broker: SecureBroker, listener: str) -> None:
+    settings = broker.mtls() if listener == "mtls" else broker.sasl(listener.upper())
+    env = {**_env(settings), "LLMPIPE_TOPIC_PREFIX": f"cli-{listener}."}
+    applied = _cli("topics", "apply", env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert "create" in applied.stdout
+    planned = _cli("topics", "plan", env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert "no changes" in planned.stdout
+
+
+def test_tls_trusts_the_system_ca_bundle_when_no_ca_file_is_set(
+    broker: SecureBroker, tmp_path: Path
+) -> None:
+    """Without LLMPIPE_SSL_CAFILE the clients verify against the system bundle. The test CA
+    is added to that bundle in a mount namespace of the child process only (root in CI),
+    so the machine's real bundle is never touched."""
+    system_bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+    assert system_bundle.is_file(), "the ca-certificates package is not installed"
+    assert shutil.which("unshare"), "util-linux's unshare is needed for this test"
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(system_bundle.read_text() + broker.pki.ca.read_text())
+    settings = broker.sasl()
+    del settings["ssl_cafile"]
+    env = {**os.environ, "LLMPIPE_CLI_TIMEOUT_S": "5", **_env(settings)}
+    env["LLMPIPE_TOPIC_PREFIX"] = "system-ca."
+
+    def plan(extra_ca: bool) -> subprocess.CompletedProcess[str]:
+        mount = f"mount --bind {bundle} {system_bundle} && " if extra_ca else ""
+        return subprocess.run(
+            ["unshare", "--mount", "sh", "-c", f'{mount}exec "$0" -m pipeline.cli topics plan',
+             sys.executable],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    trusted = plan(extra_ca=True)
+    assert trusted.returncode == 0, trusted.stderr
+    assert "create" in trusted.stdout
+    untrusted = plan(extra_ca=False)  # the real bundle: the test CA is not in it
+    assert untrusted.returncode == 2, untrusted.stderr
+    assert "not signed by a trusted CA" in untrusted.stderr
+
+
+def _without_key_password(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "ssl_key_password"}
+
+
+REFUSALS = {
+    "wrong password": (
+        lambda b: b.sasl(sasl_password="not-the-password"),
+        "the broker rejected the credentials",
+    ),
+    "untrusted broker certificate": (
+        lambda b: b.sasl(ssl_cafile=b.pki.other_ca),
+        "the broker's TLS certificate is not signed by a trusted CA",
+    ),
+    "untrusted client certificate": (
+        lambda b: _without_key_password(
+            b.mtls(ssl_certfile=b.pki.untrusted_client_cert, ssl_keyfile=b.pki.untrusted_client_key)
+        ),
+        "the broker rejected the client certificate",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_a_refused_cli_command_says_why_in_one_line_and_exits_2(
+    broker: SecureBroker, case: str
+) -> None:
+    settings, cause = REFUSALS[case]
+    result = _cli("topics", "plan", env=_env(settings(broker)))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: Kafka refused the connection: ") and cause in lines[0]
+    assert PASSWORD not in result.stderr and "not-the-password" not in result.stderr
+
+
+def test_a_wrong_key_password_is_one_line_and_exit_2(broker: SecureBroker) -> None:
+    result = _cli("topics", "plan", env=_env(broker.mtls(ssl_key_password="wrong")))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "ssl.key.location" in lines[0], lines
+
+
+@pytest.mark.parametrize("case", ["wrong password", "untrusted broker certificate"])
+def test_a_refused_worker_keeps_running_and_says_why_at_a_bounded_rate(
+    broker: SecureBroker, case: str
+) -> None:
+    """librdkafka retries the connection every second or so; the worker neither crashes nor
+    floods its log: the refusal is logged once per interval, and SIGTERM still stops it."""
+    settings, cause = REFUSALS[case]
+    base = _settings(broker.sasl())
+    env = {**os.environ, **worker_environment(base), **_env(settings(broker))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr = process.stderr
+    assert stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(stderr.readline, "")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(cause in line for line in lines):
+            assert process.poll() is None, f"worker exited {process.returncode}: {lines[-5:]}"
+            assert time.monotonic() < deadline, f"no refusal logged within 60 s: {lines[-5:]}"
+            time.sleep(0.1)
+        watched_until = time.monotonic() + 12  # librdkafka retries many times in this window
+        while time.monotonic() < watched_until:
+            assert process.poll() is None, f"worker exited {process.returncode}: {lines[-5:]}"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, lines[-5:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(10)
+    refusals = [json.loads(line) for line in lines if "Kafka refused the connection" in line]
+    assert len(refusals) == 1, f"{len(refusals)} refusal lines in ~15 s: {refusals}"
+    assert refusals[0]["level"] == "error" and cause in refusals[0]["msg"]
+    assert not any(PASSWORD in line or "not-the-password" in line for line in lines)
+    assert not any("Traceback" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("listener", ["sasl_ssl", "mtls"])
+def test_the_review_service_reads_and_publishes_over_each_listener(
+    broker: SecureBroker, tmp_path: Path, listener: str
+) -> None:
+    settings = _settings(broker.sasl() if listener == "sasl_ssl" else broker.mtls())
+    create_topics(settings)
+    produce(settings, "llm.review", [review_message(settings, escalation("sec-1"))])
+    clock = FakeClock()
+    runtime = ReviewRuntime(
+        settings, f"sqlite:///{tmp_path / 'review.db'}", registry=registry(), clock=clock
+    )
+    try:
+        assert runtime.start(ready_timeout_s=60), "the review queue did not catch up with Kafka"
+        assert [i.request_id for i in runtime.service.queue(QueueFilter())] == ["sec-1"]
+        runtime.service.claim("sec-1", "alice")
+        assert runtime.service.decide("sec-1", "alice", "approve").delivered
+    finally:
+        runtime.stop()
+    results = [r for r, _ in read_to_end(settings, "llm.results", Result, timeout_s=30)]
+    assert [(r.request_id, r.source, r.reviewer) for r in results] == [("sec-1", "human", "alice")]
