@@ -169,12 +169,9 @@ def test_a_worker_runs_the_pipeline_over_mtls(broker: SecureBroker) -> None:
 def test_cli_commands_connect_through_each_listener(broker: SecureBroker, listener: str) -> None:
     settings = broker.mtls() if listener == "mtls" else broker.sasl(listener.upper())
     env = {**_env(settings), "LLMPIPE_TOPIC_PREFIX": f"cli-{listener}."}
-    applied = _cli("topics", "apply", env=env)
-    assert applied.returncode == 0, applied.stderr
-    assert "create" in applied.stdout
-    planned = _cli("topics", "plan", env=env)
+    planned = _cli("topics", "plan", env=env)  # reads the cluster's topics and configs
     assert planned.returncode == 0, planned.stderr
-    assert "no changes" in planned.stdout
+    assert f"create          cli-{listener}.llm.requests" in planned.stdout, planned.stdout
 
 
 def test_tls_trusts_the_system_ca_bundle_when_no_ca_file_is_set(
@@ -278,7 +275,7 @@ def test_a_refused_worker_keeps_running_and_says_why_at_a_bounded_rate(
             assert process.poll() is None, f"worker exited {process.returncode}: {lines[-5:]}"
             assert time.monotonic() < deadline, f"no refusal logged within 60 s: {lines[-5:]}"
             time.sleep(0.1)
-        watched_until = time.monotonic() + 12  # librdkafka retries many times in this window
+        watched_until = time.monotonic() + 8  # librdkafka retries many times in this window
         while time.monotonic() < watched_until:
             assert process.poll() is None, f"worker exited {process.returncode}: {lines[-5:]}"
             time.sleep(0.2)
@@ -290,7 +287,7 @@ def test_a_refused_worker_keeps_running_and_says_why_at_a_bounded_rate(
             process.wait()
         reader.join(10)
     refusals = [json.loads(line) for line in lines if "Kafka refused the connection" in line]
-    assert len(refusals) == 1, f"{len(refusals)} refusal lines in ~15 s: {refusals}"
+    assert len(refusals) == 1, f"{len(refusals)} refusal lines in ~10 s: {refusals}"
     assert refusals[0]["level"] == "error" and cause in refusals[0]["msg"]
     assert not any(PASSWORD in line or "not-the-password" in line for line in lines)
     assert not any("Traceback" in line for line in lines), lines
