@@ -207,6 +207,32 @@ def users_list(
         typer.echo(f"{user.name}\t{user.role}")
 
 
+@review_app.command("migrate")
+def migrate(
+    db: Annotated[
+        str | None, typer.Option(help="Database URL; default: LLMPIPE_REVIEW_DB / Settings.")
+    ] = None,
+) -> None:
+    """Bring the review database's schema up to date and list its migrations.
+
+    Every ``serve`` does this on start; run it first to upgrade before a rolling deploy,
+    or to see which version a database is at.
+    """
+    from pipeline.review.store import StoreError, open_store
+
+    try:
+        store = open_store(db or Settings().review_db, wait_s=10)
+    except StoreError as exc:
+        fail(str(exc))
+    try:
+        for row in store.schema_versions():
+            when = datetime.fromtimestamp(row.applied_at_ms / 1000, UTC)
+            note = "  (applied now)" if row.version in store.migrated_now else ""
+            typer.echo(f"{row.version:>3}  {when:%Y-%m-%d %H:%M:%S} UTC  {row.description}{note}")
+    finally:
+        store.close()
+
+
 @review_app.command("export")
 def export(
     since: Annotated[

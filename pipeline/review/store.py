@@ -188,6 +188,13 @@ def _postgres(psycopg: Any) -> Dialect:
     )
 
 
+@dataclass(frozen=True)
+class SchemaVersion:
+    version: int
+    description: str
+    applied_at_ms: int
+
+
 @dataclass
 class Backoff:
     """Delays between reconnection attempts: doubling from ``initial_s`` up to ``max_s``."""
@@ -380,8 +387,20 @@ class SqlReviewStore:
                 )
             except MigrationError as exc:
                 raise StoreError(str(exc)) from exc
+        self.migrated_now = applied
+        """Schema versions this open applied (empty when the database was up to date)."""
         if applied:
             log.info("review database migrated: applied schema versions %s", applied)
+
+    def schema_versions(self) -> list[SchemaVersion]:
+        """Every migration applied to this database, oldest first."""
+        with self._read() as cur:
+            rows = self._exec(
+                cur,
+                "SELECT version, description, applied_at_ms FROM review_schema_version"
+                " ORDER BY version",
+            ).fetchall()
+        return [SchemaVersion(int(v), str(d), int(a)) for v, d, a in rows]
 
     def close(self) -> None:
         with self._lock:

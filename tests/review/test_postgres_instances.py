@@ -259,6 +259,11 @@ def test_two_instances_on_one_postgres_survive_a_database_restart(
         after = [rid for rid, at in reviewer.decided if at > up_at]
         assert after, f"{reviewer.name}'s instance decided nothing after the database restart"
     assert all(len(r.decided) > 0 for r in reviewers) and decided_during_outage < ITEMS
+    transactional_ids = set()
     for base_url, text in logs.items():
         assert "Traceback" not in text, f"{base_url}:\n{text[-4000:]}"
         assert "connection re-established" in text, f"{base_url} never reconnected:\n{text[-3000:]}"
+        # a transaction that failed (e.g. fenced by an instance sharing the id) logs this
+        assert "not delivered" not in text, f"{base_url}:\n{text[-3000:]}"
+        transactional_ids.update(re.findall(r"\(transactional id (\S+)\)", text))
+    assert len(transactional_ids) == 2, transactional_ids

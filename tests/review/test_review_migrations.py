@@ -11,7 +11,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.review.cli import review_app
 from pipeline.review.migrations import LATEST, MIGRATIONS
 from pipeline.review.model import QueueFilter, datetime_to_ms
 from pipeline.review.store import StoreError, open_store
@@ -242,3 +244,23 @@ def test_instances_starting_together_migrate_once(db_url: str) -> None:
     assert errors == []
     versions = rows(db_url, "SELECT version FROM review_schema_version ORDER BY version")
     assert [v for (v,) in versions] == [1, 2, 3]
+
+
+def test_review_migrate_upgrades_and_lists_the_versions(db_url: str) -> None:
+    make_v2_database(db_url)
+    runner = CliRunner()
+    first = runner.invoke(review_app, ["migrate", "--db", db_url])
+    assert first.exit_code == 0, first.output
+    lines = first.output.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3"]
+    assert [line.endswith("(applied now)") for line in lines] == [True, True, True]
+    again = runner.invoke(review_app, ["migrate", "--db", db_url])
+    assert again.exit_code == 0 and "applied now" not in again.output
+    with raw(db_url) as (connection, ph, _):
+        connection.execute(
+            "INSERT INTO review_schema_version (version, description, applied_at_ms)"
+            f" VALUES ({ph}, {ph}, {ph})",
+            (LATEST + 1, "from the future", 0),
+        )
+    refused = runner.invoke(review_app, ["migrate", "--db", db_url])
+    assert refused.exit_code == 2 and "newer than this code" in refused.output
