@@ -14,7 +14,6 @@ start and ``llmpipe prompts list`` should stay instant.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.cli.console import EXIT_FAILED, EXIT_USAGE, Commands, fail
+from pipeline.cli.console import EXIT_FAILED, EXIT_USAGE, Commands, fail, out
 from pipeline.contract import topology
 from pipeline.prompts.diff import canonical_yaml, diff_versions
 from pipeline.prompts.errors import (
@@ -223,8 +222,6 @@ def test_command(
     """
     import asyncio
 
-    from rich.console import Console
-
     from pipeline.evaluation.prompt_tests import (
         CaseResult,
         case_rates,
@@ -246,7 +243,7 @@ def test_command(
         versions = selected_versions(registry, name, version)
     if not any(prompt.tests for prompt in versions):
         fail(f"no test cases in {', '.join(p.ref for p in versions)}", EXIT_FAILED)
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = out
     if not live:
         results = asyncio.run(run_tests(registry, versions))
         console.print(results_table(results, "prompt tests (recorded answers)"))
@@ -340,7 +337,6 @@ def stats_command(
     Reads the results topic under LLMPIPE_TOPIC_PREFIX up to its current end, without
     committing anything.
     """
-    from rich.console import Console
 
     from pipeline.cli.names import check_prompt_filter
     from pipeline.cli.trace import parse_since
@@ -365,7 +361,7 @@ def stats_command(
         for row in table:
             typer.echo(json.dumps(stats_json(row)))
     else:
-        Console(width=None if sys.stdout.isatty() else 200).print(stats_table(table))
+        out.print(stats_table(table))
     if undecodable:
         typer.echo(f"warning: {undecodable} records on llm.results are not results", err=True)
     if not table:
@@ -582,7 +578,6 @@ def pins_command(
     prompts_dir: PromptsDir = Path("prompts"),
 ) -> None:
     """Show what each prompt serves now, read from the control topic like a worker does."""
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.config import Settings
@@ -591,7 +586,7 @@ def pins_command(
 
     with _kafka_errors():
         events = read_history(Settings())
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = out
     if history:
         table = Table(title="pin events (oldest first)")
         for column in ("at", "prompt", "value", "actor", "reason"):
@@ -655,8 +650,6 @@ def shadow_command(
     """
     import asyncio
 
-    from rich.console import Console
-
     from pipeline.config import Settings
     from pipeline.control.pins import fold
     from pipeline.control.topic import read_history
@@ -685,4 +678,4 @@ def shadow_command(
         report = asyncio.run(run())
     if report.serving.requests == 0:
         fail(f"no recent requests for {name} on {settings.topic(topology.VALIDATED)}", EXIT_FAILED)
-    Console(width=None if sys.stdout.isatty() else 200).print(report_renderable(report))
+    out.print(report_renderable(report))

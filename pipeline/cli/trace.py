@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli.console import err, out
 from pipeline.config import Settings
 from pipeline.contract import topology
 from pipeline.contract.codec import Codec, DecodeError
@@ -33,6 +34,7 @@ from pipeline.contract.envelopes import (
     Correction,
     Envelope,
     Escalation,
+    ModelCall,
     Result,
     ReviewDecision,
     ValidatedRequest,
@@ -62,6 +64,13 @@ class Stop:
     cost_usd: float | None = None
     trace_id: str | None = None
     detail: str | None = None
+    replay_count: int | None = None
+    """On a message a ``dlq replay`` sent: how many times its dead letter had been replayed
+    (1 for the first replay)."""
+    replayed_from: str | None = None
+    """The dead letter a replay (``topic[partition]@offset``, group) or re-parse came from."""
+    calls: tuple[ModelCall, ...] = ()
+    """The model calls and attempts the message records (cumulative along the journey)."""
 
     @property
     def order(self) -> tuple[int, int, int]:
@@ -122,6 +131,7 @@ def _stop(codec: Codec, topic: str, record: SourceRecord) -> Stop:
         "prompt": h.text(headers, h.PROMPT),
         "trace_id": trace_id_of(h.text(headers, h.TRACEPARENT)),
     }
+    base |= _replay_fields(headers, spec.envelope is None)
     if spec.envelope is None:  # a dead letter: the value is the refused input, as it came
         base["reason"] = h.text(headers, h.DLQ_REASON)
         stage = h.text(headers, h.DLQ_STAGE)
@@ -137,10 +147,34 @@ def _stop(codec: Codec, topic: str, record: SourceRecord) -> Stop:
     return Stop(**base, **_envelope_fields(envelope))
 
 
+def _replay_fields(headers: dict[str, bytes], dead_letter: bool) -> dict[str, Any]:
+    """A replayed message carries its dead letter's marker and the bumped replay count; a
+    dead letter keeps the count of replays before it failed again."""
+    count = h.text(headers, h.DLQ_REPLAY_COUNT)
+    fields: dict[str, Any] = {}
+    if count and count.isdigit() and int(count) > 0:
+        fields["replay_count"] = int(count)
+    for name, verb in ((h.DLQ_REPLAY_SOURCE, "replay"), (h.REPARSE_SOURCE, "re-parse")):
+        marker = _marker(h.text(headers, name))
+        if marker and not dead_letter:
+            fields["replayed_from"] = f"{verb} of {marker}"
+    return fields
+
+
+def _marker(raw: str | None) -> str | None:
+    """``group|topic|partition|offset`` as ``topic[partition]@offset (group g)``."""
+    parts = (raw or "").rsplit("|", 3)
+    if len(parts) != 4:
+        return raw
+    group, topic, partition, offset = parts
+    return f"{topic}[{partition}]@{offset} (group {group})"
+
+
 def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
     """Model, attempts and latency where the envelope has them, plus a short detail."""
     if isinstance(envelope, Completion):
         return {
+            "calls": tuple(envelope.calls),
             "model": envelope.model,
             "attempts": envelope.attempts,
             "latency_ms": envelope.latency_ms,
@@ -152,6 +186,7 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
         if envelope.reviewer:
             detail += f" reviewer={envelope.reviewer}"
         return {
+            "calls": tuple(envelope.calls),
             "model": envelope.model,
             "attempts": envelope.attempts,
             "latency_ms": envelope.latency_ms,
@@ -160,6 +195,7 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
         }
     if isinstance(envelope, Escalation):
         return {
+            "calls": tuple(envelope.calls),
             "model": envelope.model,
             "attempts": envelope.attempts,
             "cost_usd": envelope.usage.cost_usd,
@@ -175,56 +211,142 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
     return {}
 
 
+def new_calls(stops: Sequence[Stop]) -> list[tuple[Stop, tuple[ModelCall, ...]]]:
+    """Each stop with the calls first recorded there.
+
+    The envelopes carry the calls cumulatively (a result repeats its completion's), so a
+    stop shows only those past the previous stop's list; a list that does not continue the
+    previous one (a replayed request starts over) is shown whole."""
+    shown: tuple[ModelCall, ...] = ()
+    rows = []
+    for stop in stops:
+        calls = stop.calls
+        if calls[: len(shown)] == shown and shown:
+            rows.append((stop, calls[len(shown) :]))
+        else:
+            rows.append((stop, calls))
+        if calls:
+            shown = calls
+    return rows
+
+
+def stop_json(stop: Stop, calls: Sequence[ModelCall]) -> dict[str, Any]:
+    """One stop as JSON: its fields, with the calls first recorded there."""
+    row = asdict(stop)
+    row["calls"] = [call.model_dump() for call in calls]
+    return row
+
+
 def format_cost(cost_usd: float | None) -> str:
     """Dollars to the tenth of a micro-dollar (small models cost fractions of a cent)."""
     return "" if cost_usd is None else f"{cost_usd:.7f}"
 
 
-def render(stops: Sequence[Stop], request_id: str, console: Console) -> None:
+COLUMNS = (
+    "time (UTC)",
+    "+ms",
+    "topic",
+    "step",
+    "route",
+    "reason",
+    "prompt",
+    "model",
+    "attempts",
+    "latency ms",
+    "cost $",
+    "trace id",
+    "detail",
+)
+# Below this width thirteen columns fold into slivers: each message becomes a block of lines.
+TABLE_MIN_WIDTH = 160
+
+
+def _rows(stops: Sequence[Stop]) -> list[tuple[str, ...]]:
+    """One row per message, then one per model call first recorded there."""
     first = stops[0].timestamp_ms
-    table = Table(title=f"journey of {request_id}", title_justify="left")
-    for column in (
-        "time (UTC)",
-        "+ms",
-        "topic",
-        "step",
-        "route",
-        "reason",
-        "prompt",
-        "model",
-        "attempts",
-        "latency ms",
-        "cost $",
-        "trace id",
-        "detail",
-    ):
-        table.add_column(column, overflow="fold")
-    for stop in stops:
-        table.add_row(
-            datetime.fromtimestamp(stop.timestamp_ms / 1000, UTC).strftime("%H:%M:%S.%f")[:-3],
-            str(stop.timestamp_ms - first),
-            stop.topic,
-            stop.step,
-            stop.route or "",
-            stop.reason or "",
-            stop.prompt or "",
-            stop.model or "",
-            "" if stop.attempts is None else str(stop.attempts),
-            "" if stop.latency_ms is None else f"{stop.latency_ms:.1f}",
-            format_cost(stop.cost_usd),
-            stop.trace_id or "",
-            stop.detail or "",
+    rows: list[tuple[str, ...]] = []
+    for stop, calls in new_calls(stops):
+        step = stop.step
+        detail = stop.detail or ""
+        if stop.replayed_from:
+            step = f"{step} (replay #{stop.replay_count or '?'})"
+            detail = f"{stop.replayed_from}; {detail}" if detail else stop.replayed_from
+        rows.append(
+            (
+                datetime.fromtimestamp(stop.timestamp_ms / 1000, UTC).strftime("%H:%M:%S.%f")[:-3],
+                str(stop.timestamp_ms - first),
+                stop.topic,
+                step,
+                stop.route or "",
+                stop.reason or "",
+                stop.prompt or "",
+                stop.model or "",
+                "" if stop.attempts is None else str(stop.attempts),
+                "" if stop.latency_ms is None else f"{stop.latency_ms:.1f}",
+                format_cost(stop.cost_usd),
+                stop.trace_id or "",
+                detail,
+            )
         )
-    console.print(table)
+        for call in calls:
+            rows.append(
+                (
+                    "",
+                    "",
+                    "",
+                    f"  └ {call.purpose} call",
+                    "",
+                    "",
+                    "",
+                    call.model,
+                    str(call.attempt),
+                    f"{call.latency_ms:.1f}",
+                    "",
+                    "",
+                    call.outcome,
+                )
+            )
+    return rows
+
+
+def render(stops: Sequence[Stop], request_id: str, console: Console) -> None:
+    """A table when it fits; on a narrow terminal one block of ``name: value`` lines per
+    message (a call as one line under it), which wraps but never cuts a value."""
+    rows = _rows(stops)
+    if console.width >= TABLE_MIN_WIDTH:
+        table = Table(title=f"journey of {request_id}", title_justify="left")
+        for column in COLUMNS:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print(f"journey of {request_id}", highlight=False, soft_wrap=True)
+        for row in rows:
+            if row[0]:
+                head = f"+{row[1]} ms  {row[0]}  {row[2]}  {row[3]}"
+                console.print(head, highlight=False, soft_wrap=True, markup=False)
+                fields = [
+                    f"{name}: {value}"
+                    for name, value in zip(COLUMNS[4:], row[4:], strict=True)
+                    if value
+                ]
+                for field in fields:
+                    console.print(f"    {field}", highlight=False, soft_wrap=True, markup=False)
+            else:
+                call = f"    {row[3].strip()} {row[7]} attempt {row[8]}: {row[12]} ({row[9]} ms)"
+                console.print(call, highlight=False, soft_wrap=True, markup=False)
+    first = stops[0].timestamp_ms
     traces = sorted({s.trace_id for s in stops if s.trace_id})
-    summary = f"{len(stops)} messages over {stops[-1].timestamp_ms - first} ms"
+    calls = sum(1 for row in rows if not row[0])
+    summary = f"{len(stops)} messages, {calls} model calls over {stops[-1].timestamp_ms - first} ms"
     if len(traces) == 1:
         summary += f"; trace {traces[0]}"
     elif traces:
         summary += f"; {len(traces)} traces (the trace was broken or replayed): " + ", ".join(
             traces
         )
-    console.print(summary)
+    console.print(summary, highlight=False, soft_wrap=True)
 
 
 def trace(
@@ -250,16 +372,13 @@ def trace(
     try:
         stops = find_journey(Settings(), request_id, since=start, timeout_s=timeout)
     except ScanError as exc:
-        Console(stderr=True).print(f"error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 220)
     if not stops:
-        Console(stderr=True).print(f"no messages found for request {request_id}")
+        err.print(f"no messages found for request {request_id}", highlight=False)
         raise typer.Exit(1)
     if as_json:
-        for stop in stops:
-            typer.echo(json.dumps(asdict(stop), sort_keys=True))
+        for stop, calls in new_calls(stops):
+            typer.echo(json.dumps(stop_json(stop, calls), sort_keys=True))
         return
-    render(stops, request_id, console)
+    render(stops, request_id, out)

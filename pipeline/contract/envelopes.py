@@ -62,6 +62,21 @@ class Usage(Envelope):
         )
 
 
+class ModelCall(Envelope):
+    """One attempt at one model, or a model of the fallback chain passed over unasked.
+
+    Carried, in call order, on every completion, escalation and result, so the topics
+    themselves say which models a request cost and how each try ended (``llmpipe trace``
+    shows them as rows): retries, fallback models, re-asks, self-checks and samples.
+    """
+
+    purpose: str
+    model: str
+    attempt: int
+    outcome: str
+    latency_ms: float = 0.0
+
+
 class PromptRef(Envelope):
     name: str
     version: int
@@ -115,6 +130,7 @@ class Completion(Envelope):
     latency_ms: float
     attempts: int
     completed_at: datetime
+    calls: list[ModelCall] = Field(default_factory=list)
 
 
 ResultStatus = Literal["ok", "needs_clarification"]
@@ -138,6 +154,7 @@ class Result(Envelope):
     reason: str | None = None
     reviewer: str | None = None
     produced_at: datetime
+    calls: list[ModelCall] = Field(default_factory=list)
 
 
 class Escalation(Envelope):
@@ -153,6 +170,7 @@ class Escalation(Envelope):
     usage: Usage = Field(default_factory=Usage)
     attempts: int = 0
     escalated_at: datetime
+    calls: list[ModelCall] = Field(default_factory=list)
 
 
 ReviewAction = Literal["approve", "edit", "reject", "clarify"]

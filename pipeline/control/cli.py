@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli.console import Commands, fail, out
@@ -61,13 +59,11 @@ def list_flags(
     title = "flag events (oldest first)" if history else "flags (unset flags have their defaults)"
     table = Table(title=title)
     for column in ("flag", "value", "set by", "at", "reason"):
-        # Identifiers wrap instead of being cut off when the output is not a terminal.
-        table.add_column(column, overflow="fold")
+        table.add_column(column)
     for event in events:
         value = "default (cleared)" if event.value is None else str(event.value).lower()
         table.add_row(event.key[5:], value, event.actor, event.at.isoformat(), event.reason)
-    # Off a terminal (a pipe, a log) Rich would assume 80 columns and cut identifiers.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    out.print(table)
     defaults = ", ".join(f"{name}={str(value).lower()}" for name, value in FLAG_DEFAULTS.items())
     out.print(f"defaults: {defaults}")
 

@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from pipeline.cli.console import (
     out,
 )
 from pipeline.config import Settings
-from pipeline.contract.topology import DLQ
+from pipeline.contract.topology import DLQ, STAGES
 from pipeline.dlq import engine
 from pipeline.dlq.model import DeadLetterView, Filter, build_filter
 from pipeline.dlq.render import (
@@ -52,7 +53,7 @@ from pipeline.dlq.render import (
     report_summary,
     stats_tables,
 )
-from pipeline.dlq.replay import DEFAULT_MAX_REPLAYS
+from pipeline.dlq.replay import DEFAULT_MAX_REPLAYS, REPLAY_SOURCE
 from pipeline.dlq.stats import collect
 from pipeline.transport.reader import ScanError, scan
 
@@ -193,6 +194,17 @@ def _views(settings: Settings, selection: Filter) -> Iterator[DeadLetterView]:
             yield view
 
 
+def replay_records(settings: Settings, since_ms: int) -> Counter[tuple[str, int, int]]:
+    """Per dead letter (topic, partition, offset): the messages replays sent from it, found
+    by their markers on the stages' input topics (where a replay sends by default)."""
+    topics = sorted({settings.topic(stage.input_topic) for stage in STAGES.values()})
+    found = engine.count_markers(settings, topics, REPLAY_SOURCE, since_ms)
+    counts: Counter[tuple[str, int, int]] = Counter()
+    for (_, topic, partition, offset), n in found.items():
+        counts[(topic, partition, offset)] += n
+    return counts
+
+
 @dlq_app.command("stats")
 def stats_command(
     reason: Reasons = None,
@@ -211,6 +223,8 @@ def stats_command(
     now = datetime.now(UTC)
     with _errors():
         stats = collect(scan(settings, [settings.topic(DLQ)], selection.since_ms), selection, now)
+        if stats.first_ms is not None:
+            stats.count_replays(replay_records(settings, stats.first_ms))
     if as_json:
         out.print_json(json.dumps(stats.as_dict(now)))
         return

@@ -385,8 +385,17 @@ def find_markers(
     settings: Settings, topics: Iterable[str], header: str, group: str, since_ms: int
 ) -> set[tuple[str, int, int]]:
     """Source refs named by ``header`` markers of ``group`` in ``topics`` since ``since_ms``."""
+    found = count_markers(settings, topics, header, since_ms)
+    return {marker[1:] for marker in found if marker[0] == group}
+
+
+def count_markers(
+    settings: Settings, topics: Iterable[str], header: str, since_ms: int
+) -> Counter[tuple[str, str, int, int]]:
+    """How many messages in ``topics`` since ``since_ms`` carry each ``header`` marker
+    (``(group, topic, partition, offset)`` of the source record): the replay records."""
     consumer = Consumer(consumer_config(settings))
-    found: set[tuple[str, int, int]] = set()
+    found: Counter[tuple[str, str, int, int]] = Counter()
     try:
         ranges: Ranges = {}
         for topic in topics:
@@ -399,8 +408,8 @@ def find_markers(
                     ranges[(topic, p)] = (start, high)
         for record in read_ranges(consumer, ranges):
             marker = parse_marker(record.headers_map.get(header))
-            if marker is not None and marker[0] == group:
-                found.add(marker[1:])
+            if marker is not None:
+                found[marker] += 1
     finally:
         consumer.close()
     return found

@@ -36,7 +36,7 @@ def stats_tables(stats: Stats, now: datetime) -> list[Table]:
             g.stage,
             g.prompt,
             str(g.count),
-            f"{g.replayed} (max {g.max_replays})" if g.replayed else "0",
+            f"{g.replayed} ({g.replays} times)" if g.replayed else "0",
             _age(g.oldest, now),
             _age(g.newest, now),
         )

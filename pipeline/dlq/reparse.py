@@ -39,7 +39,7 @@ from pipeline.stages.settle import Settler
 from pipeline.transport import headers as h
 from pipeline.transport.reader import SourceRecord, consumer_config, read_ranges, snapshot_ranges
 
-REPARSE_SOURCE = "x-reparse-source"
+REPARSE_SOURCE = h.REPARSE_SOURCE
 REPARSE_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})
 SOURCES = {"dlq": DLQ, "results": RESULTS, "review": REVIEW}
 KIND = "reparse"

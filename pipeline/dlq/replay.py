@@ -19,7 +19,7 @@ from pipeline.dlq.model import DeadLetterView, Filter
 from pipeline.transport import headers as h
 from pipeline.transport.reader import RawHeaders, SourceRecord
 
-REPLAY_SOURCE = "x-dlq-replay-source"
+REPLAY_SOURCE = h.DLQ_REPLAY_SOURCE
 DEFAULT_MAX_REPLAYS = 3
 KIND = "replay"
 

@@ -9,7 +9,7 @@ request that has bounced three times still shows how long its caller has been wa
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,21 +25,30 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 
 
+Ref = tuple[str, int, int]
+
+
 @dataclass
 class Group:
+    """``replayed``: dead letters of the group that a replay sent back (counted from the
+    replay records, the replayed messages' ``x-dlq-replay-source`` markers); ``replays``:
+    how many such messages; ``max_replays``: the highest ``x-dlq-replay-count`` of a dead
+    letter in the group (a request that failed again after that many replays)."""
+
     reason: str
     stage: str
     prompt: str
     count: int = 0
     replayed: int = 0
+    replays: int = 0
     max_replays: int = 0
     oldest: datetime | None = None
     newest: datetime | None = None
+    refs: list[Ref] = field(default_factory=list)
 
     def add(self, view: DeadLetterView) -> None:
         self.count += 1
-        if view.replay_count:
-            self.replayed += 1
+        self.refs.append(view.record.ref)
         self.max_replays = max(self.max_replays, view.replay_count)
         when = view.first_failure_at
         if when is not None:
@@ -56,6 +65,20 @@ class Stats:
     by_prompt: Counter[str] = field(default_factory=Counter)
     by_age: Counter[str] = field(default_factory=Counter)
 
+    first_ms: int | None = None
+    """The earliest dead letter's timestamp: no replay record of these can be older."""
+
+    def count_replays(self, records: Mapping[Ref, int]) -> None:
+        """Fill in ``replayed``/``replays`` from the replay records found per dead letter."""
+        for group in self.groups:
+            found = [records.get(ref, 0) for ref in group.refs]
+            group.replayed = sum(1 for n in found if n)
+            group.replays = sum(found)
+
+    @property
+    def replays(self) -> int:
+        return sum(g.replays for g in self.groups)
+
     @property
     def oldest(self) -> datetime | None:
         dates = [g.oldest for g in self.groups if g.oldest is not None]
@@ -67,6 +90,7 @@ class Stats:
 
         return {
             "total": self.total,
+            "replays": self.replays,
             "oldest_age_s": age(self.oldest),
             "groups": [
                 {
@@ -75,6 +99,7 @@ class Stats:
                     "prompt": g.prompt,
                     "count": g.count,
                     "replayed": g.replayed,
+                    "replays": g.replays,
                     "max_replay_count": g.max_replays,
                     "oldest": g.oldest.isoformat() if g.oldest else None,
                     "newest": g.newest.isoformat() if g.newest else None,
@@ -104,6 +129,9 @@ def collect(records: Iterable[SourceRecord], selection: Filter, now: datetime) -
         if not selection.matches(view.facts()):
             continue
         stats.total += 1
+        ms = record.timestamp_ms
+        if ms is not None:
+            stats.first_ms = ms if stats.first_ms is None else min(stats.first_ms, ms)
         key = (view.reason, view.stage, view.prompt_label)
         groups.setdefault(key, Group(*key)).add(view)
         stats.by_reason[view.reason] += 1

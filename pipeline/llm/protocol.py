@@ -82,6 +82,25 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class CallRecord:
+    """One attempt at one model, or one model of a fallback chain passed over unasked.
+
+    The resilience layers fill these in as they go (the retry layer one per attempt, the
+    chain one per skipped model), so the answer, or the error, says exactly which models
+    were asked, how often, and how each try ended: what ``llmpipe trace`` shows and what
+    the provider bills.
+    """
+
+    model: str
+    attempt: int
+    """1-based within this model's retries; 0 for a model that was skipped."""
+    outcome: str
+    """``ok``, an :data:`ErrorKind`, or ``skipped:<why>`` (``circuit_open``, ``disabled``,
+    ``deadline``)."""
+    latency_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class ChatCompletion:
     text: str
     model: str
@@ -99,9 +118,15 @@ class ChatCompletion:
     """Priced by the endpoint layer from the reported usage; None when no price is known."""
     structured_output: StructuredOutput = "none"
     """The mode the answering endpoint actually applied (``none`` after a refusal)."""
+    calls: tuple[CallRecord, ...] = ()
+    """Every try behind this answer, in order (see :class:`CallRecord`); the last one is
+    the answer's own."""
 
     def with_attempts(self, attempts: int) -> ChatCompletion:
         return replace(self, attempts=attempts)
+
+    def with_calls(self, calls: tuple[CallRecord, ...]) -> ChatCompletion:
+        return replace(self, calls=calls)
 
 
 class ModelError(Exception):
@@ -128,6 +153,8 @@ class ModelError(Exception):
         self.status = status
         self.attempts = attempts
         self.refused_response_format = refused_response_format
+        self.calls: tuple[CallRecord, ...] = ()
+        """Every try that ended in this error, as on :attr:`ChatCompletion.calls`."""
 
     @property
     def retryable(self) -> bool:

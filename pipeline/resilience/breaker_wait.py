@@ -30,9 +30,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
-from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+from pipeline.llm.protocol import CallRecord, ChatCompletion, ChatRequest, ModelError
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock, remaining_s
 from pipeline.resilience.breaker import BreakerClient
 from pipeline.resilience.fallback_models import FallbackChainClient
@@ -86,12 +87,16 @@ class BreakerWaitClient:
         names = self._chain.chain_for(request, models)
         give_up_at: float | None = None  # set when the request is first held
         attempts = 0
+        # Calls made while held; the skips of each re-check would repeat once a second.
+        made: list[CallRecord] = []
         while True:
             try:
                 answer = await self._chain.complete(request, deadline, models=names)
             except ModelError as exc:
                 attempts += exc.attempts
                 exc.attempts = attempts
+                exc.calls = (*made, *exc.calls)
+                made = [c for c in exc.calls if c.attempt > 0]
                 if not self._held_by_breakers(exc, names):
                     if give_up_at is not None:
                         self.outcomes["failed"] += 1
@@ -108,7 +113,9 @@ class BreakerWaitClient:
             else:
                 if give_up_at is not None:
                     self.outcomes["answered"] += 1
-                return answer.with_attempts(attempts + answer.attempts)
+                return replace(
+                    answer, attempts=attempts + answer.attempts, calls=(*made, *answer.calls)
+                )
             self.held += 1
             try:
                 await self._breakers.wait_for_change(min(left, self._poll_s, self._probe_in(names)))

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
-from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+from pipeline.llm.protocol import CallRecord, ChatCompletion, ChatRequest, ModelError
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock, LayerClient, remaining_s
 from pipeline.resilience.errors import AllModelsFailed, CircuitOpen, ModelDisabled
 
@@ -87,6 +87,7 @@ class FallbackChainClient:
         errors: list[ModelError] = []
         called: list[ModelError] = []  # failures of models actually called, not skipped
         attempts = 0
+        calls: list[CallRecord] = []
         for index, model in enumerate(chain):
             skipped = self._skip(model, deadline)
             if skipped is not None:
@@ -94,6 +95,7 @@ class FallbackChainClient:
                 reasons[model] = str(skip)
                 self.skipped[(model, label)] += 1
                 errors.append(skip)
+                calls.append(CallRecord(model, 0, f"skipped:{label}"))
                 if label == "deadline":
                     for rest in chain[index + 1 :]:
                         reasons[rest] = "deadline passed"
@@ -105,27 +107,33 @@ class FallbackChainClient:
                 )
             except ModelError as exc:
                 attempts += exc.attempts
+                calls.extend(exc.calls or [CallRecord(model, exc.attempts, exc.kind)])
                 reasons[model] = f"{exc.kind}: {exc}"
                 errors.append(exc)
                 called.append(exc)
                 self.failed[model] += 1
                 continue
             self.answered_by[model] += 1
-            return answer.with_attempts(attempts + answer.attempts)
+            return replace(
+                answer, attempts=attempts + answer.attempts, calls=(*calls, *answer.calls)
+            )
         if len(chain) == 1 and len(errors) == 1:
             errors[0].attempts = attempts
+            errors[0].calls = tuple(calls)
             raise errors[0]
         waits = [e.retry_after_s for e in errors if e.retry_after_s is not None]
         # The reason reported is how the called models failed; alternates skipped because
         # their circuit is open (they only ever see traffic that failed already) must not
         # mask the primary's timeout or 5xx as a vaguer "unavailable".
         kinds = {e.kind for e in called} or {e.kind for e in errors}
-        raise AllModelsFailed(
+        failed = AllModelsFailed(
             reasons,
             attempts=attempts,
             retry_after_s=min(waits) if waits else None,
             kind=kinds.pop() if len(kinds) == 1 else "unavailable",
         )
+        failed.calls = tuple(calls)
+        raise failed
 
     def _skip(self, model: str, deadline: datetime | None) -> tuple[str, ModelError] | None:
         """Why ``model`` is not called at all, as (metrics label, error); None to call it."""

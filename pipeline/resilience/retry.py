@@ -25,7 +25,13 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from pipeline.llm.genai import attempt_span
-from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelClient, ModelError
+from pipeline.llm.protocol import (
+    CallRecord,
+    ChatCompletion,
+    ChatRequest,
+    ModelClient,
+    ModelError,
+)
 
 
 class RetryingClient:
@@ -66,6 +72,7 @@ class RetryingClient:
                 return time.monotonic() + wait(state) >= give_up_at
 
         attempts = 0
+        calls: list[CallRecord] = []
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self._max_attempts) | OutOfTime(),
@@ -80,10 +87,19 @@ class RetryingClient:
                         raise ModelError("timeout", "time budget spent before the call")
                     timeout = min(request.timeout_s, remaining)
                     call = replace(request, timeout_s=timeout)
-                    with attempt_span(call, attempts) as observed:
-                        completion = await self._inner.complete(call)
-                        observed.answered(completion)
+                    started = time.perf_counter()
+                    try:
+                        with attempt_span(call, attempts) as observed:
+                            completion = await self._inner.complete(call)
+                            observed.answered(completion)
+                    except ModelError as exc:
+                        took = (time.perf_counter() - started) * 1000
+                        calls.append(CallRecord(request.model, attempts, exc.kind, took))
+                        raise
+                    took = (time.perf_counter() - started) * 1000
+                    calls.append(CallRecord(request.model, attempts, "ok", took))
         except ModelError as exc:
             exc.attempts = attempts
+            exc.calls = tuple(calls)
             raise
-        return completion.with_attempts(attempts)
+        return replace(completion, attempts=attempts, calls=tuple(calls))

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli.console import Commands, err, fail
+from pipeline.cli.console import Commands, err, fail, out
 from pipeline.config import Settings
 
 review_app = Commands(
@@ -320,7 +319,7 @@ def calibration(
     if as_json:
         typer.echo(json.dumps([calibration_json(r) for r in report], indent=2))
         return
-    console = Console()
+    console = out
     if not report:
         console.print(
             f"no audit or burn-in verdicts for {prompt}: set review.audit.share in its prompt "

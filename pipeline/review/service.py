@@ -626,6 +626,7 @@ class ReviewService:
             reason=AUDIT_CORRECTION if is_audit(esc) else f"review_{decision.action}",
             reviewer=decision.reviewer,
             produced_at=decision.decided_at,
+            calls=esc.calls,
         )
 
 

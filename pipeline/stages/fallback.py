@@ -93,6 +93,7 @@ class FallbackWorker:
                 trace_id=current_trace_id(),
                 reason=escalation.reason,
                 produced_at=now,
+                calls=escalation.calls,
             ),
         )
 

@@ -18,6 +18,7 @@ from pipeline.contract.decisions import DeadLetter, Decision
 from pipeline.contract.envelopes import (
     Completion,
     Escalation,
+    ModelCall,
     Usage,
     ValidatedRequest,
     ValidationReport,
@@ -26,7 +27,7 @@ from pipeline.contract.envelopes import (
 from pipeline.contract.topology import MODEL, ROUTE_COMPLETION, ROUTE_FALLBACK
 from pipeline.control.state import PROMPT_ENABLED, ControlState
 from pipeline.llm.genai import chat_span
-from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
+from pipeline.llm.protocol import CallRecord, ChatCompletion, ChatRequest, ModelError
 from pipeline.prompts.model import PromptVersion
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
@@ -37,6 +38,11 @@ from pipeline.stages.validate import deadline_escalation
 
 STAGE = MODEL
 BUDGET_EXCEEDED = "budget_exceeded"
+# Why a model was called (ModelCall.purpose): the first answer, then the settle stage's.
+ANSWER = "answer"
+REASK = "reask"
+SELF_CHECK = "self_check"
+SAMPLE = "sample"
 
 
 class CallingClient(Protocol):
@@ -63,6 +69,20 @@ def usage_of(answer: ChatCompletion) -> Usage:
         cached_prompt_tokens=answer.cached_tokens,
         cost_usd=answer.cost_usd,
     )
+
+
+def calls_of(purpose: str, calls: Sequence[CallRecord]) -> list[ModelCall]:
+    """The resilience layers' record of each try, as the envelopes carry it."""
+    return [
+        ModelCall(
+            purpose=purpose,
+            model=c.model,
+            attempt=c.attempt,
+            outcome=c.outcome,
+            latency_ms=round(c.latency_ms, 3),
+        )
+        for c in calls
+    ]
 
 
 def failure_reason(exc: ModelError) -> str:
@@ -141,6 +161,7 @@ class ModelCaller:
                 attempts=exc.attempts,
                 validation=ValidationReport(checks=["model_call"], errors=[failure_reason(exc)]),
                 escalated_at=utc_now(),
+                calls=calls_of(ANSWER, exc.calls),
             )
             return emit_escalation(STAGE, ROUTE_FALLBACK, escalation)
         completion = Completion(
@@ -154,6 +175,7 @@ class ModelCaller:
             latency_ms=answer.latency_ms,
             attempts=answer.attempts,
             completed_at=utc_now(),
+            calls=calls_of(ANSWER, answer.calls),
         )
         return emit(STAGE, ROUTE_COMPLETION, completion, request.request_id, validated.prompt)
 

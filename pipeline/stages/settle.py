@@ -24,6 +24,7 @@ from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.envelopes import (
     Completion,
     Escalation,
+    ModelCall,
     Request,
     Result,
     ResultStatus,
@@ -41,7 +42,16 @@ from pipeline.prompts.registry import PromptRegistry
 from pipeline.prompts.render import render_messages
 from pipeline.resilience.breaker import QualityBreaker
 from pipeline.stages.decisions import bind_prompt, emit_audit, emit_escalation, emit_result
-from pipeline.stages.model_call import CallingClient, chat_request, model_chain, usage_of
+from pipeline.stages.model_call import (
+    REASK,
+    SAMPLE,
+    SELF_CHECK,
+    CallingClient,
+    calls_of,
+    chat_request,
+    model_chain,
+    usage_of,
+)
 from pipeline.stages.monitor import DistributionMonitor, Observation
 from pipeline.stages.parse import CheckFn, ParseOutcome, extract_json, parse_output
 from pipeline.stages.policy import (
@@ -96,9 +106,10 @@ class Settler:
         self._monitor = monitor
 
     async def _self_check(
-        self, pv: PromptVersion, request: Request, output: dict[str, Any]
+        self, pv: PromptVersion, request: Request, output: dict[str, Any], calls: list[ModelCall]
     ) -> tuple[float | None, ChatCompletion | None]:
-        """The grader's score; charged to ``<prompt>.self_check``, its own budget."""
+        """The grader's score; charged to ``<prompt>.self_check``, its own budget. Its tries
+        are added to ``calls``."""
         assert self._client is not None
         spec = pv.confidence.self_check_spec
         assert spec is not None
@@ -110,12 +121,14 @@ class Settler:
             answer = await self._client.complete(
                 call, deadline=request.deadline, prompt=f"{pv.name}.self_check", models=models
             )
-        except ModelError:
+        except ModelError as exc:
+            calls += calls_of(SELF_CHECK, exc.calls)
             return None, None
+        calls += calls_of(SELF_CHECK, answer.calls)
         return grade(answer), answer
 
     async def _samples(
-        self, pv: PromptVersion, request: Request
+        self, pv: PromptVersion, request: Request, calls: list[ModelCall]
     ) -> tuple[list[dict[str, Any] | None], list[ChatCompletion]]:
         """Self-consistency samples: the same prompt at the declared temperature.
 
@@ -131,11 +144,14 @@ class Settler:
 
         async def one() -> ChatCompletion | None:
             try:
-                return await client.complete(
+                answer = await client.complete(
                     call, deadline=request.deadline, prompt=pv.name, models=model_chain(pv)
                 )
-            except ModelError:
+            except ModelError as exc:
+                calls.extend(calls_of(SAMPLE, exc.calls))
                 return None
+            calls.extend(calls_of(SAMPLE, answer.calls))
+            return answer
 
         answers = [a for a in await asyncio.gather(*(one() for _ in range(spec.samples))) if a]
         return [extract_json(a.text)[0] for a in answers], answers
@@ -194,6 +210,7 @@ class Settler:
         tokens = completion.tokens
         finish = completion.finish_reason
         outcome = parse_output(pv, text, request.variables, self._checks(pv))
+        calls = list(completion.calls)
         reasks = 0
         while (
             not outcome.ok
@@ -220,8 +237,10 @@ class Settler:
                 )
             except ModelError as exc:
                 attempts += exc.attempts
+                calls += calls_of(REASK, exc.calls)
                 break
             attempts += answer.attempts
+            calls += calls_of(REASK, answer.calls)
             usage = usage.plus(usage_of(answer))
             text, logprobs, finish = answer.text, answer.token_logprobs, answer.finish_reason
             tokens = answer.tokens
@@ -245,6 +264,7 @@ class Settler:
                     usage,
                     attempts,
                     "; ".join(outcome.errors)[:500] or reason,
+                    calls=calls,
                 ),
             )
         assert outcome.output is not None
@@ -255,7 +275,7 @@ class Settler:
             not asks_back and self._client is not None and self._control.model_calls_enabled()
         )
         if pv.confidence.self_check_spec is not None and may_call:
-            self_score, grading = await self._self_check(pv, request, outcome.output)
+            self_score, grading = await self._self_check(pv, request, outcome.output, calls)
             if grading is not None:
                 attempts += grading.attempts
                 usage = usage.plus(usage_of(grading))
@@ -264,7 +284,7 @@ class Settler:
         spec = pv.confidence.components
         samples: list[dict[str, Any] | None] = []
         if spec.consistency is not None and may_call:
-            samples, sampled = await self._samples(pv, request)
+            samples, sampled = await self._samples(pv, request, calls)
             for answer in sampled:
                 attempts += answer.attempts
                 usage = usage.plus(usage_of(answer))
@@ -305,6 +325,7 @@ class Settler:
                 attempts,
                 "force_review is on for this prompt",
                 confidence,
+                calls=calls,
             )
             return emit_escalation(STAGE, ROUTE_REVIEW, esc)
         policy = pv.confidence
@@ -323,6 +344,7 @@ class Settler:
                     attempts,
                     now,
                     reason,
+                    calls,
                 ),
             )
 
@@ -344,6 +366,7 @@ class Settler:
                     attempts,
                     detail,
                     confidence,
+                    calls=calls,
                 )
                 return esc.model_copy(update={"risk_rules": rules}) if rules else esc
 
@@ -365,6 +388,7 @@ class Settler:
             attempts,
             detail,
             confidence,
+            calls=calls,
         )
         return emit_escalation(STAGE, route, esc)
 
@@ -420,6 +444,7 @@ class Settler:
         attempts: int,
         now: datetime | None,
         reason: str | None,
+        calls: list[ModelCall],
     ) -> Result:
         produced = now or utc_now()
         return Result(
@@ -438,6 +463,7 @@ class Settler:
             trace_id=current_trace_id(),
             reason=reason,
             produced_at=produced,
+            calls=calls,
         )
 
     @staticmethod
@@ -452,6 +478,8 @@ class Settler:
         attempts: int,
         detail: str,
         confidence: float | None = None,
+        *,
+        calls: list[ModelCall],
     ) -> Escalation:
         return Escalation(
             validated=validated,
@@ -465,6 +493,7 @@ class Settler:
             usage=usage,
             attempts=attempts,
             escalated_at=utc_now(),
+            calls=calls,
         )
 
 

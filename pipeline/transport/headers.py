@@ -30,6 +30,10 @@ DLQ_ERROR_MESSAGE = "x-dlq-error-message"
 DLQ_ATTEMPTS = "x-dlq-attempts"
 DLQ_FIRST_FAILURE = "x-dlq-first-failure-at"
 DLQ_REPLAY_COUNT = "x-dlq-replay-count"
+# On a replayed message (not a dead letter): the dead letter it came from, as
+# ``<group>|<topic>|<partition>|<offset>``; a re-parsed result names its source the same way.
+DLQ_REPLAY_SOURCE = "x-dlq-replay-source"
+REPARSE_SOURCE = "x-reparse-source"
 DLQ_HEADERS = (
     DLQ_TOPIC,
     DLQ_PARTITION,

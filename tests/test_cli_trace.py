@@ -1,0 +1,180 @@
+"""`llmpipe trace` shows every model call and replay; `dlq stats` counts replays (issue #19).
+
+One request makes the whole trip on the real broker, with a real worker and the fake model
+over HTTP: a first worker with a tiny request limit dead-letters it (``too_large``); a
+second, normal worker takes the ``dlq replay``; the prompt's primary model points at an
+address where nothing listens, so its three attempts fail and the fallback model answers;
+that first answer is not JSON (a ``[[fake:invalid_json:times=1]]`` directive), so the
+settle stage re-asks, and the re-ask walks the chain again. The CLI runs as a subprocess,
+the way an operator runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from pipeline.config import Settings
+from pipeline.contract import topology
+from pipeline.harness.environment import create_topics
+from pipeline.harness.fakellm import running_fake_llm
+from pipeline.harness.ledger import read_terminal
+from pipeline.transport import headers as h
+from tests.support import make_settings, produce, running_worker
+
+pytestmark = pytest.mark.kafka
+
+PRIMARY, FALLBACK = "gpt-4o-mini", "gpt-4o"  # invoice_extract@3's chain
+ANSWER = {"invoice_number": "CF-20240318", "total": 934.1, "currency": "USD", "due_date": None}
+INVOICE = (
+    "Coastal Freight Inc.\nInvoice No. CF-20240318\nContainer haulage      860.00\n"
+    "Fuel surcharge 74.10\nTotal due: USD 934.10\n"
+    f"[[fake:invalid_json:times=1]] [[answer:{json.dumps(ANSWER)}]]"
+)
+BOUND_S = 60.0  # generous: the scan's own bound is far lower; the machine is shared
+
+
+def llmpipe(settings: Settings, *args: str, **env: str) -> tuple[int, str, str, float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={
+            **os.environ,
+            "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
+            "LLMPIPE_MODEL_ENDPOINTS": settings.model_endpoints,
+            **env,
+        },
+    )
+    return result.returncode, result.stdout, result.stderr, time.monotonic() - started
+
+
+def _request(request_id: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    body = {
+        "request_id": request_id,
+        "prompt": "invoice_extract",
+        "prompt_version": 3,
+        "variables": {"text": INVOICE},
+    }
+    return request_id.encode(), json.dumps(body).encode(), [(h.CONTENT_TYPE, b"application/json")]
+
+
+def _calls(stop: dict[str, Any]) -> list[tuple[str, str, int, str]]:
+    return [(c["purpose"], c["model"], c["attempt"], c["outcome"]) for c in stop["calls"]]
+
+
+def test_trace_shows_fallback_models_reasks_and_replays(kafka_bootstrap: str) -> None:
+    with running_fake_llm() as fake:
+        settings = make_settings(
+            kafka_bootstrap,
+            model_base_url=fake.url,
+            model_endpoints=json.dumps({PRIMARY: "http://127.0.0.1:1/v1"}),
+            model_max_attempts=3,
+            breaker_min_calls=100_000,
+            quality_breaker_min_calls=100_000,
+        )
+        create_topics(settings)
+        rid = "trace-journey-1"
+        strict = settings.model_copy(update={"max_request_bytes": 100})
+        with running_worker(strict, ("validate",)):
+            produce(settings, topology.REQUESTS, [_request(rid)])
+            ledger = read_terminal(settings, [rid], timeout_s=60)
+        assert ledger.first(rid).route == "dead_letter"
+
+        with running_worker(settings):
+            code, out, err, took = llmpipe(
+                settings, "dlq", "replay", "--reason", "too_large", "--group", "incident-7"
+            )
+            assert code == 0, err
+            assert took < BOUND_S
+            # The replayed request ends once more in a terminal place: wait for a second sighting.
+            deadline = time.monotonic() + 90
+            while len(read_terminal(settings, [rid], timeout_s=30).seen.get(rid, [])) < 2:
+                assert time.monotonic() < deadline, "the replayed request never ended anywhere"
+
+        code, out, err, took = llmpipe(settings, "trace", rid, "--json")
+        assert code == 0, err
+        assert took < BOUND_S
+        stops = [json.loads(line) for line in out.splitlines()]
+        topics = [s["topic"] for s in stops]
+        assert topics[:3] == [topology.REQUESTS, topology.DLQ, topology.REQUESTS], topics
+        dead, replayed = stops[1], stops[2]
+        assert dead["reason"] == "too_large" and dead["replay_count"] is None
+        assert replayed["replay_count"] == 1
+        marker = f"{settings.topic(topology.DLQ)}[{dead['partition']}]@{dead['offset']}"
+        assert replayed["replayed_from"] == f"replay of {marker} (group incident-7)"
+
+        completion = next(s for s in stops if s["topic"] == topology.COMPLETIONS)
+        primary_failed = [("answer", PRIMARY, n, "connection") for n in (1, 2, 3)]
+        assert _calls(completion) == [*primary_failed, ("answer", FALLBACK, 1, "ok")]
+        settled = stops[stops.index(completion) + 1]
+        assert settled["topic"] in (topology.RESULTS, topology.REVIEW, topology.FALLBACK)
+        # The re-ask walks the chain again: the primary still fails, the fallback answers.
+        assert _calls(settled) == [
+            *[("reask", m, n, o) for _, m, n, o in primary_failed],
+            ("reask", FALLBACK, 1, "ok"),
+        ]
+        assert all(c["latency_ms"] >= 0 for s in stops for c in s["calls"])
+        # Calls are shown where they first appear, never twice along the journey.
+        later = stops[stops.index(settled) + 1 :]
+        assert all(not s["calls"] for s in later), later
+
+        # On a narrow terminal each message is a block of lines: the replay is marked and
+        # each call is a line; nothing is cut.
+        code, out, err, _ = llmpipe(settings, "trace", rid, COLUMNS="70")
+        assert code == 0, err
+        assert "…" not in out, out
+        lines = out.splitlines()
+        assert any(f"{topology.REQUESTS}  request received (replay #1)" in x for x in lines), out
+        assert f"    └ answer call {PRIMARY} attempt 3: connection (" in out, out
+        assert f"    └ reask call {FALLBACK} attempt 1: ok (" in out, out
+        assert f"replay of {marker} (group incident-7)" in out, out
+        # Wide enough, the same journey is one table.
+        code, out, err, _ = llmpipe(settings, "trace", rid, COLUMNS="240")
+        assert code == 0, err
+        assert "journey of trace-journey-1" in out and "└ reask call" in out, out
+        assert "…" not in out and rid in out, out
+
+        code, out, err, took = llmpipe(settings, "dlq", "stats", "--json")
+        assert code == 0, err
+        assert took < BOUND_S
+        stats = json.loads(out)
+        (group,) = stats["groups"]
+        assert (group["reason"], group["count"], group["replayed"], group["replays"]) == (
+            "too_large",
+            1,
+            1,
+            1,
+        )
+        assert stats["replays"] == 1
+        # A narrow table folds its cells instead of cutting them.
+        code, out, err, _ = llmpipe(settings, "dlq", "stats", COLUMNS="50")
+        assert code == 0, err
+        assert "…" not in out, out
+        columns = folded_columns(out)
+        assert "too_large" in columns[0] and "invoice_extract@3" in columns[2], columns
+        assert "1(1times)" in columns[4], columns
+
+
+def folded_columns(table: str) -> list[str]:
+    """Each column's text of a Rich box table, its folded pieces joined (spaces dropped)."""
+    pieces: list[list[str]] = []
+    for line in table.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [cell.strip() for cell in line.strip("│").split("│")]
+        pieces += [[] for _ in range(len(cells) - len(pieces))]
+        for column, cell in enumerate(cells):
+            pieces[column].append(cell.replace(" ", ""))
+        if len(pieces) > len(cells):
+            break
+    return ["".join(p) for p in pieces]
