@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"control"},
     {"resilience"},
     {"stages"},
-    {"evaluation", "dlq", "review", "runtime"},
+    {"evaluation", "dlq", "review", "runtime", "client"},
     {"harness"},
     {"cli"},
 ]
