@@ -1,0 +1,184 @@
+"""What the fleet scenarios share: worker processes (stderr to a file, not a pipe a busy
+worker could fill), the model group's assignment, the fake server's calls over time, and
+the fleet topic read back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka.admin import AdminClient
+
+from pipeline.config import Settings
+from pipeline.contract import topology
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import FleetEvent
+from pipeline.harness.environment import worker_environment
+from pipeline.harness.fakellm.server import FakeLLMServer
+from pipeline.transport import headers as h
+from pipeline.transport.reader import scan
+
+
+@dataclass
+class Processes:
+    """Worker processes of one scenario; every log goes to its own file."""
+
+    settings: Settings
+    env: dict[str, str]
+    directory: Path
+    running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ended: list[str] = field(default_factory=list)
+
+    def start(self, name: str, stages: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+        args = ["--stages", ",".join(stages)] if stages else []
+        log = (self.directory / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker", *args],
+            env={**os.environ, **worker_environment(self.settings), **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        log.close()
+        self.running[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no clean shutdown, no lease deleted, nothing committed."""
+        process = self.running.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        self.ended.append(name)
+
+    def check_alive(self) -> None:
+        dead = {n: p.returncode for n, p in self.running.items() if p.poll() is not None}
+        if dead:
+            raise AssertionError(f"workers died: {dead}\n{self.logs()}")
+
+    def logs(self, chars: int = 2500) -> str:
+        parts = []
+        for path in sorted(self.directory.glob("*.log")):
+            text = path.read_text("utf-8", "replace")
+            parts.append(f"--- {path.stem} ---\n{text[-chars:]}")
+        return "\n".join(parts)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.running.clear()
+
+
+@contextmanager
+def processes(settings: Settings, env: dict[str, str]) -> Iterator[Processes]:
+    with tempfile.TemporaryDirectory(prefix="llmpipe-fleet-") as directory:
+        group = Processes(settings, env, Path(directory))
+        try:
+            yield group
+        finally:
+            group.stop_all()
+
+
+def wait_for(
+    condition: Callable[[], bool], what: str, timeout_s: float, workers: Processes
+) -> None:
+    """Poll ``condition``; fail naming what was missing, with the workers' logs."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        workers.check_alive()
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}\n{workers.logs()}")
+        time.sleep(0.05)
+
+
+def assignment(settings: Settings, stage: str) -> dict[int, str]:
+    """Partition of the stage's input topic -> member id of its consumer group, now."""
+    admin = AdminClient(settings.kafka_client_config())
+    group = settings.group(stage)
+    described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    topic = settings.topic(topology.STAGES[stage].input_topic)
+    return {
+        tp.partition: member.member_id
+        for member in described.members
+        for tp in member.assignment.topic_partitions
+        if tp.topic == topic
+    }
+
+
+class CallSampler:
+    """The fake server's calls to one model, sampled every ``every_s`` on a thread: the
+    calls made in any window can be read off afterwards."""
+
+    def __init__(self, fake: FakeLLMServer, model: str | None = None, every_s: float = 0.25):
+        self._fake = fake
+        self._model = model
+        self._every_s = every_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="call-sampler", daemon=True)
+
+    def __enter__(self) -> CallSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def calls(self) -> int:
+        counters = self._fake.counters()
+        if self._model is None:
+            return int(counters["total_calls"])
+        return int(counters["by_model"].get(self._model, 0))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.calls()))
+            self._stop.wait(self._every_s)
+
+    def between(self, start: float, end: float) -> int:
+        """Calls made between two monotonic times (nearest samples)."""
+
+        def at(moment: float) -> int:
+            before = [calls for t, calls in self.samples if t <= moment]
+            return before[-1] if before else 0
+
+        return at(end) - at(start)
+
+
+def fleet_events(settings: Settings) -> list[tuple[str, FleetEvent | None, int]]:
+    """Every record on llm.fleet now: key, event (None: tombstone), timestamp in ms."""
+    codec = Codec()
+    out: list[tuple[str, FleetEvent | None, int]] = []
+    for record in scan(settings, [settings.topic(topology.FLEET)], deadline_s=30):
+        key = (record.key or b"").decode()
+        event = None
+        if record.value is not None:
+            content_type = h.text(record.headers_map, h.CONTENT_TYPE)
+            event = codec.decode(record.value, FleetEvent, content_type)
+        out.append((key, event, record.timestamp_ms or 0))
+    return out
+
+
+def ledger_counts(ledger: Any) -> dict[str, int]:
+    """The four numbers every fault test ends with (calls redone added by the caller)."""
+    return {
+        "missing": len(ledger.missing),
+        "duplicates": len(ledger.duplicates),
+        "two_places": len(ledger.two_places),
+    }
