@@ -4,6 +4,7 @@ the fleet topic read back."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import FleetEvent
 from pipeline.harness.environment import worker_environment
 from pipeline.harness.fakellm.server import FakeLLMServer
+from pipeline.harness.scenarios import PROMPT, TICKETS, VERSION
 from pipeline.transport import headers as h
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.reader import scan
 
 
@@ -121,12 +125,11 @@ def assignment(settings: Settings, stage: str) -> dict[int, str]:
 
 
 class CallSampler:
-    """The fake server's calls to one model, sampled every ``every_s`` on a thread: the
-    calls made in any window can be read off afterwards."""
+    """The fake server's calls, sampled every ``every_s`` on a thread: the calls made in any
+    window can be read off afterwards."""
 
-    def __init__(self, fake: FakeLLMServer, model: str | None = None, every_s: float = 0.25):
+    def __init__(self, fake: FakeLLMServer, every_s: float = 0.25):
         self._fake = fake
-        self._model = model
         self._every_s = every_s
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
@@ -141,10 +144,10 @@ class CallSampler:
         self._thread.join(5)
 
     def calls(self) -> int:
-        counters = self._fake.counters()
-        if self._model is None:
-            return int(counters["total_calls"])
-        return int(counters["by_model"].get(self._model, 0))
+        """Calls started so far; per request id, so :meth:`FakeLLMServer.reset_counters`
+        (which a test uses to read the largest number in flight per window) leaves it."""
+        tallies = self._fake.request_calls().values()
+        return sum(t.started for kinds in tallies for t in kinds.values())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -182,3 +185,64 @@ def ledger_counts(ledger: Any) -> dict[str, int]:
         "duplicates": len(ledger.duplicates),
         "two_places": len(ledger.two_places),
     }
+
+
+def valid_request(request_id: str, deadline_s: float | None, index: int) -> bytes:
+    """A ticket_triage@2 request the fake model answers validly, as JSON, with a deadline
+    ``deadline_s`` from now (so an overloaded pipeline drains its excess by deadline)."""
+    subject, body, answer = TICKETS[index % len(TICKETS)]
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "prompt": PROMPT,
+        "prompt_version": VERSION,
+        "variables": {
+            "subject": subject,
+            "body": f"{body}\n[[answer:{json.dumps(answer)}]] [[fake:valid]]",
+            "customer_tier": "pro",
+        },
+    }
+    if deadline_s is not None:
+        at = datetime.now(UTC) + timedelta(seconds=deadline_s)
+        fields["deadline"] = at.isoformat()
+    return json.dumps(fields).encode()
+
+
+class OfferedLoad:
+    """Requests produced at ``per_s`` on a thread (the upstream), each with a deadline."""
+
+    def __init__(self, settings: Settings, per_s: float, prefix: str, deadline_s: float) -> None:
+        self._settings = settings
+        self._per_s = per_s
+        self._prefix = prefix
+        self._deadline_s = deadline_s
+        self.ids: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="offered-load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        producer = KafkaClients(self._settings).producer()
+        topic = self._settings.topic(topology.REQUESTS)
+        started = time.monotonic()
+        while not self._stop.is_set():
+            due = int((time.monotonic() - started) * self._per_s)
+            while len(self.ids) < due:
+                rid = f"{self._prefix}-{len(self.ids):06d}"
+                value = valid_request(rid, self._deadline_s, len(self.ids))
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=rid.encode(),
+                    headers=[(h.CONTENT_TYPE, b"application/json")],
+                )
+                self.ids.append(rid)
+            producer.poll(0)
+            self._stop.wait(0.05)
+        left = producer.flush(30)
+        assert left == 0, f"{left} requests not delivered"
