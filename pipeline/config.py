@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="How long a request waits for open breakers to probe before taking the "
         "fallback path (it holds its slot: back-pressure).",
     )
+    share_endpoint_breakers: bool = Field(
+        True,
+        description="Announce this worker's endpoint-breaker openings and closings on llm.fleet "
+        "and follow the others' (false: every worker finds an outage with its own calls).",
+    )
     quality_breaker_min_calls: int = Field(
         20, description="Answers per prompt version before output quality can open its breaker."
     )

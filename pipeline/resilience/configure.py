@@ -66,10 +66,12 @@ def resilient_client(
     """The model client every stage uses; endpoint and model-call kill switches come from
     ``control`` (a request held by open breakers stops waiting when model calls are off).
     With ``fleet`` its rate limits and budgets are this worker's part of the account's and
-    its endpoint breakers share their news with the fleet."""
+    its endpoint breakers share their news with the fleet (unless
+    ``LLMPIPE_SHARE_ENDPOINT_BREAKERS`` is off)."""
     config = stack_config(settings)
     on_change: StateListener = record_breaker_change
-    if fleet is not None:
+    news = fleet is not None and settings.share_endpoint_breakers
+    if fleet is not None and news:
         on_change = _both(record_breaker_change, fleet.news.on_state_change)
     client = build_client(
         config,
@@ -80,7 +82,8 @@ def resilient_client(
         spend=fleet.spend if fleet is not None else None,
     )
     if fleet is not None:
-        fleet.news.attach(client.breakers)
+        if news:
+            fleet.news.attach(client.breakers)  # unattached, news from others is not applied
         fleet.demand_source = client.rate_limits.demand
     return client
 

@@ -390,6 +390,9 @@ class FleetSpend:
         self.me = me
         self._book: dict[tuple[date, str], dict[str, Spend]] = {}
         self._dirty: dict[tuple[date, str], Spend] = {}
+        self.on_report: Callable[[], None] | None = None
+        """Called on every report: the link publishes spend within milliseconds, not at the
+        next flush, so a worker killed right after reserving has still said so."""
 
     def fold(self, day: date, prompt: str, worker: str, value: Any) -> None:
         if worker == self.me and (day, prompt) in self._dirty:
@@ -420,6 +423,8 @@ class FleetSpend:
         spend = Spend(tokens, reserved, usd, reserved_usd)
         self._dirty[(day, prompt)] = spend
         self._book.setdefault((day, prompt), {})[self.me] = spend
+        if self.on_report is not None:
+            self.on_report()
 
     def drain(self) -> dict[tuple[date, str], Spend]:
         dirty, self._dirty = self._dirty, {}

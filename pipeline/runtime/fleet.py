@@ -25,6 +25,9 @@ from pipeline.transport.clients import KafkaClients
 from pipeline.transport.compacted import CompactedFollower, Record, StatePublisher
 
 log = logging.getLogger("llmpipe.fleet")
+SPEND_DELAY_S = 0.005
+"""Reports of spend within this are published together: at most 1 / SPEND_DELAY_S records
+a second per worker, whatever the call rate."""
 
 
 class FleetLink:
@@ -51,7 +54,9 @@ class FleetLink:
         self._follower = CompactedFollower(topic, self._apply, clients, poll_timeout_s=0.05)
         self._publisher = StatePublisher(topic, clients, codec)
         self._shares_version = -1
+        self._soon: asyncio.TimerHandle | None = None
         self.ready = self._follower.ready
+        state.spend.on_report = self._publish_spend_soon
 
     async def run(self, stop: asyncio.Event) -> None:
         follow = asyncio.create_task(self._follower.run(stop))
@@ -78,12 +83,25 @@ class FleetLink:
                 self._rescale()
                 self._publisher.poll()
         finally:
+            if self._soon is not None:
+                self._soon.cancel()
             if self.ready.is_set():
                 self._publish(self.state.flush())
                 self._publish(self.state.leave())
                 await asyncio.to_thread(self._publisher.flush)
             stop.set()
             await asyncio.gather(follow, return_exceptions=True)
+
+    def _publish_spend_soon(self) -> None:
+        """Spend (a reservation above all) goes out within ``SPEND_DELAY_S``: a worker
+        SIGKILLed with calls in flight must have told the fleet what they may cost."""
+        if self._soon is None and self.ready.is_set():
+            self._soon = asyncio.get_running_loop().call_later(SPEND_DELAY_S, self._spend_now)
+
+    def _spend_now(self) -> None:
+        self._soon = None
+        self._publish(self.state.flush())
+        self._publisher.poll()
 
     def _publish(self, records: Outbox) -> None:
         for key, event in records:
