@@ -35,11 +35,11 @@ from typing import Any, cast
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.harness.environment import create_topics, worker_environment
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.topics import load_specs
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -149,7 +149,7 @@ def delete_topics(settings: Settings) -> None:
     """Delete every topic with this run's prefix (best effort: never fail a report on it)."""
     if not settings.topic_prefix:
         return
-    admin = AdminClient(settings.kafka_client_config())
+    admin = KafkaClients(settings).admin()
     with contextlib.suppress(Exception):
         names = [
             t for t in admin.list_topics(timeout=10).topics if t.startswith(settings.topic_prefix)
@@ -191,13 +191,7 @@ class TopicCounter:
 
     def __init__(self, settings: Settings, logical: Iterable[str]) -> None:
         self._topics = [settings.topic(t) for t in logical]
-        self._consumer = Consumer(
-            {
-                **settings.kafka_client_config(),
-                "group.id": f"bench-counter-{uuid.uuid4()}",
-                "enable.auto.commit": False,
-            }
-        )
+        self._consumer = KafkaClients(settings).consumer(None)
 
     def count(self) -> int:
         return sum(end_offsets(self._consumer, t) for t in self._topics)
@@ -226,14 +220,7 @@ def read_all(
 ) -> list[Record]:
     """Read the topics from the beginning until ``expected`` messages arrived (or timeout)."""
     names = [settings.topic(t) for t in logical]
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"bench-reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
-    )
+    consumer = KafkaClients(settings).consumer(None)
     out: list[Record] = []
     try:
         metadata = consumer.list_topics(timeout=10)
@@ -267,7 +254,7 @@ def read_all(
 
 def group_members(settings: Settings, groups: Sequence[str]) -> dict[str, tuple[str, int, int]]:
     """group -> (state, members, assigned partitions), from the broker's view."""
-    admin = AdminClient(settings.kafka_client_config())
+    admin = KafkaClients(settings).admin()
     out: dict[str, tuple[str, int, int]] = {}
     for group, future in admin.describe_consumer_groups(list(groups)).items():
         try:

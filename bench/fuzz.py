@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
@@ -65,6 +65,7 @@ from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm.behaviors import BehaviorSpec
 from pipeline.harness.fakellm.responses import render_content
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
+from pipeline.transport.clients import KafkaClients
 
 MARK = "[[fuzz:"
 ID_WIDTH = 16  # tracking ids are exactly this long, so a prefix identifies the input
@@ -516,13 +517,7 @@ def _sightings(
 ) -> dict[str, list[tuple[str, str]]]:
     """tracking id -> [(route, reason)], matching outputs to inputs by id prefix."""
     names = {settings.topic(t): topology.route_of(t) for t in topology.terminal_topics()}
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"fuzz-reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = KafkaClients(settings).consumer(None)
     seen: dict[str, list[tuple[str, str]]] = {}
     try:
         metadata = consumer.list_topics(timeout=10)

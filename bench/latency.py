@@ -22,8 +22,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import Producer
-
 from bench.common import (
     FakeLLMProcess,
     Record,
@@ -45,6 +43,7 @@ from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Completion
 from pipeline.harness.scenarios import PlannedRequest
+from pipeline.transport.clients import KafkaClients
 
 WARMUP_S = 3.0
 
@@ -54,7 +53,7 @@ def paced_produce(settings: Settings, planned: Sequence[PlannedRequest], rate: f
 
     The short sleeps here pace the load generator; they synchronise nothing.
     """
-    producer = Producer({**settings.kafka_client_config(), "linger.ms": 1, "acks": "all"})
+    producer = KafkaClients(settings).producer(**{"linger.ms": 1})
     topic = settings.topic(topology.REQUESTS)
     interval = 1.0 / rate
     next_at = time.monotonic()

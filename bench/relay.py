@@ -19,7 +19,9 @@ import argparse
 import signal
 import threading
 
+from pipeline.config import Settings
 from pipeline.contract import topology
+from pipeline.transport.clients import KafkaClients
 
 HOPS = (
     (topology.REQUESTS, topology.VALIDATED),
@@ -34,25 +36,15 @@ def relay_groups(prefix: str) -> list[str]:
 
 
 def run_confluent(bootstrap: str, prefix: str, stop: threading.Event) -> None:
-    from confluent_kafka import Consumer, Producer
-
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-        }
-    )
+    # The factory's clients (idempotent, acks=all, linger 5 ms: what the workers use), but
+    # with librdkafka's auto commit: the relay is the baseline with no delivery work.
+    clients = KafkaClients(Settings(bootstrap_servers=bootstrap))
+    producer = clients.producer()
 
     def hop(index: int, source: str, target: str) -> None:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": relay_groups(prefix)[index],
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": True,
-            }
+        consumer = clients.consumer(
+            relay_groups(prefix)[index],
+            **{"enable.auto.commit": True, "enable.auto.offset.store": True},
         )
         consumer.subscribe([prefix + source])
         try:

@@ -44,14 +44,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.harness.scenarios import mixed_requests
 from pipeline.observability.testing import running_otlp_receiver
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.topics import apply, load_specs
 
 
@@ -126,13 +126,7 @@ def result_timestamps(
 ) -> tuple[list[int], float | None]:
     """Broker timestamps of ``count`` results, and the worker's CPU seconds per message
     between the 10th and the 90th percentile result (read as they arrive)."""
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"overhead-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = KafkaClients(settings).consumer(None)
     topic = settings.topic(topology.RESULTS)
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -164,7 +158,7 @@ def run_once(
         topic_prefix=f"ovh{uuid.uuid4().hex[:8]}.",
         model_base_url=model_url,
     )
-    admin = AdminClient(settings.kafka_client_config())
+    admin = KafkaClients(settings).admin()
     specs = load_specs(settings.topics_dir)
     apply(admin, specs, settings.topic_prefix)
     try:

@@ -41,7 +41,6 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
@@ -51,6 +50,7 @@ from pipeline.contract.envelopes import BurnInClaim, PromptRef, utc_now
 from pipeline.prompts.model import BurnInPolicy
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
+from pipeline.transport.clients import KafkaClients
 
 log = logging.getLogger("llmpipe.burn_in")
 
@@ -137,14 +137,8 @@ class KafkaBurnInLedger:
         self._topic = settings.topic(BURN_IN_TOPIC)
         self._codec = codec or Codec()
         self.book = BurnInBook()
-        self._producer = Producer(
-            {
-                **settings.kafka_client_config(),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 0,
-            }
-        )
+        self._clients = KafkaClients(settings)
+        self._producer = self._clients.producer(**{"linger.ms": 0})
         self._position = 0
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -158,14 +152,8 @@ class KafkaBurnInLedger:
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Follow the topic and wait until everything on it now has been read."""
-        consumer = Consumer(
-            {
-                **self._settings.kafka_client_config(),
-                "group.id": f"{self._settings.topic_prefix}llmpipe.burn-in-reader",
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-                "fetch.wait.max.ms": 50,
-            }
+        consumer = self._clients.consumer(
+            f"{self._settings.topic_prefix}llmpipe.burn-in-reader", **{"fetch.wait.max.ms": 50}
         )
         end = _end_offset(consumer, self._topic, timeout_s)
         consumer.assign([KafkaTopicPartition(self._topic, 0, OFFSET_BEGINNING)])

@@ -45,21 +45,21 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 
 from pipeline.config import Settings
 from pipeline.errors import LlmpipeError
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.reader import (
     METADATA_TIMEOUT_S,
     Ranges,
     RawHeaders,
     SourceRecord,
-    consumer_config,
     offsets_for_time,
     partitions,
     read_ranges,
+    reader_consumer,
     require_broker,
     to_record,
     watermarks,
@@ -69,7 +69,6 @@ from pipeline.transport.reader import (
 # Producer clock and destination timestamps come from the same host in the crashed run;
 # the margin covers clock steps and LogAppendTime topics whose broker clock differs a bit.
 RECOVERY_MARGIN_MS = 120_000
-MAX_MESSAGE_BYTES = 10_485_760
 FLUSH_TIMEOUT_S = 60.0
 ASSIGN_TIMEOUT_S = 30.0
 META_VERSION = 1
@@ -260,7 +259,7 @@ def plan(
     """
     fp = fingerprint(selector)
     warnings: list[str] = []
-    consumer = Consumer(consumer_config(settings, group))
+    consumer = reader_consumer(settings, group)
     try:
         require_broker(consumer, settings)
         ranges: Ranges = {}
@@ -394,7 +393,7 @@ def count_markers(
 ) -> Counter[tuple[str, str, int, int]]:
     """How many messages in ``topics`` since ``since_ms`` carry each ``header`` marker
     (``(group, topic, partition, offset)`` of the source record): the replay records."""
-    consumer = Consumer(consumer_config(settings))
+    consumer = reader_consumer(settings)
     found: Counter[tuple[str, str, int, int]] = Counter()
     try:
         ranges: Ranges = {}
@@ -461,28 +460,20 @@ class _Run:
         self.broken = False
         self.delivery_errors: list[str] = []
         self.partition_counts: dict[str, int] = {}
-        self.consumer = Consumer(
-            {
-                **consumer_config(settings, the_plan.group),
+        clients = KafkaClients(settings)
+        self.consumer = clients.reader(
+            the_plan.group,
+            **{
                 # Eager rebalances (revoke everything, then assign) keep the callbacks simple.
                 "partition.assignment.strategy": "range",
                 # After a SIGKILL the dead member blocks the next run's join until its session
                 # expires: keep that short (the broker's minimum is usually 6 s).
                 "session.timeout.ms": 6000,
                 "heartbeat.interval.ms": 1000,
-            }
+            },
         )
-        self.producer = Producer(
-            {
-                **settings.kafka_client_config(),
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.max.bytes": MAX_MESSAGE_BYTES,
-                # Same key -> same partition as the Java and aiokafka clients upstream.
-                "partitioner": "murmur2_random",
-            }
-        )
+        # Same key -> same partition as the Java and aiokafka clients upstream.
+        self.producer = clients.producer(partitioner="murmur2_random")
 
     # -- rebalance callbacks --------------------------------------------------------------
 

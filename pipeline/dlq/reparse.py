@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer
 from opentelemetry import trace
 
 from pipeline.config import Settings
@@ -37,7 +36,12 @@ from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.fallback import FallbackWorker
 from pipeline.stages.settle import Settler
 from pipeline.transport import headers as h
-from pipeline.transport.reader import SourceRecord, consumer_config, read_ranges, snapshot_ranges
+from pipeline.transport.reader import (
+    SourceRecord,
+    read_ranges,
+    reader_consumer,
+    snapshot_ranges,
+)
 
 REPARSE_SOURCE = h.REPARSE_SOURCE
 REPARSE_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})
@@ -263,7 +267,7 @@ class ReparseSelector:
     ) -> dict[str, tuple[Completion, bytes | None, dict[str, bytes]]]:
         """The newest stored completion per wanted request id (headers filter before decoding)."""
         found: dict[str, tuple[Completion, bytes | None, dict[str, bytes]]] = {}
-        consumer = Consumer(consumer_config(self._settings))
+        consumer = reader_consumer(self._settings)
         try:
             topic = self._settings.topic(COMPLETIONS)
             for record in read_ranges(consumer, snapshot_ranges(consumer, [topic])):

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer
 from rich.console import Group
 from rich.table import Table
 
@@ -276,7 +275,7 @@ def read_served(
     codec = codec or Codec()
     topic = settings.topic(VALIDATED)
     newest: dict[str, Served] = {}
-    consumer = Consumer(reader.consumer_config(settings))
+    consumer = reader.reader_consumer(settings)
     try:
         reader.require_broker(consumer, settings)
         ranges = {

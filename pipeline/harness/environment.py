@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
-
 from pipeline.config import Settings
+from pipeline.transport.clients import KafkaClients
 from pipeline.transport.topics import apply, load_specs
 
 
 def create_topics(settings: Settings, topics_dir: Path | None = None) -> None:
     """Every topic of ``topics/*.yaml`` (or ``topics_dir``) under the settings' prefix."""
-    admin = AdminClient(settings.kafka_client_config())
+    admin = KafkaClients(settings).admin()
     apply(admin, load_specs(topics_dir or settings.topics_dir), settings.topic_prefix)
 
 

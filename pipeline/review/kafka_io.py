@@ -29,6 +29,7 @@ from pipeline.review.model import Clock, IncomingItem, TopicPosition
 from pipeline.review.store import ReviewStore, StoreUnavailable
 from pipeline.transport import headers as h
 from pipeline.transport import reader
+from pipeline.transport.clients import KafkaClients
 
 log = logging.getLogger("llmpipe.review.kafka")
 
@@ -50,19 +51,10 @@ class PublishError(Exception):
     """The transaction did not commit (it was aborted, or its outcome is unknown)."""
 
 
-def _consumer_config(settings: Settings, group: str) -> dict[str, Any]:
-    return {
-        **settings.kafka_client_config(),
-        # Offsets are kept in the review database, never committed to Kafka: the group id
-        # only satisfies the client.
-        "group.id": group,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "fetch.wait.max.ms": 100,
-        "enable.partition.eof": False,
-    }
+def _consumer(settings: Settings, group: str) -> Consumer:
+    # Offsets are kept in the review database, never committed to Kafka: the group id only
+    # satisfies the client (read_committed, no auto commits: the factory's defaults).
+    return KafkaClients(settings).consumer(group, **{"fetch.wait.max.ms": 100})
 
 
 def _with_retries(what: str, timeout_s: float, call: Callable[[], T]) -> T:
@@ -227,7 +219,7 @@ class TopicFollower:
     def _targets(self, timeout_s: float) -> dict[Partition, int]:
         with self._probe_lock:
             if self._probe is None:
-                self._probe = Consumer(_consumer_config(self._settings, self._group))
+                self._probe = _consumer(self._settings, self._group)
             partitions = [
                 tp
                 for topic in self._topics
@@ -246,7 +238,7 @@ class TopicFollower:
         other database error is fatal for the follower: the service then reports not
         ready, and a restart resumes from the stored positions.
         """
-        consumer = Consumer(_consumer_config(self._settings, self._group))
+        consumer = _consumer(self._settings, self._group)
         assigned: set[Partition] = set()
         refreshed = 0.0
         try:
@@ -391,21 +383,15 @@ class TransactionalPublisher:
 
     def __init__(self, settings: Settings, instance: str, timeout_s: float = 15.0) -> None:
         self._settings = settings
-        self._config = {
-            **settings.kafka_client_config(),
-            "transactional.id": transactional_id(settings, instance),
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 0,
-            "transaction.timeout.ms": 60_000,
-        }
+        self._clients = KafkaClients(settings)
+        self._transactional_id = transactional_id(settings, instance)
         self._timeout_s = timeout_s
         self._producer: Producer | None = None
         self._lock = threading.Lock()
 
     @property
     def transactional_id(self) -> str:
-        return str(self._config["transactional.id"])
+        return self._transactional_id
 
     def start(self) -> None:
         self.begin()
@@ -415,7 +401,7 @@ class TransactionalPublisher:
         with self._lock:
             if self._producer is not None:
                 return
-            producer = Producer(self._config)
+            producer = self._transactional_producer(self._transactional_id)
             try:
                 producer.init_transactions(self._timeout_s)
             except KafkaException as exc:
@@ -426,14 +412,20 @@ class TransactionalPublisher:
     def fence(self, instance: str) -> None:
         """Fence another instance's transactional id: abort its open transaction, and make
         its producer unable to commit, before this instance delivers what it owned."""
-        config = {**self._config, "transactional.id": transactional_id(self._settings, instance)}
-        producer = Producer(config)
+        producer = self._transactional_producer(transactional_id(self._settings, instance))
         try:
             producer.init_transactions(self._timeout_s)
         except KafkaException as exc:
             raise PublishError(f"cannot fence instance {instance}: {exc}") from exc
         finally:
             producer.flush(0)
+
+    def _transactional_producer(self, tid: str) -> Producer:
+        # One decision per transaction, sent at once; a minute before the broker aborts
+        # a transaction left open by a crashed instance that never comes back.
+        return self._clients.transactional_producer(
+            tid, **{"linger.ms": 0, "transaction.timeout.ms": 60_000}
+        )
 
     def publish(self, messages: Sequence[OutboundMessage]) -> None:
         with self._lock:

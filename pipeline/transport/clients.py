@@ -351,6 +351,18 @@ class KafkaClients:
             **overrides,
         }
 
+    def reader(self, group: str | None = None, **overrides: Any) -> Consumer:
+        """A consumer for tools that read ranges to their end (:mod:`~pipeline.transport.
+        reader`): end-of-partition events on, fetches as large as the largest message."""
+        return self.consumer(
+            group,
+            **{
+                "enable.partition.eof": True,
+                "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+                **overrides,
+            },
+        )
+
     def stage_consumer(self, group: str, **overrides: Any) -> Consumer:
         """A stage's group member: cooperative rebalancing, optional static membership."""
         config: dict[str, Any] = {

@@ -12,7 +12,6 @@ caller with a wall-clock budget passes ``deadline_s``.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -115,20 +114,13 @@ class BrokerUnreachable(ScanError):
     """No broker answered a metadata request."""
 
 
-def consumer_config(settings: Settings, group: str | None = None) -> dict[str, Any]:
+def reader_consumer(settings: Settings, group: str | None = None, **overrides: Any) -> Consumer:
     """Manual commits only: the tools decide exactly when a position becomes durable.
 
-    Connection, security and logging come from the client factory, so librdkafka's log goes
+    From the client factory (:meth:`~pipeline.transport.clients.KafkaClients.reader`), so
+    connection, security and ``read_committed`` are the workers', and librdkafka's log goes
     through the project's logger, never raw to a terminal."""
-    return {
-        **KafkaClients(settings).base_config(),
-        "group.id": group or f"llmpipe-reader-{uuid.uuid4()}",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "enable.partition.eof": True,
-        "fetch.message.max.bytes": 10_485_760,
-    }
+    return KafkaClients(settings).reader(group, **overrides)
 
 
 def partitions(consumer: Consumer, topic: str) -> list[int]:
@@ -278,7 +270,7 @@ def scan(
     """Read-only: a throwaway group that never commits, so looking never moves anything.
 
     ``topics`` are full names (with the prefix); see :func:`snapshot_ranges`."""
-    consumer = Consumer(consumer_config(settings))
+    consumer = reader_consumer(settings)
     try:
         require_broker(consumer, settings)
         ranges = snapshot_ranges(consumer, topics, since_ms, missing_ok)

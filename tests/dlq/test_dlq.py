@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from typer.testing import CliRunner
 
 from pipeline.config import REPO_ROOT, Settings
@@ -48,7 +48,7 @@ from pipeline.harness.ledger import read_terminal
 from pipeline.harness.scenarios import VERSION, mixed_requests, plan_request
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
-from pipeline.transport.reader import SourceRecord, consumer_config, partitions, scan, to_record
+from pipeline.transport.reader import SourceRecord, partitions, reader_consumer, scan, to_record
 from tests.support import make_settings, produce, running_worker
 
 pytestmark = pytest.mark.kafka
@@ -89,7 +89,7 @@ class TopicTail:
     def __init__(self, settings: Settings, logical: str) -> None:
         self.topic = settings.topic(logical)
         self.records: list[SourceRecord] = []
-        self._consumer = Consumer(consumer_config(settings))
+        self._consumer = reader_consumer(settings)
         self._parts = partitions(self._consumer, self.topic)
         self._consumer.assign(
             [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._parts]
@@ -205,7 +205,7 @@ def replay(
 
 
 def committed(settings: Settings, group: str, logical: str) -> list[int]:
-    consumer = Consumer(consumer_config(settings, group))
+    consumer = reader_consumer(settings, group)
     try:
         topic = settings.topic(logical)
         parts = [TopicPartition(topic, p) for p in partitions(consumer, topic)]
