@@ -48,8 +48,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
-
 from bench.common import (
     KAFKA_SCRIPT,
     DeadlineExceeded,
@@ -92,6 +90,7 @@ from pipeline.harness.scenarios import (
     mixed_requests,
 )
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
+from pipeline.transport.clients import KafkaClients
 
 GROUP_TIMEOUT_S = 60.0
 # A restarted worker: process start, group joins, then enough of its own calls.
@@ -232,10 +231,16 @@ def measure_fault(
     since: RequestCalls,
     in_flight: Mapping[str, int],
     commits: CommitSnapshot,
+    epoch_started_ms: int = 0,
 ) -> Fault:
     """What a fault put at risk: ``now``/``since`` are the server's per-request calls at
     the fault and at the start of the epoch it ends, ``commits`` the stage groups' commits
-    read right after it (worker dead or broker about to stop)."""
+    read right after it (worker dead or broker about to stop).
+
+    The age of the oldest uncommitted output counts only outputs written in this epoch
+    (since ``epoch_started_ms``): an output left uncommitted by an earlier, killed worker
+    is at risk until its input is redone, but it says nothing about whether this worker
+    commits what it finishes."""
     open_by_kind = {
         MODEL_CALL: commits.uncommitted("model"),
         SETTLE_CALL: commits.uncommitted("settle"),
@@ -261,7 +266,8 @@ def measure_fault(
     for stage in commits.groups:
         for rid, age in commits.finished_uncommitted(stage).items():
             outputs[rid] += 1
-            oldest_output_ms = max(oldest_output_ms, age)
+            if commits.taken_at_ms - age >= epoch_started_ms:
+                oldest_output_ms = max(oldest_output_ms, age)
     return Fault(
         kind,
         clock.elapsed,
@@ -304,6 +310,8 @@ class ChaosOutcome:
     redone_calls: int | None = None
     redone_over_budget: dict[str, tuple[int, int]] = field(default_factory=dict)
     duplicates_over_budget: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Requests that cost fewer calls than in the fault-free run, and by how many.
+    fewer_calls_than_baseline: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -369,7 +377,9 @@ class ChaosOutcome:
                     f.redone += take
                     n -= take
             cheaper = fewer_calls(faulty, baseline, ids)
-            self.details["fewer_calls_than_baseline"] = len(cheaper)
+            self.fewer_calls_than_baseline = {
+                rid: calls_of(baseline, rid) - calls_of(faulty, rid) for rid in cheaper
+            }
             self.details["calls_faulty"] = sum(calls_of(faulty, rid) for rid in ids)
             self.details["calls_baseline"] = sum(calls_of(baseline, rid) for rid in ids)
         for rid, extra in ledger.duplicates.items():
@@ -403,6 +413,8 @@ class ChaosOutcome:
             over += f"\nredone over budget (redone, at risk): {_head(self.redone_over_budget)}"
         if self.duplicates_over_budget:
             over += f"\nduplicates over budget: {_head(self.duplicates_over_budget)}"
+        if self.fewer_calls_than_baseline:
+            over += f"\nfewer calls than the baseline: {_head(self.fewer_calls_than_baseline)}"
         return f"{self.line()}\n{faults}{over}\n" + "\n".join(self.events) + f"\n{self.details}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -410,6 +422,7 @@ class ChaosOutcome:
         data["faults"] = [f.row() for f in self.faults]
         data["redone_over_budget"] = len(self.redone_over_budget)
         data["duplicates_over_budget"] = len(self.duplicates_over_budget)
+        data["fewer_calls_than_baseline"] = len(self.fewer_calls_than_baseline)
         return data
 
 
@@ -418,11 +431,27 @@ def _head(items: Mapping[str, Any], n: int = 5) -> dict[str, Any]:
 
 
 class Clock:
-    """Timestamps for the event log, relative to the start of the scenario."""
+    """Timestamps for the event log, relative to the start of the scenario, and the
+    scenario's own deadline: every wait takes the smaller of its own timeout and what is
+    left (:meth:`left`), so a scenario given ``deadline_s`` fails with its event log before
+    a test runner's timeout could kill it without one."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float | None = None) -> None:
         self._t0 = time.monotonic()
+        self._deadline = None if deadline_s is None else self._t0 + deadline_s
         self.events: list[str] = []
+
+    def left(self, timeout_s: float) -> float:
+        """``timeout_s``, or less if the scenario's deadline is nearer; raises past it."""
+        if self._deadline is None:
+            return timeout_s
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                f"the scenario's deadline passed after {self.elapsed:.0f}s:\n"
+                + "\n".join(self.events)
+            )
+        return min(timeout_s, remaining)
 
     def log(self, text: str) -> None:
         self.events.append(f"t+{time.monotonic() - self._t0:5.1f}s {text}")
@@ -603,6 +632,7 @@ class Lane:
     env: dict[str, str]
     worker: Proc | None = None
     epoch_start: RequestCalls = field(default_factory=dict)
+    epoch_started_ms: int = 0
     faults: list[Fault] = field(default_factory=list)
     started_workers: int = 0
 
@@ -614,6 +644,7 @@ class Lane:
 
     def new_epoch(self) -> None:
         self.epoch_start = self.fake.server.request_calls()
+        self.epoch_started_ms = int(time.time() * 1000)
 
     def ended_this_epoch(self) -> int:
         now = self.fake.server.request_calls()
@@ -671,13 +702,15 @@ class Lane:
         worker.kill()
         worker.stop()
         commits = commit_snapshot(self.settings)
-        fault = measure_fault(kind, clock, calls, self.epoch_start, in_flight, commits)
+        fault = measure_fault(
+            kind, clock, calls, self.epoch_start, in_flight, commits, self.epoch_started_ms
+        )
         clock.log(
             f"[{self.mode}] SIGKILL {worker.name}: {fault.in_flight} calls in flight, "
             f"{fault.uncommitted_calls} finished calls uncommitted, "
             f"{sum(fault.at_risk_outputs.values())} outputs uncommitted"
         )
-        self.fake.server.wait_orphans_drained(60)
+        self.fake.server.wait_orphans_drained(clock.left(60))
         self.new_epoch()
         self.worker = None
         self.faults.append(fault)
@@ -721,7 +754,11 @@ def _freeze_when_busy(
         return len(frozen) == len(lanes)
 
     try:
-        wait_until(all_frozen, BUSY_TIMEOUT_S, f"{finished} calls done and {in_flight} in flight")
+        wait_until(
+            all_frozen,
+            clock.left(BUSY_TIMEOUT_S),
+            f"{finished} calls done and {in_flight} in flight",
+        )
     except DeadlineExceeded as exc:
         states = "; ".join(lane.state() for lane in lanes)
         raise DeadlineExceeded(f"{exc}: {states}\n" + "\n".join(clock.events)) from exc
@@ -775,7 +812,9 @@ def _outage(
         resumed = functools.partial(_commits_resumed, lane.settings, committed, worker)
         recovered = True
         try:
-            wait_until(resumed, RECOVERY_TIMEOUT_S - (time.monotonic() - back_at), "commits")
+            wait_until(
+                resumed, clock.left(RECOVERY_TIMEOUT_S - (time.monotonic() - back_at)), "commits"
+            )
         except DeadlineExceeded:
             recovered = False
         recovered_s = time.monotonic() - t_down
@@ -799,6 +838,7 @@ def _outage(
             lane.epoch_start,
             in_flight,
             commits,
+            lane.epoch_started_ms,
         )
         fault.notes.update(
             {
@@ -811,7 +851,16 @@ def _outage(
         )
         lane.faults.append(fault)
         lane.new_epoch()
-        if not recovered:
+        if not worker.alive():
+            # A fatal Kafka error (a static member fenced by the outage): the worker exits
+            # non-zero with one line, and is restarted as its supervisor would.
+            fault.notes["worker_exit"] = worker.stop()
+            fault.notes["exit_lines"] = [
+                x.decode(errors="replace") for x in _log_lines(worker) if x.startswith(b"error:")
+            ]
+            clock.log(f"[{lane.mode}] worker exited {fault.notes['worker_exit']}: restarted")
+            lane.worker = None
+        elif not recovered:
             # What a liveness probe would do: kill the stuck worker; a new one takes over.
             clock.log(f"[{lane.mode}] the stuck worker is killed and replaced")
             lane.kill(clock, lane.freeze(), kind="sigkill_stuck")
@@ -842,6 +891,7 @@ def kill_run(
     seed: int = 21,
     baseline: Callable[[], RequestCalls] | None = None,
     static_membership: bool = False,
+    deadline_s: float | None = None,
 ) -> dict[str, ChaosOutcome]:
     """SIGKILL the only worker again and again with many calls in flight, and stop the
     broker once, all on a broker of this run's own; then account for every request and
@@ -857,11 +907,13 @@ def kill_run(
     ``LLMPIPE_GROUP_INSTANCE_ID``, as a supervisor restarting a crashed pod does, so a
     restarted worker gets its partitions back at once instead of after the session
     timeout. Off by default: a static member whose session times out during a broker
-    outage longer than the session timeout is fenced by its own rejoin, and librdkafka
-    reports that as a fatal consumer error (confluentinc/librdkafka#3437); this run found
-    the worker then stops consuming without exiting.
+    outage longer than the session timeout can be fenced by its own rejoin, a fatal
+    consumer error (confluentinc/librdkafka#3437); the worker then exits 1 and the run
+    restarts it, as a supervisor would.
+
+    ``deadline_s`` bounds the whole scenario: every wait takes what is left of it.
     """
-    clock = Clock()
+    clock = Clock(deadline_s)
     planned = mixed_requests(requests, seed=seed, weights=KILL_WEIGHTS, prefix="kill")
     with contextlib.ExitStack() as stack:
         lanes: list[Lane] = []
@@ -920,7 +972,9 @@ def kill_run(
             calls_without_faults: RequestCalls | None = None
             for lane in lanes:
                 worker = lane.worker or lane.start_worker(clock)
-                ledger = _ledger(lane.settings, planned, timeout_s=180, settle_s=2, clock=clock)
+                ledger = _ledger(
+                    lane.settings, planned, timeout_s=clock.left(180), settle_s=2, clock=clock
+                )
                 clock.log(
                     f"[{lane.mode}] ledger " + ("complete" if not ledger.missing else "timed out")
                 )
@@ -1055,7 +1109,7 @@ def scaling(
 
 def _members(settings: Settings, groups: Sequence[str]) -> dict[str, set[str]]:
     """group -> member ids, from the broker's view."""
-    admin = AdminClient(settings.kafka_client_config())
+    admin = KafkaClients(settings).admin()
     out: dict[str, set[str]] = {}
     for group, future in admin.describe_consumer_groups(list(groups)).items():
         with contextlib.suppress(Exception):
@@ -1114,12 +1168,15 @@ def fencing(
                 clock.log("zombie resumed")
                 ledger = _ledger(settings, planned, timeout_s=180, settle_s=5, clock=clock)
                 clock.log("ledger complete" if not ledger.missing else "ledger timed out")
+                # Fenced as a static member (a fatal consumer error), the zombie must exit
+                # non-zero by itself rather than stay up consuming nothing.
+                with contextlib.suppress(DeadlineExceeded):
+                    wait_until(lambda: not zombie.alive(), GROUP_TIMEOUT_S, "the zombie to exit")
                 zombie_alive = zombie.alive()
-                fence_lines = [
-                    line
-                    for line in zombie.log_tail(400).splitlines()
-                    if "fenc" in line.lower() or "FENCED" in line
-                ]
+                zombie_exit = zombie.popen.returncode
+                zombie_lines = zombie.log_tail(400).splitlines()
+                fence_lines = [line for line in zombie_lines if "fenc" in line.lower()]
+                error_lines = [line for line in zombie_lines if line.startswith("error:")]
                 alive = replacement.alive()
             finally:
                 with contextlib.suppress(ProcessLookupError):
@@ -1141,6 +1198,8 @@ def fencing(
             ),
             "frozen_requests": len(frozen),
             "zombie_alive_after": zombie_alive,
+            "zombie_exit_code": zombie_exit,
+            "zombie_error_lines": error_lines,
             "zombie_fencing_log_lines": fence_lines[:3],
             "replacement_alive": alive,
         }

@@ -111,6 +111,7 @@ class Worker:
         control_task = asyncio.create_task(listener.run(stop))
         background = [control_task]
         burn_in: KafkaBurnInLedger | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             if not await _first(listener.ready.wait(), control_task, stop):
                 return  # stopped while waiting for the broker: nothing started yet
@@ -144,6 +145,9 @@ class Worker:
             await asyncio.gather(*tasks, *background)
         finally:
             stop.set()
+            # One stage failing (a fatal Kafka error) stops the others the way SIGTERM
+            # does: they drain and commit before the process exits with that error.
+            await asyncio.gather(*tasks, return_exceptions=True)
             control_task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await client.aclose()

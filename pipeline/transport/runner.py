@@ -532,7 +532,7 @@ class StageRunner:
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.fatal():
+                if error.fatal() or error.code() == KafkaError._FATAL:
                     # e.g. a static member fenced by its own rejoin after a long outage
                     # (librdkafka#3437): the consumer will never fetch again.
                     raise KafkaFatalError(f"stage {self.stage}: consumer failed: {error.str()}")

@@ -1,29 +1,33 @@
-"""SIGKILL the worker three times with many model calls in flight; stop the broker once.
+"""Three SIGKILLs with many model calls in flight and one broker stop/start, in ONE run.
 
 1,000 requests of every fault kind, hangs past their timeout included, through a worker
 process that is SIGKILLed three times (each time busy: its own calls finishing, and at
-least 50 of them in flight at the fake server); the same 1,000 requests through a worker
-that lives through a 10 s outage of its broker. Two runs, not one, only to keep each test
-within pytest's time limit on a loaded 2-core machine. The broker is this module's own
-(free ports, temporary data dir): the shared broker on 9092 serves everyone else and is
-never stopped. Both delivery modes run side by side in each run (one lane each: own
-topics, own fake model, own worker), so they share the broker's start and its outage.
+least 50 of them in flight at the fake server) and that lives through a 10 s outage of
+its broker between the second and third kill (the plan ``kill, kill, outage, kill``). The
+broker is this module's own (free ports, temporary data dir): the shared broker on 9092
+serves everyone else and is never stopped. Both delivery modes run side by side (one lane
+each: own topics, own fake model, own worker), so they share the broker's start and its
+outage.
 
 Every figure is measured, not assumed (see :mod:`bench.chaos`): the worker is frozen with
-SIGSTOP before each kill so the calls in flight can be counted exactly at the server, the
+SIGSTOP before each fault so the calls in flight can be counted exactly at the server, the
 stage groups' commits are read right after it to name the work finished but uncommitted,
-and the fake server counts calls per request, so the calls a kill made the pipeline pay
-again are compared, request by request, with a fault-free run of the same requests.
+and the fake server counts calls per request, so the calls the faults made the pipeline
+pay again are compared, request by request, with a fault-free run of the same requests.
 
 - exactly-once: 0 missing, 0 duplicates, 0 requests in two terminal places, every sighting
   on its fault's route, and no fault redone beyond what was at risk at it: the calls in
   flight plus the finished calls no commit covered (per request too, within the measured
   noise of the fault-free baseline);
-- at-least-once: 0 missing, and no request duplicated by a kill beyond the stages in
-  which it had an output while its input was uncommitted;
+- at-least-once: the same, except duplicates: none beyond the stages in which a request
+  had an output while its input was uncommitted at a fault;
 - both: finished work is recorded with the next commit (nothing uncommitted at a kill
   finished long ago, e.g. held back behind a hanging call), the outage costs a few dozen
   log lines, not thousands, and the worker commits again after it.
+
+One run takes about 4 minutes here (2 cores shared with other work), hence this module's
+own timeout; the scenario's deadline is below it, so a stuck run fails with its event
+log instead of being killed by pytest.
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ from bench import chaos
 from pipeline.harness.ledger import RequestCalls
 from pipeline.harness.scenarios import mixed_requests
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+# The whole run is set up by the first test that uses it; the scenario's own deadline
+# (SCENARIO_DEADLINE_S) ends it first, with its event log, if something hangs.
+TIMEOUT_S = 600
+SCENARIO_DEADLINE_S = 540.0
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S)]
 
 REQUESTS = 1_000
 SEED = 21
 KILLS = 3
+PLAN = ("kill", "kill", "outage", "kill")
 # A worker is killed once it has this many calls of its own in flight and has finished
 # FINISHED_BEFORE_KILL; the count taken when it is frozen may be a little lower (calls end
 # between the two readings), never below MIN_IN_FLIGHT_AT_KILL.
@@ -78,14 +87,15 @@ def baseline(kafka_bootstrap: str) -> Iterator[Future[RequestCalls]]:
         )
 
 
-def _run(
-    broker: chaos.OwnBroker, baseline: Future[RequestCalls], plan: tuple[str, ...]
+@pytest.fixture(scope="module")
+def faults(
+    broker: chaos.OwnBroker, baseline: Future[RequestCalls]
 ) -> dict[str, chaos.ChaosOutcome]:
     return chaos.kill_run(
         broker,
         chaos.MODES,
         REQUESTS,
-        plan=plan,
+        plan=PLAN,
         in_flight_at_kill=KILL_AT,
         finished_before_kill=FINISHED_BEFORE_KILL,
         latency=LATENCY_S,
@@ -93,19 +103,8 @@ def _run(
         outage_s=OUTAGE_S,
         seed=SEED,
         baseline=baseline.result,
+        deadline_s=SCENARIO_DEADLINE_S,
     )
-
-
-@pytest.fixture(scope="module")
-def kills(broker: chaos.OwnBroker, baseline: Future[RequestCalls]) -> dict[str, chaos.ChaosOutcome]:
-    return _run(broker, baseline, ("kill",) * KILLS)
-
-
-@pytest.fixture(scope="module")
-def outage(
-    broker: chaos.OwnBroker, baseline: Future[RequestCalls]
-) -> dict[str, chaos.ChaosOutcome]:
-    return _run(broker, baseline, ("outage",))
 
 
 def _check_ledger(outcome: chaos.ChaosOutcome) -> None:
@@ -118,97 +117,71 @@ def _check_ledger(outcome: chaos.ChaosOutcome) -> None:
     assert outcome.details["final_worker_alive"], why
 
 
-def _check_exactly_once(outcome: chaos.ChaosOutcome) -> None:
+def _check_redone(outcome: chaos.ChaosOutcome) -> None:
+    """Request by request, then fault by fault: the calls redone never exceed the calls in
+    flight plus the finished-but-uncommitted calls (attribution is capped, so the sum is
+    checked too). The fault-free baseline is not exactly reproducible for a handful of
+    requests (retries with jittered backoff, a slow answer near its timeout on a loaded
+    machine, cost one call more or less from run to run, with or without faults), so at
+    most NOISY_REQUESTS requests may differ from their budget, by at most NOISY_CALLS
+    each, in either direction."""
     why = outcome.explain()
-    assert outcome.duplicates == 0, why
-    # Nobody downstream can see uncommitted work with transactions.
-    assert all(not f.at_risk_outputs for f in outcome.faults), why
-    assert outcome.details["fewer_calls_than_baseline"] == 0, why
     assert outcome.redone_calls is not None
-    # Request by request, then fault by fault: the calls redone never exceed the calls in
-    # flight plus the finished-but-uncommitted calls (attribution is capped, so the sum
-    # is checked too). The fault-free baseline is not exactly reproducible for a handful
-    # of requests (retries with jittered backoff cost one call more or less from run to
-    # run, with or without faults: the same few ids in every run), so at most
-    # NOISY_REQUESTS requests may exceed their budget, by at most NOISY_CALLS each.
     over = outcome.redone_over_budget
-    assert len(over) <= NOISY_REQUESTS, why
+    cheaper = outcome.fewer_calls_than_baseline
+    assert len(over) + len(cheaper) <= NOISY_REQUESTS, why
     assert all(n - budget <= NOISY_CALLS for n, budget in over.values()), why
+    assert all(n <= NOISY_CALLS for n in cheaper.values()), why
     for i, fault in enumerate(outcome.faults, 1):
         assert fault.redone <= fault.in_flight + fault.uncommitted_calls, f"fault {i}\n{why}"
     noise = sum(n - budget for n, budget in over.values())
     assert sum(f.redone for f in outcome.faults) + noise == outcome.redone_calls, why
 
 
-def _check_kills(outcome: chaos.ChaosOutcome) -> None:
-    """Three kills, each of a busy worker, none finding finished work held back."""
+def _check_faults(outcome: chaos.ChaosOutcome) -> None:
+    """Three kills, each of a busy worker, none finding finished work held back; one
+    outage of the broker, with the worker busy, costing a few lines and no restart."""
     why = outcome.explain()
-    assert [f.kind for f in outcome.faults] == ["sigkill"] * KILLS, why
+    assert [f.kind for f in outcome.faults] == [
+        "sigkill" if step == "kill" else "broker_outage" for step in PLAN
+    ], why
     assert outcome.details["workers_started"] == KILLS + 1, why
     for i, fault in enumerate(outcome.faults, 1):
-        assert fault.in_flight >= MIN_IN_FLIGHT_AT_KILL, f"kill {i}: {fault.row()}\n{why}"
-        assert fault.oldest_uncommitted_call_ms <= MAX_UNCOMMITTED_AGE_MS, f"kill {i}\n{why}"
-        assert fault.oldest_uncommitted_output_ms <= MAX_UNCOMMITTED_AGE_MS, f"kill {i}\n{why}"
+        assert fault.in_flight >= MIN_IN_FLIGHT_AT_KILL, f"fault {i}: {fault.row()}\n{why}"
+        if fault.kind == "sigkill":
+            assert fault.oldest_uncommitted_call_ms <= MAX_UNCOMMITTED_AGE_MS, f"kill {i}\n{why}"
+            assert fault.oldest_uncommitted_output_ms <= MAX_UNCOMMITTED_AGE_MS, f"kill {i}\n{why}"
+    (outage,) = [f for f in outcome.faults if f.kind == "broker_outage"]
+    assert outage.notes["outage_s"] >= OUTAGE_S, why
+    assert outage.notes["recovered"], why
+    assert "worker_exit" not in outage.notes, why
+    assert outage.notes["log_lines"] <= MAX_OUTAGE_LOG_LINES, why
 
 
-def _check_outage(outcome: chaos.ChaosOutcome) -> None:
+def test_exactly_once_kills_and_a_broker_outage_lose_and_repeat_nothing(
+    faults: dict[str, chaos.ChaosOutcome],
+) -> None:
+    outcome = faults["exactly_once"]
+    print(outcome.explain())
+    _check_ledger(outcome)
+    _check_faults(outcome)
     why = outcome.explain()
-    outages = [f for f in outcome.faults if f.kind == "broker_outage"]
-    assert len(outages) == 1, why
-    assert outages[0].notes["outage_s"] >= OUTAGE_S, why
-    assert outages[0].in_flight >= MIN_IN_FLIGHT_AT_KILL, why
-    assert outages[0].notes["log_lines"] <= MAX_OUTAGE_LOG_LINES, why
+    assert outcome.duplicates == 0, why
+    # Nobody downstream can see uncommitted work with transactions.
+    assert all(not f.at_risk_outputs for f in outcome.faults), why
+    _check_redone(outcome)
 
 
-def test_exactly_once_sigkills_lose_and_repeat_nothing(
-    kills: dict[str, chaos.ChaosOutcome],
+def test_at_least_once_kills_and_a_broker_outage_repeat_only_uncommitted_work(
+    faults: dict[str, chaos.ChaosOutcome],
 ) -> None:
-    outcome = kills["exactly_once"]
+    outcome = faults["at_least_once"]
     print(outcome.explain())
     _check_ledger(outcome)
-    _check_kills(outcome)
-    _check_exactly_once(outcome)
-
-
-def test_at_least_once_sigkills_repeat_only_uncommitted_work(
-    kills: dict[str, chaos.ChaosOutcome],
-) -> None:
-    outcome = kills["at_least_once"]
-    print(outcome.explain())
-    _check_ledger(outcome)
-    _check_kills(outcome)
+    _check_faults(outcome)
     # Request by request: at most one more copy per stage that had already produced its
-    # output when a kill found its input uncommitted (copies multiply downstream).
+    # output when a fault found its input uncommitted (copies multiply downstream). The
+    # outage adds none: outputs delivered while the offset commits failed are skipped
+    # when the partitions come back.
     assert not outcome.duplicates_over_budget, outcome.explain()
-
-
-def test_exactly_once_broker_outage_loses_and_repeats_nothing_and_logs_little(
-    outage: dict[str, chaos.ChaosOutcome],
-) -> None:
-    outcome = outage["exactly_once"]
-    print(outcome.explain())
-    _check_ledger(outcome)
-    _check_outage(outcome)
-    _check_exactly_once(outcome)
-
-
-def test_at_least_once_broker_outage_repeats_only_uncommitted_work_and_logs_little(
-    outage: dict[str, chaos.ChaosOutcome],
-) -> None:
-    outcome = outage["at_least_once"]
-    print(outcome.explain())
-    _check_ledger(outcome)
-    _check_outage(outcome)
-    # Outputs delivered while the offset commits failed (the session timed out) are
-    # skipped when the partitions come back, so only what was uncommitted at the stop
-    # may be repeated, request by request.
-    assert not outcome.duplicates_over_budget, outcome.explain()
-
-
-@pytest.mark.parametrize("mode", chaos.MODES)
-def test_a_worker_commits_again_after_a_broker_outage_longer_than_its_session(
-    outage: dict[str, chaos.ChaosOutcome], mode: str
-) -> None:
-    outcome = outage[mode]
-    (fault,) = [f for f in outcome.faults if f.kind == "broker_outage"]
-    assert fault.notes["recovered"], outcome.explain()
+    _check_redone(outcome)
