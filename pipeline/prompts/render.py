@@ -9,9 +9,11 @@ prose), and so the fake model server can find it with a simple line match.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from jinja2.exceptions import SecurityError, UndefinedError
 from jsonschema.exceptions import ValidationError as SchemaValidationError
 
@@ -25,12 +27,40 @@ SCHEMA_INSTRUCTION = (
 SCHEMA_LINE_PREFIX = "OUTPUT_SCHEMA: "
 
 
+RENDER_CACHE_SIZE = 4096
+_rendered: OrderedDict[tuple[int, bytes], tuple[PromptSpec, list[dict[str, str]]]] = OrderedDict()
+
+
 def render_messages(prompt: PromptSpec, variables: Mapping[str, Any]) -> list[dict[str, str]]:
     """Render every message; raises TemplateRenderError (never a raw Jinja or Python error).
 
     Variables are not validated here; call ``input_errors`` first. The
     rendering is deterministic, which makes it safe to cache or to hash.
+
+    A request is rendered by the validate stage, again by the model stage and again by
+    settle for a re-ask or self-check, usually in the same process: the last
+    ``RENDER_CACHE_SIZE`` renderings are kept (keyed by the prompt object and the
+    variables' canonical JSON), and each caller gets its own copy of the messages.
     """
+    try:
+        text = orjson.dumps(variables, option=orjson.OPT_SORT_KEYS)
+        if b"null" in text:  # orjson writes NaN and infinities as null too: tell them apart
+            text = json.dumps(variables, sort_keys=True).encode()
+    except (TypeError, ValueError):  # not JSON (a caller outside the pipeline): no caching
+        return _render(prompt, variables)
+    key = (id(prompt), text)
+    hit = _rendered.get(key)
+    if hit is not None and hit[0] is prompt:
+        _rendered.move_to_end(key)
+        return [dict(m) for m in hit[1]]
+    messages = _render(prompt, variables)
+    _rendered[key] = (prompt, [dict(m) for m in messages])
+    if len(_rendered) > RENDER_CACHE_SIZE:
+        _rendered.popitem(last=False)
+    return messages
+
+
+def _render(prompt: PromptSpec, variables: Mapping[str, Any]) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     for index, message in enumerate(prompt.messages):
         try:
