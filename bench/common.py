@@ -360,16 +360,34 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def cpu_s(self) -> float:
+    def _family(self) -> list[psutil.Process]:
+        """The process and its live children (``llmpipe worker --processes N`` runs its
+        workers as children of a supervisor: their CPU and memory are the command's)."""
         with contextlib.suppress(psutil.Error):
-            t = self.ps.cpu_times()
-            return float(t.user + t.system)
-        return float("nan")
+            return [self.ps, *self.ps.children(recursive=True)]
+        return [self.ps]
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for i, p in enumerate(self._family()):
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                if i == 0:
+                    return float("nan")
+                continue
+            total += float(t.user + t.system)
+        return total
 
     def rss_mib(self) -> float:
-        with contextlib.suppress(psutil.Error):
-            return float(self.ps.memory_info().rss) / 2**20
-        return float("nan")
+        total = 0.0
+        for i, p in enumerate(self._family()):
+            try:
+                total += float(p.memory_info().rss) / 2**20
+            except psutil.Error:
+                if i == 0:
+                    return float("nan")
+        return total
 
     def kill(self) -> None:
         """SIGKILL: the crash the offset rule must survive."""

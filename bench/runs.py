@@ -64,7 +64,7 @@ def valid_requests(count: int, seed: int = 1) -> list[PlannedRequest]:
     return mixed_requests(count, seed=seed, weights={"valid": 1}, prefix="bench")
 
 
-def _send(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
+def send_backlog(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
     produce_batch(
         settings,
         topology.REQUESTS,
@@ -73,7 +73,7 @@ def _send(settings: Settings, planned: Sequence[PlannedRequest]) -> None:
     )
 
 
-def _time_outputs(
+def time_outputs(
     settings: Settings,
     count: int,
     procs: Mapping[str, Proc],
@@ -155,6 +155,7 @@ def measure_pipeline(
     *,
     label: str,
     processes: int = 1,
+    supervised: int = 1,
     extra_env: Mapping[str, str] | None = None,
     argv: Sequence[str] | None = None,
     timeout_s: float = 900.0,
@@ -164,18 +165,21 @@ def measure_pipeline(
     discard_stdout: bool = False,
     **overrides: Any,
 ) -> Run:
-    """``processes`` real ``llmpipe worker`` processes through all stages.
+    """``processes`` real ``llmpipe worker`` commands through all stages, each running
+    ``supervised`` worker processes (``--processes``; more than 1 is a supervisor).
 
-    One process: the backlog is produced *before* it starts, so the harness's producer
-    never limits the rate and the measured window is pure draining. Several processes:
+    One worker process: the backlog is produced *before* it starts, so the harness's
+    producer never limits the rate and the measured window is pure draining. Several:
     they are started on empty topics and the backlog is produced once every group is
-    stable, so no rebalance falls inside the measured window.
+    stable with all of them, so no rebalance falls inside the measured window.
     """
     overrides.setdefault("model_timeout_s", 30.0)
-    preload = processes == 1 if preload is None else preload
+    members = processes * supervised
+    preload = members == 1 if preload is None else preload
+    extra_env = {**(extra_env or {}), "LLMPIPE_WORKER_PROCESSES": str(supervised)}
     with fresh_topics(bootstrap, model_base_url=fake.url, **overrides) as settings:
         if preload:
-            _send(settings, planned)
+            send_backlog(settings, planned)
         t0 = time.time()
         with workers(settings, processes, extra_env, argv, discard_stdout) as procs:
             named: dict[str, Proc] = {p.name: p for p in procs}
@@ -185,17 +189,13 @@ def measure_pipeline(
             if preload:
                 meter.start()
             else:
-                wait_groups_stable(
-                    settings, stage_groups(settings), processes, GROUP_JOIN_TIMEOUT_S
-                )
+                wait_groups_stable(settings, stage_groups(settings), members, GROUP_JOIN_TIMEOUT_S)
                 meter.start()
                 t0 = time.time()
-                _send(settings, planned)
+                send_backlog(settings, planned)
             if on_start is not None:
                 on_start(procs)
-            return _time_outputs(
-                settings, len(planned), named, label, timeout_s, t0, meter, sampler
-            )
+            return time_outputs(settings, len(planned), named, label, timeout_s, t0, meter, sampler)
 
 
 def measure_relay(
@@ -211,7 +211,7 @@ def measure_relay(
     thousands of messages a second the relay would otherwise just follow the producer.
     """
     with fresh_topics(bootstrap) as settings:
-        _send(settings, planned)
+        send_backlog(settings, planned)
         argv = [PYTHON, "-m", "bench.relay", "--bootstrap", bootstrap]
         argv += ["--prefix", settings.topic_prefix, "--client", client]
         t0 = time.time()
@@ -219,7 +219,7 @@ def measure_relay(
         try:
             meter = CpuMeter({"relay": relay, "broker": broker_process(bootstrap)})
             meter.start()
-            return _time_outputs(
+            return time_outputs(
                 settings, len(planned), {"relay": relay}, f"relay ({client})", timeout_s, t0, meter
             )
         finally:
