@@ -6,7 +6,8 @@ operator must be able to switch on OTLP over HTTP or gRPC, or the console, with 
 variables every other OpenTelemetry SDK reads. Recognised:
 
 ``OTEL_SDK_DISABLED``                  ``true``: no-op tracer and meter (no trace ids either)
-``OTEL_TRACES_EXPORTER``               comma list of ``otlp``, ``console``, ``none`` (default)
+``OTEL_TRACES_EXPORTER``               comma list of ``otlp``, ``console``, ``none`` (default:
+                                       spans carry trace context but are not recorded)
 ``OTEL_METRICS_EXPORTER``              ``otlp``, ``console``, ``prometheus``, ``none`` (default)
 ``OTEL_EXPORTER_OTLP_PROTOCOL``        ``http/protobuf`` (default) or ``grpc``
 ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL``  per-signal override
@@ -59,6 +60,7 @@ from opentelemetry.sdk.trace.export import (
 from pipeline.errors import LlmpipeError
 from pipeline.observability.metrics import PipelineMetrics
 from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
+from pipeline.observability.spans import PropagatingTracerProvider
 
 log = logging.getLogger("llmpipe.observability")
 
@@ -158,7 +160,9 @@ def build_telemetry(
             genai_provider=provider_name,
         )
     resource = _resource(environ)
-    tracer_provider = TracerProvider(resource=resource)
+    # Records spans only once a processor is added (see observability/spans.py): with no
+    # exporter, spans carry their context and cost a small fraction of a recorded span.
+    tracer_provider = PropagatingTracerProvider(resource=resource)
     for processor in [*span_processors, *span_processors_from_env(environ)]:
         tracer_provider.add_span_processor(processor)
     readers = [*metric_readers, *metric_readers_from_env(environ)]

@@ -1,0 +1,51 @@
+"""The default tracer provider: trace context without recording, until a processor exists."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from pipeline.observability.propagation import extract, inject
+from pipeline.observability.setup import build_telemetry
+from pipeline.observability.spans import PropagatingTracerProvider
+
+
+def test_without_an_exporter_spans_carry_context_but_record_nothing() -> None:
+    telemetry = build_telemetry({})
+    tracer = telemetry.tracer
+    with tracer.start_as_current_span("root", attributes={"a": 1}) as root:
+        assert not root.is_recording()
+        context = root.get_span_context()
+        assert context.is_valid and context.trace_flags.sampled
+        child = tracer.start_span("child")
+        assert child.get_span_context().trace_id == context.trace_id
+        assert child.get_span_context().span_id != context.span_id
+        carried = inject()
+    assert carried["traceparent"].endswith("-01")
+    assert context.trace_id != tracer.start_span("another root").get_span_context().trace_id
+
+
+def test_a_remote_parents_trace_id_flags_and_state_are_kept() -> None:
+    tracer = build_telemetry({}).tracer
+    unsampled = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    span = tracer.start_span("consume", context=extract([("traceparent", unsampled)]))
+    own = span.get_span_context()
+    assert f"{own.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert not own.trace_flags.sampled and not own.is_remote
+    parent = SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    with trace.use_span(NonRecordingSpan(parent)):
+        assert tracer.start_span("x").get_span_context().trace_flags.sampled
+
+
+def test_a_processor_added_later_makes_every_tracer_record() -> None:
+    provider = PropagatingTracerProvider()
+    early = provider.get_tracer("early")
+    assert not early.start_span("before").is_recording()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with early.start_as_current_span("after", attributes={"k": "v"}) as span:
+        assert span.is_recording()
+    (finished,) = exporter.get_finished_spans()
+    assert finished.name == "after" and dict(finished.attributes or {}) == {"k": "v"}
