@@ -161,20 +161,71 @@ def test_trace_shows_fallback_models_reasks_and_replays(kafka_bootstrap: str) ->
         assert code == 0, err
         assert "…" not in out, out
         columns = folded_columns(out)
-        assert "too_large" in columns[0] and "invoice_extract@3" in columns[2], columns
-        assert "1(1times)" in columns[4], columns
+        assert "too_large" in columns["reason"], columns
+        assert "invoice_extract@3" in columns["prompt"], columns
+        assert "1(1times)" in columns["replayed"], columns
 
 
-def folded_columns(table: str) -> list[str]:
-    """Each column's text of a Rich box table, its folded pieces joined (spaces dropped)."""
-    pieces: list[list[str]] = []
+PREVIEWS = {"expected", "got", "error/request"}
+
+
+def test_every_table_folds_identifiers_on_a_narrow_terminal(kafka_settings: Settings) -> None:
+    """Each command that prints a table, at 50 columns: no column cut (no ellipsis) but
+    those previewing long free text, and identifiers whole once a column's folded pieces
+    are joined."""
+    settings = kafka_settings
+    scope = "invoice_extract"
+    code, _, err, _ = llmpipe(
+        settings, "flags", "set", "force_review", "on", "--scope", scope, "--reason", "audit-42"
+    )
+    assert code == 0, err
+    code, _, err, _ = llmpipe(
+        settings, "prompts", "pin", "invoice_extract", "2", "--reason", "rollback-drill"
+    )
+    assert code == 0, err
+    dead = _request("narrow-table-dead-letter")
+    headers = [
+        *dead[2],
+        (h.DLQ_REASON, b"unknown_prompt_version"),
+        (h.DLQ_STAGE, b"validate"),
+        (h.DLQ_TOPIC, settings.topic(topology.REQUESTS).encode()),
+        (h.REQUEST_ID, b"narrow-table-dead-letter"),
+    ]
+    produce(settings, topology.DLQ, [(dead[0], dead[1], headers)])
+    commands = {
+        ("flags", "list"): ("flag", "force_review:invoice_extract"),
+        ("flags", "list", "--history"): ("flag", "force_review:invoice_extract"),
+        ("prompts", "pins"): ("prompt", "invoice_extract"),
+        ("prompts", "pins", "--history"): ("reason", "rollback-drill"),
+        ("dlq", "stats"): ("reason", "unknown_prompt_version"),
+        ("dlq", "inspect"): ("request id / prompt", "narrow-table-dead-letter"),
+        ("dlq", "replay", "--group", "narrow", "--dry-run"): ("request id", "narrow-table-dead"),
+        ("prompts", "test", "ticket_triage"): ("case", "enterprise slow dashboard"),
+    }
+    for args, (column, identifier) in commands.items():
+        code, out, err, took = llmpipe(settings, *args, COLUMNS="50")
+        assert code == 0, (args, err)
+        assert took < BOUND_S, args
+        columns = folded_columns(out)
+        assert identifier.replace(" ", "") in columns[column.replace(" ", "")], (args, out)
+        # Only previews of long free text (a model's answer, an error message) are shortened.
+        cut = [name for name, text in columns.items() if "…" in text and name not in PREVIEWS]
+        assert not cut, (args, cut, out)
+
+
+def folded_columns(table: str) -> dict[str, str]:
+    """The first box table in ``table``, column by column (keyed by header), each column's
+    folded pieces joined and spaces dropped: an identifier folded over lines is whole again."""
+    headers: list[str] = []
+    columns: dict[str, str] = {}
     for line in table.splitlines():
-        if not line.startswith("│"):
-            continue
-        cells = [cell.strip() for cell in line.strip("│").split("│")]
-        pieces += [[] for _ in range(len(cells) - len(pieces))]
-        for column, cell in enumerate(cells):
-            pieces[column].append(cell.replace(" ", ""))
-        if len(pieces) > len(cells):
+        if line.startswith("┃") and not columns:
+            cells = [c.replace(" ", "") for c in line.strip().strip("┃").split("┃")]
+            headers = [a + b for a, b in zip(headers or [""] * len(cells), cells, strict=True)]
+        elif line.startswith("│") and headers:
+            cells = [c.replace(" ", "") for c in line.strip().strip("│").split("│")]
+            for name, cell in zip(headers, cells, strict=True):
+                columns[name] = columns.get(name, "") + cell
+        elif line.startswith("└") and columns:
             break
-    return ["".join(p) for p in pieces]
+    return columns

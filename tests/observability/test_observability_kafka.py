@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -129,7 +130,8 @@ def send(observed: Observed, planned: list[PlannedRequest], extra: Any = ()) -> 
 def wait_until_finished(observed: Observed, keys: set[str]) -> list[ReadableSpan]:
     """Until every request (by message key) has ended its terminal consumer span.
 
-    Stage metrics are recorded inside that span, so they are complete too.
+    Spans end before their output is committed, and outcome metrics are recorded after the
+    commit: a test comparing metrics waits for those itself (see the mixed-fault test).
     """
 
     def done(spans: list[ReadableSpan]) -> bool:
@@ -321,12 +323,17 @@ def delta(after: Counter[Any], before: Counter[Any]) -> Counter[Any]:
     return Counter({k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)})
 
 
-@pytest.mark.xfail(
-    reason="known open bug: metrics are recorded when an output is committed and a few "
-    "dead letters (too_large) can be missing from the counts under load; passes alone",
-    strict=False,
-)
 def test_metrics_equal_the_ledger_of_a_mixed_fault_run(observed: Observed) -> None:
+    """Every outcome metric adds up to the ledger, exactly.
+
+    Outcome metrics are recorded once a decision's output is *committed* (so they count
+    what a ``read_committed`` reader can see), which is just after that reader can see it:
+    the ledger and the spans (which end before the commit) can be complete while the last
+    commit's metrics are still being recorded. That window, widest for the commit carrying
+    the 1.2 MB ``too_large`` dead letters, made this test fail under load. So the metrics
+    are read until they match the ledger or a deadline passes; a metric that overcounts or
+    never arrives still fails, with the difference.
+    """
     planned = mixed_requests(150, seed=105, prefix="metrics")
     captured = observed.captured
     names = (
@@ -349,25 +356,45 @@ def test_metrics_equal_the_ledger_of_a_mixed_fault_run(observed: Observed) -> No
     ledger = read_terminal(observed.settings, [p.request_id for p in planned], timeout_s=90)
     assert not ledger.missing and not ledger.duplicates
     spans = wait_until_finished(observed, {p.request_id for p in planned})
-    got = {name: delta(counters(captured, name, *keys), before[name]) for name, keys in names}
-
-    by_outcome: Counter[tuple[str, str]] = Counter()
-    for (route, source, reason), n in got[sc.REQUESTS].items():
-        by_outcome[(f"result:{source}" if route == "result" else route, reason or "-")] += n
-    assert by_outcome == ledger.reasons()
 
     routes = ledger.routes()
-    assert sum(got[sc.DEAD_LETTERS].values()) == routes["dead_letter"]
-    assert sum(got[sc.REVIEWS].values()) == routes["review"]
     via_fallback = routes["result:fallback"] + sum(
         1 for s in _reviews(ledger) if "fallback" in s.validation.checks
     )
-    assert sum(got[sc.FALLBACKS].values()) == via_fallback
-    assert got[sc.VALIDATION_FAILURES][("validate",)] == routes["dead_letter"]
-    assert got[sc.VALIDATION_FAILURES][("settle",)] == sum(
-        n for (_, reason), n in ledger.reasons().items() if reason in OUTPUT_VALIDATION_REASONS
-    )
-    assert sum(got[sc.REQUEST_DURATION].values()) == len(planned)
+    expected = {
+        "requests by outcome": dict(ledger.reasons()),
+        "dead letters": routes["dead_letter"],
+        "reviews": routes["review"],
+        "fallbacks": via_fallback,
+        "validation failures (validate)": routes["dead_letter"],
+        "validation failures (settle)": sum(
+            n for (_, reason), n in ledger.reasons().items() if reason in OUTPUT_VALIDATION_REASONS
+        ),
+        "request durations": len(planned),
+    }
+
+    def outcome_metrics() -> tuple[dict[str, Any], dict[str, Counter[Any]]]:
+        got = {name: delta(counters(captured, name, *keys), before[name]) for name, keys in names}
+        by_outcome: Counter[tuple[str, str]] = Counter()
+        for (route, source, reason), n in got[sc.REQUESTS].items():
+            by_outcome[(f"result:{source}" if route == "result" else route, reason or "-")] += n
+        return {
+            "requests by outcome": dict(by_outcome),
+            "dead letters": sum(got[sc.DEAD_LETTERS].values()),
+            "reviews": sum(got[sc.REVIEWS].values()),
+            "fallbacks": sum(got[sc.FALLBACKS].values()),
+            "validation failures (validate)": got[sc.VALIDATION_FAILURES][("validate",)],
+            "validation failures (settle)": got[sc.VALIDATION_FAILURES][("settle",)],
+            "request durations": sum(got[sc.REQUEST_DURATION].values()),
+        }, got
+
+    deadline = time.monotonic() + 30
+    metrics, got = outcome_metrics()
+    lagging = {k: (v, expected[k]) for k, v in metrics.items() if v != expected[k]}
+    while metrics != expected and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling an in-memory reader for a condition, with a deadline
+        metrics, got = outcome_metrics()
+    assert metrics == expected
 
     calls = sum(got[sc.GEN_AI_CLIENT_OPERATION_DURATION].values())
     assert calls == observed.fake.counters()["total_calls"]
@@ -381,7 +408,8 @@ def test_metrics_equal_the_ledger_of_a_mixed_fault_run(observed: Observed) -> No
     for kind, total in used.items():
         now = histogram_sum(captured, sc.GEN_AI_CLIENT_TOKEN_USAGE, **{sc.GEN_AI_TOKEN_TYPE: kind})
         assert now - tokens_before[kind] == total, kind
-    print("metrics match ledger", dict(by_outcome), "calls", calls, "tokens", used)
+    print("metrics match ledger", metrics["requests by outcome"], "calls", calls, "tokens", used)
+    print("still being recorded when the ledger was complete (metric: seen, final):", lagging)
 
 
 def _reviews(ledger: Ledger) -> list[Escalation]:
