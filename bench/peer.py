@@ -44,10 +44,12 @@ from bench.common import (
     table,
 )
 from bench.runs import Run, measure_pipeline, median_run, send_backlog, time_outputs, valid_requests
+from pipeline.config import Settings
 from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Request
 from pipeline.harness.scenarios import PlannedRequest
+from pipeline.transport.clients import KafkaClients
 
 MODEL = "gpt-4o-mini"
 SYSTEM = (
@@ -91,21 +93,14 @@ RESPONSE_FORMAT: Any = {
 
 
 async def serve(bootstrap: str, prefix: str, url: str, in_flight: int, stop: asyncio.Event) -> None:
-    from confluent_kafka import Consumer, Producer
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url, api_key="peer", max_retries=2, timeout=30.0)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"{prefix}peer",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5}
-    )
+    # Built by the project's one Kafka edge (the same librdkafka settings a team would
+    # pick: idempotent producer, acks=all, manual commits of the consumed positions).
+    clients = KafkaClients(Settings(bootstrap_servers=bootstrap))
+    consumer = clients.consumer(f"{prefix}peer", **{"enable.auto.offset.store": True})
+    producer = clients.producer()
     consumer.subscribe([prefix + topology.REQUESTS])
     loop = asyncio.get_running_loop()
 
