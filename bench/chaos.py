@@ -1031,6 +1031,7 @@ def scaling(
     latency: float = 0.5,
     max_in_flight: int = 16,
     seed: int = 22,
+    deadline_s: float | None = None,
 ) -> ChaosOutcome:
     """One worker, then a second and a third join mid-stream; then one is stopped with
     SIGTERM and another SIGKILLed. Nothing may be lost or repeated, and the other workers
@@ -1039,7 +1040,7 @@ def scaling(
 
     A small ``max_in_flight`` keeps the backlog long enough for four membership changes.
     """
-    clock = Clock()
+    clock = Clock(deadline_s)
     planned = mixed_requests(requests, seed=seed, weights=CHAOS_WEIGHTS, prefix="scale")
     env = delivery_env(mode)
     membership: list[tuple[str, float]] = []
@@ -1051,7 +1052,7 @@ def scaling(
         with _topics(settings):
             procs = {"a": _worker(settings, "scale-a", env)}
             try:
-                wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S)
+                wait_groups_stable(settings, groups, 1, clock.left(GROUP_TIMEOUT_S))
                 _produce(settings, planned)
                 clock.log(f"produced {requests} requests to worker a")
                 first_ms = int(time.time() * 1000)
@@ -1059,31 +1060,37 @@ def scaling(
 
                     def reach(share: float) -> None:
                         target = int(share * requests)
-                        wait_until(lambda: done.count() >= target, 120, f"{target} outputs")
+                        wait_until(
+                            lambda: done.count() >= target, clock.left(120), f"{target} outputs"
+                        )
 
                     reach(0.08)
                     first_ms = int(time.time() * 1000)
                     for name, share in (("b", 0.2), ("c", 0.4)):
                         procs[name] = _worker(settings, f"scale-{name}", env)
                         clock.log(f"worker {name} starts")
-                        wait_groups_stable(settings, groups, len(procs), GROUP_TIMEOUT_S)
+                        wait_groups_stable(
+                            settings, groups, len(procs), clock.left(GROUP_TIMEOUT_S)
+                        )
                         membership.append((f"{name} joined", clock.elapsed))
                         clock.log(f"{len(procs)} workers own partitions in every group")
                         reach(share)
                     code = procs.pop("a").stop()
                     clock.log(f"worker a stopped with SIGTERM (exit {code})")
-                    wait_groups_stable(settings, groups, 2, GROUP_TIMEOUT_S)
+                    wait_groups_stable(settings, groups, 2, clock.left(GROUP_TIMEOUT_S))
                     membership.append(("a left", clock.elapsed))
                     reach(0.6)
                     in_flight = fake.in_flight()
                     procs["b"].kill()
                     clock.log(f"worker b SIGKILLed ({in_flight} calls in flight)")
                     killed = procs.pop("b")
-                    wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S + 30)
+                    wait_groups_stable(settings, groups, 1, clock.left(GROUP_TIMEOUT_S + 30))
                     membership.append(("b evicted", clock.elapsed))
                     clock.log("worker c owns every partition")
                     del killed
-                ledger = _ledger(settings, planned, timeout_s=180, settle_s=3, clock=clock)
+                ledger = _ledger(
+                    settings, planned, timeout_s=clock.left(180), settle_s=3, clock=clock
+                )
                 clock.log("ledger complete" if not ledger.missing else "ledger timed out")
                 last_ms = max(
                     (s.timestamp_ms for sightings in ledger.seen.values() for s in sightings),
@@ -1124,6 +1131,7 @@ def fencing(
     latency: float = 1.0,
     in_flight: int = 40,
     seed: int = 25,
+    deadline_s: float | None = None,
 ) -> ChaosOutcome:
     """A zombie: a worker frozen (SIGSTOP) with calls in flight until its partitions have
     moved to a replacement, then resumed (SIGCONT). It must not be able to commit anything
@@ -1134,7 +1142,7 @@ def fencing(
     timeout; the zombie's calls are answered while it is frozen, so on resuming it holds
     finished work that it will try to commit.
     """
-    clock = Clock()
+    clock = Clock(deadline_s)
     planned = mixed_requests(requests, seed=seed, weights={"valid": 1}, prefix="fence")
     env = delivery_env(mode, {"LLMPIPE_GROUP_INSTANCE_ID": f"fence-{seed}"})
     with fake_model(latency) as fake:
@@ -1146,10 +1154,10 @@ def fencing(
             zombie = _worker(settings, "zombie", env)
             replacement: Proc | None = None
             try:
-                wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S)
+                wait_groups_stable(settings, groups, 1, clock.left(GROUP_TIMEOUT_S))
                 before = _members(settings, list(groups))
                 _produce(settings, planned)
-                fake.server.wait_live_in_flight(in_flight, GROUP_TIMEOUT_S)
+                fake.server.wait_live_in_flight(in_flight, clock.left(GROUP_TIMEOUT_S))
                 os.kill(zombie.pid, signal.SIGSTOP)
                 frozen = fake.server.in_flight_requests()
                 frozen_calls = sum(frozen.values())
@@ -1160,18 +1168,26 @@ def fencing(
                     now = _members(settings, list(groups))
                     return all(now.get(g) and not now[g] & before.get(g, set()) for g in groups)
 
-                wait_until(moved, GROUP_TIMEOUT_S, "every group to drop the zombie's member")
-                wait_groups_stable(settings, groups, 1, GROUP_TIMEOUT_S)
+                wait_until(
+                    moved, clock.left(GROUP_TIMEOUT_S), "every group to drop the zombie's member"
+                )
+                wait_groups_stable(settings, groups, 1, clock.left(GROUP_TIMEOUT_S))
                 clock.log("the replacement owns every partition")
-                fake.server.wait_live_in_flight(1, GROUP_TIMEOUT_S)
+                fake.server.wait_live_in_flight(1, clock.left(GROUP_TIMEOUT_S))
                 os.kill(zombie.pid, signal.SIGCONT)
                 clock.log("zombie resumed")
-                ledger = _ledger(settings, planned, timeout_s=180, settle_s=5, clock=clock)
+                ledger = _ledger(
+                    settings, planned, timeout_s=clock.left(180), settle_s=5, clock=clock
+                )
                 clock.log("ledger complete" if not ledger.missing else "ledger timed out")
                 # Fenced as a static member (a fatal consumer error), the zombie must exit
                 # non-zero by itself rather than stay up consuming nothing.
                 with contextlib.suppress(DeadlineExceeded):
-                    wait_until(lambda: not zombie.alive(), GROUP_TIMEOUT_S, "the zombie to exit")
+                    wait_until(
+                        lambda: not zombie.alive(),
+                        clock.left(GROUP_TIMEOUT_S),
+                        "the zombie to exit",
+                    )
                 zombie_alive = zombie.alive()
                 zombie_exit = zombie.popen.returncode
                 zombie_lines = zombie.log_tail(400).splitlines()
@@ -1215,6 +1231,7 @@ def model_server_restart(
     outage_fallbacks: int = 20,
     breaker_open_s: float = 2.0,
     seed: int = 23,
+    deadline_s: float | None = None,
 ) -> ChaosOutcome:
     """Kill the model server mid-stream (connections refused, calls aborted), bring it back.
 
@@ -1227,7 +1244,7 @@ def model_server_restart(
     (it is what reacts to an outage) with a short open time, so that it half-opens
     within the run.
     """
-    clock = Clock()
+    clock = Clock(deadline_s)
     planned = mixed_requests(requests, seed=seed, weights={"valid": 1}, prefix="model")
     first, second = planned[: requests // 2], planned[requests // 2 :]
     env = {"LLMPIPE_DELIVERY": mode, "LLMPIPE_BREAKER_OPEN_S": str(breaker_open_s)}
@@ -1238,13 +1255,13 @@ def model_server_restart(
         with _topics(settings):
             worker = _worker(settings, "chaos-model", env)
             try:
-                wait_groups_stable(settings, stage_groups(settings), 1, GROUP_TIMEOUT_S)
+                wait_groups_stable(settings, stage_groups(settings), 1, clock.left(GROUP_TIMEOUT_S))
                 _produce(settings, first)
                 clock.log(f"produced {len(first)} requests")
                 with TopicCounter(settings, [topology.RESULTS]) as results:
                     wait_until(
                         lambda: results.count() >= len(first) // 5 and fake.in_flight() >= 32,
-                        GROUP_TIMEOUT_S,
+                        clock.left(GROUP_TIMEOUT_S),
                         "20% of results with calls in flight",
                     )
                 in_flight = fake.in_flight()
@@ -1253,17 +1270,19 @@ def model_server_restart(
                 with TopicCounter(settings, [topology.FALLBACK]) as fallbacks:
                     wait_until(
                         lambda: fallbacks.count() >= outage_fallbacks,
-                        GROUP_TIMEOUT_S,
+                        clock.left(GROUP_TIMEOUT_S),
                         f"{outage_fallbacks} requests on the fallback path",
                     )
                 fake.start()
                 back_at = datetime.now(UTC)
                 clock.log(f"model server back on port {fake.port}")
-                canaries = _until_model_answers(settings, GROUP_TIMEOUT_S)
+                canaries = _until_model_answers(settings, clock.left(GROUP_TIMEOUT_S))
                 clock.log(f"model answers again (after {canaries} canary requests)")
                 _produce(settings, second)
                 clock.log(f"produced {len(second)} more requests")
-                ledger = _ledger(settings, planned, timeout_s=240, settle_s=2, clock=clock)
+                ledger = _ledger(
+                    settings, planned, timeout_s=clock.left(240), settle_s=2, clock=clock
+                )
                 clock.log("ledger complete" if not ledger.missing else "ledger timed out")
                 alive = worker.alive()
             finally:

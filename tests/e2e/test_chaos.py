@@ -14,12 +14,14 @@ import pytest
 from bench import chaos
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+# Inside pytest's 300 s per test: a stuck scenario fails with its event log instead.
+DEADLINE_S = 270.0
 
 
 def test_scaling_up_and_down_under_load_loses_and_repeats_nothing(kafka_bootstrap: str) -> None:
     """One worker; a second and a third join mid-stream; one leaves with SIGTERM, one is
     SIGKILLed. Cooperative rebalancing: the others keep producing meanwhile."""
-    outcome = chaos.scaling(kafka_bootstrap, "exactly_once", requests=1_200)
+    outcome = chaos.scaling(kafka_bootstrap, "exactly_once", requests=1_200, deadline_s=DEADLINE_S)
     why = outcome.explain()
     print(why)
     assert outcome.missing == 0, why
@@ -35,7 +37,7 @@ def test_scaling_up_and_down_under_load_loses_and_repeats_nothing(kafka_bootstra
 def test_a_zombie_worker_cannot_commit_after_its_partitions_moved(kafka_bootstrap: str) -> None:
     """SIGSTOP a busy worker until a replacement owns its partitions, then SIGCONT it: its
     finished work must be fenced off, and the replacement's redo is the only copy."""
-    outcome = chaos.fencing(kafka_bootstrap, "exactly_once", requests=500)
+    outcome = chaos.fencing(kafka_bootstrap, "exactly_once", requests=500, deadline_s=DEADLINE_S)
     why = outcome.explain()
     print(why)
     assert outcome.details["zombie_calls_in_flight_when_frozen"] >= 30, why
@@ -55,7 +57,9 @@ def test_a_zombie_worker_cannot_commit_after_its_partitions_moved(kafka_bootstra
 
 
 def test_model_server_dies_and_comes_back(kafka_bootstrap: str) -> None:
-    outcome = chaos.model_server_restart(kafka_bootstrap, "exactly_once", requests=400)
+    outcome = chaos.model_server_restart(
+        kafka_bootstrap, "exactly_once", requests=400, deadline_s=DEADLINE_S
+    )
     why = outcome.explain()
     print(why)
     assert outcome.missing == 0, why

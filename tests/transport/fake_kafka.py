@@ -93,6 +93,8 @@ class FakeBroker:
     # raises the second while it is set.
     committed_failures: list[KafkaError] = field(default_factory=list)
     committed_unreadable: KafkaError | None = None
+    # Next init_transactions calls raise these (then the list is popped).
+    init_failures: list[KafkaError] = field(default_factory=list)
     # Consumer offset commits (at_least_once) fail with this while it is set.
     offset_commit_error: KafkaError | None = None
     # The next consume() returns a message carrying this error (a fatal consumer error).
@@ -289,6 +291,8 @@ class FakeProducer:
         return 0
 
     def init_transactions(self, timeout: float = -1) -> None:
+        if self.broker.init_failures:
+            raise KafkaException(self.broker.init_failures.pop(0))
         with self.broker.lock:
             self.epoch = self.broker.epochs.get(self.tid, 0) + 1
             self.broker.epochs[self.tid] = self.epoch

@@ -287,10 +287,22 @@ def test_a_new_owner_skips_what_the_commit_metadata_records_as_done() -> None:
 # -- transactions: aborted means invisible, then redone once ----------------------------------
 
 
-def test_an_aborted_transaction_is_invisible_and_its_batch_is_retried_once() -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        KafkaError(KafkaError._FENCED, "fenced", txn_requires_abort=True),
+        # A fatal producer error (fenced by the broker's transaction timeout after an
+        # outage): the producer is rebuilt, the worker goes on.
+        KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True),
+    ],
+    ids=["abortable", "fatal"],
+)
+def test_an_aborted_transaction_is_invisible_and_its_batch_is_retried_once(
+    failure: KafkaError,
+) -> None:
     broker = FakeBroker()
     ids = fill(broker, P0, 20)
-    broker.commit_failures.append(KafkaError(KafkaError._FENCED, "fenced", txn_requires_abort=True))
+    broker.commit_failures.append(failure)
     calls: Counter[int] = Counter()
 
     async def handler(message: Inbound) -> Decision:
@@ -704,3 +716,24 @@ def test_at_least_once_work_delivered_while_commits_failed_is_not_redone_on_reas
     asyncio.run(main())
     assert set(calls.values()) == {1}, "nothing redone"
     assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
+
+
+def test_a_transactional_producer_that_cannot_start_stops_the_runner_with_a_fatal_error() -> None:
+    """A non-retriable init_transactions failure (say, a transactional.id the ACLs
+    refuse) cannot be fixed by retrying: the worker exits instead of idling."""
+    broker = FakeBroker()
+    fill(broker, P0, 5)
+    broker.init_failures.append(
+        KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "not authorised", fatal=True)
+    )
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(FakeClients(broker, [P0]), handler)
+        with pytest.raises(KafkaFatalError, match="cannot start"):
+            await asyncio.wait_for(runner.run(asyncio.Event()), 30)
+
+    asyncio.run(main())
+    assert broker.outputs == [] and P0 not in broker.committed
