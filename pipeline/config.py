@@ -144,8 +144,21 @@ class Settings(BaseSettings):
 
     prompts_dir: Path = Field(REPO_ROOT / "prompts", description="Directory of prompt files.")
     topics_dir: Path = Field(REPO_ROOT / "topics", description="Directory of topic declarations.")
-    output_format: Literal["avro", "json"] = Field(
-        "avro", description="Encoding of produced messages."
+    output_format: Literal["avro", "json", "confluent"] = Field(
+        "avro",
+        description="Encoding of produced messages; confluent: Avro in the Confluent wire "
+        "format with Schema Registry ids (needs LLMPIPE_SCHEMA_REGISTRY_URL).",
+    )
+    schema_registry_url: str | None = Field(
+        None,
+        description="Confluent-compatible Schema Registry: `topics apply` registers and checks "
+        "each topic's `<topic>-value` subject; Confluent frames are read by their schema id.",
+    )
+    schema_registry_basic_auth: SecretStr | None = Field(
+        None, description="Schema Registry credentials, `user:password` (HTTP basic)."
+    )
+    schema_registry_cafile: Path | None = Field(
+        None, description="CA certificates (PEM) for an HTTPS Schema Registry."
     )
 
     max_in_flight: int = Field(
@@ -201,7 +214,7 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}llmpipe.{name}"
 
     @model_validator(mode="after")
-    def _kafka_security_complete(self) -> Settings:
+    def _connections_complete(self) -> Settings:
         """A half-configured security setting is an error at start, in one line naming the
         variable, not a client that retries a handshake forever."""
         sasl = self.security_protocol.startswith("SASL_")
@@ -235,12 +248,15 @@ class Settings(BaseSettings):
                 f"LLMPIPE_SECURITY_PROTOCOL={self.security_protocol} with SASL mechanism "
                 f"{mechanism} needs {', '.join(missing)}"
             )
+        if self.output_format == "confluent" and not self.schema_registry_url:
+            raise ValueError("LLMPIPE_OUTPUT_FORMAT=confluent needs LLMPIPE_SCHEMA_REGISTRY_URL")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("mTLS needs both LLMPIPE_SSL_CERTFILE and LLMPIPE_SSL_KEYFILE")
         for name, path in (
             ("LLMPIPE_SSL_CAFILE", self.ssl_cafile),
             ("LLMPIPE_SSL_CERTFILE", self.ssl_certfile),
             ("LLMPIPE_SSL_KEYFILE", self.ssl_keyfile),
+            ("LLMPIPE_SCHEMA_REGISTRY_CAFILE", self.schema_registry_cafile),
         ):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}={path}: no such file")

@@ -92,9 +92,14 @@ def topics_plan(
         out.print(f"{change.action:15} {change.topic}: {change.detail}")
     for problem in result.errors:
         err.print(f"[red]refused[/red] {problem}")
-    if result.empty:
+    subjects, refused = _plan_subjects()
+    for subject in subjects:
+        out.print(f"{subject.action:15} {subject.subject}: {subject.detail}")
+    for problem in refused:
+        err.print(f"[red]refused[/red] {problem}")
+    if result.empty and not subjects and not refused:
         out.print("no changes: the cluster matches the topic files")
-    if result.errors:
+    if result.errors or refused:
         raise typer.Exit(1)
 
 
@@ -108,8 +113,33 @@ def topics_apply(
     result = apply(_admin(), _specs(topics_dir), settings().topic_prefix)
     for change in result.changes:
         out.print(f"{change.action:15} {change.topic}: {change.detail}")
-    if result.empty:
+    subjects = _apply_subjects()
+    for subject in subjects:
+        out.print(f"{subject.action:15} {subject.subject}: {subject.detail}")
+    if result.empty and not subjects:
         out.print("no changes: the cluster matches the topic files")
+
+
+def _plan_subjects() -> tuple[list[Any], list[str]]:
+    """The Schema Registry half of `topics plan` (nothing without LLMPIPE_SCHEMA_REGISTRY_URL)."""
+    from pipeline.contract.codec import Codec
+    from pipeline.transport.registry import plan_subjects, registry_client
+
+    s = settings()
+    if not s.schema_registry_url:
+        return [], []
+    return plan_subjects(registry_client(s), Codec(), s.topic_prefix)
+
+
+def _apply_subjects() -> list[Any]:
+    """Register each topic's `<topic>-value` subject once the registry says compatible."""
+    from pipeline.contract.codec import Codec
+    from pipeline.transport.registry import apply_subjects, registry_client
+
+    s = settings()
+    if not s.schema_registry_url:
+        return []
+    return apply_subjects(registry_client(s), Codec(), s.topic_prefix)
 
 
 @app.command()

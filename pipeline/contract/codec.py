@@ -3,16 +3,22 @@
 Outputs are Avro by default because the schemas are the contract; JSON is offered because
 many upstream services cannot speak Avro. Decoding never raises anything but
 :class:`DecodeError`, so a stage can turn any bad input into a dead letter with a reason.
+
+The Confluent wire format (magic byte, schema id, Avro body) goes through a
+:class:`SchemaWire`, a Schema Registry at the Kafka edge (``pipeline.transport.registry``):
+it writes the registered schema's id, and reads a frame with the schema its id names (the
+writer's), resolved against this codec's schema of the envelope (the reader's), so a
+producer on an older or newer compatible schema is read correctly. Without a wire the
+Confluent frame is read with the local schema, its id unchecked.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import fastavro
 import orjson
@@ -56,6 +62,18 @@ def load_schemas(directory: Path = DEFAULT_SCHEMAS_DIR) -> dict[str, dict[str, A
     return raw
 
 
+class SchemaWire(Protocol):
+    """Confluent frames against a Schema Registry, per envelope schema (full name)."""
+
+    def encode(self, name: str, record: dict[str, Any]) -> bytes:
+        """The frame for an Avro ``record`` of schema ``name``: magic byte, the id the
+        registry gave that schema, the body."""
+
+    def decode(self, name: str, data: bytes) -> Any:
+        """The record in frame ``data``, read with the writer's schema (found by the id in
+        the frame) and resolved against the local schema ``name``."""
+
+
 class Codec:
     """Encodes and decodes every envelope type with one set of schemas."""
 
@@ -63,7 +81,7 @@ class Codec:
         self,
         schemas: Mapping[str, dict[str, Any]] | None = None,
         output_format: OutputFormat = "avro",
-        schema_id_for: Callable[[str], int] | None = None,
+        wire: SchemaWire | None = None,
     ) -> None:
         self._raw = dict(schemas if schemas is not None else load_schemas())
         self._parsed = _parse_all(self._raw)
@@ -74,12 +92,15 @@ class Codec:
             name: _converter(schema, self._raw, False) for name, schema in self._raw.items()
         }
         self.output_format = output_format
-        if output_format == "confluent" and schema_id_for is None:
-            raise ValueError("the Confluent wire format needs a schema id source")
-        self._schema_id_for = schema_id_for
+        if output_format == "confluent" and wire is None:
+            raise ValueError("the Confluent wire format needs a Schema Registry")
+        self._wire = wire
 
     def schema_name(self, cls: type[Envelope]) -> str:
         return f"llmpipe.{cls.__name__}"
+
+    def registry_schema(self, name: str) -> dict[str, Any]:
+        return registry_schema(self._raw, name)
 
     def encode(self, envelope: Envelope) -> tuple[bytes, str]:
         """Return the bytes and the content type to put in the ``content-type`` header."""
@@ -87,13 +108,12 @@ class Codec:
             return envelope.model_dump_json().encode(), JSON
         name = self.schema_name(type(envelope))
         record = self._to_avro[name](envelope.model_dump())
-        buffer = io.BytesIO()
         if self.output_format == "confluent":
-            assert self._schema_id_for is not None
-            buffer.write(struct.pack(">bI", CONFLUENT_MAGIC, self._schema_id_for(name)))
+            assert self._wire is not None
+            return self._wire.encode(name, record), CONFLUENT_AVRO
+        buffer = io.BytesIO()
         fastavro.schemaless_writer(buffer, self._parsed[name], record)
-        content_type = CONFLUENT_AVRO if self.output_format == "confluent" else AVRO
-        return buffer.getvalue(), content_type
+        return buffer.getvalue(), AVRO
 
     def decode_fields(
         self, data: bytes, cls: type[Envelope], content_type: str | None = None
@@ -116,10 +136,13 @@ class Codec:
                 if len(data) < 5:
                     raise DecodeError("decode_error", "Confluent frame shorter than 5 bytes")
                 body = data[5:]
-            stream = io.BytesIO(body)
-            record = fastavro.schemaless_reader(stream, self._parsed[name], None)
-            if stream.tell() != len(body):
-                raise DecodeError("decode_error", "trailing bytes after the Avro record")
+            if kind == CONFLUENT_AVRO and self._wire is not None:
+                record = self._wire.decode(name, data)
+            else:
+                stream = io.BytesIO(body)
+                record = fastavro.schemaless_reader(stream, self._parsed[name], None)
+                if stream.tell() != len(body):
+                    raise DecodeError("decode_error", "trailing bytes after the Avro record")
             fields = self._from_avro[name](record)
             if not isinstance(fields, dict):
                 raise DecodeError("decode_error", "Avro record did not decode to an object")
@@ -165,6 +188,41 @@ def _detect(data: bytes, content_type: str | None) -> str:
     if data[:1] == bytes([CONFLUENT_MAGIC]) and len(data) >= 5:
         return CONFLUENT_AVRO
     return AVRO
+
+
+def registry_schema(raw: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """Schema ``name`` as one self-contained document, the form a Schema Registry stores:
+    every named type it refers to (``llmpipe.PromptRef``, ...) is defined inline at its
+    first use, as the Avro specification allows."""
+    inlined: dict[str, Any] = _inline(raw[name], raw, set(), "llmpipe")
+    return inlined
+
+
+def _inline(schema: Any, raw: Mapping[str, dict[str, Any]], seen: set[str], space: str) -> Any:
+    """``schema`` with references to ``raw``'s named types replaced by their definitions,
+    each at its first use only (later uses keep the name: redefining one is an error)."""
+    if isinstance(schema, str):
+        full = schema if "." in schema else f"{space}.{schema}"
+        if full in raw and full not in seen:
+            return _inline(raw[full], raw, seen, space)
+        return full if full in raw or full in seen else schema
+    if isinstance(schema, list):
+        return [_inline(branch, raw, seen, space) for branch in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if out.get("type") in ("record", "enum", "fixed") and "name" in out:
+        space = out.get("namespace", space)
+        name = out["name"]
+        seen.add(name if "." in name else f"{space}.{name}")
+    if "fields" in out:
+        out["fields"] = [{**f, "type": _inline(f["type"], raw, seen, space)} for f in out["fields"]]
+    for key in ("items", "values"):
+        if key in out:
+            out[key] = _inline(out[key], raw, seen, space)
+    if isinstance(out.get("type"), dict | list):
+        out["type"] = _inline(out["type"], raw, seen, space)
+    return out
 
 
 def _parse_all(raw: Mapping[str, dict[str, Any]]) -> dict[str, Any]:

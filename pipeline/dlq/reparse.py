@@ -23,7 +23,6 @@ from typing import Any
 from opentelemetry import trace
 
 from pipeline.config import Settings
-from pipeline.contract.codec import Codec
 from pipeline.contract.decisions import DeadLetter, Decision, Emit
 from pipeline.contract.envelopes import Completion, Escalation, Result
 from pipeline.contract.topology import COMPLETIONS, DLQ, FALLBACK, RESULTS, REVIEW
@@ -42,6 +41,7 @@ from pipeline.transport.reader import (
     reader_consumer,
     snapshot_ranges,
 )
+from pipeline.transport.registry import codec_for
 
 REPARSE_SOURCE = h.REPARSE_SOURCE
 REPARSE_REASONS = frozenset({"invalid_output", "refusal", "low_confidence"})
@@ -93,7 +93,7 @@ class ReparseSelector:
         self._control = control
         self._sources = sorted(set(sources))
         self._reasons = reasons
-        self._codec = Codec(output_format=settings.output_format)
+        self._codec = codec_for(settings)
         self._topics = {settings.topic(SOURCES[s]): SOURCES[s] for s in self._sources}
 
     @property

@@ -10,7 +10,6 @@ import socket
 import threading
 
 from pipeline.config import Settings
-from pipeline.contract.codec import Codec
 from pipeline.observability.hooks import watch_accepted_error
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.review.calibration import accepted_error_rates
@@ -18,6 +17,7 @@ from pipeline.review.kafka_io import TopicFollower, TransactionalPublisher
 from pipeline.review.model import Clock, system_clock
 from pipeline.review.service import ReviewService
 from pipeline.review.store import SqlReviewStore, StoreUnavailable, open_store
+from pipeline.transport.registry import codec_for
 
 log = logging.getLogger("llmpipe.review")
 
@@ -52,7 +52,7 @@ class ReviewRuntime:
         or generated (unique per process)."""
         self.clock = clock
         self.store: SqlReviewStore = open_store(db_url or settings.review_db)
-        codec = Codec(output_format=settings.output_format)
+        codec = codec_for(settings)
         self.follower = TopicFollower(settings, self.store, codec, clock)
         self.publisher = TransactionalPublisher(settings, self.instance)
         registry = registry or PromptRegistry.load(settings.prompts_dir)

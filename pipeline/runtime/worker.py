@@ -39,6 +39,7 @@ from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
 from pipeline.stages.validate import ContentRules, InputLimits
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
+from pipeline.transport.registry import codec_for, require_schemas
 from pipeline.transport.runner import Handler, Inbound, StageRunner
 
 log = logging.getLogger("llmpipe.worker")
@@ -91,7 +92,7 @@ class Worker:
         self.settings = settings
         self.stage_names = list(stages)
         self.registry = registry or PromptRegistry.load(settings.prompts_dir)
-        self.codec = Codec(output_format=settings.output_format)
+        self.codec = codec_for(settings)
         self.control = ControlState()
         self.redactor = Redactor()
         self.runners: list[StageRunner] = []
@@ -103,6 +104,8 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         configure_observability()  # tracing + metrics from OTEL_*; idempotent
         settings = self.settings
+        if settings.output_format == "confluent":
+            await asyncio.to_thread(require_schemas, settings)
         clients = KafkaClients(settings)
         client = resilient_client(settings, self.control, self.fleet)
         listener = ControlListener(
