@@ -10,8 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pipeline.config import Settings
 from pipeline.contract.codec import AVRO, CONFLUENT_AVRO, JSON, Codec, DecodeError
 from pipeline.contract.envelopes import Request, Result
+from pipeline.transport.registry import apply_subjects, codec_for, registry_client
 
 CODEC = Codec()
 REQUEST = Request(
@@ -39,13 +41,17 @@ def test_json_and_avro_requests_decode_to_the_same_envelope() -> None:
     assert CODEC.decode(avro_bytes, Request, AVRO) == REQUEST
 
 
-def test_confluent_wire_format_carries_the_schema_id() -> None:
-    codec = Codec(output_format="confluent", schema_id_for=lambda name: 42)
+def test_confluent_wire_format_carries_the_registered_schema_id() -> None:
+    settings = Settings(schema_registry_url="mock://codec-test", output_format="confluent")
+    client = registry_client(settings)
+    apply_subjects(client, Codec(), "")
+    codec = codec_for(settings)
     encoded, content_type = codec.encode(REQUEST)
     assert content_type == CONFLUENT_AVRO
-    assert encoded[0] == 0 and struct.unpack(">I", encoded[1:5])[0] == 42
+    registered = client.get_latest_version("llm.requests-value").schema_id
+    assert encoded[0] == 0 and struct.unpack(">I", encoded[1:5])[0] == registered
     assert codec.decode(encoded, Request) == REQUEST
-    assert CODEC.decode(encoded, Request, CONFLUENT_AVRO) == REQUEST
+    assert CODEC.decode(encoded, Request, CONFLUENT_AVRO) == REQUEST, "no registry: local schema"
 
 
 @pytest.mark.parametrize(
