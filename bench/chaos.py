@@ -1410,6 +1410,12 @@ def run(quick: bool, bootstrap: str, broker: bool = True, modes: Sequence[str] =
             outcomes += kill_run(
                 own, modes, requests, plan=plan, baseline=lambda: baseline
             ).values()
+            # Static membership through an outage longer than the session: a member fenced
+            # by it (a fatal consumer error) must exit and be restarted, not sit idle.
+            static = kill_run(own, modes, 500, plan=("outage",), static_membership=True)
+            for outcome in static.values():
+                outcome.name = "static_member_outage"
+            outcomes += static.values()
     for mode in modes:
         outcomes.append(scaling(bootstrap, mode, requests=1_500 * scale))
         outcomes.append(fencing(bootstrap, mode))
