@@ -229,3 +229,26 @@ def folded_columns(table: str) -> dict[str, str]:
         elif line.startswith("└") and columns:
             break
     return columns
+
+
+def test_the_readme_smoke_test_shows_a_model_result(kafka_bootstrap: str) -> None:
+    """The README's smoke test, run as written (its two commands, read from the README),
+    against a worker and the fake model: the journey ends in a ``source=model`` result."""
+    from tests.test_docs import documented_commands
+
+    smoke = [args for name, _, args in documented_commands() if "smoke-0304" in args]
+    assert [args[0] for args in smoke] == ["send", "trace"], smoke
+    with running_fake_llm() as fake:
+        settings = make_settings(kafka_bootstrap, model_base_url=fake.url)
+        create_topics(settings)
+        with running_worker(settings):
+            code, out, err, took = llmpipe(settings, *smoke[0])
+            assert (code, out.strip()) == (0, "smoke-0304"), err
+            assert took < BOUND_S
+            ledger = read_terminal(settings, ["smoke-0304"], timeout_s=60)
+        assert ledger.first("smoke-0304").outcome == "result:model", ledger.first("smoke-0304")
+        code, out, err, _ = llmpipe(settings, *smoke[1], COLUMNS="200")
+        assert code == 0, err
+        columns = folded_columns(out)
+        assert columns["topic"].endswith(topology.RESULTS), out
+        assert columns["detail"].endswith("source=modelstatus=ok"), out

@@ -339,7 +339,10 @@ def render(stops: Sequence[Stop], request_id: str, console: Console) -> None:
     first = stops[0].timestamp_ms
     traces = sorted({s.trace_id for s in stops if s.trace_id})
     calls = sum(1 for row in rows if not row[0])
-    summary = f"{len(stops)} messages, {calls} model calls over {stops[-1].timestamp_ms - first} ms"
+    summary = (
+        f"{len(stops)} messages, {calls} model call{'' if calls == 1 else 's'} "
+        f"over {stops[-1].timestamp_ms - first} ms"
+    )
     if len(traces) == 1:
         summary += f"; trace {traces[0]}"
     elif traces:
