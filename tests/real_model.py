@@ -33,5 +33,7 @@ def local_model() -> Iterator[LocalModelServer]:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    with running_local_model() as server:
+    # One thread: the rest of the suite runs beside these tests (tests/run-suite.sh) and
+    # keeps the other core busy; two threads would stall at llama.cpp's per-layer barrier.
+    with running_local_model(threads=1) as server:
         yield server
