@@ -18,6 +18,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jsonschema.exceptions import ValidationError as SchemaValidationError
 
 from pipeline.prompts.errors import TemplateRenderError
+from pipeline.prompts.fastcheck import certainly_valid
 from pipeline.prompts.model import PromptSpec
 from pipeline.prompts.templating import compiled
 
@@ -94,6 +95,8 @@ def input_errors(prompt: PromptSpec, variables: Mapping[str, Any]) -> list[str]:
     All errors rather than the first, sorted, so a dead-lettered event names
     every problem in a stable order.
     """
+    if certainly_valid(prompt.input_schema, variables):
+        return []
     errors: list[SchemaValidationError] = list(prompt.input_validator.iter_errors(variables))
     errors.sort(key=lambda e: (e.json_path, e.message))
     return [f"{_location(error.absolute_path)}: {error.message}" for error in errors]

@@ -17,6 +17,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from pipeline.prompts.fastcheck import certainly_valid
 from pipeline.prompts.model import PromptVersion
 
 MAX_OUTPUT_CHARS = 200_000
@@ -115,6 +116,8 @@ def _validator(schema_json: str) -> Draft202012Validator:
 
 
 def schema_errors(schema: dict[str, Any], value: Any, limit: int = 10) -> list[str]:
+    if certainly_valid(schema, value):
+        return []
     validator = _validator(json.dumps(schema, sort_keys=True))
     errors = []
     for err in sorted(validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
