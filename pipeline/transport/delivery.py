@@ -89,6 +89,8 @@ class CommitterLike(Protocol):
 
     def commit(self, *args: Any, **kwargs: Any) -> Any: ...
 
+    def committed(self, partitions: list[TopicPartition], timeout: float = ...) -> Any: ...
+
 
 def _error(exc: KafkaException) -> KafkaError | None:
     error = exc.args[0] if exc.args else None
@@ -134,6 +136,10 @@ class _Abandoned(Exception):
     """This attempt was given up by the watchdog; it must not commit anything."""
 
 
+class _OutcomeUnknown(Exception):
+    """``commit_transaction`` was sent but its answer never came: committed or not?"""
+
+
 class TransactionalDelivery:
     """Exactly-once hops: outputs and input offsets in one transaction per commit.
 
@@ -160,6 +166,13 @@ class TransactionalDelivery:
     :data:`COMMIT_DEADLINE_S`; anything else fails the batch, which the runner retries.
     A producer that cannot even be initialised for a non-retriable reason raises
     :class:`KafkaFatalError`.
+
+    A ``commit_transaction`` that was sent but never answered (the broker went away, or
+    the call hung) has an unknown outcome: the broker may have committed it. Redoing the
+    batch would then deliver it twice, so the outcome is resolved first
+    (:meth:`_resolve`): a new producer's ``init_transactions`` makes the broker finish the
+    old transaction one way or the other, and the group's committed offsets say which:
+    the batch's own offsets (position and metadata) mean it was committed.
     """
 
     mode = "exactly_once"
@@ -181,6 +194,7 @@ class TransactionalDelivery:
         self._thread = self._new_thread()
         self._attempt = 0
         self._call_since: float | None = None  # when the current librdkafka call began
+        self._committing = False  # the current call is commit_transaction
         self._failing = False
 
     @staticmethod
@@ -253,11 +267,43 @@ class TransactionalDelivery:
             except KafkaException as exc:  # a replacement producer could not start
                 self._warn(f"transactional producer unavailable ({exc}); the batch is retried")
                 return Outcome.FAILED
+            except _OutcomeUnknown as exc:
+                self._warn(f"transaction outcome unknown ({exc}); asking the broker")
+                return self._resolve(offsets, stopping)
+        committing = self._committing
         self._warn(
             f"a transactional call hangs in librdkafka after {time.monotonic() - started:.0f} s "
-            "(librdkafka#5456); replacing the producer, the batch is retried"
+            "(librdkafka#5456); replacing the producer"
         )
         self._replace()
+        return self._resolve(offsets, stopping) if committing else Outcome.FAILED
+
+    def _resolve(self, offsets: list[TopicPartition], stopping: Callable[[], bool]) -> Outcome:
+        """Committed or not: a new producer ends the old transaction on the broker, then the
+        committed offsets tell. Retried while the broker is away (nothing else can be
+        committed meanwhile); given up only when the runner stops (the batch is then
+        redone, as the limit the README names)."""
+        sent = {(tp.topic, tp.partition): (tp.offset, tp.metadata or "") for tp in offsets}
+        wanted = [TopicPartition(t, p) for t, p in sorted(sent)]
+        while sent and not stopping():
+            self._attempt += 1
+            try:
+                self._thread.submit(self._start, self._attempt).result(timeout=WATCHDOG_S)
+                committed = self._consumer.committed(wanted, timeout=CALL_TIMEOUT_S)
+            except (KafkaException, _Abandoned, concurrent.futures.TimeoutError) as exc:
+                log.debug("%sresolving a transaction's outcome: %s", self._name, exc)
+                if isinstance(exc, concurrent.futures.TimeoutError):
+                    self._replace()
+                continue
+            got = {
+                (tp.topic, tp.partition): (tp.offset, tp.metadata or "")
+                for tp in committed
+                if tp.error is None
+            }
+            if len(got) == len(sent):
+                outcome = Outcome.COMMITTED if got == sent else Outcome.FAILED
+                log.info("%sthe unanswered transaction was %s", self._name, outcome.value)
+                return outcome
         return Outcome.FAILED
 
     def _replace(self) -> None:
@@ -303,7 +349,25 @@ class TransactionalDelivery:
                 _produce(producer, out)
             if offsets:
                 call(lambda: producer.send_offsets_to_transaction(offsets, group, CALL_TIMEOUT_S))
-            call(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
+            self._committing = True
+            try:
+                call(lambda: producer.commit_transaction(CALL_TIMEOUT_S))
+            except KafkaException as exc:
+                error = _error(exc)
+                if (
+                    error is not None
+                    and error.retriable()
+                    and not error.txn_requires_abort()
+                    and not error.fatal()
+                ):
+                    with self._lock:
+                        if attempt == self._attempt:
+                            self._producer = None
+                    raise _OutcomeUnknown(str(exc)) from exc
+                raise
+            finally:
+                if attempt == self._attempt:
+                    self._committing = False
         except _Abandoned:
             return Outcome.FAILED
         except KafkaException as exc:

@@ -93,6 +93,9 @@ class FakeBroker:
     # raises the second while it is set.
     committed_failures: list[KafkaError] = field(default_factory=list)
     committed_unreadable: KafkaError | None = None
+    # This many transaction commits go through on the broker, but their answer is lost:
+    # the producer's commit_transaction times out, then and on every retry.
+    lost_commit_answers: int = 0
     # Next init_transactions calls raise these (then the list is popped).
     init_failures: list[KafkaError] = field(default_factory=list)
     # Consumer offset commits (at_least_once) fail with this while it is set.
@@ -259,6 +262,7 @@ class FakeProducer:
         self.reports: list[tuple[Callable[..., None], Produced]] = []
         self.in_txn = False
         self.aborts = 0
+        self.answer_lost = False
 
     def produce(
         self,
@@ -316,6 +320,8 @@ class FakeProducer:
         self.pending_offsets = list(positions)
 
     def commit_transaction(self, timeout: float = -1) -> None:
+        if self.answer_lost:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True))
         assert self.in_txn
         if self.owner.crashed:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "crashed", retriable=False))
@@ -327,7 +333,12 @@ class FakeProducer:
             self.broker.outputs.extend(self.pending)
             if self.pending_offsets:
                 self.broker.commit_offsets(self.pending_offsets)
+            lost = self.broker.lost_commit_answers > 0
+            self.broker.lost_commit_answers -= int(lost)
         self.pending, self.pending_offsets, self.in_txn = [], [], False
+        if lost:
+            self.answer_lost = True
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True))
 
     def abort_transaction(self, timeout: float = -1) -> None:
         self.pending, self.pending_offsets, self.in_txn = [], [], False

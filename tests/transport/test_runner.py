@@ -737,3 +737,32 @@ def test_a_transactional_producer_that_cannot_start_stops_the_runner_with_a_fata
 
     asyncio.run(main())
     assert broker.outputs == [] and P0 not in broker.committed
+
+
+def test_a_commit_whose_answer_is_lost_is_resolved_from_the_offsets_not_redone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker committed the transaction but the answer never came (it went away
+    mid-commit): redoing the batch would deliver it twice. The committed offsets say it
+    went through, so the batch counts as committed."""
+    monkeypatch.setattr(delivery_module, "COMMIT_DEADLINE_S", 0.05)
+    broker = FakeBroker()
+    ids = fill(broker, P0, 10)
+    broker.lost_commit_answers = 1
+    clients = FakeClients(broker, [P0])
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 10, "the commit")
+            await wait_for(lambda: len(clients.producers) == 2, "the resolving producer")
+            ids.extend(fill(broker, P0, 5))
+            await wait_for(lambda: committed(broker, P0)[0] == 15, "later commits")
+        assert runner.stats.failed_commits == 0
+
+    asyncio.run(main())
+    assert broker.lost_commit_answers == 0
+    assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
