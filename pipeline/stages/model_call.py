@@ -125,7 +125,8 @@ class ModelCaller:
         timeout_cap_s: float = 30.0,
         quality: QualityBreaker | None = None,
     ) -> None:
-        """``quality`` is shared with the settle stage, which records output quality."""
+        """``quality`` is fed by the settle stage's judgement of output quality: in a worker,
+        every settle worker's, through ``llm.fleet`` (:mod:`pipeline.resilience.fleet`)."""
         self._registry = registry
         self._client = client
         self._control = control

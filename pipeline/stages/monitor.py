@@ -17,8 +17,10 @@ A shift beyond ``max_shift`` raises one :class:`Shift` (the caller records a met
 logs it once) and, while it lasts, holds the version's quality breaker open, so the model
 stage stops trusting the model for that version until the shares come back.
 
-The monitor is per process (as the quality breaker is today): N workers each watch their
-own share of the traffic, which is the same distribution, with N windows.
+The monitor's window is per process: N settle workers each watch their own share of the
+traffic, which is the same distribution, with N windows. Its trip is not: in a worker the
+quality breaker is fed through ``llm.fleet`` (:mod:`pipeline.resilience.fleet`), so one
+monitor's trip holds the version open on every model-stage worker.
 """
 
 from __future__ import annotations
