@@ -109,9 +109,7 @@ class SharedSpend(Protocol):
         """What this worker had spent today before it (re)started under the same id."""
         ...
 
-    def report(
-        self, day: date, prompt: str, tokens: int, reserved: int, usd: float, reserved_usd: float
-    ) -> None:
+    def report(self, prompt: str, usage: PromptUsage) -> None:
         """This worker's day for ``prompt`` now."""
         ...
 
@@ -158,14 +156,7 @@ class BudgetedClient:
 
     def _report(self, prompt: str, usage: PromptUsage) -> None:
         if self._shared is not None:
-            self._shared.report(
-                usage.day,
-                prompt,
-                usage.spent,
-                usage.reserved,
-                usage.spent_usd,
-                usage.reserved_usd,
-            )
+            self._shared.report(prompt, usage)
 
     def _seconds_to_midnight(self) -> float:
         now = self._clock.time()

@@ -45,7 +45,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -58,6 +58,7 @@ from pipeline.resilience.breaker import (
     QualityBreaker,
     StateListener,
 )
+from pipeline.resilience.budget import PromptUsage
 from pipeline.resilience.ratelimit import Demand
 
 log = logging.getLogger("llmpipe.fleet")
@@ -350,31 +351,23 @@ class FleetShares:
 # -- budget spend -----------------------------------------------------------------------
 
 
-@dataclass
-class Spend:
-    """One worker's day for one prompt: charged and reserved, tokens and dollars."""
+def _spend_value(usage: PromptUsage) -> dict[str, Any]:
+    return {
+        "tokens": usage.spent,
+        "reserved": usage.reserved,
+        "usd": usage.spent_usd,
+        "reserved_usd": usage.reserved_usd,
+    }
 
-    tokens: int = 0
-    reserved: int = 0
-    usd: float = 0.0
-    reserved_usd: float = 0.0
 
-    def as_value(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "reserved": self.reserved,
-            "usd": self.usd,
-            "reserved_usd": self.reserved_usd,
-        }
-
-    @classmethod
-    def of(cls, value: Any) -> Spend:
-        return cls(
-            int(value.get("tokens", 0)),
-            int(value.get("reserved", 0)),
-            float(value.get("usd", 0.0)),
-            float(value.get("reserved_usd", 0.0)),
-        )
+def _spend_of(day: date, value: Any) -> PromptUsage:
+    return PromptUsage(
+        day,
+        int(value.get("tokens", 0)),
+        int(value.get("reserved", 0)),
+        float(value.get("usd", 0.0)),
+        float(value.get("reserved_usd", 0.0)),
+    )
 
 
 class FleetSpend:
@@ -388,8 +381,8 @@ class FleetSpend:
 
     def __init__(self, me: str) -> None:
         self.me = me
-        self._book: dict[tuple[date, str], dict[str, Spend]] = {}
-        self._dirty: dict[tuple[date, str], Spend] = {}
+        self._book: dict[tuple[date, str], dict[str, PromptUsage]] = {}
+        self._dirty: dict[tuple[date, str], PromptUsage] = {}
         self.on_report: Callable[[], None] | None = None
         """Called on every report: the link publishes spend within milliseconds, not at the
         next flush, so a worker killed right after reserving has still said so."""
@@ -401,32 +394,30 @@ class FleetSpend:
         if value is None:
             entry.pop(worker, None)
         else:
-            entry[worker] = Spend.of(value)
+            entry[worker] = _spend_of(day, value)
 
     def carried(self, day: date, prompt: str) -> tuple[int, float]:
         """What this worker's own key held when it started (a restart under the same id):
         its day so far, reservations of calls cut off by the restart included (they may
         have been paid for)."""
-        own = self._book.get((day, prompt), {}).get(self.me, Spend())
-        return own.tokens + own.reserved, own.usd + own.reserved_usd
+        own = self._book.get((day, prompt), {}).get(self.me, PromptUsage(day))
+        return own.spent + own.reserved, own.spent_usd + own.reserved_usd
 
     def others(self, day: date, prompt: str) -> tuple[int, float]:
         """Tokens and dollars charged or reserved today by every other worker key."""
         entry = self._book.get((day, prompt), {})
-        tokens = sum(s.tokens + s.reserved for w, s in entry.items() if w != self.me)
-        usd = sum(s.usd + s.reserved_usd for w, s in entry.items() if w != self.me)
+        tokens = sum(u.spent + u.reserved for w, u in entry.items() if w != self.me)
+        usd = sum(u.spent_usd + u.reserved_usd for w, u in entry.items() if w != self.me)
         return tokens, usd
 
-    def report(
-        self, day: date, prompt: str, tokens: int, reserved: int, usd: float, reserved_usd: float
-    ) -> None:
-        spend = Spend(tokens, reserved, usd, reserved_usd)
-        self._dirty[(day, prompt)] = spend
-        self._book.setdefault((day, prompt), {})[self.me] = spend
+    def report(self, prompt: str, usage: PromptUsage) -> None:
+        spend = replace(usage)
+        self._dirty[(usage.day, prompt)] = spend
+        self._book.setdefault((usage.day, prompt), {})[self.me] = spend
         if self.on_report is not None:
             self.on_report()
 
-    def drain(self) -> dict[tuple[date, str], Spend]:
+    def drain(self) -> dict[tuple[date, str], PromptUsage]:
         dirty, self._dirty = self._dirty, {}
         return dirty
 
@@ -492,7 +483,7 @@ class FleetState:
             out.append((key, self._event(key, {"state": state}, now)))
         for (day, prompt), spend in self.spend.drain().items():
             key = f"{SPEND}:{day.isoformat()}:{prompt}:{self.me}"
-            out.append((key, self._event(key, spend.as_value(), now)))
+            out.append((key, self._event(key, _spend_value(spend), now)))
         return out
 
     def heartbeat(self) -> Outbox:

@@ -15,6 +15,7 @@ from pipeline.resilience.breaker import (
     BreakerConfig,
     BreakerState,
 )
+from pipeline.resilience.budget import PromptUsage
 from pipeline.resilience.errors import CircuitOpen
 from pipeline.resilience.fleet import (
     EndpointNews,
@@ -175,7 +176,7 @@ def test_spend_is_the_sum_of_every_other_worker_key() -> None:
     spend.fold(day, "p", "me", {"tokens": 40, "reserved": 2})  # an earlier life of this id
     assert spend.others(day, "p") == (450, 0.75)
     assert spend.carried(day, "p") == (42, 0.0)
-    spend.report(day, "p", 50, 10, 0.0, 0.0)
+    spend.report("p", PromptUsage(day, spent=50, reserved=10))
     fleet = FleetState(
         "me", FleetQualityBreaker(), EndpointNews(ENDPOINT), FleetShares("me"), spend
     )

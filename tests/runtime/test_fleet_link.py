@@ -25,6 +25,7 @@ from pipeline.control.state import ControlState
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.llm.protocol import ChatRequest, ModelError
 from pipeline.resilience.breaker import BreakerState
+from pipeline.resilience.budget import PromptUsage
 from pipeline.resilience.configure import fleet_state, resilient_client
 from pipeline.resilience.fleet import FleetState
 from pipeline.resilience.stack import ResilientClient
@@ -101,7 +102,7 @@ def test_quality_outcomes_leases_and_spend_travel_between_workers(
                 lambda: gate.state.quality.state("p@1") is BreakerState.OPEN, "the open breaker"
             )
             day = datetime.now(UTC).date()
-            judge.state.spend.report(day, "p", 700, 50, 0.0, 0.0)
+            judge.state.spend.report("p", PromptUsage(day, spent=700, reserved=50))
             spend = await until(lambda: gate.state.spend.others(day, "p") == (750, 0.0), "spend")
             judge.stop.set()  # a clean stop deletes the lease at once
             left = await until(lambda: gate.state.shares.members() == ["gate"], "the tombstone")
