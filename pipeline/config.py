@@ -205,6 +205,23 @@ class Settings(BaseSettings):
         "flag", description="What to do when variables contain personal data."
     )
 
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the worker's /healthz, /readyz and /metrics (unset: not served; "
+        "0: any free port, logged).",
+    )
+    health_host: str = Field(
+        "127.0.0.1", description="Address those endpoints listen on (0.0.0.0 in a container)."
+    )
+    health_stale_s: float = Field(
+        15.0,
+        gt=0,
+        description="/healthz fails once the worker's event loop has not run for this long "
+        "(a wedged loop: the orchestrator restarts the process).",
+    )
+
     review_db: str = Field("sqlite:///llmpipe-review.db", description="Review queue database URL.")
 
     def topic(self, name: str) -> str:

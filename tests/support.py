@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 from pipeline.config import Settings
 from pipeline.harness.environment import worker_environment
@@ -81,15 +81,18 @@ def running_worker(
 
 @contextmanager
 def worker_process(
-    settings: Settings, *extra_env: tuple[str, str]
+    settings: Settings, *extra_env: tuple[str, str], log: IO[bytes] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``llmpipe worker`` as a real OS process, the way an operator runs it."""
+    """``llmpipe worker`` as a real OS process, the way an operator runs it.
+
+    Its log goes to ``log`` when given (a long run must not fill a pipe nobody reads),
+    else to ``process.stderr``."""
     env = {**os.environ, **worker_environment(settings), **dict(extra_env)}
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "worker"],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log if log is not None else subprocess.PIPE,
     )
     try:
         yield process

@@ -13,14 +13,20 @@ variables every other OpenTelemetry SDK reads. Recognised:
 ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL``  per-signal override
 ``OTEL_EXPORTER_OTLP_ENDPOINT``        base URL; ``/v1/traces`` is appended for HTTP
 ``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT``  per-signal URL, used as is
-``OTEL_EXPORTER_PROMETHEUS_HOST|PORT`` scrape endpoint (default ``localhost:9464``)
+``OTEL_EXPORTER_PROMETHEUS_HOST|PORT`` scrape endpoint (default ``localhost:9464``) of a
+                                       process that serves no endpoints of its own (a worker
+                                       with ``LLMPIPE_HEALTH_PORT`` serves ``/metrics`` there)
 ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``,
 ``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_EXPORTER_OTLP_HEADERS`` ...: read by the SDK itself.
 ``LLMPIPE_TRACE_CONTENT``              ``true`` records prompts and completions, redacted
 ``LLMPIPE_GENAI_PROVIDER``             ``gen_ai.provider.name`` (default ``openai``)
 
-The Prometheus reader needs ``opentelemetry-exporter-prometheus`` (not a dependency);
-without it the worker logs one warning and carries on.
+The Prometheus reader is the SDK's pull reader on a registry of this telemetry's own: it
+aggregates what the instruments record and builds the text only when scraped
+(:mod:`pipeline.observability.endpoints` serves it).
+
+Every provider's resource carries ``service.instance.id``: a new UUID per process unless
+``OTEL_RESOURCE_ATTRIBUTES`` names one, so two replicas never export identical series.
 
 One :class:`Telemetry` is current per process. ``configure_observability()`` builds it from
 the environment on first use and also installs it as the OpenTelemetry global, so any
@@ -30,17 +36,18 @@ one (tests, the overhead benchmark) without touching the globals, which can be s
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -56,8 +63,10 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from prometheus_client import CollectorRegistry
 
 from pipeline.errors import LlmpipeError
+from pipeline.observability import endpoints
 from pipeline.observability.metrics import PipelineMetrics
 from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
 from pipeline.observability.spans import PropagatingTracerProvider
@@ -69,6 +78,7 @@ DEFAULT_SERVICE_NAME = "llmpipe"
 HTTP_PROTOCOL = "http/protobuf"
 GRPC_PROTOCOL = "grpc"
 TRUE = frozenset({"1", "true", "yes", "on"})
+INSTANCE_ID = "service.instance.id"
 
 
 class ObservabilityConfigError(LlmpipeError, ValueError):
@@ -84,6 +94,8 @@ class Telemetry:
     trace_content: bool = False
     genai_provider: str = "openai"
     redactor: Redactor = field(default_factory=lambda: DEFAULT_REDACTOR)
+    prometheus: CollectorRegistry | None = None
+    """What ``/metrics`` serves: set when a :class:`PrometheusReader` is among the readers."""
     tracer: trace.Tracer = field(init=False)
     metrics: PipelineMetrics = field(init=False)
 
@@ -118,6 +130,9 @@ def current() -> Telemetry:
     return telemetry if telemetry is not None else configure_observability()
 
 
+endpoints.set_registry_source(lambda: current().prometheus)
+
+
 def install(telemetry: Telemetry) -> Telemetry | None:
     """Make ``telemetry`` current; returns the previous one so a test can put it back."""
     global _current
@@ -140,7 +155,19 @@ def configure_observability(environ: Mapping[str, str] | None = None) -> Telemet
         if isinstance(telemetry.meter_provider, MeterProvider):
             otel_metrics.set_meter_provider(telemetry.meter_provider)
         _current = telemetry
-        return telemetry
+    serve_prometheus(telemetry, os.environ if environ is None else environ)
+    return telemetry
+
+
+def serve_prometheus(telemetry: Telemetry, environ: Mapping[str, str]) -> None:
+    """The scrape endpoint of a process that serves no endpoints of its own (a worker with
+    ``LLMPIPE_HEALTH_PORT`` already serves ``/metrics`` there)."""
+    if telemetry.prometheus is None or endpoints.serving():
+        return
+    endpoints.serve(
+        environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost"),
+        int(environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464")),
+    )
 
 
 def build_telemetry(
@@ -167,16 +194,32 @@ def build_telemetry(
         tracer_provider.add_span_processor(processor)
     readers = [*metric_readers, *metric_readers_from_env(environ)]
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    scraped = [r.registry for r in readers if isinstance(r, PrometheusReader)]
     return Telemetry(
-        tracer_provider, meter_provider, trace_content=content, genai_provider=provider_name
+        tracer_provider,
+        meter_provider,
+        trace_content=content,
+        genai_provider=provider_name,
+        prometheus=scraped[0] if scraped else None,
     )
 
 
 def _resource(environ: Mapping[str, str]) -> Resource:
     """``Resource.create`` reads OTEL_SERVICE_NAME/OTEL_RESOURCE_ATTRIBUTES from os.environ;
-    we pass the service name explicitly so a test's ``environ`` wins too."""
+    we pass the service name and instance id explicitly so a test's ``environ`` wins too.
+
+    The instance id is made here, when the process builds its telemetry, not at import:
+    worker processes forked from one parent must not share it.
+    """
     name = environ.get("OTEL_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME
-    return Resource.create({"service.name": name})
+    instance = _resource_attributes(environ).get(INSTANCE_ID) or str(uuid.uuid4())
+    return Resource.create({"service.name": name, INSTANCE_ID: instance})
+
+
+def _resource_attributes(environ: Mapping[str, str]) -> dict[str, str]:
+    """``OTEL_RESOURCE_ATTRIBUTES`` as the specification writes it: ``k=v,k2=v2``."""
+    pairs = (item.split("=", 1) for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))
+    return {k.strip(): v.strip() for k, *rest in pairs for v in rest if k.strip()}
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:
@@ -271,9 +314,7 @@ def metric_readers_from_env(environ: Mapping[str, str]) -> list[MetricReader]:
         elif name == "console":
             readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
         elif name == "prometheus":
-            reader = prometheus_reader(environ)
-            if reader is not None:
-                readers.append(reader)
+            readers.append(PrometheusReader())
         else:
             raise ObservabilityConfigError(
                 f"OTEL_METRICS_EXPORTER={name!r} is not supported; "
@@ -282,22 +323,11 @@ def metric_readers_from_env(environ: Mapping[str, str]) -> list[MetricReader]:
     return readers
 
 
-def prometheus_reader(environ: Mapping[str, str]) -> MetricReader | None:
-    """A scrape endpoint, only when the optional packages are installed.
+class PrometheusReader(PrometheusMetricReader):
+    """The SDK's Prometheus reader on a registry of its own, not prometheus_client's
+    global one: ``/metrics`` serves exactly this telemetry's instruments, and a test (or
+    the overhead benchmark) can build several telemetries side by side."""
 
-    Imported by name so that neither mypy nor the import system needs them to exist.
-    """
-    try:
-        exporter: Any = importlib.import_module("opentelemetry.exporter.prometheus")
-        client: Any = importlib.import_module("prometheus_client")
-    except ImportError:
-        log.warning(
-            "OTEL_METRICS_EXPORTER=prometheus needs opentelemetry-exporter-prometheus; "
-            "metrics are not served"
-        )
-        return None
-    host = environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost")
-    port = int(environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464"))
-    client.start_http_server(port=port, addr=host)
-    reader: MetricReader = exporter.PrometheusMetricReader()
-    return reader
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__(registry=self.registry)

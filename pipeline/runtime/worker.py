@@ -3,6 +3,9 @@
 Each stage is its own consumer group on its own input topic, so stages can run together in
 one process (the default, simplest to operate) or be scaled separately, e.g. more model
 workers than validators.
+
+With ``LLMPIPE_HEALTH_PORT`` set the process serves ``/healthz``, ``/readyz`` and
+``/metrics`` (:mod:`pipeline.runtime.health` says what they check).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pipeline.control.burn_in import KafkaBurnInLedger, start_burn_in_ledger
 from pipeline.control.listener import ControlListener
 from pipeline.control.state import ControlState
 from pipeline.errors import did_you_mean
-from pipeline.observability import configure_observability
+from pipeline.observability import configure_observability, endpoints
 from pipeline.observability.hooks import record_distribution_shift
 from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
@@ -34,6 +37,7 @@ from pipeline.resilience.configure import fleet_state, quality_breaker, resilien
 from pipeline.resilience.fleet import FleetState, worker_id
 from pipeline.resilience.stack import ResilientClient
 from pipeline.runtime.fleet import FleetLink
+from pipeline.runtime.health import Heartbeat, WorkerReadiness
 from pipeline.stages.monitor import DistributionMonitor
 from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
 from pipeline.stages.validate import ContentRules, InputLimits
@@ -102,15 +106,30 @@ class Worker:
             self.fleet = fleet_state(settings, worker_id(settings.group_instance_id))
 
     async def run(self, stop: asyncio.Event) -> None:
-        configure_observability()  # tracing + metrics from OTEL_*; idempotent
+        clients = KafkaClients(self.settings)
+        readiness = WorkerReadiness(clients, self.settings.topic(topology.CONTROL))
+        # Before the telemetry: a Prometheus reader then finds its server already running.
+        server = self._serve_endpoints(readiness, stop)
+        try:
+            await self._run(stop, clients, readiness)
+        finally:
+            stop.set()
+            if server is not None:
+                await server
+
+    async def _run(
+        self, stop: asyncio.Event, clients: KafkaClients, readiness: WorkerReadiness
+    ) -> None:
         settings = self.settings
+        configure_observability()  # tracing + metrics from OTEL_*; idempotent
         if settings.output_format == "confluent":
             await asyncio.to_thread(require_schemas, settings)
-        clients = KafkaClients(settings)
         client = resilient_client(settings, self.control, self.fleet)
         listener = ControlListener(
             settings.topic(topology.CONTROL), self.control, self.codec, clients
         )
+        readiness.control_read = listener.ready.is_set
+        readiness.stopping = stop.is_set
         control_task = asyncio.create_task(listener.run(stop))
         background = [control_task]
         burn_in: KafkaBurnInLedger | None = None
@@ -144,6 +163,7 @@ class Worker:
                 )
                 for name in self.stage_names
             ]
+            readiness.members = self.runners
             tasks = [asyncio.create_task(r.run(stop)) for r in self.runners]
             await asyncio.gather(*tasks, *background)
         finally:
@@ -156,6 +176,27 @@ class Worker:
             await client.aclose()
             if burn_in is not None:
                 await asyncio.to_thread(burn_in.stop)
+
+    def _serve_endpoints(
+        self, readiness: WorkerReadiness, stop: asyncio.Event
+    ) -> asyncio.Task[None] | None:
+        """Start the endpoints and the heartbeat; the task they return ends with the worker
+        and closes the server (``None``: no ``LLMPIPE_HEALTH_PORT``, nothing served)."""
+        s = self.settings
+        if s.health_port is None:
+            return None
+        server = endpoints.serve(s.health_host, s.health_port)
+        heartbeat = Heartbeat(s.health_stale_s)
+        endpoints.set_checks(liveness=heartbeat.verdict, readiness=readiness)
+
+        async def serve() -> None:
+            try:
+                await heartbeat.run(stop)
+            finally:
+                endpoints.set_checks()
+                await asyncio.to_thread(endpoints.stop, server)
+
+        return asyncio.create_task(serve(), name="endpoints")
 
     async def _burn_in(self) -> KafkaBurnInLedger | None:
         """The fleet-wide burn-in counter, when this worker settles a version that has one."""

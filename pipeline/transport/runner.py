@@ -234,6 +234,9 @@ class StageRunner:
         self._last_commit = 0.0
         self.stats = RunnerStats()
         self.started = asyncio.Event()
+        # In the group: given its share (possibly none: more members than partitions) and
+        # not lost since. Set on the Kafka thread, read by /readyz's thread.
+        self.joined = False
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -414,6 +417,7 @@ class StageRunner:
 
     def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Read the committed offsets with their metadata: what an earlier owner finished."""
+        self.joined = True
         if not partitions:
             return
         self._call_loop(self._assigned(self._read_committed(consumer, partitions)))
@@ -479,6 +483,7 @@ class StageRunner:
 
     def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Partitions already owned by someone else: nothing may be committed for them."""
+        self.joined = False  # out of the group until it rejoins and is assigned again
         lost = {(tp.topic, tp.partition) for tp in partitions} & self._owned
         if lost:
             log.warning(

@@ -188,20 +188,6 @@ def test_console_metrics_and_grpc_metrics_and_bad_values() -> None:
         )
 
 
-def test_prometheus_without_the_package_warns_and_carries_on(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    try:
-        import prometheus_client  # noqa: F401
-
-        pytest.skip("prometheus_client is installed here")
-    except ImportError:
-        pass
-    with caplog.at_level(logging.WARNING):
-        assert metric_readers_from_env({"OTEL_METRICS_EXPORTER": "prometheus"}) == []
-    assert "opentelemetry-exporter-prometheus" in caplog.text
-
-
 def test_sdk_disabled_and_content_switch() -> None:
     off = build_telemetry({"OTEL_SDK_DISABLED": "true", "LLMPIPE_TRACE_CONTENT": "true"})
     assert not off.tracer.start_span("x").is_recording() and off.trace_content is False
