@@ -229,6 +229,7 @@ class StageRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{stage}")
         self._stopping = False
+        self._fatal: KafkaFatalError | None = None  # found in a rebalance callback
         self._lag: list[tuple[dict[str, str | int], int]] = []
         self._last_lag_sample = 0.0
         self._last_commit = 0.0
@@ -381,6 +382,8 @@ class StageRunner:
                 messages = [first]
                 if count > 1:
                     messages += consumer.consume(count - 1, 0)
+        if self._fatal is not None:
+            raise self._fatal
         self._sample_lag(consumer, owned)
         if not messages and owned and self._clients.health.probe_due():
             self._probe(consumer, owned[0])
@@ -420,7 +423,15 @@ class StageRunner:
         self.joined = True
         if not partitions:
             return
-        self._call_loop(self._assigned(self._read_committed(consumer, partitions)))
+        try:
+            committed = self._read_committed(consumer, partitions)
+        except KafkaFatalError as exc:
+            # Raised after poll() returns, not through librdkafka's callback machinery
+            # (an exception escaping a rebalance callback taints later client calls,
+            # confluent-kafka-python#729); the partitions are never marked as owned.
+            self._fatal = exc
+            return
+        self._call_loop(self._assigned(committed))
 
     def _read_committed(
         self, consumer: ConsumerLike, partitions: list[TopicPartition]
