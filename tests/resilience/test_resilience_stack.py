@@ -94,6 +94,13 @@ async def test_breaker_counts_attempts_cuts_retries_and_the_chain_skips_it() -> 
     first = await client.complete(req("a"), models=["a", "b"])
     a, b = fleet.by_url["http://a/v1"], fleet.by_url["http://b/v1"]
     assert (first.model, first.attempts, a.calls) == ("b", 4, 3)
+    # Every try is on the answer, in order: what `llmpipe trace` shows.
+    assert [(c.model, c.attempt, c.outcome) for c in first.calls] == [
+        ("a", 1, "server_error"),
+        ("a", 2, "server_error"),
+        ("a", 3, "server_error"),
+        ("b", 1, "ok"),
+    ]
     assert transitions == []  # three failed calls: fewer than min_calls
 
     # The 4th failed call opens a's circuit; the retry's next attempt meets the open
@@ -104,6 +111,10 @@ async def test_breaker_counts_attempts_cuts_retries_and_the_chain_skips_it() -> 
 
     third = await client.complete(req("a"), models=["a", "b"])
     assert (third.model, third.attempts, a.calls) == ("b", 1, 4)  # skipped, not called
+    assert [(c.model, c.attempt, c.outcome) for c in third.calls] == [
+        ("a", 0, "skipped:circuit_open"),
+        ("b", 1, "ok"),
+    ]
     assert client.chain.skipped[("a", "circuit_open")] == 1
     assert client.breakers.states()["a"] is BreakerState.OPEN
     assert b.calls == 3
@@ -170,6 +181,10 @@ async def test_disabled_endpoint_is_skipped_and_all_failed_is_reported() -> None
         "b": "client_error: 401",
     }
     assert caught.value.attempts == 1
+    assert [(c.model, c.attempt, c.outcome) for c in caught.value.calls] == [
+        ("a", 0, "skipped:disabled"),
+        ("b", 1, "client_error"),
+    ]
 
 
 async def test_budget_refuses_before_any_call_and_charges_the_answering_model() -> None:
@@ -289,6 +304,10 @@ async def test_with_every_circuit_open_requests_are_held_until_a_probe_closes_on
     answers = await asyncio.gather(*held)  # without the clock moving
     assert [answer.model for answer in answers] == ["a"] * 5
     assert (a.calls, b.calls) == (7, 2)
+    # A held request's answer lists the call that answered it, not a skip per re-check.
+    assert {tuple((c.model, c.outcome) for c in answer.calls) for answer in answers} == {
+        (("a", "ok"),)
+    }
     assert client.breaker_wait.outcomes == {"answered": 5} and client.breaker_wait.held == 0
     assert clock.monotonic() == 1_010.0
 
