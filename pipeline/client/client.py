@@ -47,7 +47,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from pipeline.config import Settings
 from pipeline.contract import topology
-from pipeline.contract.codec import Codec, DecodeError
+from pipeline.contract.codec import DecodeError
 from pipeline.contract.envelopes import JsonObject, Request, Result
 from pipeline.errors import LlmpipeError
 from pipeline.observability.propagation import inject
@@ -55,6 +55,7 @@ from pipeline.transport import headers as h
 from pipeline.transport.batch import REPORT_GRACE_S, DeliveryError, Written, cause
 from pipeline.transport.clients import KafkaClients
 from pipeline.transport.reader import partitions, require_broker, to_record, watermarks
+from pipeline.transport.registry import codec_for
 
 # Request ids remembered for de-duplication: far more than are in flight at once.
 DEDUP_WINDOW = 100_000
@@ -89,7 +90,7 @@ class Client:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self._clients = KafkaClients(self.settings)
-        self._codec = Codec(output_format=self.settings.output_format)
+        self._codec = codec_for(self.settings)
         self._producer: Any = None
         self._submitted_ms: dict[str, int] = {}
 

@@ -95,6 +95,7 @@ class Codec:
         if output_format == "confluent" and wire is None:
             raise ValueError("the Confluent wire format needs a Schema Registry")
         self._wire = wire
+        self._older_parsed: dict[str, list[Any]] = {}
 
     def schema_name(self, cls: type[Envelope]) -> str:
         return f"llmpipe.{cls.__name__}"
@@ -139,10 +140,7 @@ class Codec:
             if kind == CONFLUENT_AVRO and self._wire is not None:
                 record = self._wire.decode(name, data)
             else:
-                stream = io.BytesIO(body)
-                record = fastavro.schemaless_reader(stream, self._parsed[name], None)
-                if stream.tell() != len(body):
-                    raise DecodeError("decode_error", "trailing bytes after the Avro record")
+                record = self._schemaless(name, body)
             fields = self._from_avro[name](record)
             if not isinstance(fields, dict):
                 raise DecodeError("decode_error", "Avro record did not decode to an object")
@@ -157,6 +155,42 @@ class Codec:
             raise DecodeError("decode_error", f"invalid JSON: {exc.msg} at {exc.pos}") from None
         except Exception as exc:  # fastavro raises many unrelated types on corrupt input
             raise DecodeError("decode_error", f"invalid Avro: {type(exc).__name__}") from None
+
+    def _schemaless(self, name: str, body: bytes) -> Any:
+        """Read with the local schema; a body that ends early may have been written before
+        trailing fields with defaults were added (schemaless Avro carries no writer
+        schema): it is read with those fields left out, so the defaults apply."""
+        stream = io.BytesIO(body)
+        try:
+            record = fastavro.schemaless_reader(stream, self._parsed[name], None)
+        except EOFError:
+            for older in self._older(name):
+                stream = io.BytesIO(body)
+                try:
+                    record = fastavro.schemaless_reader(stream, older, None)
+                except EOFError:
+                    continue
+                if stream.tell() == len(body):
+                    return record
+            raise
+        if stream.tell() != len(body):
+            raise DecodeError("decode_error", "trailing bytes after the Avro record")
+        return record
+
+    def _older(self, name: str) -> list[Any]:
+        """The schema ``name`` without its last 1, 2, ... fields, while those have defaults."""
+        if name not in self._older_parsed:
+            raw = self._raw[name]
+            fields = raw["fields"]
+            older = []
+            cut = len(fields)
+            while cut > 0 and "default" in fields[cut - 1]:
+                cut -= 1
+                schema = {**raw, "fields": fields[:cut]}
+                named = {k: v for k, v in self._parsed.items() if k != name}
+                older.append(fastavro.parse_schema(schema, named_schemas=dict(named)))
+            self._older_parsed[name] = older
+        return self._older_parsed[name]
 
     def decode(self, data: bytes, cls: type[E], content_type: str | None = None) -> E:
         fields = self.decode_fields(data, cls, content_type)

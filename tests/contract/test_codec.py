@@ -107,3 +107,45 @@ def test_arbitrary_bytes_never_raise_anything_but_decode_error(
         assert decoded == envelope
         encoded, encoded_type = CODEC.encode(decoded)
         assert CODEC.decode(encoded, cls, encoded_type) == decoded
+
+
+def test_a_message_written_before_a_trailing_field_was_added_still_decodes() -> None:
+    """Schemaless Avro carries no writer schema: completions and results written before
+    ``calls`` existed (in flight during an upgrade, or stored for re-parsing) are read with
+    the field left out, and get its default; a body cut short is still refused."""
+    from datetime import UTC, datetime
+
+    from pipeline.contract.codec import load_schemas
+    from pipeline.contract.envelopes import (
+        Completion,
+        PromptRef,
+        Request,
+        Usage,
+        ValidatedRequest,
+    )
+
+    schemas = load_schemas()
+    before = dict(schemas)
+    for name in ("llmpipe.Completion", "llmpipe.Result", "llmpipe.Escalation"):
+        fields = [f for f in schemas[name]["fields"] if f["name"] != "calls"]
+        before[name] = {**schemas[name], "fields": fields}
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    validated = ValidatedRequest(
+        request=Request(request_id="r-1", prompt="p"),
+        prompt=PromptRef(name="p", version=1, hash="h"),
+        received_at=now,
+    )
+    completion = Completion(
+        validated=validated,
+        model="m",
+        raw_text="{}",
+        usage=Usage(prompt_tokens=3),
+        latency_ms=1.5,
+        attempts=2,
+        completed_at=now,
+    )
+    data, content_type = Codec(before).encode(completion)
+    decoded = Codec().decode(data, Completion, content_type)
+    assert decoded == completion and decoded.calls == []
+    with pytest.raises(DecodeError):
+        Codec().decode(data[:-4], Completion, content_type)
