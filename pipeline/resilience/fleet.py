@@ -32,6 +32,9 @@ kind of record is keyed so that compaction keeps what a worker starting later ne
     of workers gone or restarted under a new id. A starting worker reads them back before
     it serves, so a restart (a deploy) forgets nothing: see :class:`FleetSpend`.
 
+Ages (a lease's, a batch's, a piece of news') are the reader's wall clock minus the writer's
+``at``: the workers' clocks must agree to well within the lease TTL (NTP does).
+
 The Kafka part (following the topic, publishing records) is
 :mod:`pipeline.transport.compacted`; the wiring is :mod:`pipeline.runtime.fleet`.
 """
@@ -75,6 +78,8 @@ IDLE_SHARE = 0.1
 """An unsaturated member's floor, as a part of an equal share: enough to notice load."""
 HEADROOM = 1.25
 """An unsaturated member is allotted this much more than it used."""
+GROW_AFTER_S = 1.0
+"""How long a larger in-flight share must stand before it is used (see FleetShares.slots)."""
 SLOT_EPOCH_S = 10.0
 """How often ties in the in-flight slot split move on to other members (no starvation)."""
 
@@ -283,6 +288,8 @@ class FleetShares:
         self._leases: dict[str, _Lease] = {}
         self._own: dict[str, Demand] = {}
         self._cache: dict[str, dict[str, float]] = {}
+        self._granted: dict[str, int] = {}
+        self._growing: dict[tuple[str, int], float] = {}
         self.version = 0
 
     def fold(self, worker: str, value: Any, age_s: float) -> None:
@@ -321,8 +328,25 @@ class FleetShares:
         return self._fractions(model).get(self.me, 1.0)
 
     def slots(self, model: str, cap: int) -> int:
+        """This worker's in-flight slots. A decrease applies at once; an increase only once
+        it has stood for :data:`GROW_AFTER_S`, by when the others have folded the lease
+        that gives them fewer: so the slots in use never add up to more than the cap."""
         epoch = int(self._clock.time() // SLOT_EPOCH_S)
-        return split_slots(self._fractions(model), cap, epoch).get(self.me, cap)
+        target = split_slots(self._fractions(model), cap, epoch).get(self.me, cap)
+        granted = self._granted.get(model)
+        now = self._clock.monotonic()
+        if granted is None and not self._leases:
+            granted = target  # alone: nobody else holds slots
+        elif granted is None or target > granted:
+            since = self._growing.setdefault((model, target), now)
+            if now - since < GROW_AFTER_S:
+                return granted or 0
+            granted = target
+        else:
+            granted = target
+        self._granted[model] = granted
+        self._growing = {k: v for k, v in self._growing.items() if k[0] != model}
+        return granted
 
     def lease_value(self) -> dict[str, Any]:
         return {

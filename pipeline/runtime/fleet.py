@@ -53,7 +53,6 @@ class FleetLink:
         self._lease_every_s = lease_every_s
         self._follower = CompactedFollower(topic, self._apply, clients, poll_timeout_s=0.05)
         self._publisher = StatePublisher(topic, clients, codec)
-        self._shares_version = -1
         self._soon: asyncio.TimerHandle | None = None
         self.ready = self._follower.ready
         state.spend.on_report = self._publish_spend_soon
@@ -108,10 +107,9 @@ class FleetLink:
             self._publisher.publish(key, event)
 
     def _rescale(self) -> None:
-        version = self.state.shares.version
-        if version != self._shares_version:
-            self._shares_version = version
-            self._client.rate_limits.rescale()
+        """Apply the current shares (cheap when nothing changed; every tick, because a
+        larger slot share takes effect only after it has stood a while)."""
+        self._client.rate_limits.rescale()
 
     def _apply(self, record: Record) -> None:
         if record.key is None:
@@ -127,4 +125,5 @@ class FleetLink:
                 log.error("ignoring an unreadable fleet record %s: %s", key, exc)
                 return
         self.state.apply(event, key)
-        self._rescale()
+        if key.startswith("lease:"):
+            self._rescale()

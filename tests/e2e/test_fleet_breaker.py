@@ -13,8 +13,9 @@ model stage consulted a breaker only its own process's settle stage fed).
    the breaker on every model worker, and requests on both workers' partitions are
    answered by the model.
 
-Measured and printed: the propagation time from the fleet record that opened the breaker
-(its broker timestamp) to each model worker's first ``quality_breaker_open`` escalation.
+Printed: from the fleet record that opened the breaker (its broker timestamp) to each
+model worker's first ``quality_breaker_open`` escalation, an upper bound on the propagation
+(``runtime/test_fleet_link.py`` measures the record's own travel: ~100 ms).
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def test_split_processes_open_and_close_the_quality_breaker_on_every_model_worke
     assert all(rid not in calls for rid in second), "a phase-2 request reached the model"
     print(
         f"split quality breaker: phase 1 {dict(routes1)}; phase 2: {len(second)} x "
-        f"quality_breaker_open, 0 calls; propagation from the opening record to each model "
-        f"worker's first quality_breaker_open: "
+        f"quality_breaker_open, 0 calls; from the opening record to each model worker's first "
+        f"quality_breaker_open (an upper bound: phase 2 is sent once phase 1 is read back): "
         f"{', '.join(f'{v:.2f} s' for v in sorted(propagation.values()))}; closed after "
         f"{batches} batch(es) of 20 ({closed_at:%H:%M:%S}); ledger missing 0, duplicates 0, "
         f"two places 0, calls redone 0"

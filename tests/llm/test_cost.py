@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 
@@ -24,6 +24,7 @@ from pipeline.observability.testing import Captured, captured_telemetry
 from pipeline.resilience.budget import BudgetConfig, BudgetedClient, parse_daily_costs
 from pipeline.resilience.endpoints import parse_endpoints
 from pipeline.resilience.errors import BudgetExceeded
+from pipeline.resilience.fleet import FleetSpend
 from pipeline.resilience.retry import RetryingClient
 from pipeline.resilience.stack import StackConfig, build_client
 from pipeline.resilience.testing import ManualClock, ScriptedClient, completion
@@ -207,6 +208,29 @@ async def test_money_budgets_refuse_before_the_call_and_charge_what_was_spent() 
     assert parse_daily_costs('{"p": 2.5}') == {"p": 2.5}
     with pytest.raises(ValueError, match="positive amount"):
         parse_daily_costs('{"p": 0}')
+
+
+async def test_money_budgets_are_account_wide_and_reported_to_the_fleet() -> None:
+    """Dollars another worker charged or reserved count; this worker's go to the fleet."""
+    prices = PriceTable({"m": Price(input=10.0, output=100.0)}, catalogue=False)
+    clock = ManualClock()
+    day = datetime.fromtimestamp(clock.time(), UTC).date()
+    spend = FleetSpend("me")
+    spend.fold(day, "p", "other", {"tokens": 0, "usd": 0.010, "reserved_usd": 0.005})
+    daily = BudgetedClient(
+        Routed([replace(completion(), cost_usd=0.006)]),
+        BudgetConfig(daily_cost_usd={"p": 0.06}),
+        clock=clock,
+        prices=prices,
+        shared=spend,
+    )
+    await daily.complete(_req(), prompt="p")  # 0.015 elsewhere + 0.041 reserved <= 0.06
+    (published,) = spend.drain().values()
+    assert published.spent_usd == pytest.approx(0.006) and published.reserved_usd == 0
+    with pytest.raises(BudgetExceeded) as over:  # 0.015 + 0.006 + 0.041 > 0.06
+        await daily.complete(_req(), prompt="p")
+    assert over.value.scope == "daily_cost"
+    assert over.value.spent == pytest.approx(0.021)
 
 
 @pytest.fixture

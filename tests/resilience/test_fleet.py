@@ -18,6 +18,7 @@ from pipeline.resilience.breaker import (
 from pipeline.resilience.budget import PromptUsage
 from pipeline.resilience.errors import CircuitOpen
 from pipeline.resilience.fleet import (
+    GROW_AFTER_S,
     EndpointNews,
     FleetQualityBreaker,
     FleetShares,
@@ -146,6 +147,27 @@ def test_slots_add_up_to_the_cap_without_a_floor() -> None:
     # Over epochs every member gets a slot some of the time.
     assert {m for e in range(20) for m, n in split_slots(third, 2, e).items() if n} == set(third)
     assert split_slots({"a": 0.5, "b": 0.5}, 9, 0) in ({"a": 5, "b": 4}, {"a": 4, "b": 5})
+
+
+def test_a_larger_slot_share_waits_until_the_others_have_shrunk() -> None:
+    clock = ManualClock()
+    me = FleetShares("me", clock=clock)
+    assert me.slots("m", 6) == 6  # alone from the start: the whole cap at once
+    busy = {"models": {"m": {"rate": 0, "saturated": True}}}
+    me.set_own({"m": Demand(0, True)})
+    me.fold("b", busy, age_s=0.0)
+    me.fold("c", busy, age_s=0.0)
+    assert me.slots("m", 6) == 2  # smaller: at once
+    me.fold("c", None, age_s=0.0)
+    assert me.slots("m", 6) == 2  # larger (3): only after GROW_AFTER_S
+    clock.advance(GROW_AFTER_S)
+    assert me.slots("m", 6) == 3
+    joiner = FleetShares("new", clock=clock)
+    joiner.set_own({"m": Demand(0, True)})
+    joiner.fold("me", busy, age_s=0.0)
+    assert joiner.slots("m", 6) == 0  # the others have not seen it yet
+    clock.advance(GROW_AFTER_S)
+    assert joiner.slots("m", 6) == 3
 
 
 def test_leases_expire_and_tombstones_leave_at_once() -> None:

@@ -215,7 +215,8 @@ async def test_budget_refuses_before_any_call_and_charges_the_answering_model() 
 
 
 async def test_rate_limits_are_this_workers_share_of_the_account() -> None:
-    shares = FleetShares("me")
+    clock = ManualClock()
+    shares = FleetShares("me", clock=clock)
     shares.fold("other", {"models": {"a": {"rate": 0, "saturated": True}}}, age_s=0.0)
     shares.set_own({"a": Demand(0.0, saturated=True)})
     client = build_client(
@@ -226,9 +227,12 @@ async def test_rate_limits_are_this_workers_share_of_the_account() -> None:
         client_factory=Fleet(),
         shares=shares,
     )
-    await client.complete(req("a"))
     assert client.rate_limits.limit_for("a") == RateLimit(requests_per_minute=400, max_in_flight=8)
+    assert client.rate_limits.share("a") == (0.5, 0)  # a joiner's slots wait for the others
+    clock.advance(1.0)
+    client.rate_limits.rescale()
     assert client.rate_limits.share("a") == (0.5, 4)  # two busy members: half each
+    await client.complete(req("a"))
 
 
 def test_missing_api_key_fails_at_build_time() -> None:
