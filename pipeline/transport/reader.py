@@ -87,6 +87,10 @@ class ScanError(LlmpipeError):
     exit_code = 1
 
 
+# How often require_broker looks for a refusal while it waits for the broker.
+REFUSAL_CHECK_S = 1.0
+
+
 def require_broker(client: Consumer | AdminClient, settings: Settings) -> None:
     """Fail within ``LLMPIPE_CLI_TIMEOUT_S`` with one line when no broker answers, or
     when it refused our credentials or TLS (exit 2: a setting to fix, said in the line).
@@ -94,20 +98,25 @@ def require_broker(client: Consumer | AdminClient, settings: Settings) -> None:
     Without this a tool's first metadata call waits its own, longer timeout, and the error
     it raises names librdkafka's internals instead of the setting to check."""
     started = time.monotonic()
-    try:
-        client.list_topics(timeout=settings.cli_timeout_s)
-    except KafkaException:
-        # librdkafka hands its log (where refusals show) to the client's poll; this client
-        # has no partitions yet, so polling serves the log and reads nothing.
-        client.poll(0)
-        refused = security_failure_since(started)
-        if refused is not None:
-            raise KafkaRefused(refused) from None
-        raise BrokerUnreachable(
-            f"cannot reach the Kafka broker at {settings.bootstrap_servers} within "
-            f"{settings.cli_timeout_s:g} s (LLMPIPE_BOOTSTRAP_SERVERS; LLMPIPE_CLI_TIMEOUT_S "
-            "sets the wait)"
-        ) from None
+    deadline = started + settings.cli_timeout_s
+    while True:
+        try:
+            client.list_topics(timeout=min(REFUSAL_CHECK_S, max(deadline - time.monotonic(), 0)))
+            return
+        except KafkaException:
+            # librdkafka hands its log (where refusals show) to the client's poll; this
+            # client has no partitions yet, so polling serves the log and reads nothing.
+            client.poll(0)
+            refused = security_failure_since(started)
+            if refused is not None:  # no need to wait out the timeout: retrying won't help
+                raise KafkaRefused(refused) from None
+            if time.monotonic() >= deadline:
+                break
+    raise BrokerUnreachable(
+        f"cannot reach the Kafka broker at {settings.bootstrap_servers} within "
+        f"{settings.cli_timeout_s:g} s (LLMPIPE_BOOTSTRAP_SERVERS; LLMPIPE_CLI_TIMEOUT_S "
+        "sets the wait)"
+    )
 
 
 class BrokerUnreachable(ScanError):

@@ -248,49 +248,82 @@ def test_a_wrong_key_password_is_one_line_and_exit_2(broker: SecureBroker) -> No
     assert len(lines) == 1 and "ssl.key.location" in lines[0], lines
 
 
-@pytest.mark.parametrize("case", ["wrong password", "untrusted broker certificate"])
+class WorkerProcess:
+    """``llmpipe worker`` as a process, its stderr (JSON log lines) collected."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stderr = self.process.stderr
+        assert stderr is not None
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(iter(stderr.readline, "")))
+        self._reader.start()
+
+    def alive(self) -> None:
+        code = self.process.poll()
+        assert code is None, f"worker exited {code}: {self.lines[-5:]}"
+
+    def stop(self) -> int | None:
+        """SIGTERM; the exit code (None if it had to be killed)."""
+        code: int | None = None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(10)
+        return code
+
+
 def test_a_refused_worker_keeps_running_and_says_why_at_a_bounded_rate(
-    broker: SecureBroker, case: str
+    broker: SecureBroker,
 ) -> None:
-    """librdkafka retries the connection every second or so; the worker neither crashes nor
+    """A wrong password and an untrusted broker certificate, one worker each, side by side.
+    librdkafka retries the connection every second or so; the worker neither crashes nor
     floods its log: the refusal is logged once per interval, and SIGTERM still stops it."""
-    settings, cause = REFUSALS[case]
+    cases = ["wrong password", "untrusted broker certificate"]
     base = _settings(broker.sasl())
-    env = {**os.environ, **worker_environment(base), **_env(settings(broker))}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    stderr = process.stderr
-    assert stderr is not None
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(stderr.readline, "")))
-    reader.start()
+    workers = {
+        case: WorkerProcess(
+            {**os.environ, **worker_environment(base), **_env(REFUSALS[case][0](broker))}
+        )
+        for case in cases
+    }
+    codes: dict[str, int | None] = {}
     try:
         deadline = time.monotonic() + 60
-        while not any(cause in line for line in lines):
-            assert process.poll() is None, f"worker exited {process.returncode}: {lines[-5:]}"
-            assert time.monotonic() < deadline, f"no refusal logged within 60 s: {lines[-5:]}"
-            time.sleep(0.1)
+        for case, worker in workers.items():
+            cause = REFUSALS[case][1]
+            while not any(cause in line for line in worker.lines):
+                worker.alive()
+                assert time.monotonic() < deadline, (
+                    f"{case}: no refusal logged: {worker.lines[-5:]}"
+                )
+                time.sleep(0.1)
         watched_until = time.monotonic() + 8  # librdkafka retries many times in this window
         while time.monotonic() < watched_until:
-            assert process.poll() is None, f"worker exited {process.returncode}: {lines[-5:]}"
+            for worker in workers.values():
+                worker.alive()
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, lines[-5:]
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        reader.join(10)
-    refusals = [json.loads(line) for line in lines if "Kafka refused the connection" in line]
-    assert len(refusals) == 1, f"{len(refusals)} refusal lines in ~10 s: {refusals}"
-    assert refusals[0]["level"] == "error" and cause in refusals[0]["msg"]
-    assert not any(PASSWORD in line or "not-the-password" in line for line in lines)
-    assert not any("Traceback" in line for line in lines), lines
+        for case, worker in workers.items():
+            codes[case] = worker.stop()
+    for case, worker in workers.items():
+        lines = worker.lines
+        assert codes[case] == 0, f"{case}: SIGTERM gave {codes[case]}: {lines[-5:]}"
+        refusals = [json.loads(line) for line in lines if "Kafka refused the connection" in line]
+        assert len(refusals) == 1, f"{case}: {len(refusals)} refusal lines in ~10 s: {refusals}"
+        assert refusals[0]["level"] == "error" and REFUSALS[case][1] in refusals[0]["msg"]
+        assert not any(PASSWORD in line or "not-the-password" in line for line in lines)
+        assert not any("Traceback" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("listener", ["sasl_ssl", "mtls"])
