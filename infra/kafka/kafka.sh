@@ -29,6 +29,8 @@
 #   LLMPIPE_KAFKA_SASL_USERS       user:password[,user:password...]: PLAIN users, and SCRAM
 #                                  credentials (both hashes) written by Kafka's StorageTool
 #                                  when the data dir is formatted
+#   LLMPIPE_KAFKA_OAUTH_JWKS       a JWKS file: the SASL_SSL listener also takes OAUTHBEARER
+#                                  tokens (JWTs) signed by one of its keys
 set -euo pipefail
 
 readonly DEFAULT_KAFKA_VERSION="4.3.1"
@@ -49,7 +51,8 @@ TLS_DIR="${LLMPIPE_KAFKA_TLS_DIR:-}"
 SSL_PORT="${LLMPIPE_KAFKA_SSL_PORT:-}"
 SASL_SSL_PORT="${LLMPIPE_KAFKA_SASL_SSL_PORT:-}"
 SASL_USERS="${LLMPIPE_KAFKA_SASL_USERS:-}"
-readonly TLS_DIR SSL_PORT SASL_SSL_PORT SASL_USERS
+OAUTH_JWKS="${LLMPIPE_KAFKA_OAUTH_JWKS:-}"
+readonly TLS_DIR SSL_PORT SASL_SSL_PORT SASL_USERS OAUTH_JWKS
 
 readonly HOST="127.0.0.1"
 readonly BOOTSTRAP="${HOST}:${KAFKA_PORT}"
@@ -206,13 +209,23 @@ EOF
     for pair in "${pairs[@]}"; do
       jaas+=" user_${pair%%:*}=\"${pair#*:}\""
     done
+    local mechanisms="PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    [[ -z "${OAUTH_JWKS}" ]] || mechanisms+=",OAUTHBEARER"
     cat <<EOF
-sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+sasl.enabled.mechanisms=${mechanisms}
 listener.name.sasl_ssl.ssl.client.auth=none
 listener.name.sasl_ssl.plain.sasl.jaas.config=${jaas};
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 EOF
+    if [[ -n "${OAUTH_JWKS}" ]]; then
+      [[ -s "${OAUTH_JWKS}" ]] || die "${OAUTH_JWKS} missing (LLMPIPE_KAFKA_OAUTH_JWKS)"
+      cat <<EOF
+listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;
+listener.name.sasl_ssl.oauthbearer.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler
+listener.name.sasl_ssl.oauthbearer.sasl.oauthbearer.jwks.endpoint.url=file://${OAUTH_JWKS}
+EOF
+    fi
   fi
 }
 
@@ -302,6 +315,8 @@ java_opts() {
     -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35
     -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true
     "-Dlog4j2.configurationFile=${LOG4J_CONF}" "-Dkafka.logs.dir=${LOG_DIR}")
+  # Kafka only reads OAuth URLs it is told it may (here: the JWKS file).
+  [[ -z "${OAUTH_JWKS}" ]] || JAVA_OPTS+=("-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls=file://${OAUTH_JWKS}")
 }
 
 format_storage() {

@@ -1,11 +1,12 @@
-"""Kafka security against a real broker: TLS, mTLS and SASL listeners of a broker of its own.
+"""Kafka security against a real broker: TLS, mTLS, SASL and OAUTHBEARER listeners.
 
-One broker for the whole module (``infra/kafka/kafka.sh`` with an SSL listener that
-requires client certificates and a SASL_SSL listener with PLAIN and SCRAM users created by
-Kafka's StorageTool), certificates made by the test (:mod:`tests.transport.pki`). Workers,
-a CLI command and the review service connect through each listener; refused credentials
-and untrusted certificates give one line and exit 2 from the CLI, and a rate-limited error
-from a worker that keeps running.
+One broker of its own for the whole module (``infra/kafka/kafka.sh`` with an SSL listener
+that requires client certificates, and a SASL_SSL listener with PLAIN and SCRAM users
+created by Kafka's StorageTool and OAUTHBEARER validated against a JWKS file), certificates
+made by the test (:mod:`tests.transport.pki`), tokens from a loopback OIDC token endpoint
+(:mod:`tests.transport.oidc`). Workers, a CLI command and the review service connect
+through each listener; refused credentials and untrusted certificates give one line and
+exit 2 from the CLI, and a rate-limited error from a worker that keeps running.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from pipeline.review.model import QueueFilter
 from pipeline.review.runtime import ReviewRuntime
 from tests.review.test_review_support import FakeClock, escalation, registry, review_message
 from tests.support import make_settings, produce, running_worker
+from tests.transport.oidc import CLIENT_ID, CLIENT_SECRET, Provider, running_provider
 from tests.transport.pki import CLIENT_KEY_PASSWORD, Pki, make_pki
 
 pytestmark = pytest.mark.kafka
@@ -58,6 +61,7 @@ class SecureBroker:
     pki: Pki
     ssl: str
     sasl_ssl: str
+    oidc: Provider
 
     def sasl(self, mechanism: str = "SCRAM-SHA-512", **overrides: Any) -> dict[str, Any]:
         """Settings for the SASL_SSL listener, trusting the test CA."""
@@ -67,6 +71,20 @@ class SecureBroker:
             "sasl_mechanism": mechanism,
             "sasl_username": USER,
             "sasl_password": PASSWORD,
+            "ssl_cafile": self.pki.ca,
+            **overrides,
+        }
+
+    def oauth(self, **overrides: Any) -> dict[str, Any]:
+        """Settings for OAUTHBEARER on the SASL_SSL listener, tokens from the test's IdP."""
+        return {
+            "bootstrap_servers": self.sasl_ssl,
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "OAUTHBEARER",
+            "sasl_oauthbearer_token_endpoint_url": self.oidc.token_endpoint,
+            "sasl_oauthbearer_client_id": CLIENT_ID,
+            "sasl_oauthbearer_client_secret": CLIENT_SECRET,
+            "sasl_oauthbearer_scope": "kafka",
             "ssl_cafile": self.pki.ca,
             **overrides,
         }
@@ -91,6 +109,8 @@ def broker() -> Iterator[SecureBroker]:
     ssl_port, sasl_port = _free_port(), _free_port()
     work = Path(tempfile.mkdtemp(prefix=f"llmpipe-secure-kafka-{port}-"))
     pki = make_pki(work / "pki")
+    oidc = ExitStack()
+    provider = oidc.enter_context(running_provider(work))
     env = {
         "LLMPIPE_KAFKA_HEAP": "-Xms256m -Xmx768m",
         **os.environ,
@@ -100,6 +120,7 @@ def broker() -> Iterator[SecureBroker]:
         "LLMPIPE_KAFKA_SSL_PORT": str(ssl_port),
         "LLMPIPE_KAFKA_SASL_SSL_PORT": str(sasl_port),
         "LLMPIPE_KAFKA_SASL_USERS": f"{USER}:{PASSWORD}",
+        "LLMPIPE_KAFKA_OAUTH_JWKS": str(provider.jwks),
     }
 
     def kafka(command: str) -> subprocess.CompletedProcess[str]:
@@ -107,13 +128,14 @@ def broker() -> Iterator[SecureBroker]:
             ["bash", str(KAFKA_SCRIPT), command], env=env, capture_output=True, text=True
         )
 
-    started = kafka("up")
-    assert started.returncode == 0, f"secure broker did not start: {started.stderr[-3000:]}"
-    try:
-        yield SecureBroker(pki, f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}")
-    finally:
-        kafka("down")
-        shutil.rmtree(work, ignore_errors=True)
+    with oidc:
+        started = kafka("up")
+        assert started.returncode == 0, f"secure broker did not start: {started.stderr[-3000:]}"
+        try:
+            yield SecureBroker(pki, f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}", provider)
+        finally:
+            kafka("down")
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _settings(listener: dict[str, Any]) -> Settings:
@@ -126,14 +148,23 @@ def _env(settings: dict[str, Any]) -> dict[str, str]:
     return {f"LLMPIPE_{name.upper()}": str(value) for name, value in settings.items()}
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        env={**os.environ, "LLMPIPE_CLI_TIMEOUT_S": "5", **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _plans(envs: dict[str, dict[str, str]]) -> dict[str, subprocess.CompletedProcess[str]]:
+    """``llmpipe topics plan`` once per case, all at once (a CLI start is mostly imports)."""
+    started = {
+        case: subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "topics", "plan"],
+            env={**os.environ, "LLMPIPE_CLI_TIMEOUT_S": "5", **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case, env in envs.items()
+    }
+    done = {}
+    for case, process in started.items():
+        stdout, stderr = process.communicate(timeout=120)
+        done[case] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return done
 
 
 def _pipeline_end_to_end(settings: Settings) -> None:
@@ -162,16 +193,29 @@ def test_a_worker_runs_the_pipeline_over_mtls(broker: SecureBroker) -> None:
     _pipeline_end_to_end(_settings(broker.mtls()))
 
 
-@pytest.mark.parametrize(
-    "listener",
-    ["scram-sha-512", "scram-sha-256", "plain", "mtls"],
-)
-def test_cli_commands_connect_through_each_listener(broker: SecureBroker, listener: str) -> None:
-    settings = broker.mtls() if listener == "mtls" else broker.sasl(listener.upper())
-    env = {**_env(settings), "LLMPIPE_TOPIC_PREFIX": f"cli-{listener}."}
-    planned = _cli("topics", "plan", env=env)  # reads the cluster's topics and configs
-    assert planned.returncode == 0, planned.stderr
-    assert f"create          cli-{listener}.llm.requests" in planned.stdout, planned.stdout
+def test_a_worker_runs_the_pipeline_over_oauthbearer(broker: SecureBroker) -> None:
+    _pipeline_end_to_end(_settings(broker.oauth()))
+    assert broker.oidc.issued, "the clients fetched their tokens from the token endpoint"
+
+
+def test_cli_commands_connect_through_each_listener(broker: SecureBroker) -> None:
+    listeners = {
+        "scram-sha-512": broker.sasl("SCRAM-SHA-512"),
+        "scram-sha-256": broker.sasl("SCRAM-SHA-256"),
+        "plain": broker.sasl("PLAIN"),
+        "mtls": broker.mtls(),
+        "oauthbearer": broker.oauth(),
+    }
+    plans = _plans(
+        {
+            listener: {**_env(settings), "LLMPIPE_TOPIC_PREFIX": f"cli-{listener}."}
+            for listener, settings in listeners.items()
+        }
+    )
+    for listener, planned in plans.items():  # each read the cluster's topics and configs
+        assert planned.returncode == 0, f"{listener}: {planned.stderr}"
+        assert f"create          cli-{listener}.llm.requests" in planned.stdout, planned.stdout
+    assert any(t["scope"] == "kafka" for t in broker.oidc.issued), "the scope was passed on"
 
 
 def test_tls_trusts_the_system_ca_bundle_when_no_ca_file_is_set(
@@ -219,6 +263,10 @@ REFUSALS = {
         lambda b: b.sasl(ssl_cafile=b.pki.other_ca),
         "the broker's TLS certificate is not signed by a trusted CA",
     ),
+    "wrong client secret": (
+        lambda b: b.oauth(sasl_oauthbearer_client_secret="not-the-password"),
+        "fetching the OAUTHBEARER token failed",
+    ),
     "untrusted client certificate": (
         lambda b: _without_key_password(
             b.mtls(ssl_certfile=b.pki.untrusted_client_cert, ssl_keyfile=b.pki.untrusted_client_key)
@@ -228,24 +276,20 @@ REFUSALS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_a_refused_cli_command_says_why_in_one_line_and_exits_2(
-    broker: SecureBroker, case: str
-) -> None:
-    settings, cause = REFUSALS[case]
-    result = _cli("topics", "plan", env=_env(settings(broker)))
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: Kafka refused the connection: ") and cause in lines[0]
-    assert PASSWORD not in result.stderr and "not-the-password" not in result.stderr
-
-
-def test_a_wrong_key_password_is_one_line_and_exit_2(broker: SecureBroker) -> None:
-    result = _cli("topics", "plan", env=_env(broker.mtls(ssl_key_password="wrong")))
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and "ssl.key.location" in lines[0], lines
+def test_a_refused_cli_command_says_why_in_one_line_and_exits_2(broker: SecureBroker) -> None:
+    envs = {case: _env(settings(broker)) for case, (settings, _) in REFUSALS.items()}
+    envs["wrong key password"] = _env(broker.mtls(ssl_key_password="wrong"))
+    for case, result in _plans(envs).items():
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, f"{case}: {result.stderr}"
+        assert len(lines) == 1, f"{case}: {lines}"
+        assert PASSWORD not in result.stderr and "not-the-password" not in result.stderr
+        if case == "wrong key password":  # librdkafka refuses to create the client
+            assert "ssl.key.location" in lines[0], lines
+            continue
+        cause = REFUSALS[case][1]
+        assert lines[0].startswith("error: Kafka refused the connection: "), lines
+        assert cause in lines[0], f"{case}: {lines[0]}"
 
 
 class WorkerProcess:
