@@ -10,7 +10,6 @@ from pipeline.resilience.breaker import (
     QUALITY_DEFAULTS,
     BreakerConfig,
     BreakerState,
-    QualityBreaker,
     StateListener,
 )
 from pipeline.resilience.budget import BudgetConfig, parse_daily_budgets, parse_daily_costs
@@ -104,11 +103,6 @@ def quality_config(settings: Settings) -> BreakerConfig:
         open_s=settings.quality_breaker_open_s,
         half_open_calls=QUALITY_DEFAULTS.half_open_calls,
     )
-
-
-def quality_breaker(settings: Settings) -> QualityBreaker:
-    """A process's own quality breaker (tools, tests): fed only by what it settles."""
-    return QualityBreaker(quality_config(settings), on_state_change=record_breaker_change)
 
 
 def fleet_state(settings: Settings, me: str) -> FleetState:

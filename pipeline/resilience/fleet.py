@@ -289,6 +289,7 @@ class FleetShares:
         self._own: dict[str, Demand] = {}
         self._cache: dict[str, dict[str, float]] = {}
         self._granted: dict[str, int] = {}
+        self._heard_at = clock.monotonic()
         self._growing: dict[tuple[str, int], float] = {}
         self.version = 0
 
@@ -310,9 +311,19 @@ class FleetShares:
         self._own = dict(demands)
         self._changed()
 
+    def heard(self) -> None:
+        """A record of any kind was folded: this worker is hearing the topic."""
+        self._heard_at = self._clock.monotonic()
+
     def expire(self) -> bool:
-        """Drop expired leases; True when that changed the membership."""
+        """Drop expired leases; True when that changed the membership.
+
+        Not while this worker has heard nothing for a TTL (its own lease echoes every
+        second): cut off from the broker, it cannot tell a dead worker from silence, and
+        taking the whole account on a guess would overspend it."""
         now = self._clock.monotonic()
+        if now - self._heard_at > self._ttl_s:
+            return False
         gone = [w for w, lease in self._leases.items() if lease.expires_at <= now]
         for worker in gone:
             del self._leases[worker]
@@ -469,6 +480,7 @@ class FleetState:
         kind, _, rest = key.partition(":")
         age_s = self.clock.time() - event.at.timestamp() if event is not None else 0.0
         self.folded += 1
+        self.shares.heard()
         if kind == QUALITY and event is not None:
             ref = rest.partition(":")[0]  # name@version holds no colon; a worker id may
             if age_s > self.quality.open_s:

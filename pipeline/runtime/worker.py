@@ -32,8 +32,7 @@ from pipeline.observability import configure_observability, endpoints
 from pipeline.observability.hooks import record_distribution_shift
 from pipeline.observability.redact import Redactor
 from pipeline.prompts.registry import PromptRegistry
-from pipeline.resilience.breaker import QualityBreaker
-from pipeline.resilience.configure import fleet_state, quality_breaker, resilient_client
+from pipeline.resilience.configure import fleet_state, resilient_client
 from pipeline.resilience.fleet import FleetState, worker_id
 from pipeline.resilience.stack import ResilientClient
 from pipeline.runtime.fleet import FleetLink
@@ -208,12 +207,15 @@ class Worker:
         self, client: ResilientClient, burn_in: KafkaBurnInLedger | None = None
     ) -> dict[str, Handler]:
         s = self.settings
-        # Fed by the whole fleet's outcomes on llm.fleet when this worker calls models.
-        quality: QualityBreaker = self.fleet.quality if self.fleet else quality_breaker(s)
-        monitor = DistributionMonitor(
-            on_shift=lambda shift: record_distribution_shift(shift.prompt, shift.signal),
-            trip=quality.trip,
-        )
+        # Fed by the whole fleet's outcomes on llm.fleet; only the model and settle stages
+        # (the ones that join the fleet) use it and the monitor that trips it.
+        quality = self.fleet.quality if self.fleet is not None else None
+        monitor = None
+        if quality is not None:
+            monitor = DistributionMonitor(
+                on_shift=lambda shift: record_distribution_shift(shift.prompt, shift.signal),
+                trip=quality.trip,
+            )
         deps = StageDeps(
             registry=self.registry,
             control=self.control,

@@ -182,11 +182,17 @@ def test_leases_expire_and_tombstones_leave_at_once() -> None:
     assert me.members() == ["b", "c", "me"]
     clock.advance(4)
     me.fold("c", busy, age_s=0.0)  # c renews, b does not
+    me.heard()
     clock.advance(2)
     assert me.expire() and me.members() == ["c", "me"]
     assert me.fraction("m") == pytest.approx(1 / 2)
-    me.fold("c", None, age_s=0.0)
+    me.fold("c", None, age_s=0.0)  # c stops cleanly: its tombstone
     assert me.members() == ["me"] and me.fraction("m") == 1.0
+    me.fold("b", busy, age_s=0.0)
+    clock.advance(10)  # nothing heard for longer than a TTL: cut off, not alone
+    assert not me.expire() and me.members() == ["b", "me"]
+    me.heard()
+    assert me.expire() and me.members() == ["me"]
 
 
 def test_spend_is_the_sum_of_every_other_worker_key() -> None:
