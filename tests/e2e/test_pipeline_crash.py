@@ -62,7 +62,10 @@ MODEL_TIMEOUT_S = 2.0
 OUTAGE_S = 10.0
 # "A few dozen lines" for a 10 s broker outage (the aiokafka worker logged ~70,000).
 MAX_OUTAGE_LOG_LINES = 40
-NOISY_REQUESTS = 10  # 1 % of the requests
+# The fault-free baseline is not exactly reproducible for a few percent of the requests
+# (one call more or less each; measured here at load 12-15: 3 + 0 and 6 + 18 requests in
+# two runs, the same ids in both lanes, so the baseline is the odd one out).
+NOISY_REQUESTS = 30  # 3 % of the requests
 NOISY_CALLS = 2
 # Finished work must be covered by the next commit (default interval 100 ms): anything
 # uncommitted at a kill that finished longer ago than this was held back, not in transit
@@ -120,11 +123,11 @@ def _check_ledger(outcome: chaos.ChaosOutcome) -> None:
 def _check_redone(outcome: chaos.ChaosOutcome) -> None:
     """Request by request, then fault by fault: the calls redone never exceed the calls in
     flight plus the finished-but-uncommitted calls (attribution is capped, so the sum is
-    checked too). The fault-free baseline is not exactly reproducible for a handful of
-    requests (retries with jittered backoff, a slow answer near its timeout on a loaded
-    machine, cost one call more or less from run to run, with or without faults), so at
-    most NOISY_REQUESTS requests may differ from their budget, by at most NOISY_CALLS
-    each, in either direction."""
+    checked too). The fault-free baseline is not exactly reproducible for a few requests
+    (retries with jittered backoff, a slow answer near its timeout on a loaded machine,
+    cost one call more or less from run to run, with or without faults), so at most
+    NOISY_REQUESTS requests may differ from their budget, by at most NOISY_CALLS each, in
+    either direction."""
     why = outcome.explain()
     assert outcome.redone_calls is not None
     over = outcome.redone_over_budget
