@@ -39,7 +39,15 @@ SECRET = re.compile(
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b"
 )
 
-SENSITIVE_FIELDS = frozenset({"password", "secret", "token", "api_key", "authorization", "ssn"})
+SENSITIVE_FIELDS = frozenset(
+    {"password", "secret", "token", "api_key", "authorization", "ssn", "basic.auth.user.info"}
+)
+SECRET_WORDS = frozenset({"password", "passwd", "secret", "auth"})
+"""A field whose name has one of these as a word (``sasl.password``, ``ssl_key_password``,
+``sasl.oauthbearer.client.secret``, ``schema_registry_basic_auth``: client configurations
+and settings) is masked whole too. Not
+``token``: ``prompt_tokens`` is a count, and a bearer token's text is caught by its shape."""
+_WORD = re.compile(r"[^a-z0-9]+")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -109,9 +117,12 @@ class Redactor:
         out.append(text[last:])
         return "".join(out)
 
+    def _sensitive(self, key: str) -> bool:
+        return key in self._fields or not SECRET_WORDS.isdisjoint(_WORD.split(key))
+
     def value(self, value: Any, key: str | None = None) -> Any:
         """Redact nested JSON-like values; fields named like secrets are masked whole."""
-        if key is not None and key.lower() in self._fields:
+        if key is not None and self._sensitive(key.lower()):
             return "[REDACTED]"
         if isinstance(value, str):
             return self.text(value)

@@ -195,3 +195,47 @@ def test_a_tool_learns_of_refusals_since_it_started_waiting_only() -> None:
     clock.t += 5
     assert failures.since(clock.t - 10) is not None
     assert failures.since(clock.t) is None
+
+
+def test_a_logged_client_configuration_never_shows_a_secret(tmp_path: Path) -> None:
+    """Every secret setting, as librdkafka keys (what a debugging line would dump) and as
+    settings names, through the JSON log formatter: masked whole."""
+    import json
+
+    from pipeline.observability.logs import JsonFormatter
+
+    key = pem(tmp_path, "c.key")
+    settings = Settings(
+        security_protocol="SASL_SSL",
+        sasl_username="app",
+        sasl_password="pw-secret-1",  # type: ignore[arg-type]
+        ssl_certfile=pem(tmp_path, "c.pem"),
+        ssl_keyfile=key,
+        ssl_key_password="key-secret-2",  # type: ignore[arg-type]
+        schema_registry_basic_auth="registry:reg-secret-3",  # type: ignore[arg-type]
+    )
+    oauth = Settings(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="OAUTHBEARER",
+        sasl_oauthbearer_token_endpoint_url="https://idp.example/token",
+        sasl_oauthbearer_client_id="c",
+        sasl_oauthbearer_client_secret="oidc-secret-4",  # type: ignore[arg-type]
+    )
+    record = logging.LogRecord("llmpipe.kafka", logging.WARNING, __file__, 1, "config", (), None)
+    record.kafka = {**settings.kafka_client_config(), **oauth.kafka_client_config()}
+    record.registry = {"basic.auth.user.info": "registry:reg-secret-3"}
+    for name, source in (("settings", settings), ("oauth_settings", oauth)):
+        setattr(
+            record,
+            name,
+            {
+                field: (value.get_secret_value() if hasattr(value, "get_secret_value") else value)
+                for field, value in dict(source).items()
+            },
+        )
+    line = JsonFormatter().format(record)
+    for secret in ("pw-secret-1", "key-secret-2", "reg-secret-3", "oidc-secret-4"):
+        assert secret not in line, secret
+    logged = json.loads(line)
+    assert logged["kafka"]["sasl.username"] == "app", "only secrets are masked"
+    assert logged["kafka"]["sasl.password"] == "[REDACTED]"
