@@ -91,3 +91,38 @@ def test_compose_examples_run_real_commands() -> None:
         assert path, f"{service} {rest}: no llmpipe command"
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (service, rest, result.output)
+
+
+def test_every_table_goes_through_the_console_that_folds() -> None:
+    """Tables are printed by `pipeline.cli.console.out`/`err`, which fold every column
+    instead of cutting identifiers (issue #19); a command building its own Rich console
+    would cut them again."""
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for path in sorted((REPO_ROOT / "pipeline").rglob("*.py"))
+        if path != REPO_ROOT / "pipeline" / "cli" / "console.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bConsole\(", line)
+    ]
+    assert not offenders, offenders
+
+
+def test_the_console_folds_a_long_identifier_in_a_narrow_table() -> None:
+    import io
+
+    from rich.table import Table
+
+    from pipeline.cli.console import UnclippedConsole
+
+    console = UnclippedConsole()
+    console.file = io.StringIO()
+    console.width = 30
+    table = Table()
+    table.add_column("request id", no_wrap=True)
+    table.add_column("prompt")
+    table.add_row("demo-5471-000043-0123456789abcdef", "ticket_triage@3")
+    console.print(table)
+    text = console.file.getvalue()
+    assert "…" not in text, text
+    joined = "".join(line.split("│")[1].strip() for line in text.splitlines() if "│" in line)
+    assert joined == "demo-5471-000043-0123456789abcdef", text

@@ -14,6 +14,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,8 +113,9 @@ def _collect(client: Client, wanted: set[str], until: str, **kwargs: Any) -> lis
 
     async def run() -> list[Result]:
         got: list[Result] = []
-        async with asyncio.timeout(60):
-            async for result in client.results(request_ids=wanted, **kwargs):
+        results = client.results(request_ids=wanted, **kwargs)
+        async with asyncio.timeout(60), aclosing(results):
+            async for result in results:
                 got.append(result)
                 if result.request_id == until or str(len(got)) == until:
                     break
