@@ -207,10 +207,10 @@ class Settings(BaseSettings):
 
     health_port: int | None = Field(
         None,
-        ge=0,
+        ge=1,
         le=65535,
-        description="Port of the worker's /healthz, /readyz and /metrics (unset: not served; "
-        "0: any free port, logged).",
+        description="Port of the worker's /healthz, /readyz and /metrics (unset: not served). "
+        "With --processes N the supervisor answers there; its children use the N ports above.",
     )
     health_host: str = Field(
         "127.0.0.1", description="Address those endpoints listen on (0.0.0.0 in a container)."

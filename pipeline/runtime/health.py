@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from http import HTTPStatus
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.observability.endpoints import Verdict
 from pipeline.transport.clients import KafkaClients
@@ -126,3 +132,62 @@ class WorkerReadiness:
                 self._clients.health.ok()
             self._probed_at = time.monotonic()
             return self._broker_error
+
+
+def child_port(base: int, index: int) -> int:
+    """Under a supervisor (``--processes N``), child ``index`` serves its endpoints on the
+    loopback port ``base + 1 + index``; the supervisor answers on ``base`` for them all."""
+    return base + 1 + index
+
+
+class ChildEndpoints:
+    """The supervisor's ``/healthz``, ``/readyz`` and ``/metrics``: its children's, gathered.
+
+    Ready when every child is ready. Alive unless a child *answers* unhealthy (a wedged
+    loop): a child that does not answer is starting or being restarted by the supervisor,
+    which restarting the whole pod would not help. ``/metrics`` merges the children's
+    series, each with the label ``llmpipe_process`` (their index), so no two collide.
+    """
+
+    def __init__(self, ports: Sequence[int], host: str = "127.0.0.1") -> None:
+        self._urls = [f"http://{host}:{port}" for port in ports]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def _ask(self, url: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except (OSError, ValueError) as exc:
+            return 0, {"unreachable": str(exc)}
+
+    def _gather(self, path: str) -> tuple[list[int], dict[str, Any]]:
+        answers = [self._ask(url + path) for url in self._urls]
+        return [code for code, _ in answers], {"processes": [body for _, body in answers]}
+
+    def liveness(self) -> Verdict:
+        codes, detail = self._gather("/healthz")
+        return Verdict(HTTPStatus.SERVICE_UNAVAILABLE not in codes, detail)
+
+    def readiness(self) -> Verdict:
+        codes, detail = self._gather("/readyz")
+        return Verdict(all(code == HTTPStatus.OK for code in codes), detail)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for index, url in enumerate(self._urls):
+            try:
+                with urllib.request.urlopen(url + "/metrics", timeout=PROBE_TIMEOUT_S) as r:
+                    text = r.read().decode() if r.status == HTTPStatus.OK else ""
+            except (OSError, ValueError):
+                continue  # starting or restarting: its series return with it
+            for family in text_string_to_metric_families(text):
+                samples = [
+                    s._replace(labels={**s.labels, "llmpipe_process": str(index)})
+                    for s in family.samples
+                ]
+                merged = families.setdefault(family.name, family)
+                merged.samples = samples if merged is family else [*merged.samples, *samples]
+        yield from families.values()

@@ -22,7 +22,9 @@ What the supervisor does, and nothing else:
 
 A child with static membership (``LLMPIPE_GROUP_INSTANCE_ID``) gets ``<id>-<index>``:
 unique per child, and the same for the child that replaces it, which fences its
-predecessor at once.
+predecessor at once. With ``LLMPIPE_HEALTH_PORT`` the supervisor serves ``/healthz``,
+``/readyz`` and ``/metrics`` there for all its children, each of which serves its own on
+a loopback port above it (:class:`pipeline.runtime.health.ChildEndpoints`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import Settings
 from pipeline.errors import LlmpipeError
+from pipeline.observability import endpoints
+from pipeline.runtime.health import ChildEndpoints, child_port
 
 log = logging.getLogger("llmpipe.supervisor")
 
 PROCESSES_ENV = "LLMPIPE_WORKER_PROCESSES"
 INSTANCE_ENV = "LLMPIPE_GROUP_INSTANCE_ID"
+HEALTH_PORT_ENV = "LLMPIPE_HEALTH_PORT"
+HEALTH_HOST_ENV = "LLMPIPE_HEALTH_HOST"
 CONFIG_ERROR_EXIT = LlmpipeError.exit_code
 PR_SET_PDEATHSIG = 1
 
@@ -84,11 +91,16 @@ def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 
 
 def child_environment(base: Mapping[str, str], index: int) -> dict[str, str]:
-    """A child's environment: one process each, and a static member id of its own."""
+    """A child's environment: one process each, a static member id and an endpoint port
+    of its own (loopback only: the supervisor answers for it)."""
     env = {**base, PROCESSES_ENV: "1"}
     instance = base.get(INSTANCE_ENV)
     if instance:
         env[INSTANCE_ENV] = f"{instance}-{index}"
+    port = base.get(HEALTH_PORT_ENV, "").strip()
+    if port:
+        env[HEALTH_PORT_ENV] = str(child_port(int(port), index))
+        env[HEALTH_HOST_ENV] = "127.0.0.1"
     return env
 
 
@@ -206,6 +218,17 @@ def run_supervisor(count: int, stages: Sequence[str]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("supervisor starting %d worker processes", count)
-        return await Supervisor(count, worker_argv(stages)).run(stop)
+        settings = Settings()
+        if settings.health_port is None:
+            return await Supervisor(count, worker_argv(stages)).run(stop)
+        port = settings.health_port
+        server = endpoints.serve(settings.health_host, port)
+        children = ChildEndpoints([child_port(port, i) for i in range(count)])
+        endpoints.set_checks(liveness=children.liveness, readiness=children.readiness)
+        endpoints.set_registry_source(lambda: children.registry)
+        try:
+            return await Supervisor(count, worker_argv(stages)).run(stop)
+        finally:
+            await asyncio.to_thread(endpoints.stop, server)
 
     return asyncio.run(main())

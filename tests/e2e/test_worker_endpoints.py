@@ -1,8 +1,9 @@
 """``llmpipe worker`` with ``LLMPIPE_HEALTH_PORT``: its probes follow the broker.
 
-A real worker process against a broker of the test's own (other ports, its own data dir:
-the shared broker is never stopped) and the fake model: ready once it has read the control
-topic and joined its groups; ``/metrics`` shows the pipeline's series once requests flowed;
+A real worker (a supervisor and two worker processes, the default on a two-core machine)
+against a broker of the test's own (other ports, its own data dir: the shared broker is
+never stopped) and the fake model: ready once every process has read the control topic and
+joined its groups; ``/metrics`` shows both processes' series once requests flowed;
 the broker stops, ``/readyz`` turns 503 while ``/healthz`` stays 200 (restarting the process
 would not bring the broker back); the broker returns, ``/readyz`` turns 200 and requests
 flow again. It ends with the ledger: nothing lost, duplicated, in two places, or paid twice.
@@ -10,7 +11,11 @@ flow again. It ends with the ledger: nothing lost, duplicated, in two places, or
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
+import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +30,6 @@ from pipeline.contract import topology
 from pipeline.harness.environment import create_topics
 from pipeline.harness.ledger import Ledger, calls_of, read_terminal
 from pipeline.harness.scenarios import SCENARIO_OVERRIDES, PlannedRequest, mixed_requests
-from pipeline.llm.local_server import free_port
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
 from tests.support import make_settings, worker_process
 
@@ -33,6 +37,22 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 # Routes of every kind, none that waits out a model timeout (a hang is the chaos tests' job).
 WEIGHTS = {"valid": 6, "hedge": 1, "invalid_json": 1, "server_error": 1, "garbage_bytes": 1}
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (the supervisor's and its children's),
+    below the ephemeral range: a port that an outgoing connection holds cannot be bound."""
+    for _ in range(200):
+        base = random.randrange(20_000, 30_000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return base
+    raise AssertionError(f"no {count} consecutive free ports")
 
 
 def probe(url: str) -> tuple[int, dict[str, object]]:
@@ -76,11 +96,12 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
     with own_broker() as broker, fake_model(latency=0.01) as fake:
         settings = make_settings(broker.bootstrap, model_base_url=fake.url)
         create_topics(settings)
-        port = free_port()
+        port = free_ports(3)
         base = f"http://127.0.0.1:{port}"
         env = [
             ("LLMPIPE_HEALTH_PORT", str(port)),
             ("OTEL_METRICS_EXPORTER", "prometheus"),
+            ("LLMPIPE_WORKER_PROCESSES", "2"),
             ("LLMPIPE_MODEL_MAX_ATTEMPTS", "2"),
             # What is under test is the probes, not exactly-once hops through a restart
             # (tests/e2e/test_pipeline_crash.py): idempotent sends resume at once.
@@ -104,8 +125,11 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
 
             wait_for("ready after start", status("/readyz", 200), 120, alive)
             _, ready = probe(base + "/readyz")
-            assert ready["control_topic_read"] is True
-            assert ready["stages_joined"] == sorted(["validate", "model", "settle", "fallback"])
+            processes = ready["processes"]
+            assert isinstance(processes, list) and len(processes) == 2, ready
+            for answer in processes:
+                assert answer["control_topic_read"] is True, ready
+                assert answer["stages_joined"] == ["fallback", "model", "settle", "validate"]
 
             before = mixed_requests(16, seed=11, weights=WEIGHTS, prefix="ep-before")
             produce(settings, before)
@@ -116,7 +140,10 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
                 with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
                     text = response.read().decode()
                 wanted = ("llmpipe_requests_total{", "llmpipe_stage_messages_total{")
-                return all(w in text for w in wanted) and "service_instance_id=" in text, text[:500]
+                instances = set(re.findall(r'service_instance_id="([^"]+)"', text))
+                both = {'llmpipe_process="0"', 'llmpipe_process="1"'}
+                found = all(w in text for w in wanted) and all(p in text for p in both)
+                return found and len(instances) == 2, text[:500]
 
             wait_for("llmpipe series on /metrics", has_series, 30, alive)
             calls_before = fake.server.request_calls()
@@ -127,7 +154,7 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
                 code, body = probe(base + "/readyz")
                 live, live_body = probe(base + "/healthz")
                 assert live == 200, f"/healthz failed during a broker outage: {live_body}"
-                return code == 503 and "broker unreachable" in str(body.get("reason")), body
+                return code == 503 and "broker unreachable" in str(body), body
 
             wait_for("not ready once the broker is down", broker_unready, 60, alive)
 
