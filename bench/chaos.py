@@ -1412,7 +1412,7 @@ def run(quick: bool, bootstrap: str, broker: bool = True, modes: Sequence[str] =
             ).values()
             # Static membership through an outage longer than the session: a member fenced
             # by it (a fatal consumer error) must exit and be restarted, not sit idle.
-            static = kill_run(own, modes, 500, plan=("outage",), static_membership=True)
+            static = kill_run(own, modes, 1_000, plan=("outage",), static_membership=True)
             for outcome in static.values():
                 outcome.name = "static_member_outage"
             outcomes += static.values()

@@ -514,6 +514,7 @@ class StageRunner:
     # -- on the loop ---------------------------------------------------------------------
 
     async def _assigned(self, committed: Sequence[TopicPartition]) -> None:
+        skipped: dict[str, int] = {}  # partition -> offsets done above its committed one
         for tp in committed:
             key = (tp.topic, tp.partition)
             position = tp.offset if tp.offset >= 0 else None
@@ -535,14 +536,16 @@ class StageRunner:
                 skip = self._tracker.assign(tp.topic, tp.partition, position, "", sent)
             self._owned.add(key)
             if skip:
-                log.info(
-                    "stage %s: %s/%d assigned at %s, %d offsets above it already done",
-                    self.stage,
-                    tp.topic,
-                    tp.partition,
-                    position,
-                    skip,
-                )
+                skipped[f"{tp.topic}/{tp.partition}@{position}"] = skip
+        if skipped:  # one line per assignment: a rejoin after an outage assigns them all
+            log.info(
+                "stage %s: %d partitions assigned, %d offsets above their committed ones "
+                "already done (skipped when they arrive)",
+                self.stage,
+                len(committed),
+                sum(skipped.values()),
+                extra={"already_done": skipped},
+            )
 
     def _accept(self, messages: list[Any]) -> None:
         for message in messages:
