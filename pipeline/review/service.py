@@ -423,7 +423,8 @@ class ReviewService:
         alive_since = self.clock() - self.orphan_after_ms if take_over_silent else None
         for owner in self.store.orphaned_owners(self.instance, alive_since):
             moved = self.store.take_over(owner, self.instance, self.clock())
-            log.warning("took over %d pending decision(s) of instance %s", moved, owner)
+            if moved:  # zero when another instance took them over first
+                log.warning("took over %d pending decision(s) of instance %s", moved, owner)
         for pending in self.store.pending_decisions(self.instance):
             self._deliver(pending.decision.request_id)
         return self.stats
