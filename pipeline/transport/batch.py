@@ -11,6 +11,7 @@ becomes a :class:`DeliveryError` whose one line names the cause.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from confluent_kafka import Message as KafkaMessage
 
 from pipeline.config import Settings
 from pipeline.errors import LlmpipeError
-from pipeline.transport.clients import KafkaClients
+from pipeline.transport.clients import KafkaClients, KafkaRefused, security_failure_since
 
 # Beyond message.timeout.ms, for the last delivery reports to be served.
 REPORT_GRACE_S = 5.0
@@ -89,6 +90,7 @@ def produce_batch(
     messages on a busy machine pass more).
     """
     clients = KafkaClients(settings)
+    started = time.monotonic()
     timeout = settings.cli_timeout_s if timeout_s is None else timeout_s
     timeout_ms = int(timeout * 1000)
     producer = clients.producer(
@@ -124,6 +126,9 @@ def produce_batch(
         producer.poll(0)
         sent += 1
     remaining = producer.flush(timeout + REPORT_GRACE_S)
+    refused = security_failure_since(started)
+    if refused is not None and (errors or remaining):
+        raise KafkaRefused(f"{refused}: nothing was written to {name}")
     if errors:
         raise DeliveryError(cause(settings, name, errors[0], clients.health.down, timeout))
     if remaining or len(written) != sent:

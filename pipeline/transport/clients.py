@@ -99,6 +99,7 @@ _REFUSALS: tuple[tuple[str, str], ...] = (
 )
 # Where librdkafka reports them: failed connections, SASL, and the OIDC token fetch.
 _REFUSAL_FACILITIES = frozenset({"FAIL", "SASL", "OIDC"})
+_THREAD = re.compile(r"^\[thrd:[^\]]*\]:\s*")
 _AFTER = re.compile(r"\s*\(after \d+ms in state [A-Z_]+\)\s*$")
 
 
@@ -129,7 +130,8 @@ class SecurityFailures:
         """The operator's line for a librdkafka failure line, or None if it is not a refusal."""
         for needle, cause in _REFUSALS:
             if needle in line:
-                return f"Kafka refused the connection: {cause}: {_AFTER.sub('', line)}"
+                detail = _AFTER.sub("", _THREAD.sub("", line))
+                return f"Kafka refused the connection: {cause}: {detail}"
         return None
 
     def report(self, line: str) -> bool:

@@ -148,11 +148,18 @@ def _env(settings: dict[str, Any]) -> dict[str, str]:
     return {f"LLMPIPE_{name.upper()}": str(value) for name, value in settings.items()}
 
 
-def _plans(envs: dict[str, dict[str, str]]) -> dict[str, subprocess.CompletedProcess[str]]:
-    """``llmpipe topics plan`` once per case, all at once (a CLI start is mostly imports)."""
+PLAN = ("topics", "plan")
+
+
+def _plans(
+    envs: dict[str, dict[str, str]], commands: dict[str, tuple[str, ...]] | None = None
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """``llmpipe topics plan`` (or ``commands[case]``) once per case, all at once: a CLI
+    start is mostly imports."""
+    commands = commands or {}
     started = {
         case: subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "topics", "plan"],
+            [sys.executable, "-m", "pipeline.cli", *commands.get(case, PLAN)],
             env={**os.environ, "LLMPIPE_CLI_TIMEOUT_S": "5", **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -279,7 +286,9 @@ REFUSALS = {
 def test_a_refused_cli_command_says_why_in_one_line_and_exits_2(broker: SecureBroker) -> None:
     envs = {case: _env(settings(broker)) for case, (settings, _) in REFUSALS.items()}
     envs["wrong key password"] = _env(broker.mtls(ssl_key_password="wrong"))
-    for case, result in _plans(envs).items():
+    envs["send, wrong password"] = envs["wrong password"]
+    send = ("send", "ticket_triage", "--vars", "{}")
+    for case, result in _plans(envs, {"send, wrong password": send}).items():
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, f"{case}: {result.stderr}"
         assert len(lines) == 1, f"{case}: {lines}"
@@ -287,7 +296,7 @@ def test_a_refused_cli_command_says_why_in_one_line_and_exits_2(broker: SecureBr
         if case == "wrong key password":  # librdkafka refuses to create the client
             assert "ssl.key.location" in lines[0], lines
             continue
-        cause = REFUSALS[case][1]
+        cause = REFUSALS[case.removeprefix("send, ")][1]
         assert lines[0].startswith("error: Kafka refused the connection: "), lines
         assert cause in lines[0], f"{case}: {lines[0]}"
 
