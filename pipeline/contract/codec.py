@@ -62,6 +62,12 @@ def load_schemas(directory: Path = DEFAULT_SCHEMAS_DIR) -> dict[str, dict[str, A
     return raw
 
 
+class SchemaUnavailable(Exception):
+    """The registry could not be asked for a frame's writer schema (unreachable, 5xx): not
+    the message's fault, so never a ``decode_error``; the message's handling fails instead
+    (an ``internal_error`` dead letter, replayable once the registry is back)."""
+
+
 class SchemaWire(Protocol):
     """Confluent frames against a Schema Registry, per envelope schema (full name)."""
 
@@ -71,7 +77,9 @@ class SchemaWire(Protocol):
 
     def decode(self, name: str, data: bytes) -> Any:
         """The record in frame ``data``, read with the writer's schema (found by the id in
-        the frame) and resolved against the local schema ``name``."""
+        the frame) and resolved against the local schema ``name``. Raises
+        :class:`DecodeError` for an id the registry does not know, and
+        :class:`SchemaUnavailable` when the registry cannot be asked."""
 
 
 class Codec:
@@ -145,7 +153,7 @@ class Codec:
             if not isinstance(fields, dict):
                 raise DecodeError("decode_error", "Avro record did not decode to an object")
             return fields
-        except DecodeError:
+        except (DecodeError, SchemaUnavailable):
             raise
         except RecursionError:
             raise DecodeError("decode_error", "message nested too deeply") from None

@@ -34,7 +34,13 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from pipeline.config import Settings
 from pipeline.contract import topology
-from pipeline.contract.codec import Codec, load_schemas, registry_schema
+from pipeline.contract.codec import (
+    Codec,
+    DecodeError,
+    SchemaUnavailable,
+    load_schemas,
+    registry_schema,
+)
 from pipeline.errors import LlmpipeError
 
 AVRO = "AVRO"
@@ -214,6 +220,17 @@ class RegistryWire:
         return frame
 
     def decode(self, name: str, data: bytes) -> Any:
+        schema_id = int.from_bytes(data[1:5], "big")
+        try:
+            self._client.get_schema(schema_id)  # cached after the first frame of each id
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise DecodeError(
+                    "decode_error", f"schema id {schema_id} is not in the Schema Registry"
+                ) from None
+            raise SchemaUnavailable(_unreachable(self._client, exc)) from None
+        except Exception as exc:  # the HTTP client's own errors: refused, timed out, TLS
+            raise SchemaUnavailable(f"Schema Registry unreachable: {exc}") from None
         return self._deserializer(name)(data, SerializationContext("", MessageField.VALUE))
 
     def check(self, names: list[str]) -> None:

@@ -11,6 +11,7 @@ default: the new schema must read data written with the latest one.
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,14 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from pipeline.config import Settings
-from pipeline.contract.codec import CONFLUENT_AVRO, Codec, load_schemas, registry_schema
+from pipeline.contract.codec import (
+    CONFLUENT_AVRO,
+    Codec,
+    DecodeError,
+    SchemaUnavailable,
+    load_schemas,
+    registry_schema,
+)
 from pipeline.contract.envelopes import PromptRef, Request, Result, Usage, ValidationReport
 from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import running_fake_llm
@@ -294,3 +302,24 @@ def test_topics_apply_and_plan_handle_subjects_beside_topics(
     assert "llm.results-value: llmpipe.Result in schemas/ is not BACKWARD-compatible" in (
         refused.output
     )
+
+
+def test_an_unknown_schema_id_is_a_decode_error_and_an_unreachable_registry_is_not(
+    client: CheckingRegistry,
+) -> None:
+    """A frame naming an id the registry never gave is bad input (a dead letter with
+    decode_error); a registry that cannot be asked says nothing about the message, so the
+    codec raises SchemaUnavailable instead (its handling fails, replayable later)."""
+    apply_subjects(client, Codec(), "")
+    frame, _ = confluent(client).encode(result())
+    unknown = frame[:1] + (10_000).to_bytes(4, "big") + frame[5:]
+    with pytest.raises(DecodeError, match="schema id 10000 is not in the Schema Registry"):
+        confluent(client).decode(unknown, Result)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    down = codec_for(
+        Settings(schema_registry_url=f"http://127.0.0.1:{closed}", output_format="confluent")
+    )
+    with pytest.raises(SchemaUnavailable):
+        down.decode(frame, Result)
