@@ -120,6 +120,29 @@ def topics_apply(
         out.print("no changes: the cluster matches the topic files")
 
 
+@topics_app.command("export")
+def topics_export(
+    format: Annotated[
+        str, typer.Option("--format", help="Output format: strimzi (KafkaTopic resources).")
+    ] = "strimzi",
+    cluster: Annotated[
+        str, typer.Option(help="Strimzi cluster name (the strimzi.io/cluster label).")
+    ] = "my-cluster",
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the resources (default: none).")
+    ] = "",
+    topics_dir: Annotated[Path | None, typer.Option(help="Directory of topic files.")] = None,
+) -> None:
+    """Print the topic files for another tool to apply (no broker needed), with
+    LLMPIPE_TOPIC_PREFIX; e.g. `llmpipe topics export | kubectl apply -f -`."""
+    from pipeline.transport.topics import strimzi_topics
+
+    if format != "strimzi":
+        raise LlmpipeError(f"unknown --format {format!r}; choose from: strimzi")
+    text = strimzi_topics(_specs(topics_dir), settings().topic_prefix, cluster, namespace)
+    sys.stdout.write(text)
+
+
 def _plan_subjects() -> tuple[list[Any], list[str]]:
     """The Schema Registry half of `topics plan` (nothing without LLMPIPE_SCHEMA_REGISTRY_URL)."""
     from pipeline.contract.codec import Codec

@@ -177,3 +177,45 @@ def _describe(admin: AdminClient, topics: list[str]) -> dict[str, dict[str, str]
 def _wait(futures: Mapping[Any, Future[Any]]) -> None:
     for future in futures.values():
         future.result(timeout=ADMIN_TIMEOUT_S)
+
+
+STRIMZI_API_VERSION = "kafka.strimzi.io/v1"
+STRIMZI_HEADER = (
+    "# Strimzi KafkaTopic resources for topics/*.yaml, written by\n"
+    "# `llmpipe topics export --format strimzi`: regenerate, do not edit.\n"
+)
+
+
+def strimzi_topics(
+    specs: list[TopicSpec], prefix: str = "", cluster: str = "my-cluster", namespace: str = ""
+) -> str:
+    """The topic files as Strimzi ``KafkaTopic`` resources, one YAML document each.
+
+    Why a second rendering of the same files: on Kubernetes the Strimzi topic operator,
+    not ``llmpipe topics apply``, owns the topics, and the two must never disagree (the
+    Helm chart ships this output; a test compares it with ``topics/*.yaml``).
+    ``spec.topicName`` carries the real name because a resource name cannot (``_`` and
+    capitals are not allowed in Kubernetes names).
+    """
+    documents = []
+    for spec in specs:
+        topic = f"{prefix}{spec.name}"
+        metadata: dict[str, Any] = {
+            "name": topic.lower().replace("_", "-"),
+            "labels": {"strimzi.io/cluster": cluster},
+        }
+        if namespace:
+            metadata["namespace"] = namespace
+        resource = {
+            "apiVersion": STRIMZI_API_VERSION,
+            "kind": "KafkaTopic",
+            "metadata": metadata,
+            "spec": {
+                "topicName": topic,
+                "partitions": spec.partitions,
+                "replicas": spec.replication_factor,
+                "config": dict(spec.configs),
+            },
+        }
+        documents.append("---\n" + yaml.safe_dump(resource, sort_keys=False))
+    return STRIMZI_HEADER + "".join(documents)
