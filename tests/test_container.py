@@ -146,3 +146,22 @@ def test_compose_health_checks_match_each_service() -> None:
             assert f"127.0.0.1:{port}/healthz" in " ".join(check["test"]), name
         else:
             assert check == {"disable": True}, f"{name}: a one-shot tool has no /healthz"
+
+
+def test_the_build_context_has_what_the_dockerfile_copies_and_not_the_virtualenvs() -> None:
+    ignored = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".venv-model", ".git"} <= ignored
+    copied = {
+        source
+        for stage in stages()
+        for copy in stage.all("COPY")
+        if not copy.startswith("--from")
+        for source in copy.split()[:-1]
+    }
+    assert copied, "no COPY found"
+    assert not copied & ignored, f"copied but excluded from the context: {copied & ignored}"
+    assert all((REPO_ROOT / source).exists() for source in copied), copied
