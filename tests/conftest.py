@@ -11,6 +11,8 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.harness.environment import create_topics
+from pipeline.observability import endpoints
+from pipeline.observability.endpoints import EndpointServer
 from tests.real_model import local_model  # noqa: F401 - the shared real-model fixture
 from tests.support import SESSION, make_settings
 
@@ -69,3 +71,15 @@ def _delete_test_topics(request: pytest.FixtureRequest) -> Iterator[None]:
     if created:
         for future in admin.delete_topics(created, operation_timeout=30).values():
             future.result(timeout=60)
+
+
+@pytest.fixture
+def endpoint_server() -> Iterator[EndpointServer]:
+    """The process's /healthz, /readyz, /metrics server on a free loopback port; the
+    checks it answers with are put back to their defaults afterwards."""
+    served = endpoints.serve("127.0.0.1", 0)
+    try:
+        yield served
+    finally:
+        endpoints.set_checks()
+        endpoints.stop(served)

@@ -13,15 +13,13 @@ import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.observability import endpoints
-from pipeline.observability.endpoints import Verdict
+from pipeline.observability.endpoints import EndpointServer, Verdict
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
@@ -99,16 +97,6 @@ def healthcheck_command() -> str:
     return command
 
 
-@pytest.fixture
-def server() -> Iterator[endpoints.EndpointServer]:
-    served = endpoints.serve("127.0.0.1", 0)
-    try:
-        yield served
-    finally:
-        endpoints.set_checks()
-        endpoints.stop(served)
-
-
 def run_healthcheck(port: int) -> int:
     """The HEALTHCHECK command as Docker runs it (``sh -c``), with this interpreter."""
     command = healthcheck_command().replace("python -c", f"{shlex.quote(sys.executable)} -c", 1)
@@ -119,12 +107,12 @@ def run_healthcheck(port: int) -> int:
 
 
 def test_the_healthcheck_passes_on_a_live_loop_and_fails_otherwise(
-    server: endpoints.EndpointServer,
+    endpoint_server: EndpointServer,
 ) -> None:
     endpoints.set_checks(liveness=lambda: Verdict(True))
-    assert run_healthcheck(server.port) == 0
+    assert run_healthcheck(endpoint_server.port) == 0
     endpoints.set_checks(liveness=lambda: Verdict(False, {"reason": "wedged"}))
-    assert run_healthcheck(server.port) != 0
+    assert run_healthcheck(endpoint_server.port) != 0
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         nobody = unused.getsockname()[1]

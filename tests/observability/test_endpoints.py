@@ -10,14 +10,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.observability import endpoints, setup
-from pipeline.observability.endpoints import EndpointError, Verdict
+from pipeline.observability.endpoints import EndpointError, EndpointServer, Verdict
 from pipeline.observability.setup import PrometheusReader, build_telemetry, install
 from pipeline.runtime.health import Heartbeat
 
@@ -41,18 +40,8 @@ def wait_for_status(url: str, status: int, timeout_s: float) -> str:
     raise AssertionError(f"{url} did not answer {status} within {timeout_s}s; last: {seen}")
 
 
-@pytest.fixture
-def server() -> Iterator[endpoints.EndpointServer]:
-    served = endpoints.serve("127.0.0.1", 0)
-    try:
-        yield served
-    finally:
-        endpoints.set_checks()
-        endpoints.stop(served)
-
-
 def test_a_wedged_event_loop_turns_healthz_unhealthy_and_back(
-    server: endpoints.EndpointServer,
+    endpoint_server: EndpointServer,
 ) -> None:
     """The probe is answered off the loop, so it can say the loop is stuck (a route on
     the loop would just time out, and say nothing)."""
@@ -66,13 +55,13 @@ def test_a_wedged_event_loop_turns_healthz_unhealthy_and_back(
     )
     thread.start()
     try:
-        wait_for_status(server.url + "/healthz", 200, 10)
+        wait_for_status(endpoint_server.url + "/healthz", 200, 10)
         # Wedge the loop: a callback that blocks it until the test lets go.
         loop.call_soon_threadsafe(release.wait, 30)
-        body = wait_for_status(server.url + "/healthz", 503, 10)
+        body = wait_for_status(endpoint_server.url + "/healthz", 503, 10)
         assert json.loads(body)["reason"] == "the event loop is not running"
         release.set()
-        wait_for_status(server.url + "/healthz", 200, 10)
+        wait_for_status(endpoint_server.url + "/healthz", 200, 10)
     finally:
         release.set()
         loop.call_soon_threadsafe(stop.set)
@@ -80,16 +69,16 @@ def test_a_wedged_event_loop_turns_healthz_unhealthy_and_back(
         loop.close()
 
 
-def test_a_check_that_raises_is_not_ready_never_a_500(server: endpoints.EndpointServer) -> None:
+def test_a_check_that_raises_is_not_ready_never_a_500(endpoint_server: EndpointServer) -> None:
     def broken() -> Verdict:
         raise RuntimeError("metadata cache gone")
 
     endpoints.set_checks(readiness=broken)
-    status, body = get(server.url + "/readyz")
+    status, body = get(endpoint_server.url + "/readyz")
     assert status == 503
     assert json.loads(body) == {"ok": False, "error": "RuntimeError: metadata cache gone"}
     endpoints.set_checks(readiness=lambda: Verdict(True, {"stages": 4}))
-    assert get(server.url + "/readyz") == (200, '{"ok": true, "stages": 4}\n')
+    assert get(endpoint_server.url + "/readyz") == (200, '{"ok": true, "stages": 4}\n')
 
 
 @settings(
@@ -97,25 +86,25 @@ def test_a_check_that_raises_is_not_ready_never_a_500(server: endpoints.Endpoint
 )
 @given(path=st.text(st.characters(codec="ascii", exclude_characters="\r\n"), max_size=60))
 def test_any_request_line_gets_an_answer_below_500(
-    server: endpoints.EndpointServer, path: str
+    endpoint_server: EndpointServer, path: str
 ) -> None:
     """Raw bytes on the socket: whatever the request line, a 2xx/4xx answer, no crash."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", endpoint_server.port), timeout=10) as sock:
         sock.sendall(f"GET /{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
     status = int(answer.split(b" ", 2)[1])
     assert 200 <= status < 500, answer[:200]
-    assert get(server.url + "/healthz")[0] == 200  # and the server still serves
+    assert get(endpoint_server.url + "/healthz")[0] == 200  # and the server still serves
 
 
 def test_metrics_without_prometheus_says_which_variable_to_set(
-    server: endpoints.EndpointServer,
+    endpoint_server: EndpointServer,
 ) -> None:
     previous = install(build_telemetry({}))
     try:
-        status, body = get(server.url + "/metrics")
+        status, body = get(endpoint_server.url + "/metrics")
     finally:
         if previous is not None:
             install(previous)
@@ -124,14 +113,14 @@ def test_metrics_without_prometheus_says_which_variable_to_set(
 
 
 def test_metrics_are_the_same_otel_instruments_with_the_instance_id(
-    server: endpoints.EndpointServer,
+    endpoint_server: EndpointServer,
 ) -> None:
     telemetry = build_telemetry({"OTEL_METRICS_EXPORTER": "prometheus"})
     assert telemetry.prometheus is not None
     previous = install(telemetry)
     try:
         telemetry.metrics.requests.add(3, {"llmpipe.route": "result"})
-        status, body = get(server.url + "/metrics")
+        status, body = get(endpoint_server.url + "/metrics")
     finally:
         if previous is not None:
             install(previous)
@@ -163,7 +152,7 @@ def test_prometheus_readers_do_not_share_a_registry() -> None:
 
 
 def test_a_second_server_on_a_used_port_is_one_clear_error(
-    server: endpoints.EndpointServer,
+    endpoint_server: EndpointServer,
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -171,11 +160,13 @@ def test_a_second_server_on_a_used_port_is_one_clear_error(
         port = taken.getsockname()[1]
         with pytest.raises(EndpointError, match=f"127.0.0.1:{port}"):
             endpoints.serve("127.0.0.1", port)
-    assert endpoints.serve("127.0.0.1", server.port) is server  # same address: same server
+    assert (
+        endpoints.serve("127.0.0.1", endpoint_server.port) is endpoint_server
+    )  # same address: same server
 
 
 def test_the_standalone_scrape_endpoint_is_not_started_twice(
-    server: endpoints.EndpointServer, monkeypatch: pytest.MonkeyPatch
+    endpoint_server: EndpointServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker serves /metrics on its own port: configuring Prometheus then must not
     start a second listener on OTEL_EXPORTER_PROMETHEUS_PORT; a process without one gets
