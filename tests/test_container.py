@@ -8,13 +8,17 @@ worker's endpoint server: it passes on 200 and fails on 503 and on no answer.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.config import REPO_ROOT, Settings
@@ -153,3 +157,65 @@ def test_the_build_context_has_what_the_dockerfile_copies_and_not_the_virtualenv
     assert copied, "no COPY found"
     assert not copied & ignored, f"copied but excluded from the context: {copied & ignored}"
     assert all((REPO_ROOT / source).exists() for source in copied), copied
+
+
+@pytest.mark.slow
+def test_the_build_stage_installs_a_working_non_editable_llmpipe(tmp_path: Path) -> None:
+    """The build stage's own RUN lines, run here with /opt/llmpipe in a temporary
+    directory (no Docker engine): the virtualenv they make has llmpipe as a wheel, no test
+    tools, its Avro schemas where the codec looks, and, with the final stage's ENV, serves
+    the CLI from outside the repository. (Skipped: the RUN that installs uv itself, and
+    UV_NO_CACHE, so the run uses uv's cache.)"""
+    build, final = stages()[0], stages()[-1]
+    src, venv, data = tmp_path / "src", tmp_path / "opt-llmpipe", tmp_path / "data"
+    src.mkdir()
+    data.mkdir()
+    for copy in build.all("COPY"):
+        *sources, _ = copy.split()
+        for source in sources:
+            target = src / source
+            if (REPO_ROOT / source).is_dir():
+                shutil.copytree(REPO_ROOT / source, target)
+            else:
+                shutil.copy(REPO_ROOT / source, target)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    base_python = shutil.which("python3")  # the one `make install` runs uv with
+    assert base_python
+    for name, command in (("python", base_python), ("uv", f"{base_python} -m uv")):
+        (shims / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+    env.update(dict(re.findall(r"(\w+)=(\S+)", " ".join(build.all("ENV")))))
+    env.pop("UV_NO_CACHE")
+    for run in build.all("RUN"):
+        if run.startswith("pip install"):
+            continue
+        command = run.replace("/opt/llmpipe", str(venv))
+        done = subprocess.run(["sh", "-c", command], cwd=src, env=env, capture_output=True)
+        assert done.returncode == 0, f"{command}\n{done.stderr.decode()[-3000:]}"
+
+    python = venv / "bin" / "python"
+    where = subprocess.run(
+        [python, "-c", "import pipeline, pytest"], capture_output=True, text=True, cwd=data
+    )
+    assert "No module named 'pytest'" in where.stderr, "test tools in the image"
+    editable = (
+        "import importlib.metadata as m, json; "
+        "info = json.loads(m.distribution('llmpipe').read_text('direct_url.json') or '{}'); "
+        "print(info.get('dir_info', {}).get('editable', False))"
+    )
+    record = subprocess.run([python, "-c", editable], capture_output=True, text=True, cwd=data)
+    assert record.stdout.strip() == "False", record.stdout + record.stderr
+    run_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(final.all("ENV"))))
+    run_env = {k: v.replace("/app", str(REPO_ROOT)) for k, v in run_env.items()}
+    run_env["PATH"] = f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin"
+    checks = [
+        [python, "-c", "import pipeline, sys; assert 'site-packages' in pipeline.__file__"],
+        [python, "-c", "from pipeline.contract.codec import Codec; Codec()"],
+        [venv / "bin" / "llmpipe", "prompts", "list"],
+        [venv / "bin" / "llmpipe", "topics", "export", "--format", "strimzi"],
+    ]
+    for check in checks:
+        done = subprocess.run(check, cwd=data, env=run_env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{check}: {done.stdout[-1000:]}{done.stderr[-2000:]}"
