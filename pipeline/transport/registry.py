@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -139,8 +139,8 @@ def plan_subjects(
                     f"{subject}: {name} in schemas/ is not {level}-compatible with the "
                     "subject's latest version"
                 )
-    except SchemaRegistryError as exc:
-        raise RegistryError(_unreachable(client, exc)) from None
+    except Exception as exc:  # the registry's answer, or the HTTP client's own error
+        raise RegistryError(_failed(exc)) from None
     return changes, refused
 
 
@@ -150,14 +150,17 @@ def apply_subjects(client: SchemaRegistryClient, codec: Codec, prefix: str) -> l
     changes, refused = plan_subjects(client, codec, prefix)
     if refused:
         raise RegistryError("; ".join(refused))
+    names = subjects(prefix)
+    registered = []
     try:
         for change in changes:
-            schema = _schema(codec, subjects(prefix)[change.subject])
-            schema_id = client.register_schema(change.subject, schema)
-            object.__setattr__(change, "detail", f"{change.detail} (id {schema_id})")
-    except SchemaRegistryError as exc:
-        raise RegistryError(_unreachable(client, exc)) from None
-    return changes
+            schema_id = client.register_schema(
+                change.subject, _schema(codec, names[change.subject])
+            )
+            registered.append(replace(change, detail=f"{change.detail} (id {schema_id})"))
+    except Exception as exc:  # the registry's answer, or the HTTP client's own error
+        raise RegistryError(_failed(exc)) from None
+    return registered
 
 
 def _compatibility(client: SchemaRegistryClient, subject: str) -> str:
@@ -167,8 +170,14 @@ def _compatibility(client: SchemaRegistryClient, subject: str) -> str:
         return "the registry's"
 
 
-def _unreachable(client: SchemaRegistryClient, exc: SchemaRegistryError) -> str:
-    return f"Schema Registry: {exc.error_message} (HTTP {exc.http_status_code})"
+def _failed(exc: Exception) -> str:
+    """One line for a registry call that failed: its answer, or why there was none."""
+    if isinstance(exc, SchemaRegistryError):
+        return f"Schema Registry: {exc.error_message} (HTTP {exc.http_status_code})"
+    return (
+        f"Schema Registry unreachable: {exc} (LLMPIPE_SCHEMA_REGISTRY_URL, "
+        "LLMPIPE_SCHEMA_REGISTRY_CAFILE)"
+    )
 
 
 class RegistryWire:
@@ -228,9 +237,9 @@ class RegistryWire:
                 raise DecodeError(
                     "decode_error", f"schema id {schema_id} is not in the Schema Registry"
                 ) from None
-            raise SchemaUnavailable(_unreachable(self._client, exc)) from None
+            raise SchemaUnavailable(_failed(exc)) from None
         except Exception as exc:  # the HTTP client's own errors: refused, timed out, TLS
-            raise SchemaUnavailable(f"Schema Registry unreachable: {exc}") from None
+            raise SchemaUnavailable(_failed(exc)) from None
         return self._deserializer(name)(data, SerializationContext("", MessageField.VALUE))
 
     def check(self, names: list[str]) -> None:
@@ -243,8 +252,8 @@ class RegistryWire:
                 schema = Schema(json.dumps(registry_schema(self._schemas, name)), AVRO)
                 if _registered(self._client, subject, schema) is None:
                     missing.append(f"{name} under {subject}")
-        except SchemaRegistryError as exc:
-            raise RegistryError(_unreachable(self._client, exc)) from None
+        except Exception as exc:  # the registry's answer, or the HTTP client's own error
+            raise RegistryError(_failed(exc)) from None
         if missing:
             raise RegistryError(
                 f"the Schema Registry does not have {', '.join(missing)}; run "

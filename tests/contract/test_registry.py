@@ -50,6 +50,7 @@ from pipeline.transport.registry import (
     apply_subjects,
     codec_for,
     plan_subjects,
+    registry_client,
     subjects,
 )
 from tests.support import make_settings, produce, running_worker
@@ -304,7 +305,7 @@ def test_topics_apply_and_plan_handle_subjects_beside_topics(
     )
 
 
-def test_an_unknown_schema_id_is_a_decode_error_and_an_unreachable_registry_is_not(
+def test_an_unknown_schema_id_is_a_decode_error_and_an_unreachable_registry_is_not_one(
     client: CheckingRegistry,
 ) -> None:
     """A frame naming an id the registry never gave is bad input (a dead letter with
@@ -318,8 +319,10 @@ def test_an_unknown_schema_id_is_a_decode_error_and_an_unreachable_registry_is_n
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]
-    down = codec_for(
-        Settings(schema_registry_url=f"http://127.0.0.1:{closed}", output_format="confluent")
+    unreachable = Settings(
+        schema_registry_url=f"http://127.0.0.1:{closed}", output_format="confluent"
     )
-    with pytest.raises(SchemaUnavailable):
-        down.decode(frame, Result)
+    with pytest.raises(SchemaUnavailable, match="Schema Registry unreachable"):
+        codec_for(unreachable).decode(frame, Result)
+    with pytest.raises(RegistryError, match="Schema Registry unreachable"):  # one line, exit 1
+        plan_subjects(registry_client(unreachable), Codec(), "")
