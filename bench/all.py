@@ -151,6 +151,13 @@ def summary(reports: dict[str, Report]) -> list[str]:
                 "; ".join(f"{r['variant']} {r['ratio_vs_default']}" for r in by[1:]),
             )
         )
+        cost = get("features", "telemetry_cost") or {}
+        rows.append(
+            (
+                "telemetry cost (default vs SDK disabled): throughput, CPU per request",
+                f"{cost.get('throughput_cost')}, {cost.get('cpu_cost')}",
+            )
+        )
     if "chaos" in reports:
         res = reports["chaos"].results
         rows.append(
