@@ -188,7 +188,7 @@ def run(
                 (
                     m,
                     v["rate"],
-                    v["vs_confluent_relay"],
+                    f"{v['vs_confluent_relay']:.4f}",
                     v["worker_cpu_ms_per_request"],
                     v["worker_cpu_ms_per_request_whole_run"],
                 )
@@ -242,11 +242,12 @@ def explain(results: dict[str, Any]) -> list[str]:
         f"{httpx_row['cpu_ms_per_call']:.2f} ms, the openai SDK {sdk['cpu_ms_per_call']:.2f} "
         f"ms, a raw asyncio keep-alive loop {raw['cpu_ms_per_call']:.2f} ms against the same "
         "server: what is left of the call's cost is aiohttp's request machinery.",
-        "The rest, per the profile (bench/out/overhead-profile.txt): OpenTelemetry spans and "
-        "metrics (about a quarter of the worker's CPU: bench.features), JSON-schema "
-        "validation of input and output (jsonschema, pure Python), Jinja rendering (once per "
-        "request and process now), pydantic envelopes and fastavro, the resilience layers "
-        "(breakers, retries, budgets, rate limits) and the runner's bookkeeping per message.",
+        "The rest, per the profile (bench/out/overhead-profile.txt): the stages' own work "
+        "(content rules and the personal-data scan, prompt rendering once per request and "
+        "process, parsing and checking the answer), pydantic envelopes and fastavro on each "
+        "of the three hops, the resilience layers (budget, breakers, retries, rate limit, "
+        "fallback chain) around the call, metrics and span context (bench.features), and "
+        "the runner's per-message bookkeeping (tasks, offsets, commits).",
     ]
 
 
