@@ -46,9 +46,9 @@ CI runs the short chaos and fuzz versions in `tests/e2e/test_chaos.py` and
 - `python -m bench.features`: tracing off / on / exported, redaction on / off
 - `python -m bench.tracing`: tracing in detail: off, default, OTLP export, exported content,
   10 % sampling (a real OTLP receiver; results in docs/observability.md)
-- `python -m bench.chaos [--mode exactly_once|at_least_once|both]`: SIGKILLs and a broker
-  outage (a broker of its own), scaling 1 -> 3 -> 1 workers, a fenced zombie, a model
-  outage, each ending with the ledger and the calls redone against a fault-free run
+- `python -m bench.chaos`: three SIGKILLs and a broker outage in one run (its own broker on
+  free ports), a static member through an outage, scaling, a fenced zombie, a model outage,
+  in both delivery modes, each ending with the ledger
 - `python -m bench.fuzz`: hypothesis campaign of arbitrary bytes, adversarial JSON and
   arbitrary model output through a live worker
 
