@@ -45,6 +45,7 @@ from pipeline.prompts.registry import PromptRegistry
 from pipeline.stages.model_call import CallingClient
 from pipeline.stages.monitor import DistributionMonitor, Shift
 from pipeline.stages.parse import field_at
+from pipeline.stages.policy import ASKED_BACK
 from pipeline.stages.score import SECOND_OPINIONS, combine, same_value, weights_of
 
 WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0)
@@ -396,8 +397,11 @@ def _case_run(
     answer: dict[str, Any] | None = None
     asks_back = False
     if isinstance(settled, Result) and settled.source == "model":
-        asks_back = settled.status == "needs_clarification"
-        answer = outcome.answer if asks_back else settled.output
+        # Only the model's own question is its answer; a question sent because confidence
+        # was low (policy clarify) is a routing decision the replay must make again.
+        asks_back = settled.reason == ASKED_BACK
+        clarifying = settled.status == "needs_clarification"
+        answer = outcome.answer if clarifying else settled.output
     elif isinstance(settled, Escalation) and scored:
         answer = settled.output
     try:

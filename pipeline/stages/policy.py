@@ -29,6 +29,9 @@ HIGH_RISK = "high_risk"
 BURN_IN = "burn_in"
 AUDIT = "audit"
 FORCE_REVIEW_REASON = "force_review"
+ASKED_BACK = "model_asked_for_clarification"
+"""A result whose question comes from the model itself (it set the clarify field); a
+clarification sent because confidence was low (policy ``clarify``) says LOW_CONFIDENCE."""
 REVIEW_REASONS = (LOW_CONFIDENCE, HIGH_RISK, BURN_IN, AUDIT, FORCE_REVIEW_REASON)
 
 AUDIT_BUCKETS = 10_000

@@ -55,6 +55,7 @@ from pipeline.stages.model_call import (
 from pipeline.stages.monitor import DistributionMonitor, Observation
 from pipeline.stages.parse import CheckFn, ParseOutcome, extract_json, parse_output
 from pipeline.stages.policy import (
+    ASKED_BACK,
     AUDIT,
     BURN_IN,
     FORCE_REVIEW_REASON,
@@ -349,9 +350,7 @@ class Settler:
             )
 
         if asks_back:
-            return settled(
-                "needs_clarification", _question(outcome.output), "model_asked_for_clarification"
-            )
+            return settled("needs_clarification", _question(outcome.output), ASKED_BACK)
         if confidence >= policy.accept:
 
             def review(reason: str, detail: str, rules: list[str] | None = None) -> Escalation:

@@ -23,9 +23,11 @@ from typer.testing import CliRunner
 from pipeline.cli.main import app
 from pipeline.evaluation.evaluate import (
     DatasetError,
+    LabelledCase,
     evaluate,
     load_dataset,
     metrics,
+    replay_mismatches,
     report,
     route_of,
 )
@@ -146,6 +148,49 @@ def test_route_replay_at_any_threshold(dataset: Path) -> None:
         "fallback",
         "accepted",
     ]
+
+
+async def test_a_low_confidence_clarification_is_routed_again_a_models_own_question_is_not() -> (
+    None
+):
+    """cited_answer@3 (policy clarify) sends a low-confidence answer back as a question: the
+    replay must route that answer again at other thresholds (it is not the model asking),
+    while the model's own clarifying question is its answer whatever the threshold."""
+    registry = PromptRegistry.load(PROMPTS)
+    sources = [
+        {"id": "kb-101", "text": "Refunds can be requested within 30 days of the charge."},
+        {"id": "kb-205", "text": "Invoices are issued on the first day of each month."},
+    ]
+    invented = {
+        "answer": "Klaus in Berlin says Zurich refunds take Madrid weeks.",
+        "citations": ["kb-205"],
+    }
+    cases = [
+        LabelledCase(
+            "low",
+            {"question": "How long do I have to ask for a refund?", "sources": sources},
+            {"citations": ["kb-101"]},
+            model_answer=json.dumps(invented),
+        ),
+        LabelledCase(
+            "asks",
+            {"question": "What is the storage limit?", "sources": sources},
+            {"needs_clarification": True},
+            model_answer=json.dumps({"needs_clarification": True, "question": "Which plan?"}),
+        ),
+    ]
+    evaluation = await evaluate(registry, [registry.get("cited_answer", 3)], cases, None)
+    variant = evaluation.variants[0]
+    low, asks = variant.runs
+    assert (low.outcome.status, low.outcome.reason) == ("needs_clarification", "low_confidence")
+    assert not low.asks_back and low.answer == invented
+    assert asks.asks_back and asks.outcome.reason == "model_asked_for_clarification"
+    assert replay_mismatches(variant) == []
+    weights = variant.declared_weights
+    assert [route_of(r, "clarify", 0.5, weights) for r in variant.runs] == ["review", "accepted"]
+    assert [route_of(r, "clarify", 0.0, weights) for r in variant.runs] == ["accepted"] * 2
+    numbers = metrics(variant.runs, "clarify", 0.5, weights)
+    assert (numbers.accepted, numbers.accepted_wrong, numbers.reviewed) == (1, 0, 1)
 
 
 def test_the_cli_writes_the_table_the_json_and_the_curve(dataset: Path, tmp_path: Path) -> None:

@@ -93,6 +93,7 @@ def test_editing_shared_rules_code_fails_check_for_each_user(tmp_path: Path) -> 
         ("cited_answer@1", "changed"),
         ("cited_answer@2", "changed"),
         ("cited_answer@3", "changed"),
+        ("cited_answer@4", "changed"),
     ]
 
 
@@ -131,6 +132,7 @@ def test_deleting_a_whole_prompt_fails_check(tmp_path: Path) -> None:
         ("cited_answer@1", "deleted"),
         ("cited_answer@2", "deleted"),
         ("cited_answer@3", "deleted"),
+        ("cited_answer@4", "deleted"),
     ]
 
 
