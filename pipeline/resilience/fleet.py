@@ -271,8 +271,9 @@ class FleetShares:
     ``fraction(model)`` is what :class:`~pipeline.resilience.ratelimit.RateLimitedClient`
     multiplies its per-minute numbers and bursts by, ``slots(model, cap)`` its in-flight
     cap. Until the lease table has been read (or with no other member) it is 1: a worker
-    alone has the whole account. Own demand comes from ``own_demand`` (this process's
-    limiter), never from the topic, so a worker always counts itself.
+    alone has the whole account. Its own demand comes from :meth:`set_own` (this process's
+    limiter, at each heartbeat: the same numbers its lease then publishes), never from the
+    topic, so a worker always counts itself.
     """
 
     def __init__(
