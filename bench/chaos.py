@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from bench.common import (
     KAFKA_SCRIPT,
     DeadlineExceeded,
@@ -738,7 +740,12 @@ def _committed_total(settings: Settings, stage: str) -> int:
 
 
 def _commits_resumed(settings: Settings, before: int, worker: Proc) -> bool:
-    return _committed_total(settings, "model") > before or not worker.alive()
+    if not worker.alive():
+        return True
+    try:
+        return _committed_total(settings, "model") > before
+    except KafkaException:  # right after a restart the coordinator may not answer yet
+        return False
 
 
 def _freeze_when_busy(
