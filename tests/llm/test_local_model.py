@@ -6,14 +6,18 @@ are classified), never what the model answers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
 import pytest
 
-from pipeline.llm.local_server import LocalModelServer
+from pipeline.config import REPO_ROOT
+from pipeline.llm.local_server import LocalModelServer, model_venv
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import ChatRequest, EndpointOptions
+
+PATCH_SCRIPT = REPO_ROOT / "infra" / "model" / "patch_logprobs.py"
 
 
 async def test_the_client_parses_a_real_servers_answer(local_model: LocalModelServer) -> None:
@@ -34,6 +38,20 @@ async def test_the_client_parses_a_real_servers_answer(local_model: LocalModelSe
     assert answer.finish_reason in ("stop", "length")
     assert len(answer.token_logprobs) == answer.completion_tokens
     assert all(lp <= 0.0 for lp in answer.token_logprobs)
+
+
+def test_the_model_server_is_the_one_with_cheap_logprobs(local_model: LocalModelServer) -> None:
+    """``make model-server`` patches llama-cpp-python's logprobs (infra/model/patch_logprobs.py):
+    unpatched, every real-model test takes 4-8 times as long and CI overruns its budget."""
+    spec = importlib.util.spec_from_file_location("patch_logprobs", PATCH_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    patch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patch)
+    installed = sorted(model_venv().glob("lib/python3*/site-packages/llama_cpp/llama.py"))
+    assert installed, f"no llama_cpp in {model_venv()}"
+    assert patch.MARKER in installed[0].read_text(encoding="utf-8"), (
+        f"{installed[0]} is not patched: run `make model-server`"
+    )
 
 
 async def test_llamacpps_refusal_of_openais_form_is_reported_once_and_answered(
