@@ -31,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -45,6 +46,8 @@ from pipeline.transport.clients import KafkaClients
 BEAT_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 PROBE_CACHE_S = 1.0
+# The supervisor waits for a child's answer longer than the child waits for the broker.
+CHILD_TIMEOUT_S = PROBE_TIMEOUT_S + 1.5
 
 
 class Heartbeat:
@@ -102,14 +105,16 @@ class WorkerReadiness:
             "stages_joined": sorted(m.stage for m in self.members if m.joined),
             "broker": broker_error or "reachable",
         }
+        # The first cause wins: an outage also drops the group sessions, so the broker is
+        # named before the groups it keeps the stages out of.
         if self.stopping():
             reason = "stopping"
+        elif broker_error is not None:
+            reason = f"broker unreachable: {broker_error}"
         elif not self.control_read():
             reason = "the control topic is not read yet"
         elif not self.members or waiting:
             reason = f"stages not in their groups yet: {', '.join(waiting) or 'all'}"
-        elif broker_error is not None:
-            reason = f"broker unreachable: {broker_error}"
         else:
             return Verdict(True, detail)
         return Verdict(False, {**detail, "reason": reason})
@@ -156,7 +161,7 @@ class ChildEndpoints:
 
     def _ask(self, url: str) -> tuple[int, dict[str, Any]]:
         try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
+            with urllib.request.urlopen(url, timeout=CHILD_TIMEOUT_S) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
@@ -164,7 +169,8 @@ class ChildEndpoints:
             return 0, {"unreachable": str(exc)}
 
     def _gather(self, path: str) -> tuple[list[int], dict[str, Any]]:
-        answers = [self._ask(url + path) for url in self._urls]
+        with ThreadPoolExecutor(len(self._urls)) as pool:  # at once: one slow child, one wait
+            answers = list(pool.map(self._ask, [url + path for url in self._urls]))
         return [code for code, _ in answers], {"processes": [body for _, body in answers]}
 
     def liveness(self) -> Verdict:
@@ -179,7 +185,7 @@ class ChildEndpoints:
         families: dict[str, Metric] = {}
         for index, url in enumerate(self._urls):
             try:
-                with urllib.request.urlopen(url + "/metrics", timeout=PROBE_TIMEOUT_S) as r:
+                with urllib.request.urlopen(url + "/metrics", timeout=CHILD_TIMEOUT_S) as r:
                     text = r.read().decode() if r.status == HTTPStatus.OK else ""
             except (OSError, ValueError):
                 continue  # starting or restarting: its series return with it
