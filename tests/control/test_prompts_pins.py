@@ -214,7 +214,7 @@ def test_pin_pins_and_rollback_commands(control: Settings) -> None:
     code, out, _ = cli(s, "pins")
     assert code == 0
     assert "@1 (pinned)" in out and "@2 at 10%" in out and "retry v2" in out
-    assert "@3 (newest, unpinned)" in out  # the other prompts
+    assert "@4 (newest, unpinned)" in out  # the other prompts (invoice_extract, cited_answer)
     code, out, _ = cli(s, "pins", "--history")
     assert code == 0 and out.count("pin:") == 0 and out.count("ticket_triage") == 2
 
