@@ -1,6 +1,6 @@
 """The composed stack with scripted endpoints: the order of the layers is what is tested.
 
-The retry layer sleeps for real (tenacity); backoff is configured in milliseconds so it
+The retry layer sleeps for real (asyncio.sleep); backoff is configured in milliseconds so it
 costs nothing, and no assertion depends on how long anything took.
 """
 
