@@ -25,9 +25,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
 
 from pipeline.contract import topology
 from pipeline.contract.envelopes import PromptRef
@@ -53,8 +56,49 @@ def prompt_attributes(prompt: PromptRef | None) -> Attributes:
     return {sc.GEN_AI_PROMPT_NAME: prompt.name, sc.GEN_AI_PROMPT_VERSION: prompt.version}
 
 
+class Readers(Protocol):
+    """Whether any metric reader will see what is recorded (see :class:`GatedMeterProvider`)."""
+
+    recording: bool
+
+
+class _Always:
+    recording = True
+
+
+class GatedMeterProvider(MeterProvider):
+    """The SDK meter provider, saying whether it has a reader (``recording``).
+
+    With no reader (the default: ``OTEL_METRICS_EXPORTER`` unset) the SDK still builds a
+    measurement for every ``add`` and ``record`` (attributes copied and checked, the time
+    read, the context looked up) and hands it to nobody: a tenth of a worker's CPU per
+    request. :class:`PipelineMetrics` skips that while ``recording`` is false; adding a
+    reader (``add_metric_reader``) turns it on, like the tracer's span processors.
+    """
+
+    def __init__(
+        self, metric_readers: Sequence[MetricReader] = (), resource: Resource | None = None
+    ) -> None:
+        super().__init__(metric_readers=metric_readers, resource=resource)
+        self._readers = len(metric_readers)
+        self.recording = self._readers > 0
+
+    def add_metric_reader(self, metric_reader: MetricReader) -> None:
+        super().add_metric_reader(metric_reader)
+        self._readers += 1
+        self.recording = True
+
+    def remove_metric_reader(self, metric_reader: MetricReader) -> None:
+        super().remove_metric_reader(metric_reader)
+        self._readers = max(0, self._readers - 1)
+        self.recording = self._readers > 0
+
+
 class PipelineMetrics:
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, readers: Readers | None = None) -> None:
+        """``readers`` says whether anything reads the instruments (by default: always);
+        while nothing does, the recording methods return at once."""
+        self._readers: Readers = readers if readers is not None else _Always()
         self.operation_duration = meter.create_histogram(
             sc.GEN_AI_CLIENT_OPERATION_DURATION,
             unit="s",
@@ -192,6 +236,8 @@ class PipelineMetrics:
         their contract, and a caller that is not a stage runner can record too. ``copies``
         are the ``(route, reason)`` of messages produced alongside (audit copies for
         review); they are never terminal."""
+        if not self._readers.recording:
+            return
         prompt_attrs = prompt_attributes(prompt)
         routed: Attributes = {sc.STAGE: stage, sc.ROUTE: route}
         if reason:
@@ -228,9 +274,13 @@ class PipelineMetrics:
             self.request_duration.record(end_to_end_s, outcome)
 
     def stage_started(self, stage: str) -> None:
+        if not self._readers.recording:
+            return
         self.stage_in_flight.add(1, {sc.STAGE: stage})
 
     def stage_finished(self, stage: str) -> None:
+        if not self._readers.recording:
+            return
         self.stage_in_flight.add(-1, {sc.STAGE: stage})
 
     def watch_lag(self, source: LagSource) -> Callable[[], None]:
@@ -258,6 +308,8 @@ class PipelineMetrics:
         cost_usd: float | None = None,
     ) -> None:
         """One attempt; ``attributes`` are the GenAI ones (model, provider, prompt, error)."""
+        if not self._readers.recording:
+            return
         attrs = dict(attributes)
         self.operation_duration.record(duration_s, attrs)
         if cost_usd is not None:
@@ -272,12 +324,18 @@ class PipelineMetrics:
             )
 
     def record_retry(self, attributes: Mapping[str, str | int]) -> None:
+        if not self._readers.recording:
+            return
         self.model_retries.add(1, dict(attributes))
 
     def model_call_started(self, attributes: Mapping[str, str | int]) -> None:
+        if not self._readers.recording:
+            return
         self.model_in_flight.add(1, dict(attributes))
 
     def model_call_finished(self, attributes: Mapping[str, str | int]) -> None:
+        if not self._readers.recording:
+            return
         self.model_in_flight.add(-1, dict(attributes))
 
     # -- resilience, control, review -----------------------------------------------------

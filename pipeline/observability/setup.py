@@ -67,7 +67,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.errors import LlmpipeError
 from pipeline.observability import endpoints
-from pipeline.observability.metrics import PipelineMetrics
+from pipeline.observability.metrics import GatedMeterProvider, PipelineMetrics, Readers
 from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
 from pipeline.observability.spans import PropagatingTracerProvider
 
@@ -83,6 +83,13 @@ INSTANCE_ID = "service.instance.id"
 
 class ObservabilityConfigError(LlmpipeError, ValueError):
     """An ``OTEL_*`` value we cannot honour; raised at start-up, not at first export."""
+
+
+class _NoReaders:
+    recording = False
+
+
+_NO_READERS = _NoReaders()
 
 
 @dataclass
@@ -101,7 +108,14 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         self.tracer = self.tracer_provider.get_tracer(SCOPE_NAME)
-        self.metrics = PipelineMetrics(self.meter_provider.get_meter(SCOPE_NAME))
+        # A provider that can say it has no reader (ours, or the no-op one) lets the
+        # instruments skip recording; any other is taken to have one.
+        readers: Readers | None = None
+        if isinstance(self.meter_provider, GatedMeterProvider):
+            readers = self.meter_provider
+        elif isinstance(self.meter_provider, otel_metrics.NoOpMeterProvider):
+            readers = _NO_READERS
+        self.metrics = PipelineMetrics(self.meter_provider.get_meter(SCOPE_NAME), readers)
 
     def force_flush(self, timeout_ms: int = 10_000) -> None:
         for provider in (self.tracer_provider, self.meter_provider):
@@ -193,7 +207,7 @@ def build_telemetry(
     for processor in [*span_processors, *span_processors_from_env(environ)]:
         tracer_provider.add_span_processor(processor)
     readers = [*metric_readers, *metric_readers_from_env(environ)]
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = GatedMeterProvider(metric_readers=readers, resource=resource)
     scraped = [r.registry for r in readers if isinstance(r, PrometheusReader)]
     return Telemetry(
         tracer_provider,

@@ -1,12 +1,16 @@
-"""The default tracer provider: trace context without recording, until a processor exists."""
+"""The default providers: trace context without recording spans until a processor exists,
+and no measurements built until a metric reader exists."""
 
 from __future__ import annotations
 
 from opentelemetry import trace
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from pipeline.observability import semconv as sc
+from pipeline.observability.metrics import GatedMeterProvider
 from pipeline.observability.propagation import extract, inject
 from pipeline.observability.setup import build_telemetry
 from pipeline.observability.spans import PropagatingTracerProvider
@@ -49,3 +53,38 @@ def test_a_processor_added_later_makes_every_tracer_record() -> None:
         assert span.is_recording()
     (finished,) = exporter.get_finished_spans()
     assert finished.name == "after" and dict(finished.attributes or {}) == {"k": "v"}
+
+
+def _stage_messages(reader: InMemoryMetricReader) -> float:
+    data = reader.get_metrics_data()
+    return sum(
+        point.value
+        for rm in (data.resource_metrics if data else [])
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == sc.STAGE_MESSAGES
+        for point in metric.data.data_points
+    )
+
+
+def test_without_a_metric_reader_nothing_is_measured_until_one_is_added() -> None:
+    telemetry = build_telemetry({})
+    provider = telemetry.meter_provider
+    assert isinstance(provider, GatedMeterProvider) and not provider.recording
+    metrics = telemetry.metrics
+    metrics.record_decision("validate", "valid", None, None, duration_s=0.01)
+    reader = InMemoryMetricReader()
+    provider.add_metric_reader(reader)
+    assert provider.recording
+    metrics.record_decision("validate", "valid", None, None, duration_s=0.01)
+    metrics.record_decision("validate", "valid", None, None, duration_s=0.01)
+    assert _stage_messages(reader) == 2
+    provider.remove_metric_reader(reader)
+    assert not provider.recording
+
+
+def test_a_reader_given_at_start_sees_every_measurement() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = build_telemetry({}, metric_readers=[reader])
+    telemetry.metrics.record_decision("validate", "valid", None, None, duration_s=0.01)
+    assert _stage_messages(reader) == 1
