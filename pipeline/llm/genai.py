@@ -104,12 +104,33 @@ class ChatObservation:
         self._span.set_attribute(sc.ATTEMPTS, answer.attempts)
 
 
+class _Unobserved(ChatObservation):
+    """What :func:`chat_span` and :func:`attempt_span` hand out when nothing would see the
+    span (no span processor) nor the metrics (no metric reader): nothing to build."""
+
+    def __init__(self) -> None:
+        self.answer: ChatCompletion | None = None
+
+    def answered(self, answer: ChatCompletion) -> None:
+        return None
+
+
+UNOBSERVED = _Unobserved()
+
+
 @contextmanager
 def chat_span(
     request: ChatRequest, prompt: PromptRef | None = None, request_id: str | None = None
 ) -> Iterator[ChatObservation]:
-    """The model-call stage's logical call: one CLIENT span, attempts nest inside it."""
+    """The model-call stage's logical call: one CLIENT span, attempts nest inside it.
+
+    Unrecorded spans are left out (their only use would be a span id for log lines of a
+    span nobody can look up): the message's consumer span stays the current one.
+    """
     telemetry = current()
+    if not telemetry.records_spans:
+        yield UNOBSERVED
+        return
     attrs = _request_attributes(telemetry, request)
     attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = request.max_tokens
     if prompt is not None:
@@ -149,9 +170,16 @@ def chat_span(
 
 @contextmanager
 def attempt_span(request: ChatRequest, attempt: int) -> Iterator[ChatObservation]:
-    """One call to the model endpoint: span, duration and token metrics, in-flight gauge."""
+    """One call to the model endpoint: span, duration and token metrics, in-flight gauge.
+
+    Without a span processor or a metric reader nothing of it would be seen, so nothing
+    is built (see :func:`chat_span`).
+    """
     telemetry = current()
     metrics = telemetry.metrics
+    if not telemetry.records_spans and not metrics.recording:
+        yield UNOBSERVED
+        return
     base = {**_request_attributes(telemetry, request), **_scope_attributes()}
     metric_attrs = {k: v for k, v in base.items() if k != sc.REQUEST_ID}
     if attempt > 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 from pipeline.observability import semconv as sc
@@ -42,11 +42,20 @@ def current_scope() -> MessageScope | None:
 
 @contextmanager
 def message_scope(scope: MessageScope) -> Iterator[MessageScope]:
-    token = _SCOPE.set(scope)
+    token = enter_scope(scope)
     try:
         yield scope
     finally:
-        _SCOPE.reset(token)
+        leave_scope(token)
+
+
+def enter_scope(scope: MessageScope) -> Token[MessageScope | None]:
+    """:func:`message_scope` without the context manager, for a caller that is one."""
+    return _SCOPE.set(scope)
+
+
+def leave_scope(token: Token[MessageScope | None]) -> None:
+    _SCOPE.reset(token)
 
 
 def parse_prompt_ref(ref: str | None) -> tuple[str | None, int | None]:

@@ -215,6 +215,11 @@ class PipelineMetrics:
             description="High watermark minus the stage consumer's position.",
         )
 
+    @property
+    def recording(self) -> bool:
+        """Whether anything reads what is recorded: callers skip building values if not."""
+        return self._readers.recording
+
     # -- stage runner -------------------------------------------------------------------
 
     def record_decision(

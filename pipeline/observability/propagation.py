@@ -41,9 +41,10 @@ def extract(headers: Iterable[tuple[str, bytes | None]]) -> Context:
     return PROPAGATOR.extract(carrier)
 
 
-def inject() -> dict[str, str]:
+def inject(context: Context | None = None) -> dict[str, str]:
+    """The ``traceparent`` (and ``tracestate``) of the current span, or of ``context``'s."""
     carrier: dict[str, str] = {}
-    PROPAGATOR.inject(carrier)
+    PROPAGATOR.inject(carrier, context)
     return carrier
 
 

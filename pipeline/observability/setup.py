@@ -117,6 +117,15 @@ class Telemetry:
             readers = _NO_READERS
         self.metrics = PipelineMetrics(self.meter_provider.get_meter(SCOPE_NAME), readers)
 
+    @property
+    def records_spans(self) -> bool:
+        """Whether spans are recorded (some processor will see them). When not, a span is
+        only its context: callers skip attributes, and spans nothing would ever show."""
+        provider = self.tracer_provider
+        if isinstance(provider, PropagatingTracerProvider):
+            return provider.recording
+        return not isinstance(provider, trace.NoOpTracerProvider)
+
     def force_flush(self, timeout_ms: int = 10_000) -> None:
         for provider in (self.tracer_provider, self.meter_provider):
             flush = getattr(provider, "force_flush", None)

@@ -29,7 +29,13 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from pipeline.contract.decisions import DeadLetter, Decision, end_to_end_s
 from pipeline.observability import semconv as sc
-from pipeline.observability.context import MessageScope, message_scope, parse_prompt_ref
+from pipeline.observability.context import (
+    MessageScope,
+    enter_scope,
+    leave_scope,
+    message_scope,
+    parse_prompt_ref,
+)
 from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
 from pipeline.observability.propagation import extract, inject
 from pipeline.observability.setup import current
@@ -77,9 +83,12 @@ class _SpanTrace:
         self._span = span
         self._scope = scope
         self._started = time.perf_counter()
+        self._recording = span.is_recording()
 
     def decided(self, decision: Decision) -> None:
         """What the stage decided; what the headers already told the span is not set twice."""
+        if not self._recording:
+            return
         span, scope = self._span, self._scope
         span.set_attribute(sc.ROUTE, decision.route)
         if decision.reason:
@@ -110,8 +119,16 @@ class _SpanTrace:
 
         Stage, prompt and reason are on its parent (the consumer span) and not repeated:
         the SDK validates and the exporter encodes every attribute of every span, which is
-        most of what tracing costs per message.
+        most of what tracing costs per message. Unrecorded, the span is only its context:
+        no attributes, and it is never made current.
         """
+        if not self._recording:
+            span = self._owner.tracer.start_span(
+                sc.producer_span_name(logical_topic),
+                trace.set_span_in_context(self._span),
+                kind=trace.SpanKind.PRODUCER,
+            )
+            return inject(trace.set_span_in_context(span))
         attributes: dict[str, Any] = {
             sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
             sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_SEND,
@@ -134,6 +151,8 @@ class _SpanTrace:
 
     def committed(self, decision: Decision) -> None:
         """Metrics once the output is committed; a metrics bug never undoes a message."""
+        if not self._owner.metrics.recording:
+            return
         token = otel_context.attach(trace.set_span_in_context(self._span))
         try:
             self._owner.metrics.record_decision(
@@ -158,15 +177,25 @@ class StageInstrumentation:
 
     def __init__(self, stage: str, group: str, metrics: PipelineMetrics | None = None) -> None:
         telemetry = current()
+        self._telemetry = telemetry
         self.stage = stage
         self.group = group
         self.tracer = telemetry.tracer
         self.metrics = metrics or telemetry.metrics
 
-    @contextlib.contextmanager
-    def message(self, inbound: Inbound) -> Iterator[MessageTrace]:
+    def message(self, inbound: Inbound) -> contextlib.AbstractContextManager[MessageTrace]:
+        """The message's span and scope, current while it is processed (in its own task)."""
+        if self._telemetry.records_spans:
+            return self._recorded(inbound)
+        return _UnrecordedMessage(self, inbound)
+
+    def scope(self, inbound: Inbound) -> MessageScope:
         prompt = parse_prompt_ref(h.text(inbound.headers, h.PROMPT))
-        scope = MessageScope(self.stage, h.text(inbound.headers, h.REQUEST_ID), *prompt)
+        return MessageScope(self.stage, h.text(inbound.headers, h.REQUEST_ID), *prompt)
+
+    @contextlib.contextmanager
+    def _recorded(self, inbound: Inbound) -> Iterator[MessageTrace]:
+        scope = self.scope(inbound)
         self.metrics.stage_started(self.stage)
         try:
             # Started inside the message's own task: span and scope are its alone.
@@ -214,6 +243,39 @@ class StageInstrumentation:
             sc.MESSAGING_DESTINATION_NAME: topic,
             sc.MESSAGING_DESTINATION_PARTITION_ID: str(partition),
         }
+
+
+class _UnrecordedMessage:
+    """:meth:`StageInstrumentation.message` while spans are not recorded (no exporter).
+
+    The same context as the recorded path (the consumer span's, child of the upstream
+    ``traceparent``, and the message scope), set and reset directly: no attributes, no
+    generator context managers, one context attach. Most messages take this path, so it
+    is kept to what the trace ids on results, log lines and outputs need.
+    """
+
+    __slots__ = ("_context_token", "_inbound", "_owner", "_scope_token")
+
+    def __init__(self, owner: StageInstrumentation, inbound: Inbound) -> None:
+        self._owner = owner
+        self._inbound = inbound
+
+    def __enter__(self) -> MessageTrace:
+        owner, inbound = self._owner, self._inbound
+        scope = owner.scope(inbound)
+        parent = extract(inbound.headers.items())
+        span = owner.tracer.start_span(
+            sc.consumer_span_name(owner.stage), parent, kind=trace.SpanKind.CONSUMER
+        )
+        owner.metrics.stage_started(owner.stage)
+        self._scope_token = enter_scope(scope)
+        self._context_token = otel_context.attach(trace.set_span_in_context(span))
+        return _SpanTrace(owner, inbound, span, scope)
+
+    def __exit__(self, *exc_info: object) -> None:
+        otel_context.detach(self._context_token)
+        leave_scope(self._scope_token)
+        self._owner.metrics.stage_finished(self._owner.stage)
 
 
 class _Silent:

@@ -3,6 +3,7 @@ and no measurements built until a metric reader exists."""
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -10,10 +11,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from pipeline.observability import semconv as sc
+from pipeline.observability.context import MessageScope, current_scope
 from pipeline.observability.metrics import GatedMeterProvider
 from pipeline.observability.propagation import extract, inject
-from pipeline.observability.setup import build_telemetry
+from pipeline.observability.setup import build_telemetry, install
 from pipeline.observability.spans import PropagatingTracerProvider
+from pipeline.transport.instrumentation import StageInstrumentation
+from pipeline.transport.message import Inbound
 
 
 def test_without_an_exporter_spans_carry_context_but_record_nothing() -> None:
@@ -88,3 +92,45 @@ def test_a_reader_given_at_start_sees_every_measurement() -> None:
     telemetry = build_telemetry({}, metric_readers=[reader])
     telemetry.metrics.record_decision("validate", "valid", None, None, duration_s=0.01)
     assert _stage_messages(reader) == 1
+
+
+UPSTREAM = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _inbound(traceparent: str | None) -> Inbound:
+    headers = {"x-request-id": b"req-1", "x-prompt": b"ticket_triage@2"}
+    if traceparent is not None:
+        headers["traceparent"] = traceparent.encode()
+    return Inbound("llm.requests", 0, 7, None, b"req-1", b"{}", headers)
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["unrecorded", "recorded"])
+def test_a_stage_message_continues_the_upstream_trace_whether_recorded_or_not(
+    exported: bool,
+) -> None:
+    exporter = InMemorySpanExporter()
+    processors = [SimpleSpanProcessor(exporter)] if exported else []
+    previous = install(build_telemetry({}, span_processors=processors))
+    try:
+        instrumentation = StageInstrumentation("validate", "group")
+        with instrumentation.message(_inbound(UPSTREAM)) as message:
+            inside = trace.get_current_span().get_span_context()
+            scope = current_scope()
+            carried = message.output_trace("llm.stage.validated", "t", b"k", "valid", "req-1")
+        assert not trace.get_current_span().get_span_context().is_valid
+        assert current_scope() is None
+        with instrumentation.message(_inbound(None)) as message:
+            fresh = trace.get_current_span().get_span_context()
+            started = message.output_trace("llm.stage.validated", "t", None, "valid", "req-1")
+    finally:
+        if previous is not None:
+            install(previous)
+    assert f"{inside.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert inside.trace_flags.sampled and f"{inside.span_id:016x}" != "b7ad6b7169203331"
+    assert scope == MessageScope("validate", "req-1", "ticket_triage", 2)
+    version, trace_id, span_id, flags = carried["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "01")
+    assert span_id not in ("b7ad6b7169203331", f"{inside.span_id:016x}")  # the producer's own
+    assert started["traceparent"].split("-")[1] == f"{fresh.trace_id:032x}" != trace_id
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert len(names) == (4 if exported else 0)
