@@ -113,6 +113,8 @@ class BreakerWaitClient:
             else:
                 if give_up_at is not None:
                     self.outcomes["answered"] += 1
+                if not attempts and not made:
+                    return answer  # answered without being held: nothing to add
                 return replace(
                     answer, attempts=attempts + answer.attempts, calls=(*made, *answer.calls)
                 )

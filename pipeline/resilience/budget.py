@@ -173,7 +173,7 @@ class BudgetedClient:
         models: Sequence[str] | None = None,
     ) -> ChatCompletion:
         estimate = estimate_request_tokens(request)
-        cost = self._estimate_cost(request)
+        cost = self._estimate_cost(request, estimate)
         self._check_request(estimate, cost, prompt)
         limit = self._config.daily_limit(prompt) if prompt is not None else None
         money = self._config.daily_cost_usd.get(prompt) if prompt is not None else None
@@ -204,8 +204,8 @@ class BudgetedClient:
             self._report(prompt, today)
         return completion
 
-    def _estimate_cost(self, request: ChatRequest) -> float | None:
-        prompt_tokens = estimate_request_tokens(request) - request.max_tokens
+    def _estimate_cost(self, request: ChatRequest, estimate: int) -> float | None:
+        prompt_tokens = estimate - request.max_tokens
         return self._prices.estimate(request.model, prompt_tokens, request.max_tokens)
 
     def _check_request(self, estimate: int, cost: float | None, prompt: str | None) -> None:

@@ -102,9 +102,8 @@ class FallbackChainClient:
                     break
                 continue
             try:
-                answer = await self._clients_by_model(model).complete(
-                    replace(request, model=model), deadline
-                )
+                call = request if model == request.model else replace(request, model=model)
+                answer = await self._clients_by_model(model).complete(call, deadline)
             except ModelError as exc:
                 attempts += exc.attempts
                 calls.extend(exc.calls or [CallRecord(model, exc.attempts, exc.kind)])
@@ -114,6 +113,8 @@ class FallbackChainClient:
                 self.failed[model] += 1
                 continue
             self.answered_by[model] += 1
+            if not attempts and not calls:
+                return answer  # the first model answered: nothing to add
             return replace(
                 answer, attempts=attempts + answer.attempts, calls=(*calls, *answer.calls)
             )
