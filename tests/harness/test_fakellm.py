@@ -227,6 +227,16 @@ async def test_garbage(client: httpx.AsyncClient) -> None:
     assert "\x1b" in text
 
 
+async def test_lone_surrogate_travels_both_ways(client: httpx.AsyncClient) -> None:
+    # The fake writes and reads JSON with orjson, which refuses lone surrogates: the json
+    # fallback must keep them working (model text with one is a case the pipeline handles).
+    text = content_of(await chat(client, '[[answer:{"label": "x\\ud800y"}]]'))
+    assert json.loads(text) == {"label": "x\ud800y"}
+    raw = json.dumps(body_for("a lone \udc00 in the request")).encode()  # ASCII, escaped
+    response = await client.post("/chat/completions", content=raw)
+    assert response.status_code == 200, response.text
+
+
 async def test_slow_honours_the_delay(client: httpx.AsyncClient) -> None:
     started = time.perf_counter()
     response = await chat(client, "[[fake:slow:0.3]]")
