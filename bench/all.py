@@ -38,7 +38,8 @@ CI runs the short chaos and fuzz versions in `tests/e2e/test_chaos.py` and
 - `python -m bench.peer`: llmpipe vs what a team would write instead (confluent-kafka loop,
   openai SDK, pydantic, commit after delivery; one hop): CPU per request and throughput
 - `python -m bench.slow_model`: 500 ms ± 20 % model, achieved vs ideal (in flight /
-  latency) for 32, 128, 512 and 2,048 calls in flight over `--processes` = cores; RSS
+  latency) for 32, 128, 512 and 2,048 calls in flight over `--processes` = cores; CPU
+  per request at each level, what the ideal would need in cores; RSS per process
 - `python -m bench.latency`: p50/p95/p99 of end-to-end minus model time at half of the
   measured maximum load
 - `python -m bench.memory`: worker RSS while a 100,000-request backlog drains
@@ -119,6 +120,16 @@ def summary(reports: dict[str, Report]) -> list[str]:
                 ),
             )
         )
+        if all("worker_cpu_ms_per_request" in r for r in by):
+            rows.append(
+                (
+                    "slow model: worker CPU ms per request (fixed part), same levels",
+                    ", ".join(
+                        f"{r['worker_cpu_ms_per_request']} ({r.get('fixed_cpu_ms_per_request')})"
+                        for r in by
+                    ),
+                )
+            )
     if "latency" in reports:
         a = get("latency", "added_ms") or {}
         rows.append(

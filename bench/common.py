@@ -389,6 +389,20 @@ class Proc:
                     return float("nan")
         return total
 
+    def rss_by_process_mib(self) -> list[float]:
+        """Resident memory of the command itself, then of each live child (the workers of
+        ``llmpipe worker --processes N``)."""
+        out: list[float] = []
+        for p in self._family():
+            with contextlib.suppress(psutil.Error):
+                out.append(float(p.memory_info().rss) / 2**20)
+        return out
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes: the children of a supervisor, else the command itself."""
+        family = self._family()
+        return [p.pid for p in (family[1:] if len(family) > 1 else family)]
+
     def kill(self) -> None:
         """SIGKILL: the crash the offset rule must survive."""
         if self.alive():

@@ -163,6 +163,7 @@ def measure_pipeline(
     on_start: Callable[[list[Proc]], None] | None = None,
     preload: bool | None = None,
     discard_stdout: bool = False,
+    idle_s: float = 0.0,
     **overrides: Any,
 ) -> Run:
     """``processes`` real ``llmpipe worker`` commands through all stages, each running
@@ -172,6 +173,11 @@ def measure_pipeline(
     producer never limits the rate and the measured window is pure draining. Several:
     they are started on empty topics and the backlog is produced once every group is
     stable with all of them, so no rebalance falls inside the measured window.
+
+    ``idle_s`` (not with ``preload``): before the backlog, the workers' CPU is measured
+    for that long with nothing to do (polls, commit timers, state listeners), as
+    ``extra["idle_cores"]``, so a low rate's CPU per request can be split into a fixed
+    cost per second and a cost per request.
     """
     overrides.setdefault("model_timeout_s", 30.0)
     members = processes * supervised
@@ -185,17 +191,30 @@ def measure_pipeline(
             named: dict[str, Proc] = {p.name: p for p in procs}
             if fake.proc is not None:
                 named["fakellm"] = fake.proc
+            idle: float | None = None
             meter = CpuMeter({**named, "broker": broker_process(bootstrap)})
             if preload:
                 meter.start()
             else:
                 wait_groups_stable(settings, stage_groups(settings), members, GROUP_JOIN_TIMEOUT_S)
+                idle = idle_cores(procs, idle_s) if idle_s > 0 else None
                 meter.start()
                 t0 = time.time()
                 send_backlog(settings, planned)
             if on_start is not None:
                 on_start(procs)
-            return time_outputs(settings, len(planned), named, label, timeout_s, t0, meter, sampler)
+            run = time_outputs(settings, len(planned), named, label, timeout_s, t0, meter, sampler)
+            if idle is not None:
+                run.extra["idle_cores"] = idle
+            return run
+
+
+def idle_cores(procs: Sequence[Proc], seconds: float) -> float:
+    """The cores the worker commands use over ``seconds`` with no messages to process."""
+    before = sum(p.cpu_s() for p in procs)
+    started = time.monotonic()
+    time.sleep(seconds)  # measuring a rate over a fixed window, not waiting for a condition
+    return round((sum(p.cpu_s() for p in procs) - before) / (time.monotonic() - started), 3)
 
 
 def measure_relay(

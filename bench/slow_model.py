@@ -4,10 +4,16 @@ The fake model answers in 500 ms ± 20 %. With n calls in flight in total (``llm
 --processes P``, each process ``LLMPIPE_MAX_IN_FLIGHT = n / P``) the ideal throughput is
 n / 0.5 s (Little's law); achieved / ideal says how well the runners keep their slots
 full. For large n the ideal exceeds what the machine's CPU can do at all, so the same run
-also measures that ceiling (the instant model, at the largest setting, since more in
-flight also means bigger Kafka batches and less CPU per message) and reports the ratio
-against min(ideal, ceiling) too. Peak RSS of the whole command (supervisor and workers)
-is sampled while each run drains.
+also measures that ceiling: the instant model at 512 and at 2,048 in flight, the better
+of the two (with an instant model every message is ready at once, and at 2,048 the event
+loop spends long turns on them between fetches and commits). Each level reports the ratio
+against min(ideal, ceiling) too, the workers' CPU per request (steady 10-90 % window)
+split into a fixed cost (the CPU an idle worker spends per second, measured before the
+backlog, spread over the rate) and the cost per request, the cores the ideal would need
+at that CPU per request, and the peak RSS of the supervisor and of each worker process.
+
+Every run starts the supervisor on empty topics and produces the backlog once every group
+is stable with all its worker processes, so no rebalance falls inside the measured window.
 
     python -m bench.slow_model [--quick]
 """
@@ -18,28 +24,88 @@ import time
 from typing import Any
 
 from bench.common import FakeLLMProcess, Proc, Report, base_args, finish, plot_lines, table
-from bench.runs import measure_pipeline, valid_requests
+from bench.runs import Run, measure_pipeline, valid_requests
 from pipeline.runtime.supervisor import available_cores
 
 LATENCY_S = 0.5
 JITTER = 0.2
 IN_FLIGHT = (32, 128, 512, 2048)
+CEILING_IN_FLIGHT = (512, 2048)
+IDLE_S = 5.0
 
 
 class PeakRss:
-    """The largest resident memory of the watched commands (supervisor plus workers),
-    sampled each time the harness checks progress."""
+    """The largest resident memory of the watched command, sampled each time the harness
+    checks progress: the whole command (supervisor plus workers), the command's own
+    process (the supervisor, when there are several workers) and its largest child."""
 
     def __init__(self) -> None:
         self.procs: list[Proc] = []
-        self.peak_mib = 0.0
+        self.total_mib = 0.0
+        self.command_mib = 0.0
+        self.child_mib = 0.0
 
     def watch(self, procs: list[Proc]) -> None:
         self.procs.extend(procs)
 
     def sample(self, _seen: int) -> None:
         for p in self.procs:
-            self.peak_mib = max(self.peak_mib, p.rss_mib())
+            sizes = p.rss_by_process_mib()
+            if not sizes:
+                continue
+            self.total_mib = max(self.total_mib, sum(sizes))
+            self.command_mib = max(self.command_mib, sizes[0])
+            self.child_mib = max(self.child_mib, max(sizes[1:], default=0.0))
+
+
+class LoopDemand:
+    """How much of the time each worker's event loop (its main thread) ran on a core and
+    how much it was ready but waiting for one (``/proc/<pid>/schedstat``, Linux), from the
+    first to the last progress check: a loop that is running or waiting all the time is
+    CPU-bound, and the waiting share is what other processes on the machine took."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+        self.first: dict[int, tuple[float, int, int]] = {}
+        self.last: dict[int, tuple[float, int, int]] = {}
+
+    def watch(self, procs: list[Proc]) -> None:
+        self.procs.extend(procs)
+
+    def sample(self, _seen: int) -> None:
+        now = time.monotonic()
+        for p in self.procs:
+            for pid in p.worker_pids():
+                try:
+                    with open(f"/proc/{pid}/schedstat") as f:
+                        ran_ns, waited_ns = (int(v) for v in f.read().split()[:2])
+                except (OSError, ValueError):
+                    continue
+                self.first.setdefault(pid, (now, ran_ns, waited_ns))
+                self.last[pid] = (now, ran_ns, waited_ns)
+
+    def shares(self) -> tuple[float | None, float | None]:
+        """(running, waiting for a core), each a mean fraction of wall time per loop."""
+        ran: list[float] = []
+        waited: list[float] = []
+        for pid, (t0, r0, w0) in self.first.items():
+            t1, r1, w1 = self.last[pid]
+            if t1 - t0 < 1.0:
+                continue
+            ran.append((r1 - r0) / 1e9 / (t1 - t0))
+            waited.append((w1 - w0) / 1e9 / (t1 - t0))
+        if not ran:
+            return None, None
+        return round(sum(ran) / len(ran), 2), round(sum(waited) / len(waited), 2)
+
+
+def cpu_split(run: Run, idle_cores: float) -> tuple[float | None, float | None]:
+    """(worker CPU ms per request, of which the idle worker's fixed cost per second spread
+    over this rate): what is left is the cost that scales with requests."""
+    per_request = run.steady_cpu_ms.get("worker0")
+    if per_request is None or run.rate <= 0:
+        return per_request, None
+    return per_request, round(min(per_request, idle_cores / run.rate * 1000), 3)
 
 
 def run(quick: bool, bootstrap: str) -> Report:
@@ -53,6 +119,7 @@ def run(quick: bool, bootstrap: str) -> Report:
             "latency_s": LATENCY_S,
             "jitter": JITTER,
             "in_flight": IN_FLIGHT,
+            "ceiling_in_flight": CEILING_IN_FLIGHT,
             "processes": processes,
             "delivery": "at_least_once",
         },
@@ -61,37 +128,44 @@ def run(quick: bool, bootstrap: str) -> Report:
     def size(n: int) -> int:
         return max(1_000 if quick else 2_000, (4 if quick else 8) * n)
 
-    env = {"LLMPIPE_DELIVERY": "at_least_once"}
-    top = max(IN_FLIGHT)
-    with FakeLLMProcess() as instant:
-        ceiling = measure_pipeline(
+    def measure(fake: FakeLLMProcess, n: int, label: str) -> tuple[Run, PeakRss, LoopDemand]:
+        rss, demand = PeakRss(), LoopDemand()
+
+        def watch(procs: list[Proc]) -> None:
+            rss.watch(procs)
+            demand.watch(procs)
+
+        def sample(seen: int) -> None:
+            rss.sample(seen)
+            demand.sample(seen)
+
+        r = measure_pipeline(
             bootstrap,
-            valid_requests(size(top), seed=2),
-            instant,
-            label=f"instant model, {top} in flight",
+            valid_requests(size(n), seed=2),
+            fake,
+            label=label,
             supervised=processes,
-            preload=True,
-            extra_env=env,
-            max_in_flight=top // processes,
+            preload=False,
+            extra_env={"LLMPIPE_DELIVERY": "at_least_once"},
+            max_in_flight=max(1, n // processes),
+            idle_s=IDLE_S,
+            on_start=watch,
+            sampler=sample,
         )
+        return r, rss, demand
+
+    with FakeLLMProcess() as instant:
+        ceilings = [measure(instant, n, f"instant, {n} in flight")[0] for n in CEILING_IN_FLIGHT]
+    ceiling = max(ceilings, key=lambda r: r.rate)
     rows: list[dict[str, Any]] = []
     with FakeLLMProcess(latency=LATENCY_S, jitter=JITTER) as fake:
         for n in IN_FLIGHT:
-            rss = PeakRss()
-            r = measure_pipeline(
-                bootstrap,
-                valid_requests(size(n), seed=2),
-                fake,
-                label=f"{n} in flight",
-                supervised=processes,
-                preload=True,
-                extra_env=env,
-                max_in_flight=max(1, n // processes),
-                on_start=rss.watch,
-                sampler=rss.sample,
-            )
+            r, rss, demand = measure(fake, n, f"{n} in flight")
+            running, waiting = demand.shares()
             ideal = n / LATENCY_S
             bound = min(ideal, ceiling.rate)
+            idle = float(r.extra.get("idle_cores", 0.0))
+            per_request, fixed = cpu_split(r, idle)
             rows.append(
                 {
                     "in_flight": n,
@@ -100,12 +174,29 @@ def run(quick: bool, bootstrap: str) -> Report:
                     "ideal": ideal,
                     "ratio_vs_ideal": round(r.rate / ideal, 3),
                     "ratio_vs_min_ideal_ceiling": round(r.rate / bound, 3),
+                    "worker_cpu_ms_per_request": per_request,
+                    "fixed_cpu_ms_per_request": fixed,
+                    "fakellm_cpu_ms_per_request": r.steady_cpu_ms.get("fakellm"),
+                    "idle_worker_cores": idle,
+                    "cores_for_ideal": (
+                        round(ideal * per_request / 1000, 2) if per_request is not None else None
+                    ),
                     "worker_cores": r.cores.get("worker0"),
-                    "peak_rss_mib": round(rss.peak_mib, 1),
+                    "loop_running": running,
+                    "loop_waiting_for_cpu": waiting,
+                    "others_cores": r.cores.get("others"),
+                    "machine_cores": r.cores.get("machine"),
+                    "peak_rss_mib": round(rss.total_mib, 1),
+                    "peak_rss_supervisor_mib": round(rss.command_mib, 1),
+                    "peak_rss_per_worker_mib": round(rss.child_mib, 1),
                     "run": r.as_dict(),
                 }
             )
-    report.results = {"cpu_ceiling": ceiling.as_dict(), "by_in_flight": rows}
+    report.results = {
+        "cpu_ceiling": ceiling.as_dict(),
+        "cpu_ceilings": [c.as_dict() for c in ceilings],
+        "by_in_flight": rows,
+    }
     report.markdown += table(
         [
             "in flight (total)",
@@ -113,9 +204,14 @@ def run(quick: bool, bootstrap: str) -> Report:
             "achieved/s",
             "ideal n/0.5s",
             "achieved/ideal",
-            "vs min(ideal, CPU)",
-            "worker cores",
-            "peak RSS MiB (all processes)",
+            "vs min(ideal, CPU ceiling)",
+            "worker CPU ms/request (fixed part)",
+            "fake model CPU ms/request",
+            "cores the ideal needs",
+            "worker cores used",
+            "each loop: running, waiting for a core",
+            "other tenants' cores",
+            "peak RSS MiB: all, supervisor, per worker",
         ],
         [
             (
@@ -125,19 +221,31 @@ def run(quick: bool, bootstrap: str) -> Report:
                 r["ideal"],
                 r["ratio_vs_ideal"],
                 r["ratio_vs_min_ideal_ceiling"],
+                f"{r['worker_cpu_ms_per_request']} ({r['fixed_cpu_ms_per_request']})",
+                r["fakellm_cpu_ms_per_request"],
+                r["cores_for_ideal"],
                 r["worker_cores"],
-                r["peak_rss_mib"],
+                f"{r['loop_running']}, {r['loop_waiting_for_cpu']}",
+                r["others_cores"],
+                f"{r['peak_rss_mib']}, {r['peak_rss_supervisor_mib']}, "
+                f"{r['peak_rss_per_worker_mib']}",
             )
             for r in rows
         ],
     )
+    ceiling_text = ", ".join(
+        f"{c.rate:.0f}/s at {n} in flight ({c.steady_cpu_ms.get('worker0')} ms CPU per request)"
+        for n, c in zip(CEILING_IN_FLIGHT, ceilings, strict=True)
+    )
     report.markdown += [
         "",
         f"{processes} worker processes (`--processes {processes}`, at-least-once). CPU "
-        f"ceiling in the same run (instant model, {top} in flight): {ceiling.rate:.0f}/s "
-        f"(workers {ceiling.cores.get('worker0')} cores, whole machine "
-        f"{ceiling.cores.get('machine')}).",
+        f"ceiling in the same run (instant model): {ceiling_text}; the better one "
+        f"({ceiling.rate:.0f}/s) is the ceiling, measured with the workers at "
+        f"{ceiling.cores.get('worker0')} cores and the whole machine at "
+        f"{ceiling.cores.get('machine')} of {processes}.",
     ]
+    report.notes += explain(rows, ceiling, processes)
     plot_lines(
         report,
         "throughput",
@@ -156,6 +264,35 @@ def run(quick: bool, bootstrap: str) -> Report:
         "requests/s",
     )
     return finish(report, started, bootstrap)
+
+
+def explain(rows: list[dict[str, Any]], ceiling: Run, cores: int) -> list[str]:
+    """What limits each level, from this run's own numbers."""
+    notes = [
+        "Each loop: the share of wall time each worker's event loop (main thread) ran on a "
+        "core and the share it was ready but waited for one (/proc/<pid>/schedstat), "
+        "averaged over the workers: together near 1 means the loop is CPU-bound, and the "
+        "waiting part is the CPU the broker, the fake model and other processes took.",
+        "Worker CPU per request is the steady 10-90 % window of the supervisor and its "
+        "workers; in brackets, the part that is the idle workers' fixed cost per second "
+        "(polls, commit timers, state listeners) spread over that level's rate: at a low "
+        "rate it dominates, at a high rate what is left is the cost per request.",
+    ]
+    for r in rows:
+        if r["ratio_vs_ideal"] >= 0.9:
+            continue
+        notes.append(
+            f"{r['in_flight']} in flight: the ideal {r['ideal']:.0f}/s needs "
+            f"{r['cores_for_ideal']} cores of worker CPU at {r['worker_cpu_ms_per_request']} "
+            f"ms per request; the machine has {cores}, shared with the broker, the fake "
+            f"model ({r['fakellm_cpu_ms_per_request']} ms per request) and other tenants "
+            f"({r['others_cores']} cores during this run); the workers got "
+            f"{r['worker_cores']} cores (each event loop ran {r['loop_running']} of the time "
+            f"and waited for a core {r['loop_waiting_for_cpu']}) and reached "
+            f"{r['ratio_vs_ideal']} of the ideal, {r['ratio_vs_min_ideal_ceiling']} of "
+            f"min(ideal, CPU ceiling {ceiling.rate:.0f}/s)."
+        )
+    return notes
 
 
 def main() -> None:
