@@ -364,10 +364,11 @@ class StageRunner:
         """Pause what must not be fetched, then poll (which also serves rebalances).
 
         ``wanted`` (the partitions to keep paused) and ``owned`` are computed on the loop,
-        which owns the bookkeeping; this thread only talks to librdkafka.
+        which owns the bookkeeping; this thread only talks to librdkafka. ``_paused`` is
+        what this consumer has paused in librdkafka, kept on this thread only.
         """
         pause = wanted - self._paused
-        resume = (self._paused - wanted) & set(owned)
+        resume = self._paused - wanted
         if pause:
             consumer.pause([TopicPartition(t, p) for t, p in sorted(pause)])
         if resume:
@@ -483,8 +484,23 @@ class StageRunner:
                 warned = True
             time.sleep(COMMITTED_RETRY_S)
 
+    def _unpause(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
+        """Let revoked or lost partitions go unpaused.
+
+        librdkafka keeps a partition's pause flag across its revocation and a later
+        re-assignment (checked on 2.16: a partition paused while full, revoked, then
+        assigned again fetches nothing until resumed). The runner only pauses partitions
+        it owns, so one that comes back would stay paused for good: after a broker outage
+        that ended every stage's session while it was full, the worker took no more work.
+        """
+        going = {(tp.topic, tp.partition) for tp in partitions} & self._paused
+        if going:
+            consumer.resume([TopicPartition(t, p) for t, p in sorted(going)])
+            self._paused -= going
+
     def _on_revoke(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Finish (or cancel) the revoked partitions' work, commit what is done, let go."""
+        self._unpause(consumer, partitions)
         revoked = {(tp.topic, tp.partition) for tp in partitions} & self._owned
         if not revoked:
             return
@@ -495,6 +511,7 @@ class StageRunner:
     def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Partitions already owned by someone else: nothing may be committed for them."""
         self.joined = False  # out of the group until it rejoins and is assigned again
+        self._unpause(consumer, partitions)
         lost = {(tp.topic, tp.partition) for tp in partitions} & self._owned
         if lost:
             log.warning(
@@ -837,7 +854,6 @@ class StageRunner:
 
     def _forget(self, tp: Partition) -> None:
         self._owned.discard(tp)
-        self._paused.discard(tp)
         self._tracker.forget(*tp)
 
     async def _drain(self, partitions: set[Partition] | None, grace_s: float) -> None:

@@ -168,8 +168,9 @@ class FakeConsumer:
             else:
                 self.callbacks[kind](self, tps)
                 for tp in partitions:
+                    # Not un-paused: librdkafka keeps a partition's pause flag across
+                    # its revocation and a later re-assignment.
                     self.assignment.discard(tp)
-                    self.paused.discard(tp)
                     self.positions.pop(tp, None)
 
     # -- fetching --------------------------------------------------------------------------

@@ -471,6 +471,40 @@ def test_a_lost_partition_is_abandoned_without_a_commit() -> None:
     assert committed(broker, P0)[0] == 3
 
 
+@pytest.mark.parametrize("kind", ["revoke", "lost"])
+def test_a_partition_paused_while_full_is_fetched_again_when_it_comes_back(kind: str) -> None:
+    """The post-outage stall: a full runner pauses its partitions, a broker outage ends
+    its session (lost) or a rebalance moves them (revoke), they come back, and librdkafka
+    still has them paused. The runner must let them go unpaused."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 6)
+    clients = FakeClients(broker, [P0])
+    gate = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        await gate.wait()
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler, max_in_flight=2, revoke_grace_s=0.05)
+        async with running(runner):
+            consumer = clients.consumers[0]
+            await wait_for(lambda: P0 in consumer.paused, "the full runner to pause P0")
+            consumer.events.append((kind, [P0]))
+            await wait_for(lambda: P0 not in consumer.assignment, f"the {kind}")
+            consumer.events.append(("assign", [P0]))
+            await wait_for(lambda: P0 in consumer.assignment, "P0 assigned again")
+            gate.set()
+            await wait_for(
+                lambda: committed(broker, P0)[0] == 6,
+                f"P0 fetched again after it came back (paused: {consumer.paused})",
+                timeout_s=5,
+            )
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids)
+
+
 # -- back-pressure by the metadata window ------------------------------------------------------
 
 
