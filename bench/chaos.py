@@ -190,6 +190,8 @@ class Fault:
     duplicates a redo can add (at least once; always empty with exactly-once hops, whose
     uncommitted outputs nobody can see). The ages say how long ago that uncommitted work
     finished: much more than a commit interval means finished work was never recorded.
+    A duplicate is a new input message for every stage after the one that repeated it,
+    which processes it again: its calls there (``DOWNSTREAM_CALLS``) are paid again too.
     """
 
     kind: str
@@ -197,6 +199,8 @@ class Fault:
     in_flight: int
     at_risk_calls: dict[str, int] = field(default_factory=dict)
     at_risk_outputs: dict[str, int] = field(default_factory=dict)
+    # request -> the stages of those outputs (a redo's copy re-runs every stage after it)
+    at_risk_output_stages: dict[str, list[str]] = field(default_factory=dict)
     oldest_uncommitted_output_ms: int = 0
     oldest_uncommitted_call_ms: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
@@ -218,6 +222,31 @@ class Fault:
             "calls_redone": self.redone,
             **self.notes,
         }
+
+
+# The model calls each stage's outputs lead to further down the pipeline: what a duplicate
+# output of that stage (at least once) makes the stages after it pay again.
+DOWNSTREAM_CALLS: dict[str, tuple[str, ...]] = {
+    topology.VALIDATE: (MODEL_CALL, SETTLE_CALL),
+    topology.MODEL: (SETTLE_CALL,),
+}
+
+
+def duplicate_calls(
+    fault_stages: Sequence[Sequence[str]], baseline: Mapping[str, CallTally]
+) -> int:
+    """The calls a request's duplicates may cost downstream, from its at-risk outputs
+    (``fault_stages``: the stages of them, per fault) and its fault-free calls by kind:
+    each copy (as many as the duplicate bound allows, ``2**n - 1`` for n at-risk outputs)
+    re-runs the stages after the earliest of them."""
+    stages = [stage for per_fault in fault_stages for stage in per_fault]
+    if not stages:
+        return 0
+    per_copy = max(
+        sum(t.started for k, t in baseline.items() if k in DOWNSTREAM_CALLS.get(stage, ()))
+        for stage in stages
+    )
+    return ((1 << len(stages)) - 1) * per_copy
 
 
 def _started_since(now: RequestCalls, since: RequestCalls, rid: str, kind: str) -> int:
@@ -264,10 +293,12 @@ def measure_fault(
                     age = commits.taken_at_ms - int(ended * 1000)
                     oldest_call_ms = max(oldest_call_ms, age)
     outputs: Counter[str] = Counter()
+    stages: dict[str, list[str]] = {}
     oldest_output_ms = 0
     for stage in commits.groups:
         for rid, age in commits.finished_uncommitted(stage).items():
             outputs[rid] += 1
+            stages.setdefault(rid, []).append(stage)
             if commits.taken_at_ms - age >= epoch_started_ms:
                 oldest_output_ms = max(oldest_output_ms, age)
     return Fault(
@@ -276,6 +307,7 @@ def measure_fault(
         sum(in_flight.values()),
         at_risk,
         dict(outputs),
+        stages,
         oldest_output_ms,
         oldest_call_ms,
     )
@@ -314,6 +346,10 @@ class ChaosOutcome:
     duplicates_over_budget: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Requests that cost fewer calls than in the fault-free run, and by how many.
     fewer_calls_than_baseline: dict[str, int] = field(default_factory=dict)
+    # At least once: request -> the calls its duplicates may make the later stages pay
+    # again (part of its redo budget), and how many of the redone calls that explains.
+    duplicate_calls_budget: dict[str, int] = field(default_factory=dict)
+    duplicate_calls_redone: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -368,6 +404,14 @@ class ChaosOutcome:
             outputs_budget.update(f.at_risk_outputs)
         if faulty is not None and baseline is not None:
             ids = sorted(ledger.expected)
+            for rid in outputs_budget:
+                downstream = duplicate_calls(
+                    [f.at_risk_output_stages.get(rid, []) for f in self.faults],
+                    baseline.get(rid, {}),
+                )
+                if downstream:
+                    calls_budget[rid] += downstream
+                    self.duplicate_calls_budget[rid] = downstream
             redone = redone_calls(faulty, baseline, ids)
             self.redone_calls = sum(redone.values())
             self.redone_over_budget = {
@@ -378,6 +422,8 @@ class ChaosOutcome:
                     take = min(n, f.at_risk_calls.get(rid, 0))
                     f.redone += take
                     n -= take
+                # What is left was paid downstream of duplicates (at least once).
+                self.duplicate_calls_redone += min(n, self.duplicate_calls_budget.get(rid, 0))
             cheaper = fewer_calls(faulty, baseline, ids)
             self.fewer_calls_than_baseline = {
                 rid: calls_of(baseline, rid) - calls_of(faulty, rid) for rid in cheaper
@@ -397,13 +443,24 @@ class ChaosOutcome:
     def outputs_at_risk(self) -> int:
         return sum(sum(f.at_risk_outputs.values()) for f in self.faults)
 
+    @property
+    def duplicate_calls_at_risk(self) -> int:
+        return sum(self.duplicate_calls_budget.values())
+
     def line(self) -> str:
         redone = "n/a" if self.redone_calls is None else str(self.redone_calls)
         return (
             f"{self.name} [{self.mode}]: {self.requests} in, {self.found} found, "
             f"{self.missing} missing, {self.duplicates} duplicates, {self.two_places} in two "
             f"places, {self.wrong_route} off route, {redone} calls redone "
-            f"(at risk: {self.calls_at_risk} calls, {self.outputs_at_risk} outputs), "
+            f"(at risk: {self.calls_at_risk} calls, {self.outputs_at_risk} outputs"
+            + (
+                f" and {self.duplicate_calls_at_risk} calls after them, "
+                f"{self.duplicate_calls_redone} of those redone"
+                if self.duplicate_calls_budget
+                else ""
+            )
+            + "), "
             f"routes {self.routes}"
         )
 
@@ -778,7 +835,7 @@ def _outage(
     lanes: Sequence[Lane],
     frozen: Sequence[tuple[dict[str, int], RequestCalls]],
     clock: Clock,
-    when_back: Callable[[], None],
+    after: Callable[[], None],
 ) -> None:
     """Stop the broker for ``outage_s``, start it again, wait for every lane to commit.
 
@@ -787,7 +844,16 @@ def _outage(
     call of the epoch whose stage input those commits did not cover, including calls made
     while the broker was away (none could commit). Each worker's log lines from the stop
     until its commits resume are counted: an outage must cost a few lines, not one per
-    retry.
+    retry. The work the frozen workers had (at least ``in_flight_at_kill`` model calls of
+    their own, none of them committable during the outage) is what their resumed commits
+    show.
+
+    ``after`` (the next fault's requests) runs once every lane's outage is measured and
+    its next epoch started, never earlier: a lane that recovers before another (lanes are
+    checked in turn) would otherwise work through the next fault's requests before its
+    epoch begins, and then wait, idle with nothing left, for a busy worker to kill (the
+    at_least_once "stall after the outage" of session 3: every stage caught up, 0 tasks,
+    while the scenario waited for 100 calls done and 60 in flight).
     """
     before = []
     for lane, (in_flight, _) in zip(lanes, frozen, strict=True):
@@ -811,7 +877,6 @@ def _outage(
     broker.up()
     down_s = time.monotonic() - t_down
     clock.log(f"broker back after {down_s:.1f}s")
-    when_back()  # new work, so that resumed commits show even if the old work was done
     back_at = time.monotonic()
     for lane, (commits, committed, in_flight, lines_before) in zip(lanes, before, strict=True):
         worker = lane.worker
@@ -871,6 +936,7 @@ def _outage(
             # What a liveness probe would do: kill the stuck worker; a new one takes over.
             clock.log(f"[{lane.mode}] the stuck worker is killed and replaced")
             lane.kill(clock, lane.freeze(), kind="sigkill_stuck")
+    after()
 
 
 def _chunks(planned: Sequence[PlannedRequest], faults: int) -> list[list[PlannedRequest]]:
