@@ -34,6 +34,7 @@ import functools
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -592,14 +593,31 @@ def _kafka(command: str, port: int, data: str) -> subprocess.CompletedProcess[st
     )
 
 
+def _ephemeral_start() -> int:
+    """The first port the kernel hands out as a connection's local port (Linux)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_broker_port() -> int:
-    """A port whose neighbour (the KRaft controller's) is free too."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535:
-            with contextlib.suppress(OSError), socket.socket() as sock:
-                sock.bind(("127.0.0.1", port + 1))
-                return port
+    """A free port whose neighbour (the KRaft controller's) is free too, both below the
+    kernel's ephemeral range: while the broker is down its clients reconnect thousands of
+    times, each from a fresh ephemeral port, and one of those took the port the broker
+    had to bind again ("Address already in use" for the controller after an outage)."""
+    rng = random.Random()
+    top = min(_ephemeral_start(), 65535) - 2
+    for _ in range(200):
+        port = rng.randrange(min(10_000, top - 1), top)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
     raise RuntimeError("no free pair of ports for a broker")
 
 
