@@ -181,6 +181,7 @@ class _PartitionState:
     done: set[int] = field(default_factory=set)  # finished, at or above the last position
     highest_done: int = -1
     next_position: int | None = None  # one past the highest offset handed out
+    first: int | None = None  # the lowest offset handed out since the assignment
     committed: int | None = None
     version: int = 0  # bumped by every change that a commit must record
     committed_version: int = -1
@@ -226,6 +227,8 @@ class OffsetTracker:
 
     def start(self, topic: str, partition: int, offset: int) -> None:
         state = self._parts.setdefault((topic, partition), _PartitionState())
+        if state.first is None or offset < state.first:
+            state.first = offset
         state.in_flight.add(offset)
         heapq.heappush(state.heap, offset)
         if state.next_position is None or offset + 1 > state.next_position:
@@ -293,6 +296,18 @@ class OffsetTracker:
             return 0
         furthest = max(state.next_position or position, state.highest_done + 1)
         return max(0, furthest - position)
+
+    def finished(self, topic: str, partition: int) -> set[int]:
+        """Every offset finished above the last successful commit: those below the
+        committable position (all finished: it is the lowest unfinished one) and those
+        finished above it."""
+        state = self._parts.get((topic, partition))
+        if state is None:
+            return set()
+        position = self._position(state)
+        low = state.committed if state.committed is not None else state.first
+        below = range(low, position) if low is not None and position is not None else range(0)
+        return {*below, *state.done}
 
     def in_flight(self, topic: str, partition: int) -> int:
         state = self._parts.get((topic, partition))

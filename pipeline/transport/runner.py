@@ -831,8 +831,13 @@ class StageRunner:
             elif outcome is Outcome.SENT:
                 for item in plan.finished:
                     self._sent.setdefault(item.partition, set()).add(item.offset)
+        unsent = plan.finished if plan is not None and outcome is Outcome.FAILED else []
         for tp in release:
-            self._forget(tp)
+            self._forget(
+                tp,
+                remember_done=outcome is not None and outcome is not Outcome.COMMITTED,
+                undelivered={f.offset for f in unsent if f.partition == tp},
+            )
 
     async def _prepare_revocation(self, revoked: set[Partition]) -> _Plan | None:
         await self._release_tasks(revoked, self._revoke_grace_s)
@@ -840,9 +845,10 @@ class StageRunner:
 
     async def _release(self, partitions: set[Partition], grace_s: float) -> None:
         await self._release_tasks(partitions, grace_s)
-        self._outbox = [f for f in self._outbox if f.partition not in partitions]
         for tp in partitions:
-            self._forget(tp)
+            unsent = {f.offset for f in self._outbox if f.partition == tp}
+            self._forget(tp, remember_done=True, undelivered=unsent)
+        self._outbox = [f for f in self._outbox if f.partition not in partitions]
 
     async def _release_tasks(self, partitions: set[Partition], grace_s: float) -> None:
         """Let the partitions' in-flight messages finish within ``grace_s``, cancel the rest."""
@@ -852,7 +858,20 @@ class StageRunner:
             {t for t, m in self._tasks.items() if (m.topic, m.partition) in partitions}
         )
 
-    def _forget(self, tp: Partition) -> None:
+    def _forget(
+        self, tp: Partition, remember_done: bool = False, undelivered: set[int] | None = None
+    ) -> None:
+        """Let a partition go. ``remember_done``: it goes without its last commit (lost,
+        or that commit failed); at least once, what it finished and delivered since the
+        last successful commit (everything done but ``undelivered``, the outputs still
+        waiting for a commit) is remembered, so that getting it back skips those offsets.
+        Not just the batches whose own commit failed: a partition lost twice in a row
+        (a frozen worker's session, then a broker outage) also holds what its first
+        re-assignment skipped, still uncommitted; forgetting that redid it (duplicates)."""
+        if remember_done and self.delivery_mode == "at_least_once":
+            done = self._tracker.finished(*tp) - (undelivered or set())
+            if done:
+                self._sent.setdefault(tp, set()).update(done)
         self._owned.discard(tp)
         self._tracker.forget(*tp)
 

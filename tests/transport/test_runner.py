@@ -752,6 +752,40 @@ def test_at_least_once_work_delivered_while_commits_failed_is_not_redone_on_reas
     assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
 
 
+def test_at_least_once_work_skipped_after_a_loss_is_still_skipped_after_a_second_loss() -> None:
+    """Lost twice before a commit goes through (a frozen worker's session ends, then the
+    broker goes): what the first re-assignment skipped is still uncommitted, and the
+    second re-assignment must skip it too."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 10)
+    clients = FakeClients(broker, [P0])
+    calls: Counter[int] = Counter()
+
+    async def handler(message: Inbound) -> Decision:
+        calls[message.offset] += 1
+        return emit(message)
+
+    async def main() -> None:
+        broker.offset_commit_error = KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "unknown member")
+        runner = make_runner(clients, handler, delivery="at_least_once")
+        async with running(runner):
+            await wait_for(lambda: len(broker.outputs) == 10, "outputs delivered")
+            consumer = clients.consumers[0]
+            for loss in (1, 2):
+                consumer.events.append(("lost", [P0]))
+                await wait_for(lambda: P0 not in consumer.assignment, f"loss {loss}")
+                consumer.events.append(("assign", [P0]))
+                await wait_for(
+                    lambda: runner.stats.skipped == 10 * loss, f"skipped after loss {loss}"
+                )
+            broker.offset_commit_error = None
+            await wait_for(lambda: committed(broker, P0) == (10, set()), "the commit")
+
+    asyncio.run(main())
+    assert set(calls.values()) == {1}, "nothing redone"
+    assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
+
+
 def test_a_transactional_producer_that_cannot_start_stops_the_runner_with_a_fatal_error() -> None:
     """A non-retriable init_transactions failure (say, a transactional.id the ACLs
     refuse) cannot be fixed by retrying: the worker exits instead of idling."""
