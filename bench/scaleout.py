@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import FakeLLMProcess, Report, base_args, finish, plot_bars, table
+from bench.common import FakeLLMProcess, LoopDemand, Report, base_args, finish, plot_bars, table
 from bench.runs import Run, measure_pipeline, valid_requests
 from pipeline.runtime.supervisor import available_cores
 
@@ -35,8 +35,11 @@ def run(quick: bool, bootstrap: str) -> Report:
     )
     planned = valid_requests(count, seed=3)
     runs: list[Run] = []
+    demands: list[LoopDemand] = []
     with FakeLLMProcess() as fake:
         for n in PROCESSES:
+            demand = LoopDemand()
+            demands.append(demand)
             runs.append(
                 measure_pipeline(
                     bootstrap,
@@ -46,12 +49,15 @@ def run(quick: bool, bootstrap: str) -> Report:
                     supervised=n,
                     preload=False,
                     extra_env={"LLMPIPE_DELIVERY": "at_least_once"},
+                    on_start=demand.watch,
+                    sampler=demand.sample,
                 )
             )
     base = runs[0].rate
     rows: list[dict[str, Any]] = []
     previous = 0.0
-    for n, r in zip(PROCESSES, runs, strict=True):
+    for n, r, demand in zip(PROCESSES, runs, demands, strict=True):
+        running, waiting = demand.shares()
         rows.append(
             {
                 "processes": n,
@@ -65,6 +71,8 @@ def run(quick: bool, bootstrap: str) -> Report:
                 "machine_cores": r.cores.get("machine"),
                 "others_cores": r.cores.get("others"),
                 "worker_cpu_ms_per_request": r.steady_cpu_ms.get("worker0"),
+                "loop_running": running,
+                "loop_waiting_for_cpu": waiting,
                 "run": r.as_dict(),
             }
         )
@@ -79,6 +87,7 @@ def run(quick: bool, bootstrap: str) -> Report:
             "added by the last process (x one)",
             "worker cores (all processes)",
             "worker CPU ms / request",
+            "each loop: running, waiting for a core",
             "broker, fake model cores",
             f"whole machine (of {cores})",
             "other tenants",
@@ -92,6 +101,7 @@ def run(quick: bool, bootstrap: str) -> Report:
                 r["added_by_last_process"],
                 r["worker_cores"],
                 r["worker_cpu_ms_per_request"],
+                f"{r['loop_running']}, {r['loop_waiting_for_cpu']}",
                 f"{r['broker_cores']}, {r['fakellm_cores']}",
                 r["machine_cores"],
                 r["others_cores"],
@@ -121,6 +131,11 @@ def explain(rows: list[dict[str, Any]], cores: int) -> list[str]:
         f"with {busiest['processes']} processes, {busiest['others_cores']} of it other "
         "tenants'. A process beyond the core count adds no CPU, only time-sharing, more "
         "group members and fetch sessions and smaller produce batches per process.",
+        "Each loop: the share of wall time each worker's event loop ran on a core and the "
+        "share it was ready but waited for one (/proc/<pid>/schedstat, mean over the "
+        "processes). Efficiency per process is the speedup over N; a flat worker CPU per "
+        "request with a growing wait share says the next process is limited by the cores "
+        "it can get, not by the pipeline.",
         "With more cores the next limit is the partition count: 6 partitions per stage "
         "topic allow at most 6 busy members per consumer group (a 7th process owns nothing).",
     ]

@@ -23,7 +23,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import FakeLLMProcess, Proc, Report, base_args, finish, plot_lines, table
+from bench.common import (
+    FakeLLMProcess,
+    LoopDemand,
+    Proc,
+    Report,
+    base_args,
+    finish,
+    plot_lines,
+    table,
+)
 from bench.runs import Run, measure_pipeline, valid_requests
 from pipeline.runtime.supervisor import available_cores
 
@@ -56,47 +65,6 @@ class PeakRss:
             self.total_mib = max(self.total_mib, sum(sizes))
             self.command_mib = max(self.command_mib, sizes[0])
             self.child_mib = max(self.child_mib, max(sizes[1:], default=0.0))
-
-
-class LoopDemand:
-    """How much of the time each worker's event loop (its main thread) ran on a core and
-    how much it was ready but waiting for one (``/proc/<pid>/schedstat``, Linux), from the
-    first to the last progress check: a loop that is running or waiting all the time is
-    CPU-bound, and the waiting share is what other processes on the machine took."""
-
-    def __init__(self) -> None:
-        self.procs: list[Proc] = []
-        self.first: dict[int, tuple[float, int, int]] = {}
-        self.last: dict[int, tuple[float, int, int]] = {}
-
-    def watch(self, procs: list[Proc]) -> None:
-        self.procs.extend(procs)
-
-    def sample(self, _seen: int) -> None:
-        now = time.monotonic()
-        for p in self.procs:
-            for pid in p.worker_pids():
-                try:
-                    with open(f"/proc/{pid}/schedstat") as f:
-                        ran_ns, waited_ns = (int(v) for v in f.read().split()[:2])
-                except (OSError, ValueError):
-                    continue
-                self.first.setdefault(pid, (now, ran_ns, waited_ns))
-                self.last[pid] = (now, ran_ns, waited_ns)
-
-    def shares(self) -> tuple[float | None, float | None]:
-        """(running, waiting for a core), each a mean fraction of wall time per loop."""
-        ran: list[float] = []
-        waited: list[float] = []
-        for pid, (t0, r0, w0) in self.first.items():
-            t1, r1, w1 = self.last[pid]
-            if t1 - t0 < 1.0:
-                continue
-            ran.append((r1 - r0) / 1e9 / (t1 - t0))
-            waited.append((w1 - w0) / 1e9 / (t1 - t0))
-        if not ran:
-            return None, None
-        return round(sum(ran) / len(ran), 2), round(sum(waited) / len(waited), 2)
 
 
 def cpu_split(run: Run, idle_cores: float) -> tuple[float | None, float | None]:
