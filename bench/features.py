@@ -3,7 +3,8 @@
 Switches are the ones operators have (see ``pipeline/observability/setup.py`` and
 ``pipeline/config.py``): ``OTEL_SDK_DISABLED=true`` (no-op tracer and meter, no trace ids),
 the default (SDK on, ``OTEL_TRACES_EXPORTER`` unset: spans carry trace context and ids
-but are not recorded, since nothing would receive them; metrics recorded),
+but are not recorded, since nothing would receive them; with no metric reader no metric
+is measured either),
 ``OTEL_TRACES_EXPORTER=console`` / ``OTEL_METRICS_EXPORTER=console`` with stdout sent to
 /dev/null (the cost of serialising every span), and ``LLMPIPE_PII_POLICY=allow`` (no
 personal-data scan of the variables) against the default ``flag``. Variants are run
