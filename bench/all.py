@@ -165,8 +165,10 @@ def summary(reports: dict[str, Report]) -> list[str]:
         cost = get("features", "telemetry_cost") or {}
         rows.append(
             (
-                "telemetry cost (default vs SDK disabled): throughput, CPU per request",
-                f"{cost.get('throughput_cost')}, {cost.get('cpu_cost')}",
+                "telemetry cost (default vs SDK disabled): throughput, CPU per request "
+                "(median runs; median of back-to-back pairs)",
+                f"{cost.get('throughput_cost')}, {cost.get('cpu_cost')}; "
+                f"{cost.get('paired_throughput_cost')}, {cost.get('paired_cpu_cost')}",
             )
         )
     if "chaos" in reports:
