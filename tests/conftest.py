@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -19,12 +21,38 @@ from tests.support import SESSION, make_settings
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
 
+BROKER_CHAOS_FILES = frozenset({"tests/e2e/test_pipeline_crash.py", "tests/e2e/test_chaos.py"})
+"""The scenarios that kill workers and stop brokers: timing sensitive and the heaviest
+files, so under ``pytest -n N`` (tests/run-suite.sh) they are one unit of work, run one
+after the other by one worker process (while the others run lighter tests), and first:
+the longest unit, started last, would leave one process running alone at the end."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that uses the local model server is marked ``real_model``: `make test`
-    runs those in a process of their own, beside the rest (see tests/run-suite.sh)."""
+    runs those in a process of their own, beside the rest (see tests/run-suite.sh). In an
+    xdist worker the broker-chaos files go first (see ``BROKER_CHAOS_FILES``)."""
     for item in items:
         if "local_model" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_model)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in BROKER_CHAOS_FILES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's ``--dist loadfile`` (a test file is the unit handed to a worker, so
+    module-scoped fixtures are set up once), with the broker-chaos files as one unit.
+    (Its ``loadgroup`` would do with markers, but does not group on pytest 9.2:
+    pytest-xdist#1386.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "broker-chaos" if path in BROKER_CHAOS_FILES else path
+
+    return FileScheduling(config, log)
 
 
 def _broker_running() -> bool:
