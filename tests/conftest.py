@@ -20,6 +20,14 @@ from tests.support import SESSION, make_settings
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # GNU readline (imported with pdb by pytest) writes COLUMNS=80 and LINES=24 into the
+    # C environment of the main pytest process, where os.environ does not see them; the
+    # xdist workers it starts inherit them as real variables. The CLI's tables would then
+    # fold at 80 columns in a worker and not in a plain run (pipeline/cli/console.py).
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
+
 
 BROKER_CHAOS_FILES = frozenset({"tests/e2e/test_pipeline_crash.py", "tests/e2e/test_chaos.py"})
 """The scenarios that kill workers and stop brokers: timing sensitive and the heaviest
