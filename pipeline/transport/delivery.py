@@ -1,30 +1,35 @@
-"""How a stage's outputs and consumed offsets reach Kafka: one commit per interval.
+"""How a stage's outputs and consumed offsets reach Kafka.
 
-Both modes take the same batch: the outputs of the messages finished since the last
-commit, and per partition the committable position with the finished offsets above it in
-the commit metadata (:mod:`pipeline.transport.offsets`). Their calls block (librdkafka), so
-the runner calls them on its Kafka thread.
+Every commit interval the runner commits, per partition, the committable position with
+the finished offsets above it in the commit metadata (:mod:`pipeline.transport.offsets`).
+The commit calls block (librdkafka), so the runner makes them on its Kafka thread.
 
-- :class:`TransactionalDelivery` (``exactly_once``, the default): begin a transaction,
-  produce the outputs, ``send_offsets_to_transaction`` with the consumer's group metadata
+- :class:`TransactionalDelivery` (``exactly_once``, the default): one transaction per
+  commit interval holds the outputs of the messages finished since the last one: begin,
+  produce them, ``send_offsets_to_transaction`` with the consumer's group metadata
   (KIP-447: a member that lost its partitions in a rebalance is fenced and its commit
   fails), commit. Outputs and offsets become visible together or not at all; a failed or
   fenced transaction is aborted, so ``read_committed`` readers never see its outputs, and
-  whoever owns the partitions next redoes those messages.
+  whoever owns the partitions next redoes those messages. An output waits for its
+  transaction: up to one interval per hop.
 - :class:`IdempotentDelivery` (``at_least_once``, for clusters without transactions):
-  produce with the idempotent producer, wait for every delivery report, then commit the
-  offsets (with the same metadata). A crash between the two repeats outputs: duplicates
-  bounded by one commit interval plus what was in flight.
+  each message's outputs go out through the idempotent producer as soon as the stage has
+  decided (:meth:`IdempotentDelivery.send`; the producer's own ``linger.ms`` batches), and
+  the message counts as finished only once every one of them is acknowledged; the commit
+  then covers only finished messages (with the same metadata). A crash between the two
+  repeats outputs: duplicates bounded by what was in flight or delivered-but-uncommitted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import enum
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -46,12 +51,18 @@ PRODUCE_QUEUE_WAIT_S = 0.1
 CALL_GRACE_S = 10.0
 WATCHDOG_S = COMMIT_DEADLINE_S + CALL_TIMEOUT_S + CALL_GRACE_S
 WATCH_INTERVAL_S = 0.25
+# at_least_once: how often delivery reports are served while outputs are unacknowledged
+# (a non-blocking poll on the loop), and the pause before outputs whose delivery failed
+# (librdkafka gave up after message.timeout.ms, or refused them) are sent again.
+REPORT_POLL_S = 0.001
+RESEND_WAIT_S = 1.0
 
 
 class Outcome(enum.Enum):
-    COMMITTED = "committed"  # outputs and offsets are durable
-    SENT = "sent"  # outputs durable, offsets not committed (at_least_once only)
-    FAILED = "failed"  # nothing visible: retry the same batch later
+    COMMITTED = "committed"  # the offsets (and, exactly once, the outputs) are durable
+    # Not committed: exactly once, nothing of the batch is visible (retried with the next
+    # transaction); at least once, the offsets are retried with the next commit.
+    FAILED = "failed"
 
 
 class ProducerLike(Protocol):
@@ -97,11 +108,11 @@ def _error(exc: KafkaException) -> KafkaError | None:
     return error if isinstance(error, KafkaError) else None
 
 
-def _produce(producer: ProducerLike, out: Outbound, **kwargs: Any) -> None:
+def _produce(producer: ProducerLike, out: Outbound) -> None:
     headers: list[tuple[str, str | bytes | None]] = list(out.headers)
     while True:
         try:
-            producer.produce(out.topic, value=out.value, key=out.key, headers=headers, **kwargs)
+            producer.produce(out.topic, value=out.value, key=out.key, headers=headers)
             return
         except BufferError:  # librdkafka's local queue is full: let it drain
             producer.poll(PRODUCE_QUEUE_WAIT_S)
@@ -402,8 +413,42 @@ class TransactionalDelivery:
             producer.flush(CALL_TIMEOUT_S)
 
 
+@dataclass
+class _Sending:
+    """One message's outputs on their way: settled when every delivery report is in."""
+
+    future: asyncio.Future[None]
+    pending: int
+    failed: list[tuple[Outbound, KafkaError]] = field(default_factory=list)
+
+    def report(self, out: Outbound, error: KafkaError | None) -> None:
+        self.pending -= 1
+        if error is not None:
+            self.failed.append((out, error))
+        if self.pending <= 0 and not self.future.done():
+            self.future.set_result(None)
+
+
 class IdempotentDelivery:
-    """At-least-once hops: deliver every output, then commit the offsets."""
+    """At-least-once hops: each message's outputs sent at once, offsets committed after.
+
+    ``make_producer`` gives the process's shared stage producer
+    (:meth:`~pipeline.transport.clients.KafkaClients.stage_producer`): every stage's
+    outputs go into the same batches.
+
+    :meth:`send` (on the event loop) produces a message's outputs the moment the stage
+    has decided and returns once the broker has acknowledged all of them; the runner
+    only then counts the message as finished, so :meth:`commit` (offsets only, on the
+    runner's Kafka thread) never covers an output that is not durable. Delivery reports
+    are served on the loop itself, by a non-blocking ``producer.poll(0)`` every
+    :data:`REPORT_POLL_S` while any output is unacknowledged: no thread of its own, so
+    no handing reports between threads (measured: a report thread per stage cost more
+    CPU per request than the sends themselves). Outputs whose delivery failed (the
+    broker gone past ``message.timeout.ms``, or a refusal) are sent again after
+    :data:`RESEND_WAIT_S`, in their order; the message holds its slot (and, for
+    ``x-ordered`` keys, its successors) until they are delivered, so a long outage stops
+    fetching instead of piling up outputs.
+    """
 
     mode = "at_least_once"
 
@@ -414,10 +459,81 @@ class IdempotentDelivery:
         self._consumer = consumer
         self._name = f"stage {name}: " if name else ""
         self._producer: ProducerLike | None = None
+        self._unacknowledged = 0
+        self._poller: asyncio.TimerHandle | None = None
+        self._closed = False
         self._failing = False
+        self._send_failing = False
 
     def start(self) -> None:
         self._producer = self._make_producer()
+
+    async def send(self, outputs: Sequence[Outbound]) -> None:
+        """Produce ``outputs`` now; return when every one is acknowledged by the broker.
+
+        Cancelling it (a revocation past its grace, a shutdown) leaves the message
+        unfinished: its owner redoes it, and outputs acknowledged later are duplicates.
+        """
+        producer = self._producer
+        assert producer is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        todo = list(outputs)
+        while todo:
+            sending = _Sending(loop.create_future(), len(todo))
+            for out in todo:
+                await self._produce(producer, out, sending)
+            if sending.pending <= 0 and not sending.future.done():
+                sending.future.set_result(None)
+            self._poll_soon(loop)
+            await sending.future
+            if not sending.failed:
+                if self._send_failing:
+                    log.info("%soutputs are delivered again", self._name)
+                    self._send_failing = False
+                return
+            out, error = sending.failed[0]
+            self._warn_send(
+                f"{len(sending.failed)} outputs not delivered ({error}); sending them again"
+            )
+            todo = [out for out, _ in sending.failed]
+            await asyncio.sleep(RESEND_WAIT_S)
+
+    async def _produce(self, producer: ProducerLike, out: Outbound, sending: _Sending) -> None:
+        headers: list[tuple[str, str | bytes | None]] = list(out.headers)
+
+        def report(error: KafkaError | None, _message: Any) -> None:
+            self._unacknowledged -= 1
+            if not self._closed:
+                sending.report(out, error)
+
+        while True:
+            try:
+                producer.produce(
+                    out.topic, value=out.value, key=out.key, headers=headers, on_delivery=report
+                )
+                self._unacknowledged += 1
+                return
+            except BufferError:  # librdkafka's local queue is full: let it drain
+                await asyncio.sleep(PRODUCE_QUEUE_WAIT_S)
+            except KafkaException as exc:  # refused before sending: retried like a failure
+                error = _error(exc)
+                if error is None:
+                    raise
+                sending.report(out, error)
+                return
+
+    def _poll_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._poller is None and self._unacknowledged > 0:
+            self._poller = loop.call_later(REPORT_POLL_S, self._serve_reports, loop)
+
+    def _serve_reports(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Delivery reports due now, served here on the loop (``poll(0)`` never blocks)."""
+        self._poller = None
+        producer = self._producer
+        if producer is None or self._closed:
+            return
+        producer.poll(0)
+        self._poll_soon(loop)
 
     def commit(
         self,
@@ -425,32 +541,17 @@ class IdempotentDelivery:
         offsets: list[TopicPartition],
         stopping: Callable[[], bool],
     ) -> Outcome:
-        producer = self._producer
-        assert producer is not None, "start() first"
-        errors: list[KafkaError] = []
-
-        def delivered(error: KafkaError | None, _message: Any) -> None:
-            if error is not None:
-                errors.append(error)
-
-        for out in outputs:
-            _produce(producer, out, on_delivery=delivered)
-        # Queued messages are retried by librdkafka until message.timeout.ms, so wait for
-        # their reports instead of producing them again.
-        deadline = time.monotonic() + COMMIT_DEADLINE_S
-        while producer.flush(1.0) > 0:
-            if stopping() and time.monotonic() > deadline:
-                return Outcome.FAILED
-        if errors:
-            self._warn(f"{len(errors)} outputs not delivered ({errors[0]}); the batch is retried")
-            return Outcome.FAILED
+        """Commit the offsets of finished messages, whose outputs :meth:`send` delivered
+        (``outputs`` is always empty here)."""
+        if outputs:
+            raise ValueError("at_least_once outputs go through send(), not commit()")
         if not offsets:
             return Outcome.COMMITTED
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             self._warn(f"offset commit failed ({exc}); retried with the next commit")
-            return Outcome.SENT
+            return Outcome.FAILED
         if self._failing:
             log.info("%scommits succeed again", self._name)
             self._failing = False
@@ -460,7 +561,15 @@ class IdempotentDelivery:
         log.log(logging.DEBUG if self._failing else logging.WARNING, self._name + message)
         self._failing = True
 
+    def _warn_send(self, message: str) -> None:
+        log.log(logging.DEBUG if self._send_failing else logging.WARNING, self._name + message)
+        self._send_failing = True
+
     def close(self) -> None:
+        """On the runner's Kafka thread, after its tasks are gone: what is still queued
+        is flushed (the producer is shared: flushed, never closed); this stage's reports
+        go to nobody (the loop may be gone)."""
+        self._closed = True
         producer = self._producer
         self._producer = None
         if producer is not None:

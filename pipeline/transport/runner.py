@@ -1,10 +1,12 @@
 """One stage as a Kafka group member: many messages in flight, exactly-once hops.
 
 The runner fetches up to ``max_in_flight`` messages at a time and hands each to the stage
-in its own asyncio task. A finished message's outputs wait in an outbox; every
-``commit_interval_ms`` one commit (:mod:`pipeline.transport.delivery`) writes the outbox
-and the consumed offsets, in one transaction in ``exactly_once`` mode. A message counts as
-done only once that commit succeeded.
+in its own asyncio task. In ``exactly_once`` mode a finished message's outputs wait in an
+outbox; every ``commit_interval_ms`` one transaction (:mod:`pipeline.transport.delivery`)
+writes the outbox and the consumed offsets, and a message counts as done only once it
+committed. In ``at_least_once`` mode a message's outputs are sent as soon as the stage has
+decided and it counts as done once the broker acknowledged them; every commit interval
+the offsets of done messages are committed.
 
 Offsets: the committed position is the lowest unfinished offset, and the finished offsets
 above it travel in the commit metadata (:mod:`pipeline.transport.offsets`). On assignment
@@ -137,6 +139,8 @@ class RunnerClients(Protocol):
 
     def producer(self, **overrides: Any) -> ProducerLike: ...
 
+    def stage_producer(self) -> ProducerLike: ...
+
     def transactional_producer(self, transactional_id: str, **overrides: Any) -> ProducerLike: ...
 
 
@@ -218,9 +222,11 @@ class StageRunner:
         self._paused: set[Partition] = set()
         self._backlog: deque[Inbound] = deque()
         self._outbox: list[_Finished] = []
-        # at_least_once: offsets whose outputs were delivered while their commit failed,
-        # kept across a lost assignment so that getting the partition back skips them.
+        # at_least_once: offsets whose outputs were delivered but never committed when
+        # their partition went (lost, or its last commit failed), kept so that getting
+        # the partition back skips them.
         self._sent: dict[Partition, set[int]] = {}
+        self._sender: IdempotentDelivery | None = None  # at_least_once: sends at once
         self._tasks: dict[asyncio.Task[None], Inbound] = {}
         self._key_chains: dict[bytes, asyncio.Task[None]] = {}
         self._progress = asyncio.Event()
@@ -297,7 +303,8 @@ class StageRunner:
                 outages=lambda: health.outages,
                 name=self.stage,
             )
-        return IdempotentDelivery(self._clients.producer, consumer, name=self.stage)
+        self._sender = IdempotentDelivery(self._clients.stage_producer, consumer, name=self.stage)
+        return self._sender
 
     def _subscribe(self, consumer: ConsumerLike) -> None:
         consumer.subscribe(
@@ -655,12 +662,18 @@ class StageRunner:
                 None,
                 None,
             )
+        if self._sender is not None and finished.partition in self._owned:
+            # at_least_once: out now; done once acknowledged (a cancelled send is redone).
+            await self._sender.send(finished.outputs)
         self._finish(finished)
 
     def _finish(self, finished: _Finished) -> None:
         if finished.partition not in self._owned:
             return  # revoked meanwhile: the new owner redoes it
-        self._outbox.append(finished)
+        if self._sender is None:
+            self._outbox.append(finished)  # exactly_once: written by the next transaction
+        elif finished.trace is not None and finished.decision is not None:
+            finished.trace.committed(finished.decision)  # delivered: durable
         self._tracker.done(*finished.partition, finished.offset)
 
     async def _decide(self, inbound: Inbound, trace: MessageTrace) -> Decision:
@@ -811,33 +824,20 @@ class StageRunner:
     async def _committed(
         self, plan: _Plan | None, outcome: Outcome | None, release: set[Partition]
     ) -> None:
-        if plan is not None and outcome is not None:
-            if outcome is Outcome.FAILED:
-                self.stats.failed_commits += 1
-                # Retried with the next commit, unless the partitions are going.
-                self._outbox[:0] = [f for f in plan.finished if f.partition not in release]
-            else:
-                self.stats.commits += 1
-                self._clients.health.ok()
-                for item in plan.finished:
-                    if item.trace is not None and item.decision is not None:
-                        item.trace.committed(item.decision)
-            if outcome is Outcome.COMMITTED:
-                for tp, (position, version) in plan.versions.items():
-                    self._tracker.mark_committed(*tp, position, version)
-                    sent = self._sent.get(tp)
-                    if sent:
-                        sent.difference_update({o for o in sent if o < position})
-            elif outcome is Outcome.SENT:
-                for item in plan.finished:
-                    self._sent.setdefault(item.partition, set()).add(item.offset)
-        unsent = plan.finished if plan is not None and outcome is Outcome.FAILED else []
+        if plan is not None and outcome is Outcome.FAILED:
+            self.stats.failed_commits += 1
+            # Retried with the next commit, unless the partitions are going.
+            self._outbox[:0] = [f for f in plan.finished if f.partition not in release]
+        elif plan is not None and outcome is Outcome.COMMITTED:
+            self.stats.commits += 1
+            self._clients.health.ok()
+            for item in plan.finished:
+                if item.trace is not None and item.decision is not None:
+                    item.trace.committed(item.decision)
+            for tp, (position, version) in plan.versions.items():
+                self._tracker.mark_committed(*tp, position, version)
         for tp in release:
-            self._forget(
-                tp,
-                remember_done=outcome is not None and outcome is not Outcome.COMMITTED,
-                undelivered={f.offset for f in unsent if f.partition == tp},
-            )
+            self._forget(tp, remember_done=outcome is Outcome.FAILED)
 
     async def _prepare_revocation(self, revoked: set[Partition]) -> _Plan | None:
         await self._release_tasks(revoked, self._revoke_grace_s)
@@ -845,10 +845,9 @@ class StageRunner:
 
     async def _release(self, partitions: set[Partition], grace_s: float) -> None:
         await self._release_tasks(partitions, grace_s)
-        for tp in partitions:
-            unsent = {f.offset for f in self._outbox if f.partition == tp}
-            self._forget(tp, remember_done=True, undelivered=unsent)
         self._outbox = [f for f in self._outbox if f.partition not in partitions]
+        for tp in partitions:
+            self._forget(tp, remember_done=True)
 
     async def _release_tasks(self, partitions: set[Partition], grace_s: float) -> None:
         """Let the partitions' in-flight messages finish within ``grace_s``, cancel the rest."""
@@ -858,18 +857,15 @@ class StageRunner:
             {t for t, m in self._tasks.items() if (m.topic, m.partition) in partitions}
         )
 
-    def _forget(
-        self, tp: Partition, remember_done: bool = False, undelivered: set[int] | None = None
-    ) -> None:
+    def _forget(self, tp: Partition, remember_done: bool = False) -> None:
         """Let a partition go. ``remember_done``: it goes without its last commit (lost,
-        or that commit failed); at least once, what it finished and delivered since the
-        last successful commit (everything done but ``undelivered``, the outputs still
-        waiting for a commit) is remembered, so that getting it back skips those offsets.
-        Not just the batches whose own commit failed: a partition lost twice in a row
-        (a frozen worker's session, then a broker outage) also holds what its first
-        re-assignment skipped, still uncommitted; forgetting that redid it (duplicates)."""
-        if remember_done and self.delivery_mode == "at_least_once":
-            done = self._tracker.finished(*tp) - (undelivered or set())
+        or that commit failed); at least once, every offset it finished since the last
+        successful commit has its outputs acknowledged, and is remembered so that getting
+        the partition back skips it. That includes what an earlier re-assignment skipped
+        and no commit has recorded since: a partition lost twice in a row (a frozen
+        worker's session, then a broker outage) redid it otherwise (duplicates)."""
+        if remember_done and self._sender is not None:
+            done = self._tracker.finished(*tp)
             if done:
                 self._sent.setdefault(tp, set()).update(done)
         self._owned.discard(tp)

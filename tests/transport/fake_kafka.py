@@ -100,6 +100,8 @@ class FakeBroker:
     init_failures: list[KafkaError] = field(default_factory=list)
     # Consumer offset commits (at_least_once) fail with this while it is set.
     offset_commit_error: KafkaError | None = None
+    # Idempotent producers deliver nothing (and report nothing) while this is set.
+    hold_deliveries: bool = False
     # The next consume() returns a message carrying this error (a fatal consumer error).
     consumer_error: KafkaError | None = None
 
@@ -277,23 +279,32 @@ class FakeProducer:
         if self.transactional:
             assert self.in_txn, "produce outside a transaction"
         message = Produced(topic, key, value, list(headers or []))
-        self.pending.append(message)
-        if on_delivery is not None:
-            self.reports.append((on_delivery, message))
+        with self.broker.lock:
+            self.pending.append(message)
+            if on_delivery is not None:
+                self.reports.append((on_delivery, message))
 
     def poll(self, timeout: float = 0) -> int:
-        return 0
+        """Idempotent: delivers what is pending and serves its reports (how many)."""
+        served = self._deliver()
+        if not served and timeout and timeout > 0:
+            time.sleep(min(timeout, 0.005))
+        return served
 
     def flush(self, timeout: float = -1) -> int:
-        if self.transactional or self.owner.crashed:
+        self._deliver()
+        return 0
+
+    def _deliver(self) -> int:
+        if self.transactional or self.owner.crashed or self.broker.hold_deliveries:
             return 0
         with self.broker.lock:
             self.broker.outputs.extend(self.pending)
-        self.pending = []
-        for callback, message in self.reports:
+            self.pending = []
+            reports, self.reports = self.reports, []
+        for callback, message in reports:
             callback(None, message)
-        self.reports = []
-        return 0
+        return len(reports)
 
     def init_transactions(self, timeout: float = -1) -> None:
         if self.broker.init_failures:
@@ -382,6 +393,11 @@ class FakeClients:
         producer = FakeProducer(self.broker, self, transactional=False)
         self.producers.append(producer)
         return producer
+
+    def stage_producer(self) -> FakeProducer:
+        """One per clients, like the real factory's."""
+        shared = [p for p in self.producers if not p.transactional]
+        return shared[0] if shared else self.producer()
 
     def transactional_producer(self, transactional_id: str, **overrides: Any) -> FakeProducer:
         producer = FakeProducer(self.broker, self, transactional=True, tid=transactional_id)

@@ -77,6 +77,7 @@ def make_runner(
     max_in_flight: int = 8,
     delivery: DeliveryMode = "exactly_once",
     revoke_grace_s: float = 5.0,
+    commit_interval_ms: int = 10,
     instrumentation: Any = None,
 ) -> StageRunner:
     return StageRunner(
@@ -90,7 +91,7 @@ def make_runner(
         topic_name=lambda t: f"x.{t}",
         max_in_flight=max_in_flight,
         delivery=delivery,
-        commit_interval_ms=10,
+        commit_interval_ms=commit_interval_ms,
         revoke_grace_s=revoke_grace_s,
         instrumentation=instrumentation or NoInstrumentation(),
     )
@@ -759,6 +760,55 @@ def test_at_least_once_work_delivered_while_commits_failed_is_not_redone_on_reas
     asyncio.run(main())
     assert set(calls.values()) == {1}, "nothing redone"
     assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
+
+
+def test_at_least_once_outputs_go_out_at_once_not_with_the_next_commit() -> None:
+    """Latency: a message's outputs are produced the moment it is decided, however long
+    the commit interval; its offset follows with the next commit."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 5)
+    clients = FakeClients(broker, [P0])
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler, delivery="at_least_once", commit_interval_ms=60_000)
+        async with running(runner):
+            await wait_for(lambda: len(broker.outputs) == 5, "the outputs, before any commit")
+            assert committed(broker, P0) == (0, set()), "no offset committed yet"
+        assert committed(broker, P0) == (5, set()), "committed when the runner stopped"
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids)
+
+
+def test_at_least_once_never_commits_past_an_output_not_yet_acknowledged() -> None:
+    """Decided is not done: until the broker acknowledges a message's outputs, its offset
+    stays uncommitted (and out of the commit metadata), however many commits pass."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 5)
+    clients = FakeClients(broker, [P0])
+    decided: list[int] = []
+
+    async def handler(message: Inbound) -> Decision:
+        decided.append(message.offset)
+        return emit(message)
+
+    async def main() -> None:
+        broker.hold_deliveries = True
+        runner = make_runner(clients, handler, delivery="at_least_once")
+        async with running(runner):
+            await wait_for(lambda: len(decided) == 5, "every message decided")
+            producer = clients.producers[0]
+            await wait_for(lambda: len(producer.pending) == 5, "their outputs produced")
+            assert runner._tracker.committable(*P0) in (0, None), "nothing done before its ack"
+            assert committed(broker, P0) == (0, set())
+            broker.hold_deliveries = False
+            await wait_for(lambda: committed(broker, P0) == (5, set()), "the commit after acks")
+
+    asyncio.run(main())
+    assert Counter(output_ids(broker)) == Counter(ids)
 
 
 def test_a_transactional_producer_that_cannot_start_stops_the_runner_with_a_fatal_error() -> None:
