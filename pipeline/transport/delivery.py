@@ -420,13 +420,18 @@ class _Sending:
     future: asyncio.Future[None]
     pending: int
     failed: list[tuple[Outbound, KafkaError]] = field(default_factory=list)
+    late: Callable[[], None] | None = None  # all delivered after the sender stopped waiting
 
     def report(self, out: Outbound, error: KafkaError | None) -> None:
         self.pending -= 1
         if error is not None:
             self.failed.append((out, error))
-        if self.pending <= 0 and not self.future.done():
+        if self.pending > 0:
+            return
+        if not self.future.done():
             self.future.set_result(None)
+        elif self.future.cancelled() and not self.failed and self.late is not None:
+            self.late()
 
 
 class IdempotentDelivery:
@@ -468,18 +473,22 @@ class IdempotentDelivery:
     def start(self) -> None:
         self._producer = self._make_producer()
 
-    async def send(self, outputs: Sequence[Outbound]) -> None:
+    async def send(
+        self, outputs: Sequence[Outbound], late: Callable[[], None] | None = None
+    ) -> None:
         """Produce ``outputs`` now; return when every one is acknowledged by the broker.
 
-        Cancelling it (a revocation past its grace, a shutdown) leaves the message
-        unfinished: its owner redoes it, and outputs acknowledged later are duplicates.
+        Cancelling it (a partition lost or revoked past its grace, a shutdown) leaves the
+        message unfinished, but its outputs are queued and may still be delivered (the
+        broker back after an outage): ``late`` is called on the loop if all of them are,
+        so the runner can skip the message instead of delivering it twice.
         """
         producer = self._producer
         assert producer is not None, "start() first"
         loop = asyncio.get_running_loop()
         todo = list(outputs)
         while todo:
-            sending = _Sending(loop.create_future(), len(todo))
+            sending = _Sending(loop.create_future(), len(todo), late=late)
             for out in todo:
                 await self._produce(producer, out, sending)
             if sending.pending <= 0 and not sending.future.done():

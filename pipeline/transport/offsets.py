@@ -297,6 +297,19 @@ class OffsetTracker:
         furthest = max(state.next_position or position, state.highest_done + 1)
         return max(0, furthest - position)
 
+    def add_done(self, topic: str, partition: int, offset: int) -> None:
+        """``offset`` is known done some other way (its outputs were acknowledged after
+        the partition went and came back): skipped when it arrives, recorded by the next
+        commit. Nothing changes when it is being processed again, or already passed."""
+        state = self._parts.get((topic, partition))
+        if state is None or offset in state.in_flight or offset in state.done:
+            return
+        position = self._position(state)
+        if position is None or offset >= position:
+            state.done.add(offset)
+            state.highest_done = max(state.highest_done, offset)
+            state.version += 1
+
     def finished(self, topic: str, partition: int) -> set[int]:
         """Every offset finished above the last successful commit: those below the
         committable position (all finished: it is the lowest unfinished one) and those

@@ -227,6 +227,7 @@ class StageRunner:
         # the partition back skips them.
         self._sent: dict[Partition, set[int]] = {}
         self._sender: IdempotentDelivery | None = None  # at_least_once: sends at once
+        self._epochs: dict[Partition, int] = {}  # assignments of each partition so far
         self._tasks: dict[asyncio.Task[None], Inbound] = {}
         self._key_chains: dict[bytes, asyncio.Task[None]] = {}
         self._progress = asyncio.Event()
@@ -559,6 +560,7 @@ class StageRunner:
                 )
                 skip = self._tracker.assign(tp.topic, tp.partition, position, "", sent)
             self._owned.add(key)
+            self._epochs[key] = self._epochs.get(key, 0) + 1
             if skip:
                 skipped[f"{tp.topic}/{tp.partition}@{position}"] = skip
         if skipped:  # one line per assignment: a rejoin after an outage assigns them all
@@ -663,9 +665,23 @@ class StageRunner:
                 None,
             )
         if self._sender is not None and finished.partition in self._owned:
-            # at_least_once: out now; done once acknowledged (a cancelled send is redone).
-            await self._sender.send(finished.outputs)
+            # at_least_once: out now; done once acknowledged (a cancelled send is redone,
+            # unless its outputs turn out delivered all the same: then it is skipped).
+            tp, offset = finished.partition, finished.offset
+            epoch = self._epochs.get(tp, 0)
+            await self._sender.send(
+                finished.outputs, lambda: self._delivered_late(tp, offset, epoch)
+            )
         self._finish(finished)
+
+    def _delivered_late(self, tp: Partition, offset: int, epoch: int) -> None:
+        """A message's outputs acknowledged after its task was cancelled because its
+        partition went (lost in a broker outage, its outputs queued until the broker came
+        back): remember it as done, so the partition's next assignment skips it."""
+        if tp not in self._owned:
+            self._sent.setdefault(tp, set()).add(offset)
+        elif self._epochs.get(tp, 0) != epoch:  # already back: skipped when it arrives
+            self._tracker.add_done(*tp, offset)
 
     def _finish(self, finished: _Finished) -> None:
         if finished.partition not in self._owned:

@@ -811,6 +811,38 @@ def test_at_least_once_never_commits_past_an_output_not_yet_acknowledged() -> No
     assert Counter(output_ids(broker)) == Counter(ids)
 
 
+def test_at_least_once_outputs_delivered_after_their_partition_was_lost_are_not_redone() -> None:
+    """A broker outage ends the session while outputs are queued, unacknowledged: their
+    tasks are cancelled with the lost partition, but the outputs go out when the broker
+    is back. Those messages are skipped when the partition returns, not sent twice."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 5)
+    clients = FakeClients(broker, [P0])
+    calls: Counter[int] = Counter()
+
+    async def handler(message: Inbound) -> Decision:
+        calls[message.offset] += 1
+        return emit(message)
+
+    async def main() -> None:
+        broker.hold_deliveries = True
+        runner = make_runner(clients, handler, delivery="at_least_once")
+        async with running(runner):
+            await wait_for(lambda: len(clients.producers[0].pending) == 5, "outputs queued")
+            consumer = clients.consumers[0]
+            consumer.events.append(("lost", [P0]))
+            await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+            broker.hold_deliveries = False
+            await wait_for(lambda: len(broker.outputs) == 5, "the queued outputs delivered")
+            consumer.events.append(("assign", [P0]))
+            await wait_for(lambda: committed(broker, P0) == (5, set()), "the partition back")
+            assert runner.stats.skipped == 5
+
+    asyncio.run(main())
+    assert set(calls.values()) == {1}, "nothing redone"
+    assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
+
+
 def test_a_transactional_producer_that_cannot_start_stops_the_runner_with_a_fatal_error() -> None:
     """A non-retriable init_transactions failure (say, a transactional.id the ACLs
     refuse) cannot be fixed by retrying: the worker exits instead of idling."""
