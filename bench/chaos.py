@@ -362,11 +362,35 @@ class ChaosOutcome:
         ledger: Ledger,
         events: list[str],
         reasons: bool = True,
+        late_timeout_ms: float | None = None,
     ) -> ChaosOutcome:
-        """``reasons=False`` checks outcomes only (breakers may change a model reason)."""
-        wrong = ledger.wrong_routes(
-            {p.request_id: (p.expected, p.expected_reason) for p in planned}, reasons
-        )
+        """``reasons=False`` checks outcomes only (breakers may change a model reason).
+
+        ``late_timeout_ms``: a sighting on its expected outcome whose reason differs only
+        because one of its model calls timed out after longer than this is not off
+        route: its client's timer fired late because the worker was stopped (SIGSTOP,
+        to count what was in flight before the broker outage, which it lives through)
+        while the call was in flight; the attempts' kinds then differ and the fallback
+        reason becomes ``model_unavailable``. Such sightings are counted in
+        ``details["late_timeout_reasons"]``."""
+        expected = {p.request_id: (p.expected, p.expected_reason) for p in planned}
+        wrong = ledger.wrong_routes(expected, reasons)
+        late: dict[str, list[str]] = {}
+        if late_timeout_ms is not None:
+            for rid in list(wrong):
+                off = [
+                    s for s in ledger.seen.get(rid, []) if (s.outcome, s.reason) != expected[rid]
+                ]
+                if all(
+                    s.outcome == expected[rid][0]
+                    and s.result is not None
+                    and any(
+                        c.outcome == "timeout" and c.latency_ms > late_timeout_ms
+                        for c in s.result.calls
+                    )
+                    for s in off
+                ):
+                    late[rid] = wrong.pop(rid)
         summary = ledger.summary()
         outcome = cls(
             name=name,
@@ -385,6 +409,8 @@ class ChaosOutcome:
             f"{p.fault}->{','.join(wrong[p.request_id])}" for p in planned if p.request_id in wrong
         )
         outcome.details["wrong_route_by_fault"] = dict(by_fault.most_common(10))
+        if late:
+            outcome.details["late_timeout_reasons"] = len(late)
         if ledger.two_places:
             outcome.details["two_places_e.g."] = {
                 rid: sorted(t) for rid, t in list(ledger.two_places.items())[:5]
@@ -666,6 +692,9 @@ def own_broker(port: int | None = None, data: str | None = None) -> Iterator[Own
 # a partition for timeout x attempts, the case that made every kill re-pay everything
 # finished above it), at a rate that keeps some hang in flight at most faults.
 KILL_WEIGHTS = {**DEFAULT_WEIGHTS, "hang": 3.0}
+# A model call that "timed out" after this many times its timeout was not slow at the
+# server (the fake answers in LATENCY): its worker was frozen while it was in flight.
+LATE_TIMEOUT_FACTOR = 1.5
 MODES = ("exactly_once", "at_least_once")
 
 
@@ -1070,7 +1099,12 @@ def kill_run(
                     f"[{lane.mode}] ledger " + ("complete" if not ledger.missing else "timed out")
                 )
                 outcome = ChaosOutcome.from_ledger(
-                    "kill_run", lane.mode, planned, ledger, clock.events
+                    "kill_run",
+                    lane.mode,
+                    planned,
+                    ledger,
+                    clock.events,
+                    late_timeout_ms=LATE_TIMEOUT_FACTOR * model_timeout_s * 1000,
                 )
                 outcome.faults = lane.faults
                 if calls_without_faults is None and baseline is not None:

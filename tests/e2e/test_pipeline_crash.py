@@ -113,7 +113,10 @@ def faults(
 
 def _check_ledger(outcome: chaos.ChaosOutcome) -> None:
     """Both modes: nothing lost; a redo takes the same route (the fake model answers a
-    request the same way every time), so a copy elsewhere would be a bug in any mode."""
+    request the same way every time), so a copy elsewhere would be a bug in any mode. The
+    one exception is reported, not excused silently: a call in flight while the worker
+    was frozen before the outage times out late on its client, which can change a
+    fallback's reason, never its route (``late_timeout_reasons``)."""
     why = outcome.explain()
     assert outcome.missing == 0, why
     assert outcome.wrong_route == 0, why
