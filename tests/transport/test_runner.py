@@ -53,6 +53,17 @@ def emit(message: Inbound) -> Decision:
     return Emit(VALIDATED, ENVELOPE.model_copy(update={"request_id": rid}), rid, None)
 
 
+def counting_handler() -> tuple[Counter[int], Handler]:
+    """A handler that emits each message and counts how often each offset was handled."""
+    calls: Counter[int] = Counter()
+
+    async def handler(message: Inbound) -> Decision:
+        calls[message.offset] += 1
+        return emit(message)
+
+    return calls, handler
+
+
 def fill(broker: FakeBroker, partition: Partition, count: int, **kwargs: Any) -> list[str]:
     ids = []
     for _ in range(count):
@@ -304,11 +315,7 @@ def test_an_aborted_transaction_is_invisible_and_its_batch_is_retried_once(
     broker = FakeBroker()
     ids = fill(broker, P0, 20)
     broker.commit_failures.append(failure)
-    calls: Counter[int] = Counter()
-
-    async def handler(message: Inbound) -> Decision:
-        calls[message.offset] += 1
-        return emit(message)
+    calls, handler = counting_handler()
 
     async def main() -> None:
         clients = FakeClients(broker, [P0])
@@ -732,11 +739,7 @@ def test_at_least_once_work_delivered_while_commits_failed_is_not_redone_on_reas
     broker = FakeBroker()
     ids = fill(broker, P0, 10)
     clients = FakeClients(broker, [P0])
-    calls: Counter[int] = Counter()
-
-    async def handler(message: Inbound) -> Decision:
-        calls[message.offset] += 1
-        return emit(message)
+    calls, handler = counting_handler()
 
     async def main() -> None:
         broker.offset_commit_error = KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "unknown member")
@@ -818,11 +821,7 @@ def test_at_least_once_outputs_delivered_after_their_partition_was_lost_are_not_
     broker = FakeBroker()
     ids = fill(broker, P0, 5)
     clients = FakeClients(broker, [P0])
-    calls: Counter[int] = Counter()
-
-    async def handler(message: Inbound) -> Decision:
-        calls[message.offset] += 1
-        return emit(message)
+    calls, handler = counting_handler()
 
     async def main() -> None:
         broker.hold_deliveries = True
