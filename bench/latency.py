@@ -119,8 +119,9 @@ def run(
         )
         report.markdown.append("")
     report.notes.append(
-        "timestamps are those of the output records, written when a hop commits (each "
-        "hop's outputs wait in its outbox for the next commit, every LLMPIPE_COMMIT_INTERVAL_MS)"
+        "timestamps are those of the output records, set when they are produced: exactly "
+        "once at the hop's next transaction (every LLMPIPE_COMMIT_INTERVAL_MS), at least "
+        "once as soon as the stage has decided"
     )
     plot_lines(
         report,
