@@ -164,6 +164,27 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         64, description="Messages processed concurrently per stage and worker."
     )
+    kafka_prefetch_kbytes: int = Field(
+        4_096,
+        ge=1_024,
+        description="Messages a stage consumer fetches ahead of its free slots, at most this "
+        "many KiB per consumer (librdkafka's queued.max.messages.kbytes and fetch.max.bytes; "
+        "one fetch and one message of up to 10 MiB may overshoot it).",
+    )
+    kafka_prefetch_messages: int = Field(
+        0,
+        ge=0,
+        description="Messages a stage consumer fetches ahead, at most this many per partition "
+        "(queued.min.messages; librdkafka's default is 100,000); 0 means 4 x "
+        "LLMPIPE_MAX_IN_FLIGHT.",
+    )
+    kafka_producer_buffer_kbytes: int = Field(
+        32_768,
+        ge=11_264,
+        description="Outputs a producer holds until the broker acknowledges them, in KiB "
+        "(queue.buffering.max.kbytes; at least one largest message, 10 MiB, plus headers): "
+        "a full buffer makes the stage wait, e.g. through a broker outage.",
+    )
     delivery: Literal["exactly_once", "at_least_once"] = Field(
         "exactly_once",
         description="exactly_once: each hop commits outputs and input offsets in one Kafka "

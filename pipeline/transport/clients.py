@@ -380,24 +380,49 @@ class KafkaClients:
             # a static member restarted within it keeps them without a rebalance.
             "session.timeout.ms": SESSION_TIMEOUT_MS,
             "heartbeat.interval.ms": 1_000,
-            "fetch.max.bytes": 8_388_608,
-            "max.partition.fetch.bytes": 1_048_576,
-            # Prefetch per partition: enough to keep the slots busy, not a second backlog.
-            "queued.max.messages.kbytes": 16_384,
+            **self.prefetch_config(),
             **overrides,
         }
         if self.settings.group_instance_id:
             config.setdefault("group.instance.id", self.settings.group_instance_id)
         return self.consumer(group, **config)
 
+    def prefetch_config(self) -> dict[str, Any]:
+        """How far a stage consumer reads ahead of its free slots: enough to keep them busy,
+        never a second backlog in memory.
+
+        librdkafka's defaults prefetch up to 100,000 messages per partition and 64 MiB per
+        consumer (plus 50 MiB fetches), and a worker has a consumer per stage: with a
+        backlog that was ~20 MiB per consumer of small requests and would be hundreds of
+        MiB of large ones. Here the queue holds at most ``4 x max_in_flight`` messages per
+        partition and ``LLMPIPE_KAFKA_PREFETCH_KBYTES`` per consumer, and one fetch asks
+        for no more than that (a single message above it still comes, so it may overshoot
+        by one message of up to :data:`MAX_MESSAGE_BYTES`).
+        """
+        s = self.settings
+        kbytes = s.kafka_prefetch_kbytes
+        return {
+            "queued.min.messages": s.kafka_prefetch_messages or 4 * s.max_in_flight,
+            "queued.max.messages.kbytes": kbytes,
+            "fetch.max.bytes": kbytes * 1024,
+            "max.partition.fetch.bytes": min(1_048_576, kbytes * 1024),
+        }
+
     def producer(self, **overrides: Any) -> Producer:
-        """Idempotent, ``acks=all``: a retried send never duplicates or reorders."""
+        """Idempotent, ``acks=all``: a retried send never duplicates or reorders.
+
+        Unacknowledged outputs are held up to ``LLMPIPE_KAFKA_PRODUCER_BUFFER_KBYTES``
+        (librdkafka's default is 1 GiB per producer): beyond it ``produce`` raises
+        ``BufferError`` and the callers wait for deliveries, so a broker outage makes a
+        stage wait instead of growing the worker.
+        """
         config: dict[str, Any] = {
             **self.base_config(),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
             "message.max.bytes": MAX_MESSAGE_BYTES,
+            "queue.buffering.max.kbytes": self.settings.kafka_producer_buffer_kbytes,
             **overrides,
         }
         return Producer(config)

@@ -8,7 +8,13 @@ import pytest
 from confluent_kafka import KafkaError
 
 from pipeline.config import Settings
-from pipeline.transport.clients import OUTAGE_AFTER_S, BrokerHealth, KafkaClients, LibrdkafkaLog
+from pipeline.transport.clients import (
+    MAX_MESSAGE_BYTES,
+    OUTAGE_AFTER_S,
+    BrokerHealth,
+    KafkaClients,
+    LibrdkafkaLog,
+)
 
 
 class Clock:
@@ -104,3 +110,38 @@ def test_every_client_shares_security_settings_and_reads_committed() -> None:
     assert consumer["isolation.level"] == "read_committed"
     assert consumer["enable.auto.commit"] is False
     assert consumer["security.protocol"] == "SASL_SSL"
+
+
+def test_stage_consumers_read_ahead_a_bounded_amount_that_follows_max_in_flight() -> None:
+    """librdkafka's defaults (100,000 messages per partition, 64 MiB per consumer) would
+    make a backlog of large requests a second backlog in memory; the factory bounds it."""
+    config = KafkaClients(Settings(max_in_flight=32)).prefetch_config()
+    assert config["queued.min.messages"] == 128
+    assert config["queued.max.messages.kbytes"] == 4_096
+    assert config["fetch.max.bytes"] == 4_096 * 1024
+    assert config["max.partition.fetch.bytes"] == 1_048_576
+    tuned = KafkaClients(
+        Settings(kafka_prefetch_kbytes=1_024, kafka_prefetch_messages=500)
+    ).prefetch_config()
+    assert (tuned["queued.min.messages"], tuned["queued.max.messages.kbytes"]) == (500, 1_024)
+    # librdkafka accepts the smallest allowed bound (fetch.max.bytes >= message.max.bytes).
+    smallest = Settings(bootstrap_servers="127.0.0.1:1", kafka_prefetch_kbytes=1_024)
+    KafkaClients(smallest).stage_consumer("g").close()
+    with pytest.raises(ValueError):
+        Settings(kafka_prefetch_kbytes=512)
+
+
+def test_a_producer_buffer_is_bounded_but_holds_the_largest_message() -> None:
+    """The buffer replaces librdkafka's 1 GiB default; its floor keeps one message of the
+    largest size llm.requests accepts producible (a smaller buffer would refuse it with
+    BufferError for ever, and the callers' wait-and-retry would never end)."""
+    settings = Settings(bootstrap_servers="127.0.0.1:1", kafka_producer_buffer_kbytes=11_264)
+    producer = KafkaClients(settings).producer()
+    largest = b"x" * (MAX_MESSAGE_BYTES - 4_096)  # what message.max.bytes leaves a value
+    producer.produce("t", largest)  # queued locally: no broker needed
+    with pytest.raises(BufferError):
+        producer.produce("t", largest)  # the bound holds
+    producer.purge()
+    producer.flush(0)
+    with pytest.raises(ValueError):
+        Settings(kafka_producer_buffer_kbytes=10_240)
