@@ -169,7 +169,8 @@ class Settings(BaseSettings):
         ge=1_024,
         description="Messages a stage consumer fetches ahead of its free slots, at most this "
         "many KiB per consumer (librdkafka's queued.max.messages.kbytes and fetch.max.bytes; "
-        "one fetch and one message of up to 10 MiB may overshoot it).",
+        "one fetch and one message of up to 10 MiB may overshoot it). Large requests drain "
+        "faster with about LLMPIPE_MAX_IN_FLIGHT x their size.",
     )
     kafka_prefetch_messages: int = Field(
         0,
