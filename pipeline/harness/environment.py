@@ -4,7 +4,10 @@ cannot drift apart on, say, which settings a worker subprocess inherits."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from pipeline.config import Settings
 from pipeline.transport.clients import KafkaClients
@@ -18,20 +21,31 @@ def create_topics(settings: Settings, topics_dir: Path | None = None) -> None:
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
-    """The ``LLMPIPE_*`` variables an operator would give ``llmpipe worker`` for these
-    settings (callers add ``os.environ`` and anything else the process needs)."""
-    return {
-        "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
-        "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
-        "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
-        "LLMPIPE_MODEL_MAX_ATTEMPTS": str(settings.model_max_attempts),
-        "LLMPIPE_MAX_IN_FLIGHT": str(settings.max_in_flight),
-        "LLMPIPE_PII_POLICY": settings.pii_policy,
-        "LLMPIPE_OUTPUT_FORMAT": settings.output_format,
-        "LLMPIPE_DELIVERY": settings.delivery,
-        "LLMPIPE_COMMIT_INTERVAL_MS": str(settings.commit_interval_ms),
-        # One process per worker a test or benchmark starts, unless its settings ask for
-        # more: a SIGKILL must be one worker's crash, and CPU is measured per process.
-        "LLMPIPE_WORKER_PROCESSES": str(settings.worker_processes or 1),
-    }
+    """The ``LLMPIPE_*`` variables that give ``llmpipe worker`` exactly these settings
+    (callers add ``os.environ`` and anything else the process needs).
+
+    Every field of :class:`Settings` is passed, read from the class itself, so a setting
+    added there reaches worker subprocesses without a second list to keep: the security
+    settings (SSL, SASL, OAUTHBEARER) and the Schema Registry's included, secrets as their
+    values. A field that is unset (None) is left out: an environment cannot say "unset"."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    environment: dict[str, str] = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            environment[f"{prefix}{name.upper()}"] = _environment_value(value)
+    # One process per worker a test or benchmark starts, unless its settings ask for
+    # more: a SIGKILL must be one worker's crash, and CPU is measured per process.
+    environment[f"{prefix}WORKER_PROCESSES"] = str(settings.worker_processes or 1)
+    return environment
+
+
+def _environment_value(value: object) -> str:
+    """A setting as pydantic-settings reads it back: lists as JSON, secrets revealed."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

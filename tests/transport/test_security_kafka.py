@@ -344,9 +344,10 @@ def test_a_refused_worker_keeps_running_and_says_why_at_a_bounded_rate(
     floods its log: the refusal is logged once per interval, and SIGTERM still stops it."""
     cases = ["wrong password", "untrusted broker certificate"]
     base = _settings(broker.sasl())
+    # The security settings reach the worker processes through worker_environment alone.
     workers = {
         case: WorkerProcess(
-            {**os.environ, **worker_environment(base), **_env(REFUSALS[case][0](broker))}
+            {**os.environ, **worker_environment(base.model_copy(update=REFUSALS[case][0](broker)))}
         )
         for case in cases
     }
