@@ -3,8 +3,10 @@
 Every line carries the trace and span id of the code that logged it, plus the request id,
 stage and prompt version of the message being processed (from
 :mod:`pipeline.observability.context`), so a log search and a trace view lead to each
-other. Everything free-form (the message, extra fields, tracebacks) goes through the
-redactor; identifiers we assign ourselves do not, because a request id that happens to
+other; and ``service.instance.id``, the resource attribute the process's spans and
+metrics carry, so a line leads to the one replica (of several) that wrote it.
+Everything free-form (the message, extra fields, tracebacks) goes through the redactor;
+identifiers we assign ourselves do not, because a request id that happens to
 look like a phone number must still be searchable.
 """
 
@@ -20,6 +22,7 @@ from opentelemetry import trace
 
 from pipeline.observability.context import current_scope
 from pipeline.observability.redact import DEFAULT_REDACTOR, Redactor
+from pipeline.observability.setup import INSTANCE_ID, instance_id
 
 RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 # Identifiers, not content: kept verbatim so they can be searched for.
@@ -38,6 +41,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": redact.text(record.getMessage()),
+            INSTANCE_ID: instance_id(),
         }
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:

@@ -103,6 +103,8 @@ class Telemetry:
     redactor: Redactor = field(default_factory=lambda: DEFAULT_REDACTOR)
     prometheus: CollectorRegistry | None = None
     """What ``/metrics`` serves: set when a :class:`PrometheusReader` is among the readers."""
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """``service.instance.id`` of this telemetry's resource, which the JSON logs carry too."""
     tracer: trace.Tracer = field(init=False)
     metrics: PipelineMetrics = field(init=False)
 
@@ -153,6 +155,28 @@ def current() -> Telemetry:
     return telemetry if telemetry is not None else configure_observability()
 
 
+_process_instance_id: str | None = None
+
+
+def instance_id() -> str:
+    """The ``service.instance.id`` of this process: its current telemetry's, else the one
+    ``configure_observability`` will give it (``OTEL_RESOURCE_ATTRIBUTES`` or a UUID made
+    once). A log line written before the telemetry is built names the same instance as
+    the spans and metrics after, and asking never builds the telemetry as a side effect."""
+    telemetry = _current
+    return telemetry.instance_id if telemetry is not None else _process_default(os.environ)
+
+
+def _process_default(environ: Mapping[str, str]) -> str:
+    global _process_instance_id
+    configured = _resource_attributes(environ).get(INSTANCE_ID)
+    if configured:
+        return configured
+    if _process_instance_id is None:
+        _process_instance_id = str(uuid.uuid4())
+    return _process_instance_id
+
+
 endpoints.set_registry_source(lambda: current().prometheus)
 
 
@@ -170,7 +194,8 @@ def configure_observability(environ: Mapping[str, str] | None = None) -> Telemet
     with _lock:
         if _current is not None:
             return _current
-        telemetry = build_telemetry(os.environ if environ is None else environ)
+        environ = os.environ if environ is None else environ
+        telemetry = build_telemetry(environ, instance_id=_process_default(environ))
         if isinstance(telemetry.tracer_provider, TracerProvider) and not isinstance(
             trace.get_tracer_provider(), TracerProvider
         ):
@@ -178,7 +203,7 @@ def configure_observability(environ: Mapping[str, str] | None = None) -> Telemet
         if isinstance(telemetry.meter_provider, MeterProvider):
             otel_metrics.set_meter_provider(telemetry.meter_provider)
         _current = telemetry
-    serve_prometheus(telemetry, os.environ if environ is None else environ)
+    serve_prometheus(telemetry, environ)
     return telemetry
 
 
@@ -198,18 +223,26 @@ def build_telemetry(
     *,
     span_processors: Sequence[SpanProcessor] = (),
     metric_readers: Sequence[MetricReader] = (),
+    instance_id: str | None = None,
 ) -> Telemetry:
-    """Providers as the environment describes, plus any processors/readers given (tests)."""
+    """Providers as the environment describes, plus any processors/readers given (tests).
+
+    The resource's ``service.instance.id``: ``OTEL_RESOURCE_ATTRIBUTES``', else
+    ``instance_id``, else a new UUID (each telemetry built stands for a process of its own).
+    The instance id is made here, when the process builds its telemetry, not at import:
+    worker processes forked from one parent must not share it."""
     content = _flag(environ, "LLMPIPE_TRACE_CONTENT")
     provider_name = environ.get("LLMPIPE_GENAI_PROVIDER", "").strip() or "openai"
+    instance = _resource_attributes(environ).get(INSTANCE_ID) or instance_id or str(uuid.uuid4())
     if _flag(environ, "OTEL_SDK_DISABLED"):
         return Telemetry(
             trace.NoOpTracerProvider(),
             otel_metrics.NoOpMeterProvider(),
             trace_content=False,
             genai_provider=provider_name,
+            instance_id=instance,
         )
-    resource = _resource(environ)
+    resource = _resource(environ, instance)
     # Records spans only once a processor is added (see observability/spans.py): with no
     # exporter, spans carry their context and cost a small fraction of a recorded span.
     tracer_provider = PropagatingTracerProvider(resource=resource)
@@ -224,18 +257,14 @@ def build_telemetry(
         trace_content=content,
         genai_provider=provider_name,
         prometheus=scraped[0] if scraped else None,
+        instance_id=instance,
     )
 
 
-def _resource(environ: Mapping[str, str]) -> Resource:
+def _resource(environ: Mapping[str, str], instance: str) -> Resource:
     """``Resource.create`` reads OTEL_SERVICE_NAME/OTEL_RESOURCE_ATTRIBUTES from os.environ;
-    we pass the service name and instance id explicitly so a test's ``environ`` wins too.
-
-    The instance id is made here, when the process builds its telemetry, not at import:
-    worker processes forked from one parent must not share it.
-    """
+    we pass the service name and instance id explicitly so a test's ``environ`` wins too."""
     name = environ.get("OTEL_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME
-    instance = _resource_attributes(environ).get(INSTANCE_ID) or str(uuid.uuid4())
     return Resource.create({"service.name": name, INSTANCE_ID: instance})
 
 

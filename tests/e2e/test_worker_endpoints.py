@@ -136,11 +136,14 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
             ledger = read_terminal(settings, [p.request_id for p in before], timeout_s=120)
             assert_clean(ledger, before)
 
+            instances: set[str] = set()
+
             def has_series() -> tuple[bool, object]:
                 with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
                     text = response.read().decode()
                 wanted = ("llmpipe_requests_total{", "llmpipe_stage_messages_total{")
-                instances = set(re.findall(r'service_instance_id="([^"]+)"', text))
+                instances.clear()
+                instances.update(re.findall(r'service_instance_id="([^"]+)"', text))
                 both = {'llmpipe_process="0"', 'llmpipe_process="1"'}
                 found = all(w in text for w in wanted) and all(p in text for p in both)
                 return found and len(instances) == 2, text[:500]
@@ -176,3 +179,10 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
                 if calls_of(now, p.request_id) != calls_of(calls_before, p.request_id)
             }
             assert not redone, f"model calls redone after the outage: {redone}"
+
+        # Every log line names its process the way its metrics do (both children logged
+        # the outage).
+        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line[:1] == "{"]
+        logged = {line.get("service.instance.id") for line in lines}
+        assert None not in logged, [line for line in lines if "service.instance.id" not in line]
+        assert instances <= set(logged), (instances, logged)

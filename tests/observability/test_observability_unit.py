@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -470,6 +474,43 @@ def test_log_lines_carry_trace_and_request_ids_and_are_redacted(captured: Captur
     assert line["request_id"] == "req-11-000123" and line["stage"] == "settle"
     assert line["prompt"] == "ticket_triage@2"
     assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+
+
+def test_log_lines_name_the_instance_that_the_spans_and_metrics_name(captured: Captured) -> None:
+    record = logging.LogRecord("llmpipe.t", logging.WARNING, __file__, 1, "outage", None, None)
+    line = json.loads(JsonFormatter().format(record))
+    resource = captured.telemetry.tracer_provider.resource  # type: ignore[attr-defined]
+    assert line["service.instance.id"] == resource.attributes["service.instance.id"]
+
+
+LOG_THEN_CONFIGURE = """
+import json, logging
+from pipeline.observability import configure_observability
+from pipeline.observability.logs import JsonFormatter
+def logged():
+    record = logging.LogRecord("llmpipe.t", logging.INFO, "", 1, "m", None, None)
+    return json.loads(JsonFormatter().format(record))["service.instance.id"]
+before = logged()
+resource = configure_observability().tracer_provider.resource
+print(json.dumps([before, logged(), resource.attributes["service.instance.id"]]))
+"""
+
+
+@pytest.mark.parametrize("configured", [None, "pod-7"])
+def test_lines_logged_before_the_telemetry_is_built_name_the_same_instance(
+    configured: str | None,
+) -> None:
+    """A fresh process: its first lines (settings, start-up) come before its telemetry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if configured is not None:
+        env["OTEL_RESOURCE_ATTRIBUTES"] = f"service.instance.id={configured},zone=a"
+    out = subprocess.run(
+        [sys.executable, "-c", LOG_THEN_CONFIGURE],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    before, after, resource = json.loads(out.stdout)
+    assert before == after == resource
+    assert resource == configured if configured is not None else uuid.UUID(resource)
 
 
 def test_a_phone_number_next_to_other_digits_is_redacted() -> None:
