@@ -11,9 +11,11 @@ How a worker decides for one answer of a version in burn-in:
    (a redelivery: the same verdict as the first time), or the version already has N
    claims and its days are over (burn-in has ended; no claim needed).
 2. Otherwise it appends a :class:`BurnInClaim` for the request, waits for the broker's
-   acknowledgement (which gives the claim's offset), and waits until its view has read up
-   to that offset. The request's rank is the number of distinct requests of that version
-   whose first claim comes before its own first claim. Rank < N: review first.
+   acknowledgement, and waits until its view has read a claim of the request (its own,
+   or one another worker appended first: the one partition is read in order, so every
+   claim before the request's first one has been read by then). The request's rank is the
+   number of distinct requests of that version whose first claim comes before its own
+   first claim. Rank < N: review first.
 
 A request claimed twice (a crash between claim and commit, then a redelivery) keeps its
 first rank, so two workers and a restart still hold back exactly N answers. Compaction
@@ -30,19 +32,12 @@ import asyncio
 import logging
 import threading
 import time
+from asyncio import FIRST_COMPLETED
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import cast
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-)
-from confluent_kafka import TopicPartition as KafkaTopicPartition
+from confluent_kafka import KafkaError, Message
 
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec, DecodeError
@@ -51,6 +46,7 @@ from pipeline.prompts.model import BurnInPolicy
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
+from pipeline.transport.compacted import CompactedFollower, Record
 
 log = logging.getLogger("llmpipe.burn_in")
 
@@ -126,50 +122,52 @@ class BurnInUnavailable(Exception):
 class KafkaBurnInLedger:
     """:class:`~pipeline.stages.policy.BurnInGate` on ``llm.burn_in``.
 
-    A thread follows the topic into a :class:`BurnInBook`; claims are produced with an
-    idempotent producer and waited for on a small thread pool, so the event loop never
+    The topic is followed into a :class:`BurnInBook` by a
+    :class:`~pipeline.transport.compacted.CompactedFollower` (the one home for following a
+    compacted topic), which applies records on the event loop; claims are produced with an
+    idempotent producer and acknowledged on a small thread pool, so the event loop never
     blocks. When Kafka does not answer in time the answer is held for review (and logged):
     more review, never an unreviewed answer of a version still in burn-in.
     """
 
     def __init__(self, settings: Settings, codec: Codec | None = None) -> None:
-        self._settings = settings
         self._topic = settings.topic(BURN_IN_TOPIC)
         self._codec = codec or Codec()
         self.book = BurnInBook()
         self._clients = KafkaClients(settings)
         self._producer = self._clients.producer(**{"linger.ms": 0})
-        self._position = 0
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._follower = CompactedFollower(self._topic, self._apply, self._clients)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reading: dict[str, list[asyncio.Future[None]]] = {}
+        """Claims produced and not read back yet, by record key: their waiters."""
         self._pool = ThreadPoolExecutor(CLAIM_THREADS, thread_name_prefix="burn-in")
-        self.error: BaseException | None = None
         self.claimed = 0
         """Claims this process wrote (answers it had to count itself)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    async def start(self, timeout_s: float = 60.0) -> None:
         """Follow the topic and wait until everything on it now has been read."""
-        consumer = self._clients.consumer(
-            f"{self._settings.topic_prefix}llmpipe.burn-in-reader", **{"fetch.wait.max.ms": 50}
-        )
-        end = _end_offset(consumer, self._topic, timeout_s)
-        consumer.assign([KafkaTopicPartition(self._topic, 0, OFFSET_BEGINNING)])
-        self._thread = threading.Thread(
-            target=self._follow, args=(consumer,), name="burn-in-follower", daemon=True
-        )
-        self._thread.start()
-        if not self._wait_for(end, timeout_s):
-            raise BurnInUnavailable(f"{self._topic} not read to offset {end} in {timeout_s}s")
+        self._task = asyncio.create_task(self._follower.run(self._stop), name="burn-in")
+        ready = asyncio.create_task(self._follower.ready.wait())
+        await asyncio.wait({self._task, ready}, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        if ready.done():
+            return
+        ready.cancel()
+        failed = self._task.done() and not self._task.cancelled()
+        cause = self._task.exception() if failed else None
+        await self.stop()
+        raise BurnInUnavailable(
+            f"{self._topic} not read to its end in {timeout_s}s" + (f": {cause}" if cause else "")
+        ) from cause
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._producer.flush(5)
+        await asyncio.to_thread(self._producer.flush, 5)
 
     # -- the gate ----------------------------------------------------------------------
 
@@ -177,31 +175,44 @@ class KafkaBurnInLedger:
         known = self.book.verdict(prompt, policy, request_id, utc_now())
         if known is not None:
             return known
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, self._claim, prompt, policy, request_id)
+            return await self._claim(prompt, policy, request_id)
         except BurnInUnavailable as exc:
             log.warning("burn-in of %s unknown, holding for review: %s", prompt.ref, exc)
             return True
 
-    def _claim(self, prompt: PromptRef, policy: BurnInPolicy, request_id: str) -> bool:
+    async def _claim(self, prompt: PromptRef, policy: BurnInPolicy, request_id: str) -> bool:
+        """Append a claim and wait until the follower has read a claim of this request:
+        its first claim (this one or an earlier one) fixes its rank."""
         claim = BurnInClaim(prompt=prompt, request_id=request_id, claimed_at=utc_now())
         value, content_type = self._codec.encode(claim)
-        offset = self._produce(f"{version_key(prompt)}/{request_id}".encode(), value, content_type)
-        with self._changed:
+        key = _claim_key(prompt, request_id)
+        loop = asyncio.get_running_loop()
+        read = loop.create_future()
+        self._reading.setdefault(key, []).append(read)
+        try:
+            await loop.run_in_executor(self._pool, self._produce, key.encode(), value, content_type)
             self.claimed += 1
-        if not self._wait_for(offset + 1, CLAIM_TIMEOUT_S):
-            raise BurnInUnavailable(f"{self._topic} not read up to the claim at {offset}")
+            try:
+                await asyncio.wait_for(read, CLAIM_TIMEOUT_S)
+            except TimeoutError:
+                raise BurnInUnavailable(f"{self._topic} not read up to the claim") from None
+        finally:
+            waiting = self._reading.get(key, [])
+            if read in waiting:
+                waiting.remove(read)
+            if not waiting:
+                self._reading.pop(key, None)
         verdict = self.book.verdict(prompt, policy, request_id, claim.claimed_at)
-        assert verdict is not None  # the claim itself has been read
+        assert verdict is not None  # a claim of the request has been read
         return verdict
 
-    def _produce(self, key: bytes, value: bytes, content_type: str) -> int:
+    def _produce(self, key: bytes, value: bytes, content_type: str) -> None:
         done = threading.Event()
-        result: dict[str, int | KafkaError] = {}
+        outcome: list[KafkaError | None] = []
 
-        def delivered(error: KafkaError | None, message: Message) -> None:
-            result["outcome"] = error if error is not None else int(message.offset() or 0)
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            outcome.append(error)
             done.set()
 
         self._producer.produce(
@@ -216,75 +227,30 @@ class KafkaBurnInLedger:
             if time.monotonic() > deadline:
                 raise BurnInUnavailable(f"no acknowledgement from {self._topic}")
             self._producer.poll(0.05)
-        outcome = result["outcome"]
-        if isinstance(outcome, KafkaError):
-            raise BurnInUnavailable(f"claim not written to {self._topic}: {outcome}")
-        return outcome
+        if outcome[0] is not None:
+            raise BurnInUnavailable(f"claim not written to {self._topic}: {outcome[0]}")
 
     # -- following the topic -------------------------------------------------------------
 
-    def _wait_for(self, position: int, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while self._position < position:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.error is not None:
-                    return False
-                self._changed.wait(min(remaining, 0.5))
-            return True
-
-    def _follow(self, consumer: Consumer) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    messages = consumer.consume(num_messages=500, timeout=0.1)
-                except KafkaException as exc:
-                    log.warning("burn-in follower: %s; retrying", exc)
-                    self._stop.wait(0.5)
-                    continue
-                position = self._position
-                for message in messages:
-                    if message.error() is not None:
-                        continue
-                    position = max(position, int(message.offset() or 0) + 1)
-                    self._apply(message)
-                if position != self._position:
-                    with self._changed:
-                        self._position = position
-                        self._changed.notify_all()
-        except BaseException as exc:
-            log.exception("burn-in follower stopped")
-            with self._changed:
-                self.error = exc
-                self._changed.notify_all()
-        finally:
-            consumer.close()
-
-    def _apply(self, message: Message) -> None:
-        value = message.value()
-        if value is None:
+    def _apply(self, record: Record) -> None:
+        """Fold one record (on the event loop) and wake the claims waiting for it."""
+        if record.value is None:
             return
-        pairs = cast("list[tuple[str, bytes | None]]", message.headers() or [])
+        content_type = h.text(record.headers, h.CONTENT_TYPE)
         try:
-            claim = self._codec.decode(value, BurnInClaim, h.text(h.as_map(pairs), h.CONTENT_TYPE))
+            claim = self._codec.decode(record.value, BurnInClaim, content_type)
         except DecodeError as exc:
             log.error("ignoring an unreadable burn-in claim: %s", exc)
             return
         self.book.apply(claim)
+        for read in self._reading.pop(_claim_key(claim.prompt, claim.request_id), []):
+            if not read.done():
+                read.set_result(None)
 
 
-def _end_offset(consumer: Consumer, topic: str, timeout_s: float) -> int:
-    """Retry while a just-created topic's leader is still being elected."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return int(consumer.get_watermark_offsets(KafkaTopicPartition(topic, 0), 5.0)[1])
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise BurnInUnavailable(
-                    f"{topic} does not answer; run `llmpipe topics apply`"
-                ) from None
-            time.sleep(0.1)
+def _claim_key(prompt: PromptRef, request_id: str) -> str:
+    """The record key: compaction keeps one claim per version and request."""
+    return f"{version_key(prompt)}/{request_id}"
 
 
 async def start_burn_in_ledger(
@@ -296,5 +262,5 @@ async def start_burn_in_ledger(
     if not any(pv.review.burn_in.active for pv in registry):
         return None
     ledger = KafkaBurnInLedger(settings, codec)
-    await asyncio.to_thread(ledger.start)
+    await ledger.start()
     return ledger

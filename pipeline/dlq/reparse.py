@@ -215,7 +215,7 @@ class ReparseSelector:
                     self._record(item, candidate, decision)
         finally:
             if burn_in is not None:
-                await asyncio.to_thread(burn_in.stop)
+                await burn_in.stop()
 
     def _record(self, item: PlanItem, candidate: Candidate, decision: Decision) -> None:
         new = outcome_of(decision)

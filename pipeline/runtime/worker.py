@@ -179,7 +179,7 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             await client.aclose()
             if burn_in is not None:
-                await asyncio.to_thread(burn_in.stop)
+                await burn_in.stop()
 
     def _serve_endpoints(
         self, readiness: WorkerReadiness, stop: asyncio.Event
