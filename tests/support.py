@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -31,6 +31,17 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
 
 def produce(settings: Settings, topic: str, messages: list[Message]) -> None:
     produce_batch(settings, topic, messages, timeout_s=BULK_TIMEOUT_S)
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> float:
+    """Seconds until ``condition()`` held (polled every 5 ms on the running loop); fail
+    naming ``what`` at the deadline. For tests on an event loop: wait for a condition,
+    never sleep to let something happen."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"not within {timeout_s}s: {what}"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
 
 
 def _wait_until_consuming(

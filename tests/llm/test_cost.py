@@ -31,6 +31,7 @@ from pipeline.resilience.testing import ManualClock, ScriptedClient, completion
 from pipeline.stages.settle import Settler
 from tests.stage_support import GOOD_ANSWER, REGISTRY, dumps
 from tests.stage_support import completion as stage_completion
+from tests.support import until
 
 MINI = Price(input=0.15, output=0.60, cached_input=0.075)
 
@@ -197,7 +198,7 @@ async def test_money_budgets_refuse_before_the_call_and_charge_what_was_spent() 
     assert daily.usage()["p"].reserved_usd == 0
     routed.gate.clear()
     in_flight = asyncio.ensure_future(daily.complete(_req(), prompt="p"))
-    await asyncio.sleep(0)  # let it reserve
+    await until(lambda: daily.usage()["p"].reserved_usd > 0, "the call in flight to reserve")
     assert daily.usage()["p"].reserved_usd == pytest.approx(0.041)
     with pytest.raises(BudgetExceeded) as over:  # 0.006 spent + 0.041 reserved + 0.041 > 0.06
         await daily.complete(_req(), prompt="p")

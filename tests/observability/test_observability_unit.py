@@ -55,6 +55,7 @@ from pipeline.resilience.errors import CircuitOpen
 from pipeline.resilience.retry import RetryingClient
 from pipeline.transport.runner import Inbound, StageRunner
 from tests.stage_support import validated
+from tests.support import until
 from tests.transport.fake_kafka import FakeBroker, FakeClients
 
 DASHBOARD = REPO_ROOT / "infra" / "grafana" / "dashboards" / "llmpipe.json"
@@ -349,10 +350,9 @@ def test_concurrent_messages_in_the_runner_never_share_a_span_or_scope(captured:
         )
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
-        for _ in range(4000):
-            if broker.committed.get(("in", 0), (0, ""))[0] == count:
-                break
-            await asyncio.sleep(0.005)
+        await until(
+            lambda: broker.committed.get(("in", 0), (0, ""))[0] == count, "every offset committed"
+        )
         stop.set()
         await task
         return runner

@@ -29,6 +29,7 @@ from pipeline.resilience.fleet import (
 )
 from pipeline.resilience.ratelimit import Demand, RateLimit, RateLimitedClient
 from pipeline.resilience.testing import ManualClock, ScriptedClient, echo
+from tests.support import until
 
 QUALITY = BreakerConfig(window_size=10, min_calls=4, failure_rate=0.5, open_s=30, half_open_calls=2)
 ENDPOINT = BreakerConfig(window_size=4, min_calls=2, failure_rate=0.5, open_s=10)
@@ -233,10 +234,7 @@ async def test_a_rescale_re_times_calls_already_waiting() -> None:
     assert clock.sleeps[-1] == pytest.approx(2.0)  # half of 1/s: one call per 2 s
     shares.fold("other", None, age_s=0.0)  # the other worker left
     limiter.rescale()
-    for _ in range(100):  # the waiter wakes and sleeps again, re-timed
-        if len(clock.sleeps) == 2:
-            break
-        await asyncio.sleep(0)
+    await until(lambda: len(clock.sleeps) == 2, "the waiter to sleep again, re-timed")
     assert clock.sleeps[-1] == pytest.approx(1.0)  # the call it waits for, at 1/s now
     clock.advance(1.0)
     await asyncio.wait_for(waiting, 5)

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -39,6 +39,7 @@ from pipeline.resilience.stack import ResilientClient, StackConfig, build_client
 from pipeline.resilience.testing import ManualClock
 from pipeline.stages.model_call import ModelCaller
 from tests.stage_support import REGISTRY, validated
+from tests.support import until
 
 WAIT_S = 0.01  # retry backoff: tiny, so retries cost no time
 NO_BREAKER = BreakerConfig(window_size=1000, min_calls=1000)
@@ -255,13 +256,6 @@ async def test_requests_per_minute_limit_holds_at_the_server(fake: FakeLLMServer
     # The first call takes the burst; on a loaded machine a later one may find its slot
     # already due when it asks, so "waited" is at most count - 1, not exactly.
     assert (stats.calls, stats.rejected) == (count, 0) and 1 <= stats.waits <= count - 1
-
-
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
-        await asyncio.sleep(0.01)
 
 
 def outage_client(

@@ -31,6 +31,7 @@ from pipeline.resilience.fleet import FleetState
 from pipeline.resilience.stack import ResilientClient
 from pipeline.runtime.fleet import FleetLink
 from pipeline.transport.clients import KafkaClients
+from tests.support import until
 
 pytestmark = [pytest.mark.kafka]
 
@@ -60,15 +61,6 @@ async def member(settings: Settings, name: str) -> AsyncIterator[Member]:
         stop.set()
         await task
         await client.aclose()
-
-
-async def until(condition, what: str, timeout_s: float = 30.0) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until ``condition()`` held (polled every 5 ms); fail naming ``what``."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"not within {timeout_s}s: {what}"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
 
 
 def _settings(kafka_settings: Settings, url: str, **overrides: object) -> Settings:

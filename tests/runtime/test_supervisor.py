@@ -107,7 +107,12 @@ def test_a_configuration_error_stops_every_child_with_its_code(tmp_path: Path) -
         "import os, sys, time, pathlib\n"
         f"pathlib.Path({str(marker)!r} + os.environ['LLMPIPE_GROUP_INSTANCE_ID']).touch()\n"
         "if os.environ['LLMPIPE_GROUP_INSTANCE_ID'].endswith('-0'):\n"
-        "    time.sleep(0.5); sys.exit(2)\n"
+        # Child 0 fails once child 1 has started (its marker exists), at most 60 s on.
+        "    deadline = time.monotonic() + 60\n"
+        f"    while not pathlib.Path({str(marker)!r} + 'w-1').exists():\n"
+        "        assert time.monotonic() < deadline, 'child 1 never started'\n"
+        "        time.sleep(0.01)\n"
+        "    sys.exit(2)\n"
         "time.sleep(600)\n"
     )
     supervisor = Supervisor(
