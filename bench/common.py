@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
-from pipeline.harness.environment import create_topics, worker_environment
+from pipeline.harness.environment import create_topics, stop_process, worker_environment
 from pipeline.transport.clients import KafkaClients
 from pipeline.transport.topics import load_specs
 
@@ -411,15 +411,9 @@ class Proc:
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait (the worker drains and commits), SIGKILL if it will not stop."""
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        code = stop_process(self.popen, timeout_s)
         self._log.close()
-        return int(self.popen.returncode)
+        return code
 
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from bench.common import free_port
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.harness.scenarios import mixed_requests
@@ -91,15 +91,9 @@ def steady_rate(timestamps_ms: list[int]) -> float:
     return (len(ordered) * 8 / 10) / max((high - low) / 1000, 1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def fake_model() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.harness.fakellm", "--port", str(port)],
         stdout=subprocess.DEVNULL,

@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.common import free_port
 
 BIN_ENV = "LLMPIPE_POSTGRES_BIN"
 """A directory with ``initdb`` and ``postgres``, instead of the newest /usr/lib/postgresql."""
@@ -45,12 +46,6 @@ def postgres_bin() -> Path:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PostgresServer:
     """One cluster in its own directory; :meth:`stop` and :meth:`start` keep the data and port."""
 
@@ -59,7 +54,7 @@ class PostgresServer:
         self.root = Path(root or tempfile.mkdtemp(prefix="llmpipe-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._user: dict[str, Any] = {}
         if os.geteuid() == 0:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 from pipeline.config import Settings
-from pipeline.harness.environment import worker_environment
+from pipeline.harness.environment import stop_process, worker_environment
 from pipeline.runtime.worker import Worker
 from pipeline.transport.batch import BULK_TIMEOUT_S, Message, produce_batch
 
@@ -108,10 +108,4 @@ def worker_process(
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)

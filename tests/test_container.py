@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.common import free_port
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.observability import endpoints
 from pipeline.observability.endpoints import EndpointServer, Verdict
@@ -117,10 +117,7 @@ def test_the_healthcheck_passes_on_a_live_loop_and_fails_otherwise(
     assert run_healthcheck(endpoint_server.port) == 0
     endpoints.set_checks(liveness=lambda: Verdict(False, {"reason": "wedged"}))
     assert run_healthcheck(endpoint_server.port) != 0
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        nobody = unused.getsockname()[1]
-    assert run_healthcheck(nobody) != 0
+    assert run_healthcheck(free_port()) != 0  # nothing listens there
 
 
 def test_compose_health_checks_match_each_service() -> None:

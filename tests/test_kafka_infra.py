@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from bench.chaos import free_broker_port
 from pipeline.config import REPO_ROOT
 
 pytestmark = pytest.mark.kafka
@@ -93,21 +94,6 @@ def test_round_trip_through_broker() -> None:
 WITH_BROKER = REPO_ROOT / "infra" / "kafka" / "with-broker.sh"
 
 
-def _free_port_pair() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return int(port)
-    raise AssertionError("no two free adjacent ports")
-
-
 def test_make_test_wrapper_leaves_a_running_broker_alone() -> None:
     """`make test` runs through with-broker.sh: the shared broker must still run after."""
     inside = subprocess.run(
@@ -119,7 +105,7 @@ def test_make_test_wrapper_leaves_a_running_broker_alone() -> None:
 
 def test_make_test_wrapper_stops_the_broker_it_started(tmp_path: os.PathLike[str]) -> None:
     """Its own port and data dir: the shared broker is never touched."""
-    port = _free_port_pair()
+    port = free_broker_port()
     env = {
         **os.environ,
         "LLMPIPE_KAFKA_PORT": str(port),

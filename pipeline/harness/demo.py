@@ -26,6 +26,7 @@ from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Request, Result
+from pipeline.harness.environment import stop_process
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import (
@@ -238,15 +239,8 @@ def _start_worker(
         [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log, stderr=log
     )
 
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
     if not keep:
-        stack.callback(stop)
+        stack.callback(stop_process, process)
     return process
 
 

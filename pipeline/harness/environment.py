@@ -1,11 +1,14 @@
 """What tests, benchmarks and the demo need to stand up a pipeline on a broker: its
-topics, and the environment a worker process gets. One copy, so ``tests/`` and ``bench/``
-cannot drift apart on, say, which settings a worker subprocess inherits."""
+topics, the environment a worker process gets, and how such a process is stopped. One
+copy, so ``tests/`` and ``bench/`` cannot drift apart on, say, which settings a worker
+subprocess inherits."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -38,6 +41,18 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     # more: a SIGKILL must be one worker's crash, and CPU is measured per process.
     environment[f"{prefix}WORKER_PROCESSES"] = str(settings.worker_processes or 1)
     return environment
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 30.0) -> int:
+    """SIGTERM and wait (a worker drains and commits), SIGKILL if it will not stop in
+    ``timeout_s``; the exit code (negative: the signal that ended it)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 def _environment_value(value: object) -> str:

@@ -11,7 +11,6 @@ default: the new schema must read data written with the latest one.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from confluent_kafka.schema_registry._sync.mock_schema_registry_client import (
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from bench.common import free_port
 from pipeline.config import Settings
 from pipeline.contract.codec import (
     CONFLUENT_AVRO,
@@ -316,9 +316,7 @@ def test_an_unknown_schema_id_is_a_decode_error_and_an_unreachable_registry_is_n
     unknown = frame[:1] + (10_000).to_bytes(4, "big") + frame[5:]
     with pytest.raises(DecodeError, match="schema id 10000 is not in the Schema Registry"):
         confluent(client).decode(unknown, Result)
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # a port nothing listens on
     unreachable = Settings(
         schema_registry_url=f"http://127.0.0.1:{closed}", output_format="confluent"
     )

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 
+from bench.common import free_port
 from pipeline.config import Settings
 from pipeline.contract.decisions import Emit
 from pipeline.contract.envelopes import ControlEvent
@@ -78,10 +78,7 @@ def req(content: str, model: str = "fake-model") -> ChatRequest:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 async def test_429_storm_is_retried_after_the_servers_retry_after(fake: FakeLLMServer) -> None:

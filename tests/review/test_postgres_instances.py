@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -27,9 +26,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from bench.common import free_port
 from pipeline.config import Settings
 from pipeline.contract.envelopes import Result, ReviewDecision
-from pipeline.harness.environment import worker_environment
+from pipeline.harness.environment import stop_process, worker_environment
 from pipeline.review.auth import UsersFile
 from pipeline.review.kafka_io import read_to_end
 from tests.postgres import PostgresServer, postgres_server
@@ -62,9 +62,7 @@ class Instance:
 
 @contextmanager
 def review_instance(env: dict[str, str], log: Path) -> Iterator[Instance]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "pipeline.review.cli", "serve", "--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -72,12 +70,7 @@ def review_instance(env: dict[str, str], log: Path) -> Iterator[Instance]:
     try:
         yield instance
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -14,10 +13,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from bench.common import free_port
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Correction, ReviewAction, ReviewDecision
-from pipeline.harness.environment import worker_environment
+from pipeline.harness.environment import stop_process, worker_environment
 from pipeline.review.auth import UsersFile
 from pipeline.review.cli import review_app
 from pipeline.review.model import decision_id_for
@@ -162,9 +162,7 @@ def test_serve_runs_and_refuses_to_start_without_reviewers(
     assert refused.returncode == 2 and "no reviewers" in refused.stderr
 
     UsersFile(users).add("alice", "a long enough password", log_n=10)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [*command, "--port", str(port)],
         env=env,
@@ -184,9 +182,4 @@ def test_serve_runs_and_refuses_to_start_without_reviewers(
         login = httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
         assert login.status_code == 200 and "csrf_token" in login.text
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 
 from bench.chaos import free_broker_port
+from bench.common import free_port
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract.envelopes import Result
 from pipeline.harness.environment import create_topics, worker_environment
@@ -48,12 +48,6 @@ pytestmark = pytest.mark.kafka
 
 KAFKA_SCRIPT = REPO_ROOT / "infra" / "kafka" / "kafka.sh"
 USER, PASSWORD = "llmpipe-app", "scram-secret-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -106,7 +100,7 @@ class SecureBroker:
 def broker() -> Iterator[SecureBroker]:
     port = free_broker_port()
     assert port != 9092
-    ssl_port, sasl_port = _free_port(), _free_port()
+    ssl_port, sasl_port = free_port(), free_port()
     work = Path(tempfile.mkdtemp(prefix=f"llmpipe-secure-kafka-{port}-"))
     pki = make_pki(work / "pki")
     oidc = ExitStack()
