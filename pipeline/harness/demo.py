@@ -26,7 +26,7 @@ from pipeline.config import REPO_ROOT, Settings
 from pipeline.contract import topology
 from pipeline.contract.codec import Codec
 from pipeline.contract.envelopes import Request, Result
-from pipeline.harness.environment import stop_process
+from pipeline.harness.environment import stop_process, worker_environment
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import (
@@ -227,11 +227,10 @@ def _start_worker(
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
-        "LLMPIPE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "LLMPIPE_TOPIC_PREFIX": settings.topic_prefix,
-        "LLMPIPE_MODEL_BASE_URL": settings.model_base_url,
-        "LLMPIPE_MODEL_TIMEOUT_S": str(settings.model_timeout_s),
-        **{f"LLMPIPE_{k.upper()}": str(v) for k, v in overrides.items()},
+        **worker_environment(settings.model_copy(update=dict(overrides))),
+        # The demo's worker runs the way an operator's does: as many processes as the
+        # settings ask for (0: one per core), not the tests' one.
+        "LLMPIPE_WORKER_PROCESSES": str(settings.worker_processes),
     }
     log = open(REPO_ROOT / "demo-worker.log", "wb")  # noqa: SIM115 - closed by the stack
     stack.callback(log.close)
