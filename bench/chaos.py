@@ -58,12 +58,12 @@ from bench.common import (
     Report,
     TopicCounter,
     base_args,
-    delete_topics,
     finish,
     free_port,
     new_settings,
     stage_groups,
     table,
+    topics_of,
     wait_groups_stable,
     wait_until,
 )
@@ -72,7 +72,6 @@ from pipeline.config import Settings
 from pipeline.contract import topology
 from pipeline.harness.commits import CommitSnapshot, group_commits, read_index
 from pipeline.harness.commits import snapshot as commit_snapshot
-from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.harness.fakellm.server import CallTally
 from pipeline.harness.ledger import (
@@ -594,16 +593,6 @@ def _ledger(
     )
 
 
-@contextlib.contextmanager
-def _topics(settings: Settings, keep: bool = False) -> Iterator[Settings]:
-    create_topics(settings)
-    try:
-        yield settings
-    finally:
-        if not keep:
-            delete_topics(settings)
-
-
 # -- the broker -----------------------------------------------------------------------------
 
 
@@ -710,7 +699,7 @@ def baseline_calls(
         settings = new_settings(
             bootstrap, model_base_url=fake.url, model_timeout_s=model_timeout_s, max_in_flight=64
         )
-        with _topics(settings):
+        with topics_of(settings):
             worker = _worker(settings, "baseline", delivery_env(mode))
             try:
                 _produce(settings, planned)
@@ -1045,7 +1034,7 @@ def kill_run(
                 model_timeout_s=model_timeout_s,
                 max_in_flight=64,
             )
-            stack.enter_context(_topics(settings))
+            stack.enter_context(topics_of(settings))
             static = {"LLMPIPE_GROUP_INSTANCE_ID": f"{settings.topic_prefix}w"}
             env = delivery_env(mode, static if static_membership else None)
             lanes.append(Lane(mode, fake, settings, planned, env))
@@ -1174,7 +1163,7 @@ def scaling(
             bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=max_in_flight
         )
         groups = stage_groups(settings)
-        with _topics(settings):
+        with topics_of(settings):
             procs = {"a": _worker(settings, "scale-a", env)}
             try:
                 wait_groups_stable(settings, groups, 1, clock.left(GROUP_TIMEOUT_S))
@@ -1275,7 +1264,7 @@ def fencing(
             bootstrap, model_base_url=fake.url, model_timeout_s=10.0, max_in_flight=64
         )
         groups = stage_groups(settings)
-        with _topics(settings):
+        with topics_of(settings):
             zombie = _worker(settings, "zombie", env)
             replacement: Proc | None = None
             try:
@@ -1377,7 +1366,7 @@ def model_server_restart(
         settings = new_settings(
             bootstrap, model_base_url=fake.url, model_timeout_s=5.0, max_in_flight=64
         )
-        with _topics(settings):
+        with topics_of(settings):
             worker = _worker(settings, "chaos-model", env)
             try:
                 wait_groups_stable(settings, stage_groups(settings), 1, clock.left(GROUP_TIMEOUT_S))

@@ -161,15 +161,21 @@ def delete_topics(settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def fresh_topics(bootstrap: str, keep: bool = False, **overrides: Any) -> Iterator[Settings]:
-    """Create all declared topics under a new prefix; delete them afterwards."""
-    settings = new_settings(bootstrap, **overrides)
+def topics_of(settings: Settings, keep: bool = False) -> Iterator[Settings]:
+    """Create all declared topics under the settings' prefix; delete them afterwards."""
     create_topics(settings)
     try:
         yield settings
     finally:
         if not keep:
             delete_topics(settings)
+
+
+@contextlib.contextmanager
+def fresh_topics(bootstrap: str, keep: bool = False, **overrides: Any) -> Iterator[Settings]:
+    """Create all declared topics under a new prefix; delete them afterwards."""
+    with topics_of(new_settings(bootstrap, **overrides), keep) as settings:
+        yield settings
 
 
 def end_offsets(consumer: Consumer, topic: str) -> int:
@@ -796,3 +802,9 @@ def base_args(description: str) -> Any:
         help="Kafka bootstrap servers (default: LLMPIPE_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
     )
     return parser
+
+
+def run_main(doc: str | None, run: Callable[[bool, str], object]) -> None:
+    """The entry point of a benchmark with no flags of its own: ``run(quick, bootstrap)``."""
+    args = base_args((doc or "").splitlines()[0]).parse_args()
+    run(args.quick, args.bootstrap)

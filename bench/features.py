@@ -19,7 +19,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import FakeLLMProcess, Report, base_args, finish, plot_bars, table
+from bench.common import FakeLLMProcess, Report, finish, plot_bars, run_main, table
 from bench.runs import Run, measure_pipeline, median_run, valid_requests
 
 VARIANTS: dict[str, dict[str, str]] = {
@@ -129,8 +129,7 @@ def _cpu(run: Run) -> float:
 
 
 def main() -> None:
-    args = base_args(__doc__.splitlines()[0]).parse_args()
-    run(args.quick, args.bootstrap)
+    run_main(__doc__, run)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import replace
 
-from bench.common import FakeLLMProcess, Proc, Report, base_args, finish, plot_lines, table
+from bench.common import FakeLLMProcess, Proc, Report, finish, plot_lines, run_main, table
 from bench.runs import Run, measure_pipeline, valid_requests
 from pipeline.config import Settings
 from pipeline.contract.codec import Codec
@@ -170,8 +170,7 @@ def run(quick: bool, bootstrap: str) -> Report:
 
 
 def main() -> None:
-    args = base_args(__doc__.splitlines()[0]).parse_args()
-    run(args.quick, args.bootstrap)
+    run_main(__doc__, run)
 
 
 if __name__ == "__main__":

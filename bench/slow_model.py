@@ -28,9 +28,9 @@ from bench.common import (
     LoopDemand,
     Proc,
     Report,
-    base_args,
     finish,
     plot_lines,
+    run_main,
     table,
 )
 from bench.runs import Run, measure_pipeline, valid_requests
@@ -264,8 +264,7 @@ def explain(rows: list[dict[str, Any]], ceiling: Run, cores: int) -> list[str]:
 
 
 def main() -> None:
-    args = base_args(__doc__.splitlines()[0]).parse_args()
-    run(args.quick, args.bootstrap)
+    run_main(__doc__, run)
 
 
 if __name__ == "__main__":
