@@ -876,7 +876,7 @@ def _outage(
     """Stop the broker for ``outage_s``, start it again, wait for every lane to commit.
 
     The lanes' workers arrive frozen (busy, see :func:`_freeze_when_busy`): their commits
-    are read, they are resumed and the broker is stopped. What was at risk in a lane: every
+    are read, the broker is stopped and they are resumed. What was at risk in a lane: every
     call of the epoch whose stage input those commits did not cover, including calls made
     while the broker was away (none could commit). Each worker's log lines from the stop
     until its commits resume are counted: an outage must cost a few lines, not one per
@@ -902,11 +902,15 @@ def _outage(
                 len(_log_lines(lane.worker)),
             )
         )
-    for lane in lanes:  # commits read while frozen: nothing moved meanwhile
-        assert lane.worker is not None
-        os.kill(lane.worker.pid, signal.SIGCONT)
+    # The broker goes down while the workers are still frozen, so nothing they finish
+    # after the snapshot above can reach it before the outage: resumed first, a worker
+    # delivered outputs (at least once: as soon as decided) while the broker was stopping,
+    # and their redo after the outage was a duplicate no snapshot had seen at risk.
     t_down = time.monotonic()
     broker.down()
+    for lane in lanes:
+        assert lane.worker is not None
+        os.kill(lane.worker.pid, signal.SIGCONT)
     clock.log(f"broker stopped ({[sum(b[2].values()) for b in before]} model calls in flight)")
     # The outage is the scenario's subject: it lasts outage_s however fast the JVM stops.
     wait_until(lambda: time.monotonic() - t_down >= outage_s, outage_s + 5, "the outage")
