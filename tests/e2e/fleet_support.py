@@ -110,11 +110,22 @@ def wait_for(
         time.sleep(0.05)
 
 
+DESCRIBE_ATTEMPTS = 3
+
+
 def assignment(settings: Settings, stage: str) -> dict[int, str]:
     """Partition of the stage's input topic -> member id of its consumer group, now."""
     admin = AdminClient(settings.kafka_client_config())
     group = settings.group(stage)
-    described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    # A describe can go unanswered while the group rebalances on a loaded machine (seen in
+    # CI: one 10 s timeout inside a 120 s wait): ask again, up to DESCRIBE_ATTEMPTS times.
+    for attempt in range(1, DESCRIBE_ATTEMPTS + 1):
+        try:
+            described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            break
+        except TimeoutError:
+            if attempt == DESCRIBE_ATTEMPTS:
+                raise
     topic = settings.topic(topology.STAGES[stage].input_topic)
     return {
         tp.partition: member.member_id
