@@ -361,35 +361,27 @@ class ChaosOutcome:
         ledger: Ledger,
         events: list[str],
         reasons: bool = True,
-        late_timeout_ms: float | None = None,
+        under_way_at_freeze: set[str] | None = None,
     ) -> ChaosOutcome:
         """``reasons=False`` checks outcomes only (breakers may change a model reason).
 
-        ``late_timeout_ms``: a sighting on its expected outcome whose reason differs only
-        because one of its model calls timed out after longer than this is not off
-        route: its client's timer fired late because the worker was stopped (SIGSTOP,
-        to count what was in flight before the broker outage, which it lives through)
-        while the call was in flight; the attempts' kinds then differ and the fallback
-        reason becomes ``model_unavailable``. Such sightings are counted in
-        ``details["late_timeout_reasons"]``."""
+        ``under_way_at_freeze``: requests whose model work was under way while a worker
+        that lived on was stopped (SIGSTOP, to count what was in flight before the broker
+        outage). Time ran on while it was stopped: a call in flight timed out late on its
+        client, or a retry found its time budget spent, so the model attempts' kinds
+        differ and the fallback reason can become ``model_unavailable``. A sighting of
+        such a request on its expected outcome with another reason is not off route; it
+        is counted in ``details["reasons_changed_by_freeze"]``. Any other change of
+        reason, and any change of outcome, stays off route."""
         expected = {p.request_id: (p.expected, p.expected_reason) for p in planned}
         wrong = ledger.wrong_routes(expected, reasons)
-        late: dict[str, list[str]] = {}
-        if late_timeout_ms is not None:
-            for rid in list(wrong):
-                off = [
-                    s for s in ledger.seen.get(rid, []) if (s.outcome, s.reason) != expected[rid]
-                ]
-                if all(
-                    s.outcome == expected[rid][0]
-                    and s.result is not None
-                    and any(
-                        c.outcome == "timeout" and c.latency_ms > late_timeout_ms
-                        for c in s.result.calls
-                    )
-                    for s in off
-                ):
-                    late[rid] = wrong.pop(rid)
+        excused = {
+            rid
+            for rid in wrong.keys() & (under_way_at_freeze or set())
+            if all(s.outcome == expected[rid][0] for s in ledger.seen.get(rid, []))
+        }
+        for rid in excused:
+            del wrong[rid]
         summary = ledger.summary()
         outcome = cls(
             name=name,
@@ -408,8 +400,8 @@ class ChaosOutcome:
             f"{p.fault}->{','.join(wrong[p.request_id])}" for p in planned if p.request_id in wrong
         )
         outcome.details["wrong_route_by_fault"] = dict(by_fault.most_common(10))
-        if late:
-            outcome.details["late_timeout_reasons"] = len(late)
+        if excused:
+            outcome.details["reasons_changed_by_freeze"] = len(excused)
         if ledger.two_places:
             outcome.details["two_places_e.g."] = {
                 rid: sorted(t) for rid, t in list(ledger.two_places.items())[:5]
@@ -681,9 +673,6 @@ def own_broker(port: int | None = None, data: str | None = None) -> Iterator[Own
 # a partition for timeout x attempts, the case that made every kill re-pay everything
 # finished above it), at a rate that keeps some hang in flight at most faults.
 KILL_WEIGHTS = {**DEFAULT_WEIGHTS, "hang": 3.0}
-# A model call that "timed out" after this many times its timeout was not slow at the
-# server (the fake answers in LATENCY): its worker was frozen while it was in flight.
-LATE_TIMEOUT_FACTOR = 1.5
 MODES = ("exactly_once", "at_least_once")
 
 
@@ -730,6 +719,10 @@ class Lane:
     epoch_started_ms: int = 0
     faults: list[Fault] = field(default_factory=list)
     started_workers: int = 0
+    # (in flight, calls, epoch start) at each freeze its worker lived through (the outage's)
+    resumed_freezes: list[tuple[dict[str, int], RequestCalls, RequestCalls]] = field(
+        default_factory=list
+    )
 
     def start_worker(self, clock: Clock) -> Proc:
         self.worker = _worker(self.settings, f"chaos-{self.mode}-{self.started_workers}", self.env)
@@ -740,6 +733,24 @@ class Lane:
     def new_epoch(self) -> None:
         self.epoch_start = self.fake.server.request_calls()
         self.epoch_started_ms = int(time.time() * 1000)
+
+    def under_way_at_resumed_freezes(self, baseline: RequestCalls | None) -> set[str]:
+        """Requests whose model work a freeze the worker lived through caught half done:
+        a call in flight, or (with the fault-free ``baseline``) some but not all of the
+        request's calls started in that epoch (a retry waiting for its next attempt)."""
+        under_way: set[str] = set()
+        for in_flight, calls, epoch_start in self.resumed_freezes:
+            under_way.update(rid for rid, n in in_flight.items() if n > 0)
+            if baseline is None:
+                continue
+            for rid, kinds in calls.items():
+                before = epoch_start.get(rid, {})
+                started = sum(
+                    t.started - (before.get(k) or CallTally()).started for k, t in kinds.items()
+                )
+                if 0 < started < sum(t.started for t in baseline.get(rid, {}).values()):
+                    under_way.add(rid)
+        return under_way
 
     def ended_this_epoch(self) -> int:
         now = self.fake.server.request_calls()
@@ -892,8 +903,9 @@ def _outage(
     while the scenario waited for 100 calls done and 60 in flight).
     """
     before = []
-    for lane, (in_flight, _) in zip(lanes, frozen, strict=True):
+    for lane, (in_flight, calls) in zip(lanes, frozen, strict=True):
         assert lane.worker is not None
+        lane.resumed_freezes.append((in_flight, calls, lane.epoch_start))
         before.append(
             (
                 commit_snapshot(lane.settings),
@@ -1091,17 +1103,17 @@ def kill_run(
                 clock.log(
                     f"[{lane.mode}] ledger " + ("complete" if not ledger.missing else "timed out")
                 )
+                if calls_without_faults is None and baseline is not None:
+                    calls_without_faults = baseline()
                 outcome = ChaosOutcome.from_ledger(
                     "kill_run",
                     lane.mode,
                     planned,
                     ledger,
                     clock.events,
-                    late_timeout_ms=LATE_TIMEOUT_FACTOR * model_timeout_s * 1000,
+                    under_way_at_freeze=lane.under_way_at_resumed_freezes(calls_without_faults),
                 )
                 outcome.faults = lane.faults
-                if calls_without_faults is None and baseline is not None:
-                    calls_without_faults = baseline()
                 outcome.account(ledger, lane.fake.server.request_calls(), calls_without_faults)
                 outcome.details.update(
                     {

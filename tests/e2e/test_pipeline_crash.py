@@ -114,9 +114,10 @@ def faults(
 def _check_ledger(outcome: chaos.ChaosOutcome) -> None:
     """Both modes: nothing lost; a redo takes the same route (the fake model answers a
     request the same way every time), so a copy elsewhere would be a bug in any mode. The
-    one exception is reported, not excused silently: a call in flight while the worker
-    was frozen before the outage times out late on its client, which can change a
-    fallback's reason, never its route (``late_timeout_reasons``)."""
+    one exception is reported, not excused silently: a request whose model work was half
+    done while the worker was frozen before the outage (a call in flight times out late;
+    a retry finds its time budget spent) can change its fallback's reason, never its
+    outcome (``reasons_changed_by_freeze``)."""
     why = outcome.explain()
     assert outcome.missing == 0, why
     assert outcome.wrong_route == 0, why
