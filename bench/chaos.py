@@ -700,6 +700,27 @@ def baseline_calls(
         return fake.server.request_calls()
 
 
+def half_done(
+    in_flight: Mapping[str, int],
+    calls: RequestCalls,
+    epoch_start: RequestCalls,
+    baseline: RequestCalls | None,
+) -> set[str]:
+    """Requests whose model work a freeze caught half done: a call in flight, or (given the
+    fault-free ``baseline``) some but not all of the request's calls started in the epoch
+    (a retry waiting for its next attempt). ``calls`` and ``epoch_start``: the server's
+    calls at the freeze and at the start of the worker's epoch."""
+    under_way = {rid for rid, n in in_flight.items() if n > 0}
+    if baseline is None:
+        return under_way
+    for rid, kinds in calls.items():
+        before = epoch_start.get(rid, {})
+        started = sum(t.started - (before.get(k) or CallTally()).started for k, t in kinds.items())
+        if 0 < started < sum(t.started for t in baseline.get(rid, {}).values()):
+            under_way.add(rid)
+    return under_way
+
+
 @dataclass
 class Lane:
     """One pipeline of a kill run: its own fake model, topics, worker and faults.
@@ -735,22 +756,8 @@ class Lane:
         self.epoch_started_ms = int(time.time() * 1000)
 
     def under_way_at_resumed_freezes(self, baseline: RequestCalls | None) -> set[str]:
-        """Requests whose model work a freeze the worker lived through caught half done:
-        a call in flight, or (with the fault-free ``baseline``) some but not all of the
-        request's calls started in that epoch (a retry waiting for its next attempt)."""
-        under_way: set[str] = set()
-        for in_flight, calls, epoch_start in self.resumed_freezes:
-            under_way.update(rid for rid, n in in_flight.items() if n > 0)
-            if baseline is None:
-                continue
-            for rid, kinds in calls.items():
-                before = epoch_start.get(rid, {})
-                started = sum(
-                    t.started - (before.get(k) or CallTally()).started for k, t in kinds.items()
-                )
-                if 0 < started < sum(t.started for t in baseline.get(rid, {}).values()):
-                    under_way.add(rid)
-        return under_way
+        """:func:`half_done` at every freeze the worker lived through."""
+        return set().union(*(half_done(*freeze, baseline) for freeze in self.resumed_freezes))
 
     def ended_this_epoch(self) -> int:
         now = self.fake.server.request_calls()

@@ -1,0 +1,53 @@
+"""The crash scenario's one excuse, without a broker: a request whose model work a freeze
+caught half done may change its reason on its expected outcome; nothing else may."""
+
+from __future__ import annotations
+
+from bench import chaos
+from pipeline.harness.fakellm.server import CallTally
+from pipeline.harness.ledger import Ledger, Sighting
+from pipeline.harness.scenarios import PlannedRequest
+
+
+def _planned(rid: str, fault: str) -> PlannedRequest:
+    return PlannedRequest(rid, rid.encode(), b"", [], fault)
+
+
+def _review(reason: str) -> Sighting:
+    return Sighting("llm.review", "review", reason, b"", {})
+
+
+def _calls(started: int) -> dict[str, CallTally]:
+    return {"chat": CallTally(started=started, ended=started)}
+
+
+def test_half_done_is_in_flight_or_some_but_not_all_of_the_epochs_calls() -> None:
+    baseline = {"retrying": _calls(3), "done": _calls(3), "redone": _calls(1), "idle": _calls(1)}
+    at_freeze = {"retrying": _calls(2), "done": _calls(3), "redone": _calls(2), "idle": _calls(1)}
+    epoch_start = {"redone": _calls(1), "idle": _calls(1)}  # "idle" made no call this epoch
+    in_flight = {"hanging": 1, "answered": 0}
+
+    assert chaos.half_done(in_flight, at_freeze, epoch_start, baseline) == {"retrying", "hanging"}
+    assert chaos.half_done(in_flight, at_freeze, epoch_start, None) == {"hanging"}
+
+
+def test_only_a_changed_reason_on_the_expected_outcome_of_a_half_done_request_is_excused() -> None:
+    planned = [_planned(rid, "hedge") for rid in ("half", "moved", "other", "fine")]
+    ledger = Ledger({p.request_id for p in planned})
+    ledger.seen = {
+        "half": [_review("invalid_output")],  # reason changed, half done: excused
+        "moved": [Sighting("llm.dlq", "dead_letter", "low_confidence", b"", {})],  # outcome
+        "other": [_review("invalid_output")],  # reason changed, not half done
+        "fine": [_review("low_confidence")],
+    }
+
+    outcome = chaos.ChaosOutcome.from_ledger(
+        "kill_run", "at_least_once", planned, ledger, [], under_way_at_freeze={"half", "moved"}
+    )
+
+    assert outcome.wrong_route == 2
+    assert outcome.details["wrong_route_by_fault"] == {
+        "hedge->dead_letter/low_confidence": 1,
+        "hedge->review/invalid_output": 1,
+    }
+    assert outcome.details["reasons_changed_by_freeze"] == 1
