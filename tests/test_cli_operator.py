@@ -23,8 +23,8 @@ from pipeline.config import Settings
 from pipeline.contract import topology
 
 UNREACHABLE = "127.0.0.1:1"
-# The command's own bound is LLMPIPE_CLI_TIMEOUT_S (3 s here) plus start-up; far below this.
-BOUND_S = 30.0
+# The command's own bound is LLMPIPE_CLI_TIMEOUT_S (3 s here) plus start-up; 5x below this.
+BOUND_S = 15.0
 
 
 def llmpipe(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str, float]:
@@ -37,6 +37,16 @@ def llmpipe(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str,
         env={**os.environ, "LLMPIPE_CLI_TIMEOUT_S": "3", **(env or {})},
     )
     return result.returncode, result.stdout, result.stderr, time.monotonic() - started
+
+
+def assert_fast(args: tuple[str, ...], took: float) -> None:
+    """``took`` (start-up included) is under BOUND_S, or, on a machine so loaded that
+    start-up alone is slow, what it took beyond the same command's ``--help`` is: the
+    bound catches waits on the broker, not the shared machine's Python imports."""
+    if took < BOUND_S:
+        return
+    startup = llmpipe(*args[:1], "--help")[3]
+    assert took - startup < BOUND_S, f"{args} took {took:.1f} s, its --help {startup:.1f} s"
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -79,7 +89,7 @@ def test_writes_to_an_unreachable_broker_fail_fast_in_one_line(args: tuple[str, 
     assert code == 1, (out, err)
     line = _one_line(err)
     assert "LLMPIPE_BOOTSTRAP_SERVERS" in line and UNREACHABLE in line, line
-    assert took < BOUND_S, f"{args} took {took:.1f} s"
+    assert_fast(args, took)
 
 
 READS = [
@@ -116,7 +126,7 @@ def test_reads_from_an_unreachable_broker_fail_fast_in_one_line(args: tuple[str,
     # client's own metadata timeout (dlq replay used to wait a fixed 10 s, 14 s in all).
     assert "within 3 s" in line, line
     assert "%3|" not in out + err
-    assert took < BOUND_S, f"{args} took {took:.1f} s"
+    assert_fast(args, took)
 
 
 def test_failed_flag_write_exits_1_and_the_flag_is_not_set(kafka_settings: Settings) -> None:
@@ -130,7 +140,7 @@ def test_failed_flag_write_exits_1_and_the_flag_is_not_set(kafka_settings: Setti
     line = _one_line(err)
     assert f"{wrong}{topology.CONTROL} does not exist" in line and "LLMPIPE_TOPIC_PREFIX" in line
     assert "model_calls_enabled = false" not in out
-    assert took < BOUND_S
+    assert_fast(("flags",), took)
     # Nothing was created under the wrong prefix, and the real control topic has no such event.
     admin = AdminClient(kafka_settings.kafka_client_config())
     assert f"{wrong}{topology.CONTROL}" not in admin.list_topics(timeout=30).topics
@@ -193,7 +203,7 @@ def test_unknown_names_and_usage_errors_exit_2_in_one_line_before_any_write(
     assert fragment in line, line
     if suggestion:
         assert suggestion in line, line
-    assert took < BOUND_S
+    assert_fast(args, took)
 
 
 # Every other command taking a prompt, version, flag, scope, stage, topic or reason name.
