@@ -1,11 +1,12 @@
 """The model client alone: how many chat calls per second can one Python process make?
 
-The pipeline's own :class:`OpenAIChatClient` (aiohttp + orjson) sends the exact request
-the model stage sends, ``concurrency`` at a time, to the fake model answering instantly,
-with no Kafka at all. Against the same server: a minimal keep-alive HTTP/1.1 client on
-raw asyncio streams (what the server and the loopback can do, so the gap is the client's
-cost), a plain ``httpx.AsyncClient`` (the library the pipeline client used before) and
-the official ``openai`` SDK (what the peer in :mod:`bench.peer` uses).
+The pipeline's own :class:`OpenAIChatClient` (its HTTP/1.1 pool on httptools, orjson)
+sends the exact request the model stage sends, ``concurrency`` at a time, to the fake
+model answering instantly, with no Kafka at all. Against the same server: a minimal
+keep-alive HTTP/1.1 client on raw asyncio streams (what the server and the loopback can
+do, so the gap is the client's cost), a plain ``httpx.AsyncClient`` (the library the
+pipeline client used first) and the official ``openai`` SDK (what the peer in
+:mod:`bench.peer` uses).
 
 Run as ``python -m bench.httpclient --url http://127.0.0.1:PORT/v1`` (one JSON line out).
 """

@@ -6,9 +6,9 @@ HTTP call, parsing and checks, Avro, tracing and offset bookkeeping. The baselin
 measured in the same run on the same broker (the machine is shared and noisy), so the
 ratios are what to read, not the absolute rates.
 
-Second part, "what limits it": the worker is CPU-bound on one core (see ``cores``), and
-the profile puts most of that in the HTTP client. ``bench.httpclient`` measures the model
-client alone, with no Kafka, against a raw asyncio client on the same server.
+Second part, "what limits it": the worker is CPU-bound on one core (see ``cores``).
+``bench.httpclient`` measures the model client's share alone, with no Kafka, against a raw
+asyncio client on the same server.
 
     python -m bench.overhead [--quick] [--profile]
 """
@@ -35,13 +35,13 @@ from bench.runs import Run, measure_pipeline, measure_relay, median_run, valid_r
 
 
 def client_alone(fake: FakeLLMProcess, requests: int, repeats: int) -> list[dict[str, Any]]:
-    """The model client without Kafka: the pipeline's client (aiohttp) vs raw asyncio
+    """The model client without Kafka: the pipeline's client (its own pool) vs raw asyncio
     streams, plain httpx (its library before) and the official openai SDK."""
     variants: list[tuple[str, list[str]]] = [
         ("raw asyncio HTTP/1.1, 64 connections", ["--client", "raw"]),
-        ("pipeline client (aiohttp), pool 128", ["--pool", "128"]),
+        ("pipeline client (own HTTP/1.1 pool), pool 128", ["--pool", "128"]),
         (
-            "pipeline client (aiohttp), pool 16, 16 in flight",
+            "pipeline client (own HTTP/1.1 pool), pool 16, 16 in flight",
             ["--pool", "16", "--concurrency", "16"],
         ),
         ("plain httpx.AsyncClient, pool 128 (the client's library before)", ["--client", "httpx"]),
@@ -237,11 +237,12 @@ def explain(results: dict[str, Any]) -> list[str]:
         f"2 cores. So the limit is the worker's {results['worker_cpu_ms_per_request']} ms of "
         "CPU per request, not Kafka and not the model (`--processes` uses more cores: "
         "bench.scaleout).",
-        f"The model client alone: the pipeline's client (aiohttp) "
-        f"{ours['cpu_ms_per_call']:.2f} ms CPU per call, plain httpx "
+        f"The model client alone: the pipeline's client (its own HTTP/1.1 pool on httptools) "
+        f"{ours['cpu_ms_per_call']:.3f} ms CPU per call, plain httpx "
         f"{httpx_row['cpu_ms_per_call']:.2f} ms, the openai SDK {sdk['cpu_ms_per_call']:.2f} "
-        f"ms, a raw asyncio keep-alive loop {raw['cpu_ms_per_call']:.2f} ms against the same "
-        "server: what is left of the call's cost is aiohttp's request machinery.",
+        f"ms, a raw asyncio keep-alive loop {raw['cpu_ms_per_call']:.3f} ms against the same "
+        "server: the gap to raw is building the request from the prompt's fields, reading "
+        "the answer's logprobs into a ChatCompletion and the per-call timeout.",
         "The rest, per the profile (bench/out/overhead-profile.txt): the stages' own work "
         "(content rules and the personal-data scan, prompt rendering once per request and "
         "process, parsing and checking the answer), pydantic envelopes and fastavro on each "

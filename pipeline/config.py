@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     )
 
     model_base_url: str = Field(
-        "http://127.0.0.1:8089/v1", description="OpenAI-compatible base URL (ends in /v1)."
+        "http://127.0.0.1:8089/v1",
+        description="OpenAI-compatible base URL (ends in /v1). https is verified against the "
+        "system CAs or SSL_CERT_FILE / SSL_CERT_DIR; HTTP(S)_PROXY, NO_PROXY and ~/.netrc apply.",
     )
     model_api_key: SecretStr | None = Field(
         None, description="Bearer token for the model endpoint."

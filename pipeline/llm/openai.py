@@ -1,15 +1,16 @@
-"""OpenAI-compatible chat completions over aiohttp.
+"""OpenAI-compatible chat completions over a lean HTTP/1.1 keep-alive pool.
 
 The same wire protocol is served by OpenAI, vLLM, Ollama, llama.cpp server, LM Studio and
 most gateways, so one client covers them all. It classifies failures but never retries:
 retrying is the job of :mod:`pipeline.resilience.retry`, which knows the request's budget.
 
-Why aiohttp and not httpx: the model call is the largest single cost of a request inside
-the worker, and the client's own bookkeeping is most of it. Against the same instant fake
-model, httpx spent 0.64-0.76 ms of CPU per call (pool scans, anyio streams, pure-Python
-h11), aiohttp 0.15-0.18 ms (C HTTP parser, one connection pool per host; 0.30 ms while
-its ``trust_env`` read the proxy variables and ``~/.netrc`` on every call) and a raw
-asyncio loop 0.05 ms (``python -m bench.httpclient``). Bodies go out and come back
+Why its own HTTP (:mod:`pipeline.llm.http`) and not a library: the model call is the
+largest single cost of a request inside the worker, and the client's own bookkeeping is
+most of it. Against the same instant fake model, httpx spent 0.64-0.76 ms of CPU per call
+(pool scans, anyio streams, pure-Python h11), aiohttp 0.14-0.18 ms (its request and
+response machinery around a C parser), a raw asyncio loop 0.05 ms
+(``python -m bench.httpclient``). One origin and one method need none of that machinery:
+the pool here is an asyncio protocol around httptools' parser. Bodies go out and come back
 through orjson.
 """
 
@@ -19,17 +20,14 @@ import asyncio
 import json
 import logging
 import math
-import ssl
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
-from yarl import URL
 
+from pipeline.llm.http import BodyError, HeaderError, HTTPError, Pool
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.llm.structured import StructuredOutput, response_format
 from pipeline.observability.context import current_scope
@@ -57,42 +55,36 @@ class OpenAIChatClient:
     ) -> None:
         """One keep-alive pool of up to ``max_connections`` connections per client.
 
-        The session is made on first use, inside the event loop that uses it (aiohttp
-        binds a session to its loop), and made again if a later call runs in another
-        loop (a CLI command or a test that runs ``asyncio.run`` twice).
+        The pool is made on first use, inside the event loop that uses it (its
+        connections belong to that loop), and made again if a later call runs in another
+        loop (a CLI command or a test that runs ``asyncio.run`` twice). The proxy
+        variables and ``~/.netrc`` are read then, once per pool, not on every call.
         """
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_connections = max_connections
-        self._url = URL(base_url.rstrip("/") + "/chat/completions")
-        self._proxy: URL | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._http: Pool | None = None
         self._base_url = base_url
         self.refused: dict[tuple[str, StructuredOutput], str] = {}
         """(model, mode) -> the server's answer when it refused that structured-output mode."""
 
-    def _pool(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop or self._session.closed:
-            connector = aiohttp.TCPConnector(
+    def _pool(self) -> Pool:
+        pool = self._http
+        if pool is None or pool.closed or pool.loop is not asyncio.get_running_loop():
+            pool = self._http = Pool(
+                self._url,
+                self._headers,
                 limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=KEEPALIVE_S,
-                ssl=_tls(),
+                keepalive_s=KEEPALIVE_S,
+                max_body=MAX_RESPONSE_BYTES,
+                max_error_body=ERROR_BODY_BYTES,
             )
-            # HTTP(S)_PROXY / NO_PROXY and ~/.netrc are honoured, as httpx did before, but
-            # read once per session: aiohttp's trust_env reads them again on every call,
-            # in two thread-pool hops that cost half of the client's CPU per call.
-            self._proxy, self._proxy_auth, headers = _from_env(self._url, self._headers)
-            self._session = aiohttp.ClientSession(connector=connector, headers=headers)
-            self._loop = loop
-        return self._session
+        return pool
 
     async def aclose(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        if self._http is not None:
+            self._http.close()
+        self._http = None
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
         mode = request.mode
@@ -124,90 +116,32 @@ class OpenAIChatClient:
 
     async def _send(self, request: ChatRequest, mode: StructuredOutput) -> ChatCompletion:
         body = chat_body(request, mode)
-        headers = {**request.endpoint.headers, **correlation_headers(), **JSON_CONTENT}
+        headers = request.endpoint.headers
+        rid = correlation_headers()
+        if rid:
+            headers = {**headers, **rid} if headers else rid
         started = time.perf_counter()
         try:
-            async with self._pool().post(
-                self._url,
-                data=dumps(body),
-                headers=headers,
-                proxy=self._proxy,
-                proxy_auth=self._proxy_auth,
-                timeout=aiohttp.ClientTimeout(total=request.timeout_s),
-            ) as response:
-                status = response.status
-                if status != 200:
-                    error = await _read_upto(response, ERROR_BODY_BYTES)
-                    text = error.decode("utf-8", errors="replace")
-                    raise _status_error(status, text, response.headers, "response_format" in body)
-                content = await _read_capped(response)
-        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutError subclasses
+            async with asyncio.timeout(request.timeout_s):
+                response = await self._pool().post(dumps(body), headers)
+        except TimeoutError as exc:
             raise ModelError("timeout", f"no answer within {request.timeout_s}s") from exc
-        except aiohttp.ClientError as exc:
-            raise ModelError("connection", f"{type(exc).__name__}: {exc}") from exc
+        except BodyError as exc:
+            raise ModelError("bad_response", str(exc)) from exc
+        except HeaderError as exc:
+            raise ModelError("client_error", f"cannot send the request: {exc}") from exc
+        except HTTPError as exc:
+            raise ModelError("connection", str(exc)) from exc
+        status = response.status
+        if status != 200:
+            text = response.body.decode("utf-8", errors="replace")
+            raise _status_error(status, text, response.headers, "response_format" in body)
         latency_ms = (time.perf_counter() - started) * 1000
-        return _parse(content, request.model, latency_ms, mode)
+        return _parse(response.body, request.model, latency_ms, mode)
 
 
-JSON_CONTENT = {"Content-Type": "application/json"}
 # Enough of an error body to classify it (llama.cpp's and OpenAI's are a few hundred bytes).
 ERROR_BODY_BYTES = 65_536
-
-
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    """The body, refused past ``MAX_RESPONSE_BYTES`` without reading all of a huge one."""
-    declared = response.content_length
-    if declared is not None and declared > MAX_RESPONSE_BYTES:
-        raise ModelError("bad_response", f"response of {declared} bytes")
-    if declared is not None and not response.headers.get("Content-Encoding"):
-        return await response.read()  # the common case: one read of a declared length
-    content = await _read_upto(response, MAX_RESPONSE_BYTES + 1)
-    if len(content) > MAX_RESPONSE_BYTES:
-        raise ModelError("bad_response", f"response of more than {MAX_RESPONSE_BYTES} bytes")
-    return content
-
-
-async def _read_upto(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most ``limit`` bytes of the (decoded) body; the rest is left unread."""
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        parts.append(chunk)
-        size += len(chunk)
-        if size >= limit:
-            break
-    return b"".join(parts)[:limit]
-
-
-def _from_env(
-    url: URL, headers: Mapping[str, str]
-) -> tuple[URL | None, aiohttp.BasicAuth | None, dict[str, str]]:
-    """The proxy (and its credentials) the environment names for ``url``, and the session
-    headers with the ``~/.netrc`` (``NETRC``) credentials for its host: what aiohttp's
-    ``trust_env`` looks up on every call. Netrc is used only without an ``Authorization``
-    header (an API key), as aiohttp does (it refuses the combination)."""
-    try:
-        proxy, proxy_auth = get_env_proxy_for_url(url)
-    except LookupError:
-        proxy, proxy_auth = None, None
-    if url.host is None or "Authorization" in headers:
-        return proxy, proxy_auth, dict(headers)
-    try:
-        netrc_auth = basicauth_from_netrc(netrc_from_env(), url.host)
-    except LookupError:
-        return proxy, proxy_auth, dict(headers)
-    return proxy, proxy_auth, {**headers, "Authorization": netrc_auth.encode()}
-
-
-_TLS: ssl.SSLContext | None = None
-
-
-def _tls() -> ssl.SSLContext:
-    """One default TLS context (the CA bundle is loaded once per process, not per client)."""
-    global _TLS
-    if _TLS is None:
-        _TLS = ssl.create_default_context()
-    return _TLS
 
 
 def dumps(body: Mapping[str, Any]) -> bytes:
