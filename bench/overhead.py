@@ -207,7 +207,7 @@ def run(
             for c in clients
         ],
     )
-    report.notes += explain(report.results)
+    report.notes += explain(report.results, _key(modes[0]))
     if profile:
         report.results["profile"] = profile_worker(bootstrap, 3_000 if quick else 5_000)
         report.notes.append(f"pyinstrument profile of one worker: {report.results['profile']}")
@@ -222,9 +222,9 @@ def run(
     return finish(report, started, bootstrap)
 
 
-def explain(results: dict[str, Any]) -> list[str]:
-    """What limits the pipeline, in words, from this run's own numbers."""
-    pipe = results["runs"]["pipeline"]
+def explain(results: dict[str, Any], key: str) -> list[str]:
+    """What limits the pipeline (the run under ``key``), in words, from this run's numbers."""
+    pipe = results["runs"][key]
     cores = pipe["cores"]
     clients = results["model_client_alone"]
     raw, ours = clients[0], clients[1]

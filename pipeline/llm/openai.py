@@ -273,16 +273,24 @@ def _parse(
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         logprob_items = ((choice.get("logprobs") or {}).get("content")) or []
-        logprobs = [float(item["logprob"]) for item in logprob_items if "logprob" in item]
-        tokens = [item.get("token") for item in logprob_items if "logprob" in item]
+        logprobs: list[float] = []
+        tokens: list[Any] = []
+        for item in logprob_items:
+            if "logprob" in item:
+                logprobs.append(float(item["logprob"]))
+                tokens.append(item.get("token"))
+        finish = choice.get("finish_reason")
+        # Every field is of its declared type from here on (the model stage builds its
+        # envelope from these without revalidating them): what the server sent otherwise
+        # is dropped, not passed on.
         return ChatCompletion(
             text=text,
             model=str(data.get("model") or requested_model),
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=finish if isinstance(finish, str) else None,
             prompt_tokens=_token_count(usage.get("prompt_tokens")),
             completion_tokens=_token_count(usage.get("completion_tokens")),
             token_logprobs=logprobs,
-            tokens=[str(t) for t in tokens] if all(isinstance(t, str) for t in tokens) else [],
+            tokens=tokens if all(isinstance(t, str) for t in tokens) else [],
             latency_ms=latency_ms,
             cached_tokens=_token_count(details.get("cached_tokens")),
             structured_output=mode,
