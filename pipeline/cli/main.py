@@ -146,7 +146,7 @@ def topics_export(
 def _plan_subjects() -> tuple[list[Any], list[str]]:
     """The Schema Registry half of `topics plan` (nothing without LLMPIPE_SCHEMA_REGISTRY_URL)."""
     from pipeline.contract.codec import Codec
-    from pipeline.transport.registry import plan_subjects, registry_client
+    from pipeline.transport.schema_registry import plan_subjects, registry_client
 
     s = settings()
     if not s.schema_registry_url:
@@ -157,7 +157,7 @@ def _plan_subjects() -> tuple[list[Any], list[str]]:
 def _apply_subjects() -> list[Any]:
     """Register each topic's `<topic>-value` subject once the registry says compatible."""
     from pipeline.contract.codec import Codec
-    from pipeline.transport.registry import apply_subjects, registry_client
+    from pipeline.transport.schema_registry import apply_subjects, registry_client
 
     s = settings()
     if not s.schema_registry_url:

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from pipeline.config import Settings
 from pipeline.contract.codec import AVRO, CONFLUENT_AVRO, JSON, Codec, DecodeError
 from pipeline.contract.envelopes import Request, Result
-from pipeline.transport.registry import apply_subjects, codec_for, registry_client
+from pipeline.transport.registry import codec_for
+from pipeline.transport.schema_registry import apply_subjects, registry_client
 
 CODEC = Codec()
 REQUEST = Request(

@@ -11,6 +11,9 @@ default: the new schema must read data written with the latest one.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,12 +46,12 @@ from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import read_terminal
 from pipeline.harness.scenarios import mixed_requests
-from pipeline.transport import registry
+from pipeline.transport import schema_registry
 from pipeline.transport.clients import KafkaClients
-from pipeline.transport.registry import (
+from pipeline.transport.registry import codec_for, require_schemas
+from pipeline.transport.schema_registry import (
     RegistryError,
     apply_subjects,
-    codec_for,
     plan_subjects,
     registry_client,
     subjects,
@@ -82,9 +85,9 @@ def client() -> Iterator[CheckingRegistry]:
     """A fresh registry installed as the process's client for its URL."""
     url = f"mock://llmpipe-{uuid.uuid4().hex[:8]}"
     mock = CheckingRegistry({"url": url})
-    registry._clients[(url, None, None)] = mock
+    schema_registry._clients[(url, None, None)] = mock
     yield mock
-    registry._clients.pop((url, None, None), None)
+    schema_registry._clients.pop((url, None, None), None)
 
 
 def result(request_id: str = "r-1") -> Result:
@@ -200,12 +203,42 @@ def test_frames_of_an_older_or_newer_producer_are_read_by_their_writer_schema(
         assert decoded.model == (None if writer is older else "m"), "default from the reader"
 
 
+def test_a_worker_without_a_registry_never_loads_the_registry_client() -> None:
+    """confluent-kafka's registry client brings authlib, httpx and their dependencies
+    (about 280 modules, 16 MiB of RSS, in every worker process): loaded only when a
+    registry is configured. A fresh interpreter, as ``llmpipe worker`` starts: the CLI,
+    the worker module and a worker built from the default settings."""
+    script = (
+        "import sys\n"
+        "import pipeline.cli.main\n"
+        "from pipeline.config import Settings\n"
+        "from pipeline.runtime.worker import Worker\n"
+        "Worker(Settings())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('confluent_kafka.schema_registry')))\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LLMPIPE_SCHEMA_REGISTRY") and k != "LLMPIPE_OUTPUT_FORMAT"
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_a_worker_without_registered_schemas_stops_in_one_line(
     client: CheckingRegistry,
 ) -> None:
     settings = Settings(schema_registry_url=client.url, output_format="confluent")
     with pytest.raises(RegistryError, match="run `llmpipe topics apply`"):
-        registry.require_schemas(settings)
+        require_schemas(settings)
 
 
 @pytest.mark.kafka

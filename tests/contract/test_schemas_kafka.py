@@ -14,7 +14,8 @@ from pipeline.config import Settings
 from pipeline.contract.codec import Codec, load_schemas
 from pipeline.contract.envelopes import ENVELOPES, Envelope
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
-from pipeline.transport.registry import apply_subjects, codec_for, registry_client, subjects
+from pipeline.transport.registry import codec_for
+from pipeline.transport.schema_registry import apply_subjects, registry_client, subjects
 from tests.contract.test_envelopes import strategy
 
 pytestmark = pytest.mark.kafka
