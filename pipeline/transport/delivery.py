@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import logging
 import threading
@@ -434,6 +435,38 @@ class _Sending:
             self.late()
 
 
+class _ReportPoller:
+    """The delivery reports of one producer, served on the loop for every stage sending
+    through it: one timer however many stages share the producer (a ``poll(0)`` serves
+    all of their reports at once), where a timer per stage woke the loop once per stage
+    every :data:`REPORT_POLL_S`."""
+
+    def __init__(self, producer: ProducerLike) -> None:
+        self.producer = producer
+        self.unacknowledged = 0
+        self.users = 0
+        self.thread = 0  # the loop's thread: where reports are served
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:  # a new loop (tests run several): the old timer is gone
+            self._loop, self._timer, self.thread = loop, None, threading.get_ident()
+        if self._timer is None and self.unacknowledged > 0:
+            self._timer = loop.call_later(REPORT_POLL_S, self._serve, loop)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self.users > 0:
+            self.producer.poll(0)  # never blocks
+            self.soon(loop)
+
+
+# One per producer object in use (the process's shared stage producer in a worker).
+_POLLERS: dict[int, _ReportPoller] = {}
+_POLLERS_LOCK = threading.Lock()
+
+
 class IdempotentDelivery:
     """At-least-once hops: each message's outputs sent at once, offsets committed after.
 
@@ -446,7 +479,8 @@ class IdempotentDelivery:
     only then counts the message as finished, so :meth:`commit` (offsets only, on the
     runner's Kafka thread) never covers an output that is not durable. Delivery reports
     are served on the loop itself, by a non-blocking ``producer.poll(0)`` every
-    :data:`REPORT_POLL_S` while any output is unacknowledged: no thread of its own, so
+    :data:`REPORT_POLL_S` while any output is unacknowledged, one timer per producer
+    (:class:`_ReportPoller`) for all the stages sharing it: no thread of its own, so
     no handing reports between threads (measured: a report thread per stage cost more
     CPU per request than the sends themselves). Outputs whose delivery failed (the
     broker gone past ``message.timeout.ms``, or a refusal) are sent again after
@@ -464,14 +498,19 @@ class IdempotentDelivery:
         self._consumer = consumer
         self._name = f"stage {name}: " if name else ""
         self._producer: ProducerLike | None = None
-        self._unacknowledged = 0
-        self._poller: asyncio.TimerHandle | None = None
+        self._poller: _ReportPoller | None = None
         self._closed = False
         self._failing = False
         self._send_failing = False
 
     def start(self) -> None:
-        self._producer = self._make_producer()
+        producer = self._make_producer()
+        with _POLLERS_LOCK:
+            poller = _POLLERS.get(id(producer))
+            if poller is None or poller.producer is not producer:
+                poller = _POLLERS[id(producer)] = _ReportPoller(producer)
+            poller.users += 1
+        self._producer, self._poller = producer, poller
 
     async def send(
         self, outputs: Sequence[Outbound], late: Callable[[], None] | None = None
@@ -483,17 +522,17 @@ class IdempotentDelivery:
         broker back after an outage): ``late`` is called on the loop if all of them are,
         so the runner can skip the message instead of delivering it twice.
         """
-        producer = self._producer
-        assert producer is not None, "start() first"
+        producer, poller = self._producer, self._poller
+        assert producer is not None and poller is not None, "start() first"
         loop = asyncio.get_running_loop()
         todo = list(outputs)
         while todo:
             sending = _Sending(loop.create_future(), len(todo), late=late)
             for out in todo:
-                await self._produce(producer, out, sending)
+                await self._produce(producer, poller, out, sending)
             if sending.pending <= 0 and not sending.future.done():
                 sending.future.set_result(None)
-            self._poll_soon(loop)
+            poller.soon(loop)
             await sending.future
             if not sending.failed:
                 if self._send_failing:
@@ -507,22 +546,34 @@ class IdempotentDelivery:
             todo = [out for out, _ in sending.failed]
             await asyncio.sleep(RESEND_WAIT_S)
 
-    async def _produce(self, producer: ProducerLike, out: Outbound, sending: _Sending) -> None:
+    async def _produce(
+        self, producer: ProducerLike, poller: _ReportPoller, out: Outbound, sending: _Sending
+    ) -> None:
         headers: list[tuple[str, str | bytes | None]] = list(out.headers)
 
-        def report(error: KafkaError | None, _message: Any) -> None:
-            self._unacknowledged -= 1
+        loop = asyncio.get_running_loop()
+
+        def settle(error: KafkaError | None) -> None:
+            poller.unacknowledged -= 1
             if not self._closed:
                 sending.report(out, error)
+
+        def report(error: KafkaError | None, _message: Any) -> None:
+            if threading.get_ident() == poller.thread:
+                settle(error)
+            else:  # served by another stage's closing flush, on its Kafka thread
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(settle, error)
 
         while True:
             try:
                 producer.produce(
                     out.topic, value=out.value, key=out.key, headers=headers, on_delivery=report
                 )
-                self._unacknowledged += 1
+                poller.unacknowledged += 1
                 return
             except BufferError:  # librdkafka's local queue is full: let it drain
+                poller.soon(loop)
                 await asyncio.sleep(PRODUCE_QUEUE_WAIT_S)
             except KafkaException as exc:  # refused before sending: retried like a failure
                 error = _error(exc)
@@ -530,19 +581,6 @@ class IdempotentDelivery:
                     raise
                 sending.report(out, error)
                 return
-
-    def _poll_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._poller is None and self._unacknowledged > 0:
-            self._poller = loop.call_later(REPORT_POLL_S, self._serve_reports, loop)
-
-    def _serve_reports(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Delivery reports due now, served here on the loop (``poll(0)`` never blocks)."""
-        self._poller = None
-        producer = self._producer
-        if producer is None or self._closed:
-            return
-        producer.poll(0)
-        self._poll_soon(loop)
 
     def commit(
         self,
@@ -579,7 +617,12 @@ class IdempotentDelivery:
         is flushed (the producer is shared: flushed, never closed); this stage's reports
         go to nobody (the loop may be gone)."""
         self._closed = True
-        producer = self._producer
-        self._producer = None
+        producer, poller = self._producer, self._poller
+        self._producer = self._poller = None
+        if poller is not None:
+            with _POLLERS_LOCK:
+                poller.users -= 1
+                if poller.users <= 0:  # its timer, if pending, finds no users and stops
+                    _POLLERS.pop(id(poller.producer), None)
         if producer is not None:
             producer.flush(CALL_TIMEOUT_S)

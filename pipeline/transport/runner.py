@@ -237,6 +237,8 @@ class StageRunner:
         self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{stage}")
         self._stopping = False
         self._fatal: KafkaFatalError | None = None  # found in a rebalance callback
+        self._rebalances = 0  # rebalance callbacks served so far (on the Kafka thread)
+        self._handed_error: Exception | None = None  # raised accepting a handed-on batch
         self._lag: list[tuple[dict[str, str | int], int]] = []
         self._last_lag_sample = 0.0
         self._last_commit = 0.0
@@ -277,6 +279,8 @@ class StageRunner:
                     pause,
                     owned,
                 )
+                if self._handed_error is not None:
+                    raise self._handed_error
                 self._accept(messages)
                 if self._commit_due():
                     await self.commit()
@@ -369,7 +373,18 @@ class StageRunner:
         wanted: set[Partition],
         owned: list[Partition],
     ) -> list[Any]:
-        """Pause what must not be fetched, then poll (which also serves rebalances).
+        """Pause what must not be fetched, then take up to ``count`` messages within
+        ``timeout_s`` (polling also serves rebalances).
+
+        Each batch librdkafka has ready is handed to the loop as it arrives (one loop
+        callback, :meth:`_hand_on`) while this call goes on polling, and the call returns
+        (with its last batch) once ``count`` messages were taken or at ``timeout_s``. A
+        message trickling in therefore costs one hand-over, not a round trip of this
+        thread per fetch (about 30 µs of CPU, measured): at a steady load each stage
+        received about one message per fetch. ``count`` is the room the loop had when it
+        asked; the room only grows meanwhile (only these messages take slots), so the
+        in-flight bound holds. A rebalance ends the call: the loop then decides afresh
+        what to pause.
 
         ``wanted`` (the partitions to keep paused) and ``owned`` are computed on the loop,
         which owns the bookkeeping; this thread only talks to librdkafka. ``_paused`` is
@@ -382,21 +397,51 @@ class StageRunner:
         if resume:
             consumer.resume([TopicPartition(t, p) for t, p in sorted(resume)])
         self._paused = set(wanted)
-        # consume() waits for a full batch or the timeout; poll() returns on the first
-        # message, then whatever else is already fetched comes without waiting.
-        messages: list[Any] = consumer.consume(max(count, 1), 0)
-        if not messages:
-            first = consumer.poll(timeout_s)
-            if first is not None:
-                messages = [first]
-                if count > 1:
-                    messages += consumer.consume(count - 1, 0)
-        if self._fatal is not None:
-            raise self._fatal
+        deadline = time.monotonic() + timeout_s
+        rebalances = self._rebalances
+        taken = 0
+        drained = False  # the local queue was empty at the last consume()
+        while True:
+            room = max(count - taken, 1)
+            # consume() waits for a full batch or the timeout; poll() returns on the first
+            # message, then whatever else is already fetched comes without waiting.
+            messages: list[Any] = [] if drained else consumer.consume(room, 0)
+            remaining = deadline - time.monotonic()
+            if not messages and remaining > 0:
+                first = consumer.poll(remaining)
+                if first is not None:
+                    messages = [first]
+                    if room > 1:
+                        messages += consumer.consume(room - 1, 0)
+            if self._fatal is not None:
+                raise self._fatal
+            drained = len(messages) < room
+            taken += len(messages)
+            if taken >= count or self._rebalances != rebalances:
+                break
+            if messages:
+                self._hand_on(messages)
+                messages = []
+            if deadline - time.monotonic() <= 0:
+                break
         self._sample_lag(consumer, owned)
-        if not messages and owned and self._clients.health.probe_due():
+        if not taken and owned and self._clients.health.probe_due():
             self._probe(consumer, owned[0])
         return messages
+
+    def _hand_on(self, messages: list[Any]) -> None:
+        """Give fetched messages to the loop while the fetch goes on (from this thread)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._accept_handed, messages)
+
+    def _accept_handed(self, messages: list[Any]) -> None:
+        """:meth:`_accept` from a loop callback: what it raises (a fatal consumer error)
+        is kept for :meth:`run`, which raises it when the fetch returns."""
+        try:
+            self._accept(messages)
+        except Exception as exc:
+            if self._handed_error is None:
+                self._handed_error = exc
 
     def _probe(self, consumer: ConsumerLike, partition: Partition) -> None:
         """One request to a partition leader during an outage (metadata could come from
@@ -430,6 +475,7 @@ class StageRunner:
     def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Read the committed offsets with their metadata: what an earlier owner finished."""
         self.joined = True
+        self._rebalances += 1
         if not partitions:
             return
         try:
@@ -508,6 +554,7 @@ class StageRunner:
 
     def _on_revoke(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Finish (or cancel) the revoked partitions' work, commit what is done, let go."""
+        self._rebalances += 1
         self._unpause(consumer, partitions)
         revoked = {(tp.topic, tp.partition) for tp in partitions} & self._owned
         if not revoked:
@@ -519,6 +566,7 @@ class StageRunner:
     def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         """Partitions already owned by someone else: nothing may be committed for them."""
         self.joined = False  # out of the group until it rejoins and is assigned again
+        self._rebalances += 1
         self._unpause(consumer, partitions)
         lost = {(tp.topic, tp.partition) for tp in partitions} & self._owned
         if lost:

@@ -27,9 +27,9 @@ from pipeline.contract.topology import VALIDATED
 from pipeline.observability.redact import Redactor
 from pipeline.transport import delivery as delivery_module
 from pipeline.transport import runner as runner_module
-from pipeline.transport.delivery import KafkaFatalError
+from pipeline.transport.delivery import IdempotentDelivery, KafkaFatalError
 from pipeline.transport.instrumentation import MessageTrace, NoInstrumentation
-from pipeline.transport.message import Inbound
+from pipeline.transport.message import Inbound, Outbound
 from pipeline.transport.offsets import decode_done, encode_done
 from pipeline.transport.runner import DeliveryMode, Handler, StageRunner
 from tests.stage_support import validated
@@ -166,6 +166,65 @@ def test_in_flight_never_exceeds_the_bound_and_every_message_commits_once(
     asyncio.run(main())
     assert peak == 8
     assert sorted(output_ids(broker)) == sorted(ids)
+
+
+def test_messages_trickling_in_are_handed_on_within_one_fetch_and_the_bound_holds() -> None:
+    """One fetch on the Kafka thread hands each message on as it arrives and goes on
+    polling (instead of a thread round trip per message), never taking more than the room
+    it was given: a full runner still pauses with exactly its bound in flight."""
+    broker = FakeBroker()
+    clients = FakeClients(broker, [P0])
+    started: list[int] = []
+    now = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        started.append(message.offset)
+        if message.offset < 6:
+            await release.wait()
+        now -= 1
+        return emit(message)
+
+    async def main() -> int:
+        runner = make_runner(
+            clients, handler, max_in_flight=4, delivery="at_least_once", commit_interval_ms=1000
+        )
+        fetches = 0
+        fetch = runner._fetch
+
+        def counted(*args: Any) -> list[Any]:
+            nonlocal fetches
+            fetches += 1
+            return fetch(*args)
+
+        runner._fetch = counted  # type: ignore[method-assign]
+        async with running(runner):
+            for i in range(6):  # one at a time, each once the previous one is handled
+                fill(broker, P0, 1)
+                if i < 4:
+                    await wait_for(lambda i=i: len(started) == i + 1, f"message {i} handled")
+            await wait_for(lambda: clients.consumers[0].paused == {P0}, "a pause while full")
+            assert (now, started) == (4, [0, 1, 2, 3])
+            release.set()
+            await wait_for(lambda: len(started) == 6, "the two that waited for room")
+            before = fetches
+            for i in range(6, 30):
+                fill(broker, P0, 1)
+                await wait_for(lambda i=i: len(started) == i + 1, f"message {i} handled")
+            trickle_fetches = fetches - before
+            await wait_for(lambda: len(broker.outputs) == 30, "every output")
+        return trickle_fetches
+
+    trickle_fetches = asyncio.run(main())
+    assert peak == 4
+    assert sorted(output_ids(broker)) == sorted(f"0-{i}" for i in range(30))
+    # 24 messages, each arriving while a fetch was already waiting: a few fetches (each
+    # ends at its 100 ms timeout), not one per message.
+    assert trickle_fetches <= 12, trickle_fetches
 
 
 # -- per-key order ----------------------------------------------------------------------------
@@ -753,6 +812,36 @@ def test_at_least_once_work_delivered_while_commits_failed_is_not_redone_on_reas
     asyncio.run(main())
     assert set(calls.values()) == {1}, "nothing redone"
     assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
+
+
+def test_stages_sharing_a_producer_get_their_reports_when_one_of_them_closes() -> None:
+    """At least once, every stage of a process sends through one producer, whose reports
+    one loop timer serves for all of them. A stage closing flushes that producer on its
+    own Kafka thread, which serves the other stages' reports there: they still reach the
+    loop, and the timer keeps serving the stages left."""
+    broker = FakeBroker()
+    clients = FakeClients(broker, [P0])
+    first, second = (
+        IdempotentDelivery(clients.stage_producer, clients.stage_consumer("g"), name=n)
+        for n in ("first", "second")
+    )
+    out = Outbound("x.out", b"k", b"v", [])
+
+    async def main() -> None:
+        first.start()
+        second.start()
+        broker.hold_deliveries = True
+        waiting = asyncio.create_task(second.send([out]))
+        await wait_for(lambda: bool(clients.producers[0].reports), "the output produced")
+        assert not waiting.done()
+        broker.hold_deliveries = False
+        await asyncio.to_thread(first.close)  # its flush serves the second stage's report
+        await asyncio.wait_for(waiting, 10)
+        await asyncio.wait_for(second.send([out]), 10)  # the timer still serves the rest
+        await asyncio.to_thread(second.close)
+
+    asyncio.run(main())
+    assert len(broker.outputs) == 2
 
 
 def test_at_least_once_outputs_go_out_at_once_not_with_the_next_commit() -> None:
