@@ -273,12 +273,8 @@ def _parse(
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         logprob_items = ((choice.get("logprobs") or {}).get("content")) or []
-        logprobs: list[float] = []
-        tokens: list[Any] = []
-        for item in logprob_items:
-            if "logprob" in item:
-                logprobs.append(float(item["logprob"]))
-                tokens.append(item.get("token"))
+        logprobs = [float(item["logprob"]) for item in logprob_items if "logprob" in item]
+        tokens = [item.get("token") for item in logprob_items if "logprob" in item]
         finish = choice.get("finish_reason")
         # Every field is of its declared type from here on (the model stage builds its
         # envelope from these without revalidating them): what the server sent otherwise
@@ -290,7 +286,7 @@ def _parse(
             prompt_tokens=_token_count(usage.get("prompt_tokens")),
             completion_tokens=_token_count(usage.get("completion_tokens")),
             token_logprobs=logprobs,
-            tokens=tokens if all(isinstance(t, str) for t in tokens) else [],
+            tokens=tokens if {*map(type, tokens)} <= {str} else [],  # JSON text: exactly str
             latency_ms=latency_ms,
             cached_tokens=_token_count(details.get("cached_tokens")),
             structured_output=mode,

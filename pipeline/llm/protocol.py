@@ -7,8 +7,8 @@ living inside a client, so each layer is small, testable alone and composable.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from pipeline.llm.structured import StructuredOutput
 
@@ -123,10 +123,31 @@ class ChatCompletion:
     the answer's own."""
 
     def with_attempts(self, attempts: int) -> ChatCompletion:
-        return replace(self, attempts=attempts)
+        return evolve(self, attempts=attempts)
 
     def with_calls(self, calls: tuple[CallRecord, ...]) -> ChatCompletion:
-        return replace(self, calls=calls)
+        return evolve(self, calls=calls)
+
+
+_Call = TypeVar("_Call", ChatRequest, ChatCompletion)
+_FIELDS = {cls: frozenset(f.name for f in fields(cls)) for cls in (ChatRequest, ChatCompletion)}
+
+
+def evolve(value: _Call, **changes: Any) -> _Call:
+    """``dataclasses.replace`` for a request or an answer, at a fraction of its cost.
+
+    Every layer of the resilience stack adjusts the call or its answer on the way (the
+    endpoint's options, the time left, the price, the attempts): ``replace`` runs the
+    generated ``__init__`` again (twenty frozen-field assignments, 3 µs a copy), which these
+    plain value classes (no ``__post_init__``, every field an init field) do not need: a
+    copy of the fields with the changes applied is the same object.
+    """
+    unknown = changes.keys() - _FIELDS[type(value)]
+    if unknown:
+        raise TypeError(f"{type(value).__name__} has no field {sorted(unknown)[0]!r}")
+    copy = object.__new__(type(value))
+    copy.__dict__.update(value.__dict__, **changes)
+    return copy
 
 
 class ModelError(Exception):

@@ -53,6 +53,7 @@ from pipeline.llm.protocol import (
     ModelClient,
     ModelError,
     TokenLimitParam,
+    evolve,
 )
 from pipeline.llm.structured import STRUCTURED_OUTPUT_MODES, StructuredOutput
 from pipeline.resilience.base import SYSTEM_CLOCK, Clock, remaining_s
@@ -289,18 +290,18 @@ class EndpointRouter:
             options = self._endpoints.options(request.model, self._environ)
         except EndpointConfigError as exc:
             raise ModelError("client_error", str(exc)) from exc
-        request = replace(request, endpoint=options)
+        request = evolve(request, endpoint=options)
         left = remaining_s(deadline, self._clock)
         if left is not None:
             if left <= 0:
                 raise ModelError("timeout", "deadline passed before the call", attempts=0)
             if left < request.timeout_s:
-                request = replace(request, timeout_s=left)
+                request = evolve(request, timeout_s=left)
         answer = await client.complete(request)
         cost = self._prices.cost(
             request.model, answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens
         )
-        return replace(answer, cost_usd=cost)
+        return evolve(answer, cost_usd=cost)
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}

@@ -19,7 +19,6 @@ waits and stops are exactly tenacity's.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from datetime import datetime
 
 from tenacity import (
@@ -38,6 +37,7 @@ from pipeline.llm.protocol import (
     ChatRequest,
     ModelClient,
     ModelError,
+    evolve,
 )
 
 
@@ -79,7 +79,7 @@ class RetryingClient:
         if remaining <= 0:
             raise ModelError("timeout", "time budget spent before the call")
         timeout = min(request.timeout_s, remaining)
-        call = request if timeout == request.timeout_s else replace(request, timeout_s=timeout)
+        call = request if timeout == request.timeout_s else evolve(request, timeout_s=timeout)
         started = time.perf_counter()
         try:
             with attempt_span(call, attempt) as observed:
@@ -106,7 +106,7 @@ class RetryingClient:
             completion, attempts = await self._retried(request, first, give_up_at, calls)
         else:
             attempts = 1
-        return replace(completion, attempts=attempts, calls=tuple(calls))
+        return evolve(completion, attempts=attempts, calls=tuple(calls))
 
     async def _retried(
         self,

@@ -41,16 +41,20 @@ from pipeline.stages.decisions import emit, emit_escalation
 STAGE = VALIDATE
 CHARS_PER_TOKEN = 4
 
-INJECTION_PATTERNS = [
-    re.compile(p, re.IGNORECASE)
-    for p in (
-        r"ignore (all |any )?(the )?(previous|prior|above) (instructions|prompts?)",
-        r"disregard (all |the )?(previous|prior|above)",
-        r"you are now (?:in )?(?:developer|dan|jailbreak)",
-        r"(reveal|print|show) (me )?(your|the) (system )?prompt",
-        r"</?(system|assistant)>",
-    )
-]
+# One alternation, one scan of the text (the patterns were five searches of it).
+INJECTION = re.compile(
+    "|".join(
+        f"(?:{p})"
+        for p in (
+            r"ignore (all |any )?(the )?(previous|prior|above) (instructions|prompts?)",
+            r"disregard (all |the )?(previous|prior|above)",
+            r"you are now (?:in )?(?:developer|dan|jailbreak)",
+            r"(reveal|print|show) (me )?(your|the) (system )?prompt",
+            r"</?(system|assistant)>",
+        )
+    ),
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -159,9 +163,7 @@ class Validator:
                 detail = f"personal data in variables: {', '.join(kinds)}"
                 return _dead("blocked_content", "PersonalData", detail, rid, ref)
             flags.extend(f"pii:{k}" for k in kinds)
-        if self._rules.injection_check and any(
-            p.search(variables_text) for p in INJECTION_PATTERNS
-        ):
+        if self._rules.injection_check and INJECTION.search(variables_text):
             flags.append("prompt_injection_suspected")
         validated = ValidatedRequest(request=request, prompt=ref, flags=flags, received_at=now)
         if request.deadline is not None and request.deadline <= now:
