@@ -337,10 +337,11 @@ def _build(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Con
             return None
 
         def record(value: Any) -> Any:
-            out = dict(value)
+            # Changed in place: ``value`` is always a dict just made for this call (by
+            # model_dump or the Avro reader), so a copy per record level would be waste.
             for name, conv in changed:
-                out[name] = conv(out.get(name))
-            return out
+                value[name] = conv(value.get(name))
+            return value
 
         return record
     if kind in ("array", "map"):
