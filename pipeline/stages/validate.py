@@ -41,20 +41,26 @@ from pipeline.stages.decisions import emit, emit_escalation
 STAGE = VALIDATE
 CHARS_PER_TOKEN = 4
 
-# One alternation, one scan of the text (the patterns were five searches of it).
-INJECTION = re.compile(
-    "|".join(
-        f"(?:{p})"
-        for p in (
-            r"ignore (all |any )?(the )?(previous|prior|above) (instructions|prompts?)",
-            r"disregard (all |the )?(previous|prior|above)",
-            r"you are now (?:in )?(?:developer|dan|jailbreak)",
-            r"(reveal|print|show) (me )?(your|the) (system )?prompt",
-            r"</?(system|assistant)>",
-        )
-    ),
-    re.IGNORECASE,
+_INJECTION = (
+    r"ignore (all |any )?(the )?(previous|prior|above) (instructions|prompts?)",
+    r"disregard (all |the )?(previous|prior|above)",
+    r"you are now (?:in )?(?:developer|dan|jailbreak)",
+    r"(reveal|print|show) (me )?(your|the) (system )?prompt",
+    r"</?(system|assistant)>",
 )
+INJECTION_PATTERNS = [re.compile(p, re.IGNORECASE) for p in _INJECTION]
+# The same patterns, for ASCII text lowered once: written in lower case, so on ASCII text
+# they match exactly where the case-insensitive ones do, at a fifth of the cost (a
+# case-insensitive search folds every character it compares). tests/stages keeps both equal.
+_INJECTION_LOWER = [re.compile(p) for p in _INJECTION]
+
+
+def injection_suspected(text: str) -> bool:
+    """Whether ``text`` holds one of the prompt-injection phrases, in any letter case."""
+    if text.isascii():
+        lowered = text.lower()
+        return any(p.search(lowered) for p in _INJECTION_LOWER)
+    return any(p.search(text) for p in INJECTION_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ class Validator:
                 detail = f"personal data in variables: {', '.join(kinds)}"
                 return _dead("blocked_content", "PersonalData", detail, rid, ref)
             flags.extend(f"pii:{k}" for k in kinds)
-        if self._rules.injection_check and INJECTION.search(variables_text):
+        if self._rules.injection_check and injection_suspected(variables_text):
             flags.append("prompt_injection_suspected")
         validated = ValidatedRequest(request=request, prompt=ref, flags=flags, received_at=now)
         if request.deadline is not None and request.deadline <= now:
