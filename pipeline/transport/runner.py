@@ -715,17 +715,18 @@ class StageRunner:
         if self._sender is not None and finished.partition in self._owned:
             # at_least_once: out now; done once acknowledged (a cancelled send is redone,
             # unless its outputs turn out delivered all the same: then it is skipped).
-            tp, offset = finished.partition, finished.offset
-            epoch = self._epochs.get(tp, 0)
-            await self._sender.send(
-                finished.outputs, lambda: self._delivered_late(tp, offset, epoch)
-            )
+            epoch = self._epochs.get(finished.partition, 0)
+            await self._sender.send(finished.outputs, lambda: self._delivered_late(finished, epoch))
         self._finish(finished)
 
-    def _delivered_late(self, tp: Partition, offset: int, epoch: int) -> None:
+    def _delivered_late(self, finished: _Finished, epoch: int) -> None:
         """A message's outputs acknowledged after its task was cancelled because its
         partition went (lost in a broker outage, its outputs queued until the broker came
-        back): remember it as done, so the partition's next assignment skips it."""
+        back): remember it as done, so the partition's next assignment skips it, and
+        record its outcome: those outputs are durable now, and no redo will record it."""
+        if finished.trace is not None and finished.decision is not None:
+            finished.trace.committed(finished.decision)
+        tp, offset = finished.partition, finished.offset
         if tp not in self._owned:
             self._sent.setdefault(tp, set()).add(offset)
         elif self._epochs.get(tp, 0) != epoch:  # already back: skipped when it arrives
