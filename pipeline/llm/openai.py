@@ -84,6 +84,7 @@ class OpenAIChatClient:
     async def aclose(self) -> None:
         if self._http is not None:
             self._http.close()
+            await asyncio.sleep(0)  # the closed connections' sockets go in the next turn
         self._http = None
 
     async def complete(self, request: ChatRequest) -> ChatCompletion:
