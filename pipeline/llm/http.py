@@ -464,9 +464,7 @@ class _Decoder:
                 self._first = data
                 return b""
             # RFC 9110's deflate is zlib-wrapped; some servers send it raw.
-            zlib_header = (
-                len(data) >= 2 and (data[0] & 0x0F) == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            )
+            zlib_header = (data[0] & 0x0F) == 8 and (data[0] << 8 | data[1]) % 31 == 0
             self._zlib = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
         out: bytes = self._zlib.decompress(data, room)
         if self._zlib.unconsumed_tail:
@@ -550,7 +548,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None:
             return
         if self._head_done and not self._framed and not self._interim:
-            self._complete()  # a body delimited by the connection's end
+            self.on_message_complete()  # a body delimited by the connection's end
             return
         if not self._received:
             what = "closed the connection before answering"

@@ -38,6 +38,9 @@ def response(
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+UNTIL_CLOSE_GZIP = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n"
+
+
 def chunked(body: bytes, size: int = 7, *headers: str) -> bytes:
     parts = [
         b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
@@ -160,6 +163,7 @@ async def test_chunked_gzip_and_both_deflate_forms_are_decoded(
         # no length, no chunks: the body ends with the connection
         lambda r, w: close_after(w, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + ANSWER),
         b"HTTP/1.1 100 Continue\r\n\r\n" + response(),
+        lambda r, w: close_after(w, UNTIL_CLOSE_GZIP + gzip.compress(ANSWER)),
     ]
     for reply in replies:
         server = await scripted(reply)
@@ -180,6 +184,7 @@ async def test_what_is_not_http_ends_in_a_classified_error(
         (lambda r, w: close_after(w, b""), "connection", "before answering"),
         (response(b"not gzip", headers=("Content-Encoding: gzip",)), "bad_response", "gzip"),
         (response(cut_gzip, headers=("Content-Encoding: gzip",)), "bad_response", "ends early"),
+        (lambda r, w: close_after(w, UNTIL_CLOSE_GZIP + cut_gzip), "bad_response", "ends early"),
         (response(ANSWER, headers=("Content-Encoding: br",)), "bad_response", "'br'"),
         (response(b"{}"), "bad_response", "unexpected response shape"),
     ]  # fmt: skip
