@@ -14,6 +14,8 @@ from pipeline.harness.fakellm import FakeLLMServer
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import ChatRequest
 
+pytestmark = pytest.mark.usefixtures("no_proxy_env")
+
 REQUEST = ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
 # Never resolves (RFC 6761): a call that reaches the fake went through the proxy.
 UNRESOLVABLE = "http://model.invalid/v1"
@@ -23,13 +25,6 @@ UNRESOLVABLE = "http://model.invalid/v1"
 async def fake() -> AsyncIterator[FakeLLMServer]:
     async with FakeLLMServer() as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "absent-netrc"))
 
 
 async def _call(client: OpenAIChatClient) -> None:

@@ -15,7 +15,6 @@ import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +23,8 @@ from pipeline.llm.http import BodyError, Pool
 from pipeline.llm.openai import OpenAIChatClient
 from pipeline.llm.protocol import ChatRequest, EndpointOptions, ModelError
 from tests.transport.pki import Pki, make_pki
+
+pytestmark = pytest.mark.usefixtures("no_proxy_env")
 
 REQUEST = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], timeout_s=5.0)
 ANSWER = json.dumps(
@@ -365,13 +366,6 @@ async def tls_front(pki: Pki) -> AsyncIterator[tuple[int, FakeLLMServer]]:
             yield server.sockets[0].getsockname()[1], fake
         finally:
             server.close()
-
-
-@pytest.fixture
-def no_proxy_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "absent-netrc"))
 
 
 async def test_https_verifies_the_server_against_the_configured_ca(
