@@ -372,7 +372,6 @@ async def test_https_verifies_the_server_against_the_configured_ca(
     tls_front: tuple[int, FakeLLMServer],
     pki: Pki,
     monkeypatch: pytest.MonkeyPatch,
-    no_proxy_env: None,
 ) -> None:
     port, fake = tls_front
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.other_ca))
@@ -388,7 +387,6 @@ async def test_https_through_a_proxy_goes_over_connect(
     tls_front: tuple[int, FakeLLMServer],
     pki: Pki,
     monkeypatch: pytest.MonkeyPatch,
-    no_proxy_env: None,
 ) -> None:
     port, fake = tls_front
     asked: list[bytes] = []
