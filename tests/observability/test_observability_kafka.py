@@ -372,7 +372,7 @@ def test_metrics_equal_the_ledger_of_a_mixed_fault_run(observed: Observed) -> No
         (sc.FALLBACKS, ()),
         (sc.VALIDATION_FAILURES, (sc.STAGE,)),
         (sc.REQUEST_DURATION, ()),
-        (sc.GEN_AI_CLIENT_OPERATION_DURATION, ()),
+        (sc.GEN_AI_CLIENT_OPERATION_DURATION, (sc.ERROR_TYPE,)),
         (sc.MODEL_RETRIES, ()),
     )
     before = {name: counters(captured, name, *keys) for name, keys in names}
@@ -425,8 +425,14 @@ def test_metrics_equal_the_ledger_of_a_mixed_fault_run(observed: Observed) -> No
         metrics, got = outcome_metrics()
     assert metrics == expected
 
+    # Every call the server answered or saw is one the client recorded. The client may have
+    # recorded more: a call whose 0.5 s timeout ran out before the server (a thread of this
+    # loaded test process) read it never reached the server's count (52 of 260 once in a CI
+    # rehearsal at load 10); any other difference fails.
     calls = sum(got[sc.GEN_AI_CLIENT_OPERATION_DURATION].values())
-    assert calls == observed.fake.counters()["total_calls"]
+    timed_out = got[sc.GEN_AI_CLIENT_OPERATION_DURATION][("timeout",)]
+    seen = observed.fake.counters()["total_calls"]
+    assert seen <= calls <= seen + timed_out, (calls, seen, timed_out)
     keys = {p.request_id for p in planned}
     first_attempts = sum(
         1 for s in spans if attr(s, sc.ATTEMPT) == 1 and attr(s, sc.REQUEST_ID) in keys
@@ -438,6 +444,7 @@ def test_metrics_equal_the_ledger_of_a_mixed_fault_run(observed: Observed) -> No
         now = histogram_sum(captured, sc.GEN_AI_CLIENT_TOKEN_USAGE, **{sc.GEN_AI_TOKEN_TYPE: kind})
         assert now - tokens_before[kind] == total, kind
     print("metrics match ledger", metrics["requests by outcome"], "calls", calls, "tokens", used)
+    print("calls recorded", calls, "seen by the server", seen, "timed out", timed_out)
     print("still being recorded when the ledger was complete (metric: seen, final):", lagging)
 
 
