@@ -333,6 +333,12 @@ class KafkaClients:
             "logger": self._log,
             "error_cb": self.health.error,
             "log.connection.close": False,
+            # TCP_NODELAY: librdkafka leaves Nagle's algorithm on by default, so a small
+            # request (an at-least-once stage's produce of one output, a fetch, an offset
+            # commit) written while an earlier one is unacknowledged waits for that ACK,
+            # up to the peer's delayed-ACK timeout (40 ms on Linux). bench.latency at 300
+            # req/s, interleaved: p95/p99 added 79/166 -> 42/82 ms.
+            "socket.nagle.disable": True,
             # Notice and worse: info lines (e.g. "purging unserved events" when a client
             # closes) would reach stderr directly once the handle is being destroyed.
             "log_level": 5,

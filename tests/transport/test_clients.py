@@ -106,6 +106,7 @@ def test_every_client_shares_security_settings_and_reads_committed() -> None:
     assert config["security.protocol"] == "SASL_SSL"
     assert (config["sasl.username"], config["sasl.password"]) == ("u", "p")
     assert config["error_cb"] == clients.health.error
+    assert config["socket.nagle.disable"] is True  # small requests go out at once
     consumer = clients.consumer_config("g")
     assert consumer["isolation.level"] == "read_committed"
     assert consumer["enable.auto.commit"] is False
