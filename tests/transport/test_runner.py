@@ -227,6 +227,29 @@ def test_messages_trickling_in_are_handed_on_within_one_fetch_and_the_bound_hold
     assert trickle_fetches <= 12, trickle_fetches
 
 
+def test_exactly_once_a_full_outbox_is_committed_when_due_not_after_the_full_poll_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exactly once, finished messages wait in the outbox for the next transaction, and a
+    full outbox stops fetching. Only the commit makes room again, so a full runner must
+    commit when the commit is due rather than wait for room up to its full-poll interval
+    (30 s here: the test's deadline is far shorter)."""
+    monkeypatch.setattr(runner_module, "FULL_POLL_INTERVAL_S", 30.0)
+    broker = FakeBroker()
+    ids = fill(broker, P0, 200)
+    clients = FakeClients(broker, [P0])
+    _, handler = counting_handler()
+
+    async def main() -> None:
+        # 2 in flight: the outbox is full at 16 finished messages, long before 200.
+        runner = make_runner(clients, handler, max_in_flight=2, commit_interval_ms=20)
+        async with running(runner):
+            await wait_for(lambda: committed(broker, P0)[0] == 200, "every offset committed")
+
+    asyncio.run(main())
+    assert sorted(output_ids(broker)) == sorted(ids)
+
+
 # -- per-key order ----------------------------------------------------------------------------
 
 
