@@ -58,7 +58,7 @@ MAX_MESSAGE_BYTES = 10_485_760
 STAGE_LINGER_MS = 1
 # How soon a stage consumer fetches again for a partition whose prefetch queue was full
 # (librdkafka's default: 1,000 ms); see KafkaClients.prefetch_config.
-FETCH_QUEUE_BACKOFF_MS = 20
+FETCH_QUEUE_BACKOFF_MS = 200
 # librdkafka log lines of one kind (facility): at most one per this many seconds.
 LOG_INTERVAL_S = 30.0
 # Facilities whose lines repeat what BrokerHealth already reports once, or report a
@@ -413,7 +413,9 @@ class KafkaClients:
         metastable: once a short hiccup had queued a backlog, each partition got one
         queue-full of messages per second, below the offered rate, so the backlog never
         drained (bench.latency at 450 req/s, quiet machine: p50 added 710-780 ms with the
-        worker at half a core; :data:`FETCH_QUEUE_BACKOFF_MS`: 9 ms, p99 61 ms). It also
+        worker at half a core; at 200 ms: 6.7 ms, p99 27 ms). Shorter costs CPU draining a
+        backlog (at 20 ms: +0.1-0.3 ms per request, the queue refilled in smaller pieces);
+        200 ms refills each partition five times as fast as the worker can drain. It also
         held back a partition resumed after a pause while full.
         """
         s = self.settings
