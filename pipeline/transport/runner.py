@@ -16,9 +16,15 @@ what was unfinished is processed again.
 librdkafka and asyncio: every consumer and producer call is made on one Kafka thread per
 runner (librdkafka's consumer is not safe for concurrent calls; the transactional calls
 block), while the stage's work runs on the event loop. Rebalance callbacks run inside
-``poll()`` on that thread; they ask the loop to finish or cancel the revoked partitions'
-work (bounded by ``revoke_grace_s``), then commit what is done on the spot, before the
-partitions go.
+``poll()`` on that thread, and librdkafka rejoins the group only once they return, so
+none of them waits for a message task without a bound. A revocation asks the loop to
+finish or cancel the revoked partitions' work (within ``revoke_grace_s``, then
+:data:`CANCEL_WAIT_S` for the cancelled tasks to end), then commits what is done on the
+spot, before the partitions go. A loss (the partitions are someone else's already) waits
+for nothing: the loop lets them go and cancels their work, and the consumer rejoins at
+once. A task that outlives its partition's assignment (a cancellation it swallowed, a slow
+cleanup) counts for nothing: each message remembers the assignment it was fetched in, and
+its result is kept only while that assignment lasts.
 
 Back-pressure: a full runner pauses its partitions (it keeps polling, so it stays in the
 group and answers rebalances); a partition whose window of finished-but-uncommittable
@@ -88,6 +94,9 @@ LAG_SAMPLE_INTERVAL_S = 1.0
 # Finished messages waiting for their commit, per max_in_flight: beyond this (commits
 # failing, e.g. while the broker is down) the runner stops fetching.
 OUTBOX_FACTOR = 8
+# How long a revocation waits for the tasks it cancelled to end (they normally end at
+# once); one still running after it is left behind, its result counting for nothing.
+CANCEL_WAIT_S = 1.0
 
 
 class ConsumerLike(Protocol):
@@ -162,6 +171,7 @@ class _Finished:
     outputs: list[Outbound]
     decision: Decision | None
     trace: MessageTrace | None
+    epoch: int  # the partition's assignment the message was fetched in
 
 
 @dataclass
@@ -227,7 +237,9 @@ class StageRunner:
         # the partition back skips them.
         self._sent: dict[Partition, set[int]] = {}
         self._sender: IdempotentDelivery | None = None  # at_least_once: sends at once
-        self._epochs: dict[Partition, int] = {}  # assignments of each partition so far
+        # Per partition, bumped when it is assigned and when a revocation lets its work
+        # go: a message's result counts only within the epoch it was fetched in.
+        self._epochs: dict[Partition, int] = {}
         self._tasks: dict[asyncio.Task[None], Inbound] = {}
         self._key_chains: dict[bytes, asyncio.Task[None]] = {}
         self._progress = asyncio.Event()
@@ -579,16 +591,21 @@ class StageRunner:
         self._call_loop(self._committed(plan, outcome, revoked))
 
     def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
-        """Partitions already owned by someone else: nothing may be committed for them."""
+        """Partitions already owned by someone else: nothing may be committed for them.
+
+        Waits for nothing, so that librdkafka rejoins the group at once. This callback
+        used to wait until the loop had cancelled the partitions' tasks and each had
+        ended: one that took its time winding down held the consumer out of its groups
+        for as long, in a broker outage that ended every session with work in flight.
+        The loop lets the partitions go (:meth:`_lose`) before anything this thread hands
+        it later: its callbacks run in the order this thread schedules them, and the loop
+        plans its next commit only after the current fetch returned to it, so no commit
+        can cover a lost partition."""
         self.joined = False  # out of the group until it rejoins and is assigned again
         self._rebalances += 1
         self._unpause(consumer, partitions)
-        lost = {(tp.topic, tp.partition) for tp in partitions} & self._owned
-        if lost:
-            log.warning(
-                "stage %s: lost %d partitions; their work is abandoned", self.stage, len(lost)
-            )
-            self._call_loop(self._release(lost, grace_s=0.0))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._lose, {(tp.topic, tp.partition) for tp in partitions})
 
     def _call_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         assert self._loop is not None
@@ -679,7 +696,8 @@ class StageRunner:
     def _spawn(self, inbound: Inbound) -> None:
         ordered = inbound.key is not None and h.ORDERED in inbound.headers
         previous = self._key_chains.get(inbound.key) if ordered and inbound.key else None
-        task = asyncio.create_task(self._process(inbound, previous))
+        epoch = self._epochs.get((inbound.topic, inbound.partition), 0)
+        task = asyncio.create_task(self._process(inbound, previous, epoch))
         if ordered and inbound.key is not None:
             self._key_chains[inbound.key] = task
         self._tasks[task] = inbound
@@ -698,8 +716,11 @@ class StageRunner:
             self.stats.cancelled += 1
         self._progress.set()
 
-    async def _process(self, inbound: Inbound, previous: asyncio.Task[None] | None) -> None:
-        """Handle one message. Only cancellation leaves it unfinished (to be redone)."""
+    async def _process(
+        self, inbound: Inbound, previous: asyncio.Task[None] | None, epoch: int
+    ) -> None:
+        """Handle one message. Only cancellation leaves it unfinished (to be redone), and
+        so does the end of the assignment it was fetched in (``epoch``)."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         try:
@@ -708,7 +729,7 @@ class StageRunner:
                 decision, outputs = self._outputs(inbound, decision, trace)
                 trace.decided(decision)
             finished = _Finished(
-                (inbound.topic, inbound.partition), inbound.offset, outputs, decision, trace
+                (inbound.topic, inbound.partition), inbound.offset, outputs, decision, trace, epoch
             )
         except asyncio.CancelledError:
             raise
@@ -726,15 +747,18 @@ class StageRunner:
                 [self._bare_dead_letter(inbound, exc)],
                 None,
                 None,
+                epoch,
             )
-        if self._sender is not None and finished.partition in self._owned:
+        if self._sender is not None and self._live(finished.partition, epoch):
             # at_least_once: out now; done once acknowledged (a cancelled send is redone,
             # unless its outputs turn out delivered all the same: then it is skipped).
-            epoch = self._epochs.get(finished.partition, 0)
-            await self._sender.send(finished.outputs, lambda: self._delivered_late(finished, epoch))
+            await self._sender.send(finished.outputs, lambda: self._delivered_late(finished))
+            if not self._live(finished.partition, epoch):  # went while they were on their way
+                self._delivered_late(finished)
+                return
         self._finish(finished)
 
-    def _delivered_late(self, finished: _Finished, epoch: int) -> None:
+    def _delivered_late(self, finished: _Finished) -> None:
         """A message's outputs acknowledged after its task was cancelled because its
         partition went (lost in a broker outage, its outputs queued until the broker came
         back): remember it as done, so the partition's next assignment skips it, and
@@ -744,12 +768,12 @@ class StageRunner:
         tp, offset = finished.partition, finished.offset
         if tp not in self._owned:
             self._sent.setdefault(tp, set()).add(offset)
-        elif self._epochs.get(tp, 0) != epoch:  # already back: skipped when it arrives
+        elif self._epochs.get(tp, 0) != finished.epoch:  # back: skipped when it arrives
             self._tracker.add_done(*tp, offset)
 
     def _finish(self, finished: _Finished) -> None:
-        if finished.partition not in self._owned:
-            return  # revoked meanwhile: the new owner redoes it
+        if not self._live(finished.partition, finished.epoch):
+            return  # revoked or lost meanwhile: its next owner redoes it
         if self._sender is None:
             self._outbox.append(finished)  # exactly_once: written by the next transaction
         elif finished.trace is not None and finished.decision is not None:
@@ -921,13 +945,23 @@ class StageRunner:
 
     async def _prepare_revocation(self, revoked: set[Partition]) -> _Plan | None:
         await self._release_tasks(revoked, self._revoke_grace_s)
+        for tp in revoked:  # what a task left behind finishes from now on counts for nothing
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
         return self._plan(revoked)
 
-    async def _release(self, partitions: set[Partition], grace_s: float) -> None:
-        await self._release_tasks(partitions, grace_s)
-        self._outbox = [f for f in self._outbox if f.partition not in partitions]
-        for tp in partitions:
+    def _lose(self, partitions: set[Partition]) -> None:
+        """Let lost partitions go now and cancel their work without waiting for it (on
+        the loop, a callback of :meth:`_on_lost`)."""
+        lost = partitions & self._owned
+        if not lost:
+            return
+        log.warning("stage %s: lost %d partitions; their work is abandoned", self.stage, len(lost))
+        self._backlog = deque(m for m in self._backlog if (m.topic, m.partition) not in lost)
+        for tp in lost:
             self._forget(tp, remember_done=True)
+        for task, inbound in self._tasks.items():
+            if (inbound.topic, inbound.partition) in lost:
+                task.cancel()
 
     async def _release_tasks(self, partitions: set[Partition], grace_s: float) -> None:
         """Let the partitions' in-flight messages finish within ``grace_s``, cancel the rest."""
@@ -936,6 +970,10 @@ class StageRunner:
         await self._cancel(
             {t for t, m in self._tasks.items() if (m.topic, m.partition) in partitions}
         )
+
+    def _live(self, partition: Partition, epoch: int) -> bool:
+        """Whether the assignment a message was fetched in still holds its partition."""
+        return partition in self._owned and self._epochs.get(partition, 0) == epoch
 
     def _forget(self, tp: Partition, remember_done: bool = False) -> None:
         """Let a partition go. ``remember_done``: it goes without its last commit (lost,
@@ -950,6 +988,8 @@ class StageRunner:
                 self._sent.setdefault(tp, set()).update(done)
         self._owned.discard(tp)
         self._tracker.forget(*tp)
+        # Exactly once: outputs not in the partition's last commit are never committed.
+        self._outbox = [f for f in self._outbox if f.partition != tp]
 
     async def _drain(self, partitions: set[Partition] | None, grace_s: float) -> None:
         def idle() -> bool:
@@ -965,7 +1005,17 @@ class StageRunner:
             )
 
     async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Cancel ``tasks`` and wait up to :data:`CANCEL_WAIT_S` for them to end."""
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, running = await asyncio.wait(tasks, timeout=CANCEL_WAIT_S)
+        if running:
+            log.warning(
+                "stage %s: %d cancelled messages still running after %.0f s; left behind "
+                "(their results count for nothing, the partitions' next owner redoes them)",
+                self.stage,
+                len(running),
+                CANCEL_WAIT_S,
+            )
