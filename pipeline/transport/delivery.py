@@ -2,7 +2,8 @@
 
 Every commit interval the runner commits, per partition, the committable position with
 the finished offsets above it in the commit metadata (:mod:`pipeline.transport.offsets`).
-The commit calls block (librdkafka), so the runner makes them on its Kafka thread.
+The commit calls block (librdkafka), so the runner makes them off the event loop: on its
+Kafka thread, or (the at-least-once offset commit) on a committer thread of its own.
 
 - :class:`TransactionalDelivery` (``exactly_once``, the default): one transaction per
   commit interval holds the outputs of the messages finished since the last one: begin,

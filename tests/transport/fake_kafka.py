@@ -100,6 +100,9 @@ class FakeBroker:
     init_failures: list[KafkaError] = field(default_factory=list)
     # Consumer offset commits (at_least_once) fail with this while it is set.
     offset_commit_error: KafkaError | None = None
+    # Each consumer offset commit takes the first of these (if any) and waits until it is
+    # set before it reaches the broker: a commit in flight for as long as a test wants.
+    offset_commit_gates: list[threading.Event] = field(default_factory=list)
     # Idempotent producers deliver nothing (and report nothing) while this is set.
     hold_deliveries: bool = False
     # The next consume() returns a message carrying this error (a fatal consumer error).
@@ -222,6 +225,12 @@ class FakeConsumer:
     def commit(self, *args: Any, offsets: list[TopicPartition], **kwargs: Any) -> Any:
         if self.crashed:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT, "crashed"))
+        with self.broker.lock:
+            gate = (
+                self.broker.offset_commit_gates.pop(0) if self.broker.offset_commit_gates else None
+            )
+        if gate is not None:
+            gate.wait()
         if self.broker.offset_commit_error is not None:
             raise KafkaException(self.broker.offset_commit_error)
         with self.broker.lock:

@@ -27,7 +27,7 @@ from pipeline.contract.topology import VALIDATED
 from pipeline.observability.redact import Redactor
 from pipeline.transport import delivery as delivery_module
 from pipeline.transport import runner as runner_module
-from pipeline.transport.delivery import IdempotentDelivery, KafkaFatalError
+from pipeline.transport.delivery import IdempotentDelivery, KafkaFatalError, Outcome
 from pipeline.transport.instrumentation import MessageTrace, NoInstrumentation
 from pipeline.transport.message import Inbound, Outbound
 from pipeline.transport.offsets import decode_done, encode_done
@@ -992,3 +992,100 @@ def test_a_commit_whose_answer_is_lost_is_resolved_from_the_offsets_not_redone(
     asyncio.run(main())
     assert broker.lost_commit_answers == 0
     assert Counter(output_ids(broker)) == Counter(ids), "each output exactly once"
+
+
+# -- at-least-once commits off the fetch path -------------------------------------------------
+
+
+def commit_history(broker: FakeBroker, partition: Partition) -> list[int]:
+    """Every position committed for ``partition``, in the order the broker took them."""
+    return [record[partition][0] for record in broker.commits if partition in record]
+
+
+def test_at_least_once_a_commit_in_flight_holds_neither_the_fetch_nor_the_offset_order() -> None:
+    """The offset commit runs off the fetch path: while one is held on its way to the
+    broker, new messages are still fetched and delivered. A revocation meanwhile commits
+    only after the held commit is answered, so the partition's committed offset only ever
+    moves forward (a late commit landing after the revocation's would move it back, and
+    the next owner would redo what was done)."""
+    broker = FakeBroker()
+    fill(broker, P0, 5)
+    fill(broker, P1, 5)
+    clients = FakeClients(broker, [P0, P1])
+    gate = threading.Event()
+    broker.offset_commit_gates.append(gate)
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler, delivery="at_least_once", commit_interval_ms=10)
+        entered: list[str] = []
+        execute = runner._execute
+
+        def counted(plan: Any) -> Any:
+            entered.append(threading.current_thread().name)
+            return execute(plan)
+
+        runner._execute = counted  # type: ignore[method-assign]
+        async with running(runner):
+            try:
+                await wait_for(lambda: len(entered) == 1, "a commit on its way (held)")
+                assert not broker.commits
+                fill(broker, P0, 5)
+                fill(broker, P1, 5)
+                await wait_for(
+                    lambda: len(broker.outputs) == 20, "outputs fetched past the held commit"
+                )
+                consumer = clients.consumers[0]
+                broker.revoke(consumer, [P0])
+                await wait_for(lambda: len(entered) == 2, "the revocation's commit")
+                assert entered[1].startswith("kafka-"), entered
+                assert P0 in consumer.assignment, "the revocation waits for the commit in flight"
+                gate.set()
+                await wait_for(lambda: P0 not in consumer.assignment, "the revocation to end")
+                assert committed(broker, P0) == (10, set())
+                await wait_for(lambda: committed(broker, P1) == (10, set()), "p1 committed")
+            finally:
+                gate.set()  # never leave the runner stuck in a held commit
+        history = commit_history(broker, P0)
+        assert history == sorted(history), f"p0's committed offset moved back: {history}"
+        assert history[-1] == 10
+
+    asyncio.run(main())
+
+
+def test_at_least_once_an_older_snapshot_never_commits_over_a_newer_one() -> None:
+    """Commits may be answered out of the order they were planned in (the committer's and a
+    revocation's): a plan taken before one already committed leaves out the partitions
+    that one covered."""
+    broker = FakeBroker()
+    fill(broker, P0, 3)
+    clients = FakeClients(broker, [P0])
+    gate = asyncio.Event()
+
+    async def handler(message: Inbound) -> Decision:
+        if message.offset >= 3:
+            await gate.wait()
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(
+            clients, handler, delivery="at_least_once", commit_interval_ms=3_600_000
+        )
+        async with running(runner):
+            await wait_for(lambda: runner._tracker.committable(*P0) == 3, "3 done")
+            older = runner._plan()
+            fill(broker, P0, 2)
+            await wait_for(lambda: runner._tracker.in_flight(*P0) == 2, "2 more in flight")
+            gate.set()
+            await wait_for(lambda: runner._tracker.committable(*P0) == 5, "5 done")
+            newer = runner._plan()
+            assert older is not None and newer is not None and older.seq < newer.seq
+            before = len(commit_history(broker, P0))
+            assert runner._execute(newer) is Outcome.COMMITTED
+            assert runner._execute(older) is Outcome.COMMITTED
+            assert older.offsets == []
+            assert commit_history(broker, P0)[before:] == [5]
+
+    asyncio.run(main())
