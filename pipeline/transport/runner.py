@@ -101,6 +101,13 @@ OUTBOX_FACTOR = 8
 # How long a revocation waits for the tasks it cancelled to end (they normally end at
 # once); one still running after it is left behind, its result counting for nothing.
 CANCEL_WAIT_S = 1.0
+# A consumer out of its group this long while the process's other clients reach the
+# broker asks the broker for metadata (at most every ORPHAN_PROBE_S, waiting up to
+# ORPHAN_PROBE_TIMEOUT_S); if it cannot, it has no broker left (see _check_orphaned).
+# A rejoin after an outage normally takes about one session timeout (10 s).
+ORPHAN_AFTER_S = 20.0
+ORPHAN_PROBE_S = 5.0
+ORPHAN_PROBE_TIMEOUT_S = 5.0
 
 
 class ConsumerLike(Protocol):
@@ -130,12 +137,17 @@ class ConsumerLike(Protocol):
 
     def position(self, partitions: list[TopicPartition]) -> Any: ...
 
+    def list_topics(self, topic: str | None = ..., timeout: float = ...) -> Any: ...
+
     def close(self) -> None: ...
 
 
 class HealthLike(Protocol):
     @property
     def outages(self) -> int: ...
+
+    @property
+    def down(self) -> bool: ...
 
     def ok(self) -> None: ...
 
@@ -278,6 +290,8 @@ class StageRunner:
         # In the group: given its share (possibly none: more members than partitions) and
         # not lost since. Set on the Kafka thread, read by /readyz's thread.
         self.joined = False
+        self._out_since = time.monotonic()  # when it last left its group (Kafka thread)
+        self._orphan_probed = 0.0
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -480,7 +494,48 @@ class StageRunner:
         self._sample_lag(consumer, owned)
         if not taken and owned and self._clients.health.probe_due():
             self._probe(consumer, owned[0])
+        if not self.joined:
+            self._check_orphaned(consumer)
         return messages
+
+    def _check_orphaned(self, consumer: ConsumerLike) -> None:
+        """Exit (:class:`KafkaFatalError`) if this consumer has lost every broker.
+
+        librdkafka 2.16 can leave a client with no broker to talk to after a broker
+        restart: when every connection fails it re-bootstraps, dropping its learned
+        broker handles, and now and then (a race with the broker coming back) no handle
+        is left that ever connects again (related upstream: confluentinc/librdkafka#5301,
+        open). Seen in the worker-endpoints test and reproduced with repeated 8-14 s
+        outages of one broker (4 of about 60): the consumer's debug log says "Group
+        coordinator decommissioned", then only "no broker available for coordinator
+        query" with no connection attempt for minutes; its thread polls on, and it never
+        rejoins its group while the process's other clients, and the other process,
+        work. Only a new client recovers, so the worker exits and its supervisor (or
+        orchestrator) starts a fresh process, which resumes from the committed offsets.
+
+        Asked only when the consumer has been out of its group for
+        :data:`ORPHAN_AFTER_S` while the process is not in an outage (another client
+        reached the broker since the last failure): a metadata request this consumer
+        cannot make then is not the broker's doing, and one it can make clears it."""
+        now = time.monotonic()
+        if (
+            now - self._out_since < ORPHAN_AFTER_S
+            or now - self._orphan_probed < ORPHAN_PROBE_S
+            or self._clients.health.down
+        ):
+            return
+        self._orphan_probed = now
+        try:
+            consumer.list_topics(self.input_topic, timeout=ORPHAN_PROBE_TIMEOUT_S)
+        except KafkaException as exc:
+            if self._clients.health.down:  # an outage began meanwhile: not orphaned
+                return
+            raise KafkaFatalError(
+                f"stage {self.stage}: out of its group for {now - self._out_since:.0f} s "
+                f"and its consumer reaches no broker ({exc}) while this process's other "
+                "clients do (librdkafka has no broker handle left after the broker "
+                "restarted); exiting so that a fresh process rejoins"
+            ) from exc
 
     def _hand_on(self, messages: list[Any]) -> None:
         """Give fetched messages to the loop while the fetch goes on (from this thread)."""
@@ -628,6 +683,7 @@ class StageRunner:
         plans its next commit only after the current fetch returned to it, so no commit
         can cover a lost partition."""
         self.joined = False  # out of the group until it rejoins and is assigned again
+        self._out_since = time.monotonic()
         self._rebalances += 1
         self._unpause(consumer, partitions)
         assert self._loop is not None

@@ -162,20 +162,10 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
             wait_for("not ready once the broker is down", broker_unready, 60, alive)
 
             broker.up()
-            # Open bug (session 5, 1 of 3 clean-clone rehearsals): one of the two processes
-            # never rejoined its stages' groups after the outage (broker reachable, the
-            # other process ready with every stage). Only that exact symptom is marked, at
-            # the end, after the ledger below has still been checked strictly.
-            not_rejoined = None
-            try:
-                wait_for("ready again once the broker is back", status("/readyz", 200), 120, alive)
-            except AssertionError as exc:
-                _, body = probe(base + "/readyz")
-                answers = body.get("processes", []) if isinstance(body, dict) else []
-                reasons = sorted(str(a.get("reason", "")) for a in answers)
-                if len(answers) != 2 or reasons[0] != "" or "not in their groups" not in reasons[1]:
-                    raise
-                not_rejoined = f"{exc}; now {body}"
+            # A consumer that librdkafka left with no broker through the restart exits its
+            # process and the supervisor replaces it (StageRunner._check_orphaned), well
+            # within this wait.
+            wait_for("ready again once the broker is back", status("/readyz", 200), 120, alive)
             assert probe(base + "/healthz")[0] == 200
 
             after = mixed_requests(16, seed=12, weights=WEIGHTS, prefix="ep-after")
@@ -192,8 +182,6 @@ def test_readyz_follows_the_broker_and_metrics_show_the_pipeline(tmp_path: Path)
                 if calls_of(now, p.request_id) != calls_of(calls_before, p.request_id)
             }
             assert not redone, f"model calls redone after the outage: {redone}"
-            if not_rejoined is not None:
-                pytest.xfail(f"open bug: a process did not rejoin after the outage: {not_rejoined}")
 
         # Every log line names its process the way its metrics do (both children logged
         # the outage).

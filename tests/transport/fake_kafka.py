@@ -107,6 +107,8 @@ class FakeBroker:
     hold_deliveries: bool = False
     # The next consume() returns a message carrying this error (a fatal consumer error).
     consumer_error: KafkaError | None = None
+    # Consumers' metadata requests fail while this is set (a client with no broker left).
+    metadata_error: KafkaError | None = None
 
     def append(
         self,
@@ -251,6 +253,11 @@ class FakeConsumer:
             for tp in partitions
         ]
 
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        if self.broker.metadata_error is not None:
+            raise KafkaException(self.broker.metadata_error)
+        return None
+
     def close(self) -> None:
         if not self.crashed and self.assignment:
             self.events.append(("revoke", sorted(self.assignment)))
@@ -370,6 +377,7 @@ class FakeHealth:
     def __init__(self) -> None:
         self.oks = 0
         self.outages = 0
+        self.down = False
 
     def ok(self) -> None:
         self.oks += 1

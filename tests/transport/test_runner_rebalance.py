@@ -8,23 +8,33 @@ cancellation swallowed), forever if it never did: the worker stayed up, alive, a
 consumed nothing. Here a task winds down only when the test lets it, and the runner must
 take its next assignment (and commit it) meanwhile, without committing or emitting
 anything of the partition it no longer owns.
+
+And a consumer that librdkafka left without a broker after a broker restart never rejoins
+at all: the runner notices and stops with a fatal error, so the worker process is
+replaced, instead of staying up out of its groups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError
 
 from pipeline.contract.decisions import Decision
+from pipeline.transport import runner as runner_module
+from pipeline.transport.delivery import KafkaFatalError
 from pipeline.transport.message import Inbound
 from pipeline.transport.runner import DeliveryMode
-from tests.transport.fake_kafka import FakeBroker, FakeClients
+from tests.transport.fake_kafka import FakeBroker, FakeClients, FakeConsumer
 from tests.transport.test_runner import (
     P0,
     P1,
     committed,
+    counting_handler,
     emit,
     fill,
     make_runner,
@@ -139,5 +149,83 @@ def test_a_revocation_waits_for_cancelled_work_only_within_a_bound(
                 handler.release.set()
         assert committed(broker, P0) == (0, set()), "P0's unfinished work is left to redo"
         assert sorted(output_ids(broker)) == sorted(ids), "nothing of P0 after it was revoked"
+
+    asyncio.run(main())
+
+
+# -- a consumer with no broker left ------------------------------------------------------------
+
+
+def test_a_consumer_left_without_brokers_exits_the_worker_instead_of_idling_for_good(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka 2.16 now and then re-bootstraps a client through a broker restart into
+    having no broker handle that connects: its consumer, out of its group since the
+    outage, polls on and never rejoins while the process's other clients work. Past
+    ORPHAN_AFTER_S with its own metadata request failing, the runner stops with a fatal
+    error: the worker exits and a fresh process rejoins."""
+    monkeypatch.setattr(runner_module, "ORPHAN_AFTER_S", 0.2)
+    monkeypatch.setattr(runner_module, "ORPHAN_PROBE_S", 0.05)
+    broker = FakeBroker()
+    ids = fill(broker, P0, 2)
+    clients = FakeClients(broker, [P0])
+
+    async def main() -> None:
+        runner = make_runner(clients, counting_handler()[1])
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        await wait_for(lambda: committed(broker, P0)[0] == 2, "P0 processed")
+        broker.metadata_error = KafkaError(KafkaError._TRANSPORT, "no usable brokers")
+        clients.consumers[0].events.append(("lost", [P0]))
+        with pytest.raises(KafkaFatalError, match="reaches no broker"):
+            await asyncio.wait_for(task, 10)
+        assert not runner.joined
+
+    asyncio.run(main())
+    assert sorted(output_ids(broker)) == sorted(ids)
+
+
+def test_a_consumer_out_of_its_group_in_an_outage_or_with_brokers_waits_to_rejoin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of its group past ORPHAN_AFTER_S is not enough: during an outage (the
+    process's clients failing) or with its own metadata request answered, the consumer
+    waits for its next assignment, however long the group takes."""
+    monkeypatch.setattr(runner_module, "ORPHAN_AFTER_S", 0.1)
+    monkeypatch.setattr(runner_module, "ORPHAN_PROBE_S", 0.02)
+    broker = FakeBroker()
+    clients = FakeClients(broker, [P0])
+    probes = 0
+    list_topics = FakeConsumer.list_topics
+
+    def counted(self: FakeConsumer, topic: str | None = None, timeout: float = -1) -> Any:
+        nonlocal probes
+        probes += 1
+        return list_topics(self, topic, timeout)
+
+    monkeypatch.setattr(FakeConsumer, "list_topics", counted)
+
+    async def main() -> None:
+        runner = make_runner(clients, counting_handler()[1])
+        async with running(runner) as task:
+            consumer = clients.consumers[0]
+            await wait_for(lambda: runner.joined, "the first assignment")
+            clients.health.down = True  # an outage: no probe at all
+            broker.metadata_error = KafkaError(KafkaError._TRANSPORT, "broker down")
+            consumer.events.append(("lost", [P0]))
+            await wait_for(lambda: not runner.joined, "the loss")
+            await wait_for(
+                lambda: time.monotonic() - runner._out_since > 0.5,
+                "five times ORPHAN_AFTER_S out of the group",
+            )
+            assert probes == 0 and not task.done()
+            clients.health.down = False  # the broker is back, this consumer reaches it
+            broker.metadata_error = None
+            await wait_for(lambda: probes >= 3, "the consumer's metadata probes")
+            assert not task.done()
+            ids = fill(broker, P0, 2)
+            consumer.events.append(("assign", [P0]))
+            await wait_for(lambda: committed(broker, P0)[0] == 2, "the rejoin")
+        assert sorted(output_ids(broker)) == sorted(ids)
 
     asyncio.run(main())
