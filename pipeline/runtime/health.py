@@ -7,7 +7,7 @@ Liveness is "the event loop runs": a task on the loop stamps the time every
 orchestrator restarts the process); slow work that yields, a broker outage or a model
 outage do not, because restarting would not cure them.
 
-Readiness is "the worker can do its job now", three conditions:
+Readiness is "the worker can do its job now", four conditions:
 
 * the control topic was read to its end at start (flags, kill switches and pins in force);
 * every stage consumer is in its group: it has been given its share and has not lost it
@@ -15,7 +15,11 @@ Readiness is "the worker can do its job now", three conditions:
   members than partitions) is idle by design, and ready;
 * the broker answers a metadata request for the control topic, asked on the probe's
   thread at most once per :data:`PROBE_CACHE_S`: the consumers keep their assignment
-  through an outage, so the assignment alone would say "ready" with no broker at all.
+  through an outage, so the assignment alone would say "ready" with no broker at all;
+* no stage's commit has been running longer than
+  :data:`~pipeline.transport.delivery.STUCK_COMMIT_S`: a commit that never returns (a
+  librdkafka call hanging past the watchdog that replaces stuck transactional producers)
+  holds that stage's partitions back while everything else looks fine.
 
 Neither check touches the stages: the heartbeat is one timer per second on the loop, the
 rest is read from flags when a probe comes.
@@ -42,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.observability.endpoints import Verdict
 from pipeline.transport.clients import KafkaClients
+from pipeline.transport.delivery import STUCK_COMMIT_S
 
 BEAT_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
@@ -81,6 +86,7 @@ class Member(Protocol):
 
     stage: str
     joined: bool
+    commit_since: float | None
 
 
 class WorkerReadiness:
@@ -100,6 +106,12 @@ class WorkerReadiness:
     def __call__(self) -> Verdict:
         broker_error = self._broker()
         waiting = [m.stage for m in self.members if not m.joined]
+        now = time.monotonic()
+        stuck = [
+            m.stage
+            for m in self.members
+            if (since := m.commit_since) is not None and now - since > STUCK_COMMIT_S
+        ]
         detail: dict[str, object] = {
             "control_topic_read": self.control_read(),
             "stages_joined": sorted(m.stage for m in self.members if m.joined),
@@ -115,6 +127,8 @@ class WorkerReadiness:
             reason = "the control topic is not read yet"
         elif not self.members or waiting:
             reason = f"stages not in their groups yet: {', '.join(waiting) or 'all'}"
+        elif stuck:
+            reason = f"a commit running for over {STUCK_COMMIT_S:.0f} s: {', '.join(stuck)}"
         else:
             return Verdict(True, detail)
         return Verdict(False, {**detail, "reason": reason})

@@ -52,6 +52,9 @@ PRODUCE_QUEUE_WAIT_S = 0.1
 # that is merely retrying through an outage returns within COMMIT_DEADLINE_S plus a call).
 CALL_GRACE_S = 10.0
 WATCHDOG_S = COMMIT_DEADLINE_S + CALL_TIMEOUT_S + CALL_GRACE_S
+# A commit still running this long is stuck beyond what the watchdog heals (it abandons a
+# hung call by WATCHDOG_S, then asks the broker with one more call): /readyz says so.
+STUCK_COMMIT_S = WATCHDOG_S + CALL_TIMEOUT_S + CALL_GRACE_S
 WATCH_INTERVAL_S = 0.25
 # at_least_once: delivery reports are served on the loop by a non-blocking poll, whenever
 # a stage sends and the last poll is REPORT_POLL_S old (the loop is awake anyway), else by

@@ -291,6 +291,9 @@ class StageRunner:
         # not lost since. Set on the Kafka thread, read by /readyz's thread.
         self.joined = False
         self._out_since = time.monotonic()  # when it last left its group (Kafka thread)
+        # When the commit now running (Kafka or committer thread) began, None when none is;
+        # read by /readyz's thread, which reports a commit that never returns.
+        self.commit_since: float | None = None
         self._orphan_probed = 0.0
 
     # -- the loop ------------------------------------------------------------------------
@@ -708,7 +711,11 @@ class StageRunner:
             if stale:
                 plan.offsets = [tp for tp in plan.offsets if (tp.topic, tp.partition) not in stale]
                 plan.versions = {tp: v for tp, v in plan.versions.items() if tp not in stale}
-            outcome = self._delivery.commit(plan.outputs, plan.offsets, lambda: self._stopping)
+            self.commit_since = time.monotonic()
+            try:
+                outcome = self._delivery.commit(plan.outputs, plan.offsets, lambda: self._stopping)
+            finally:
+                self.commit_since = None
             if outcome is Outcome.COMMITTED:
                 for tp in plan.versions:
                     self._committed_seq[tp] = plan.seq
