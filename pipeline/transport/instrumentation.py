@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
 from pipeline.contract.decisions import DeadLetter, Decision, end_to_end_s
@@ -37,7 +38,7 @@ from pipeline.observability.context import (
     parse_prompt_ref,
 )
 from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
-from pipeline.observability.propagation import extract, inject
+from pipeline.observability.propagation import extract, inject, span_headers
 from pipeline.observability.setup import current
 from pipeline.transport import headers as h
 from pipeline.transport.message import Inbound
@@ -76,12 +77,19 @@ def _key_text(key: bytes) -> str:
 
 class _SpanTrace:
     def __init__(
-        self, owner: StageInstrumentation, inbound: Inbound, span: Span, scope: MessageScope
+        self,
+        owner: StageInstrumentation,
+        inbound: Inbound,
+        span: Span,
+        scope: MessageScope,
+        context: Context | None = None,
     ) -> None:
         self._owner = owner
         self._inbound = inbound
         self._span = span
         self._scope = scope
+        self._context = context
+        """A context holding ``span``, when the caller made one already."""
         self._started = time.perf_counter()
         self._recording = span.is_recording()
 
@@ -123,12 +131,12 @@ class _SpanTrace:
         no attributes, and it is never made current.
         """
         if not self._recording:
+            if self._context is None:
+                self._context = trace.set_span_in_context(self._span)
             span = self._owner.tracer.start_span(
-                sc.producer_span_name(logical_topic),
-                trace.set_span_in_context(self._span),
-                kind=trace.SpanKind.PRODUCER,
+                sc.producer_span_name(logical_topic), self._context, kind=trace.SpanKind.PRODUCER
             )
-            return inject(trace.set_span_in_context(span))
+            return span_headers(span.get_span_context())
         attributes: dict[str, Any] = {
             sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
             sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_SEND,
@@ -269,8 +277,9 @@ class _UnrecordedMessage:
         )
         owner.metrics.stage_started(owner.stage)
         self._scope_token = enter_scope(scope)
-        self._context_token = otel_context.attach(trace.set_span_in_context(span))
-        return _SpanTrace(owner, inbound, span, scope)
+        context = trace.set_span_in_context(span)
+        self._context_token = otel_context.attach(context)
+        return _SpanTrace(owner, inbound, span, scope, context)
 
     def __exit__(self, *exc_info: object) -> None:
         otel_context.detach(self._context_token)
