@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+from datetime import datetime
+from typing import Any
 
+import fastavro
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -12,7 +16,7 @@ from pydantic import ValidationError
 
 from pipeline.config import Settings
 from pipeline.contract.codec import AVRO, CONFLUENT_AVRO, JSON, Codec, DecodeError
-from pipeline.contract.envelopes import Request, Result
+from pipeline.contract.envelopes import ControlEvent, Envelope, PromptRef, Request, Result, Usage
 from pipeline.transport.registry import codec_for
 from pipeline.transport.schema_registry import apply_subjects, registry_client
 
@@ -108,6 +112,50 @@ def test_arbitrary_bytes_never_raise_anything_but_decode_error(
         assert decoded == envelope
         encoded, encoded_type = CODEC.encode(decoded)
         assert CODEC.decode(encoded, cls, encoded_type) == decoded
+
+
+def _fastavro_bytes(envelope: Envelope) -> bytes:
+    buffer = io.BytesIO()
+    schema = fastavro.parse_schema(CODEC.registry_schema(CODEC.schema_name(type(envelope))))
+    fastavro.schemaless_writer(buffer, schema, CODEC.record(envelope))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        PromptRef(name="p", version=1, hash="h"),
+        (1, "two"),
+        {"nested": [PromptRef(name="q", version=2, hash="h")]},
+    ],
+)
+def test_json_fields_holding_models_or_tuples_encode_as_model_dump_has_them(value: Any) -> None:
+    """Not plain JSON inside an ``Any``: written as ``model_dump`` serialises it."""
+    event = ControlEvent(key="k", value=value, actor="a", at=datetime(2026, 12, 1))
+    assert CODEC.encode(event)[0] == _fastavro_bytes(event)
+
+
+def test_a_naive_timestamp_is_written_as_fastavro_writes_it() -> None:
+    event = ControlEvent(key="k", actor="a", at=datetime(1999, 12, 31, 23, 59, 59, 999000))
+    assert CODEC.encode(event)[0] == _fastavro_bytes(event)
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        Request.model_construct(request_id="r", prompt="lone \ud800 surrogate"),
+        Usage(prompt_tokens=2**63),
+        Usage.model_construct(prompt_tokens=None),
+        REQUEST.model_copy(update={"metadata": {"k": 1}}),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # the reference's model_dump
+def test_values_avro_cannot_hold_raise_as_they_do_with_fastavro(envelope: Envelope) -> None:
+    """The runner turns any encode error into an ``unencodable`` dead letter."""
+    with pytest.raises(Exception):  # noqa: B017 - fastavro raises several types too
+        _fastavro_bytes(envelope)
+    with pytest.raises(Exception):  # noqa: B017
+        CODEC.encode(envelope)
 
 
 def test_a_message_written_before_a_trailing_field_was_added_still_decodes() -> None:
