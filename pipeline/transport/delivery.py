@@ -427,12 +427,21 @@ class TransactionalDelivery:
 
 @dataclass
 class _Sending:
-    """One message's outputs on their way: settled when every delivery report is in."""
+    """One message's outputs on their way: settled when every delivery report is in.
+
+    ``late`` hears the outcome of a send its waiter gave up on (:meth:`abandon`, the task
+    cancelled): once, True if every output went out after all, False if some never will
+    (refused, timed out, or never handed to librdkafka)."""
 
     future: asyncio.Future[None]
-    pending: int
+    pending: int  # reports still to come (every output, until abandoned)
     failed: list[tuple[Outbound, KafkaError]] = field(default_factory=list)
-    late: Callable[[], None] | None = None  # all delivered after the sender stopped waiting
+    late: Callable[[bool], None] | None = None
+    unproduced: int = 0  # not handed to librdkafka yet (set by send())
+    abandoned: bool = False
+
+    def __post_init__(self) -> None:
+        self.unproduced = self.pending
 
     def report(self, out: Outbound, error: KafkaError | None) -> None:
         self.pending -= 1
@@ -440,10 +449,23 @@ class _Sending:
             self.failed.append((out, error))
         if self.pending > 0:
             return
-        if not self.future.done():
+        if self.abandoned:
+            self._settle_late()
+        elif not self.future.done():
             self.future.set_result(None)
-        elif self.future.cancelled() and not self.failed and self.late is not None:
-            self.late()
+
+    def abandon(self) -> None:
+        """The waiter is gone: outputs never handed over will not report, and ``late``
+        hears the outcome once every report of the others is in (now, if all are)."""
+        self.abandoned = True
+        self.pending -= self.unproduced
+        if self.pending <= 0:
+            self._settle_late()
+
+    def _settle_late(self) -> None:
+        late, self.late = self.late, None  # exactly once
+        if late is not None:
+            late(not self.failed and not self.unproduced)
 
 
 class _ReportPoller:
@@ -534,14 +556,15 @@ class IdempotentDelivery:
         self._producer, self._poller = producer, poller
 
     async def send(
-        self, outputs: Sequence[Outbound], late: Callable[[], None] | None = None
+        self, outputs: Sequence[Outbound], late: Callable[[bool], None] | None = None
     ) -> None:
         """Produce ``outputs`` now; return when every one is acknowledged by the broker.
 
         Cancelling it (a partition lost or revoked past its grace, a shutdown) leaves the
-        message unfinished, but its outputs are queued and may still be delivered (the
-        broker back after an outage): ``late`` is called on the loop if all of them are,
-        so the runner can skip the message instead of delivering it twice.
+        message unfinished, but its outputs may be queued and still be delivered (the
+        broker back after an outage): ``late`` is then called on the loop, once, with
+        whether all of them were, so the runner can skip the message instead of
+        delivering it twice, and hold a redo of it until it knows.
         """
         producer, poller = self._producer, self._poller
         assert producer is not None and poller is not None, "start() first"
@@ -549,12 +572,16 @@ class IdempotentDelivery:
         todo = list(outputs)
         while todo:
             sending = _Sending(loop.create_future(), len(todo), late=late)
-            for out in todo:
-                await self._produce(producer, poller, out, sending)
-            if sending.pending <= 0 and not sending.future.done():
-                sending.future.set_result(None)
-            poller.soon(loop)
-            await sending.future
+            try:
+                for out in todo:
+                    await self._produce(producer, poller, out, sending)
+                if sending.pending <= 0 and not sending.future.done():
+                    sending.future.set_result(None)
+                poller.soon(loop)
+                await sending.future
+            except asyncio.CancelledError:
+                sending.abandon()
+                raise
             if not sending.failed:
                 if self._send_failing:
                     log.info("%soutputs are delivered again", self._name)
@@ -565,7 +592,12 @@ class IdempotentDelivery:
                 f"{len(sending.failed)} outputs not delivered ({error}); sending them again"
             )
             todo = [out for out, _ in sending.failed]
-            await asyncio.sleep(RESEND_WAIT_S)
+            try:
+                await asyncio.sleep(RESEND_WAIT_S)
+            except asyncio.CancelledError:
+                if late is not None:
+                    late(False)  # those outputs were not delivered
+                raise
 
     async def _produce(
         self, producer: ProducerLike, poller: _ReportPoller, out: Outbound, sending: _Sending
@@ -591,6 +623,7 @@ class IdempotentDelivery:
                 producer.produce(
                     out.topic, value=out.value, key=out.key, headers=headers, on_delivery=report
                 )
+                sending.unproduced -= 1
                 poller.unacknowledged += 1
                 return
             except BufferError:  # librdkafka's local queue is full: let it drain
@@ -600,6 +633,7 @@ class IdempotentDelivery:
                 error = _error(exc)
                 if error is None:
                     raise
+                sending.unproduced -= 1
                 sending.report(out, error)
                 return
 

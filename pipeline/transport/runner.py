@@ -257,6 +257,10 @@ class StageRunner:
         # their partition went (lost, or its last commit failed), kept so that getting
         # the partition back skips them.
         self._sent: dict[Partition, set[int]] = {}
+        # at_least_once: offsets whose outputs were on their way when their task was
+        # cancelled (the partition lost or revoked), until the delivery reports say whether
+        # they went out: a redo of one waits for that answer (True: delivered, skip it).
+        self._in_transit: dict[tuple[Partition, int], asyncio.Future[bool]] = {}
         self._sender: IdempotentDelivery | None = None  # at_least_once: sends at once
         # Per partition, bumped when it is assigned and when a revocation lets its work
         # go: a message's result counts only within the epoch it was fetched in.
@@ -828,6 +832,8 @@ class StageRunner:
         so does the end of the assignment it was fetched in (``epoch``)."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
+        if await self._delivered_before(inbound, epoch):
+            return
         try:
             with self._hooks.message(inbound) as trace:
                 decision = await self._decide(inbound, trace)
@@ -857,11 +863,49 @@ class StageRunner:
         if self._sender is not None and self._live(finished.partition, epoch):
             # at_least_once: out now; done once acknowledged (a cancelled send is redone,
             # unless its outputs turn out delivered all the same: then it is skipped).
-            await self._sender.send(finished.outputs, lambda: self._delivered_late(finished))
+            await self._send(finished)
             if not self._live(finished.partition, epoch):  # went while they were on their way
                 self._delivered_late(finished)
                 return
         self._finish(finished)
+
+    async def _send(self, finished: _Finished) -> None:
+        """at_least_once: deliver a message's outputs; if the task is cancelled meanwhile,
+        the message stays in transit until the delivery reports tell whether they went."""
+        assert self._sender is not None and self._loop is not None
+        key = (finished.partition, finished.offset)
+        transit: asyncio.Future[bool] = self._loop.create_future()
+
+        def settled(delivered: bool) -> None:
+            if delivered:
+                self._delivered_late(finished)
+            if self._in_transit.get(key) is transit:
+                del self._in_transit[key]
+            transit.set_result(delivered)
+
+        try:
+            await self._sender.send(finished.outputs, settled)
+        except asyncio.CancelledError:
+            if not transit.done():
+                self._in_transit[key] = transit
+            raise
+
+    async def _delivered_before(self, inbound: Inbound, epoch: int) -> bool:
+        """A redo of a message whose earlier outputs are still in transit (the partition
+        was lost in a broker outage with them queued, and came back before the broker
+        acknowledged them) waits for their delivery reports: delivered, it is done
+        without being handled again; not delivered, it is redone. Without the wait it
+        raced them: redone first, its outputs went out twice."""
+        transit = self._in_transit.get(((inbound.topic, inbound.partition), inbound.offset))
+        if transit is None:
+            return False
+        if not await asyncio.shield(transit):
+            return False
+        tp = (inbound.topic, inbound.partition)
+        if self._live(tp, epoch):
+            self._tracker.done(*tp, inbound.offset)
+            self.stats.skipped += 1
+        return True
 
     def _delivered_late(self, finished: _Finished) -> None:
         """A message's outputs acknowledged after its task was cancelled because its

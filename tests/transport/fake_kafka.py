@@ -105,6 +105,8 @@ class FakeBroker:
     offset_commit_gates: list[threading.Event] = field(default_factory=list)
     # Idempotent producers deliver nothing (and report nothing) while this is set.
     hold_deliveries: bool = False
+    # Idempotent producers' pending messages fail with this (dropped, reported) while set.
+    delivery_error: KafkaError | None = None
     # The next consume() returns a message carrying this error (a fatal consumer error).
     consumer_error: KafkaError | None = None
     # Consumers' metadata requests fail while this is set (a client with no broker left).
@@ -314,12 +316,14 @@ class FakeProducer:
     def _deliver(self) -> int:
         if self.transactional or self.owner.crashed or self.broker.hold_deliveries:
             return 0
+        error = self.broker.delivery_error
         with self.broker.lock:
-            self.broker.outputs.extend(self.pending)
+            if error is None:
+                self.broker.outputs.extend(self.pending)
             self.pending = []
             reports, self.reports = self.reports, []
         for callback, message in reports:
-            callback(None, message)
+            callback(error, message)
         return len(reports)
 
     def init_transactions(self, timeout: float = -1) -> None:

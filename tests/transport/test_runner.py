@@ -944,6 +944,46 @@ def test_at_least_once_outputs_delivered_after_their_partition_was_lost_are_not_
     assert Counter(output_ids(broker)) == Counter(ids), "nothing delivered twice"
 
 
+@pytest.mark.parametrize("delivered", [True, False])
+def test_at_least_once_a_redo_waits_for_the_outputs_still_in_transit_from_before(
+    delivered: bool,
+) -> None:
+    """The race behind duplicates after a broker outage: the partition is lost with
+    outputs queued, and comes back (the messages fetched again) before the broker has
+    acknowledged them. The redo waits for their delivery reports: delivered, the messages
+    are skipped, never handled or sent again; failed, they are redone, once."""
+    broker = FakeBroker()
+    ids = fill(broker, P0, 5)
+    clients = FakeClients(broker, [P0])
+    calls, handler = counting_handler()
+
+    async def main() -> None:
+        broker.hold_deliveries = True
+        runner = make_runner(clients, handler, delivery="at_least_once")
+        async with running(runner):
+            await wait_for(lambda: len(clients.producers[0].pending) == 5, "outputs queued")
+            consumer = clients.consumers[0]
+            consumer.events.append(("lost", [P0]))
+            await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+            consumer.events.append(("assign", [P0]))
+            await wait_for(
+                lambda: runner._tracker.in_flight(*P0) == 5, "the messages fetched again"
+            )
+            assert sum(calls.values()) == 5, "a redo waits for the earlier outputs' reports"
+            if not delivered:  # the queued outputs time out: the redo goes ahead
+                broker.delivery_error = KafkaError(KafkaError._MSG_TIMED_OUT)
+            broker.hold_deliveries = False
+            if not delivered:
+                await wait_for(lambda: sum(calls.values()) == 10, "the messages redone")
+                broker.delivery_error = None
+            await wait_for(lambda: committed(broker, P0) == (5, set()), "the messages done")
+            assert runner.stats.skipped == (5 if delivered else 0)
+
+    asyncio.run(main())
+    assert set(calls.values()) == ({1} if delivered else {2}), "handled again only if lost"
+    assert Counter(output_ids(broker)) == Counter(ids), "every output delivered once"
+
+
 def test_a_transactional_producer_that_cannot_start_stops_the_runner_with_a_fatal_error() -> None:
     """A non-retriable init_transactions failure (say, a transactional.id the ACLs
     refuse) cannot be fixed by retrying: the worker exits instead of idling."""
