@@ -8,6 +8,7 @@ that builds them (no import loop).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,14 +16,29 @@ from pipeline.contract.envelopes import PromptRef
 from pipeline.observability.metrics import ErrorRateSource, PipelineMetrics
 from pipeline.observability.setup import current
 
+log = logging.getLogger("llmpipe.breaker")
+
 
 def _metrics() -> PipelineMetrics:
     return current().metrics
 
 
 def record_breaker_change(name: str, old: Any, new: Any) -> None:
-    """Pass as ``build_client(on_breaker_change=record_breaker_change)``."""
+    """Pass as ``build_client(on_breaker_change=record_breaker_change)``.
+
+    Also one log line per change: a breaker opening changes where requests go (held,
+    failed over, or sent to review) for its whole open interval, which an operator
+    reading the logs must see next to the requests it explains; changes are rare (at
+    most one per open interval per breaker), so the line costs nothing."""
     _metrics().breaker_state_changed(name, old, new)
+    opened = str(new) == "open"
+    log.log(
+        logging.WARNING if opened else logging.INFO,
+        "circuit breaker %s: %s -> %s",
+        name,
+        old,
+        new,
+    )
 
 
 def record_rate_limit_wait(model: str, waited_s: float) -> None:

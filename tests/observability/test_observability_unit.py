@@ -448,6 +448,21 @@ def test_process_wide_hooks_reach_the_installed_telemetry(captured: Captured) ->
     assert [p.value for _, p in captured.metric_points(sc.HUMAN_DECISIONS)] == [1]
 
 
+def test_a_breaker_change_is_one_log_line_an_opening_a_warning(
+    captured: Captured, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where requests go changes for a whole open interval: operators see it in the log."""
+    from pipeline.observability import record_breaker_change
+
+    with caplog.at_level(logging.INFO, logger="llmpipe.breaker"):
+        record_breaker_change("m1", "closed", "open")
+        record_breaker_change("m1", "open", "half_open")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "circuit breaker m1: closed -> open"),
+        (logging.INFO, "circuit breaker m1: open -> half_open"),
+    ]
+
+
 def test_install_returns_the_previous_telemetry() -> None:
     first = build_telemetry({})
     before = install(first)
