@@ -1132,6 +1132,10 @@ def kill_run(
                     }
                 )
                 outcomes[lane.mode] = outcome
+        except Exception as exc:
+            if not isinstance(exc, DeadlineExceeded):  # those carry the event log already
+                exc.add_note("the scenario's event log:\n" + "\n".join(clock.events))
+            raise
         finally:
             for lane in lanes:
                 if lane.worker is not None:

@@ -23,7 +23,11 @@ from pipeline.harness.ledger import committed_reader, request_id_of
 from pipeline.transport.clients import KafkaClients
 from pipeline.transport.offsets import decode_done
 
-COMMITTED_ATTEMPTS = 4
+# Right after a broker restart (or on a loaded machine) the group coordinator answers
+# NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS at once, for seconds: asked again and
+# again until it answers, a pause between tries, within COMMITTED_DEADLINE_S.
+COMMITTED_DEADLINE_S = 60.0
+COMMITTED_RETRY_S = 0.5
 
 # Where each stage's work for a request shows up; a request is "at risk" in a stage when
 # its input there is uncommitted and an output of that stage exists (a redo repeats it).
@@ -117,13 +121,15 @@ def group_commits(settings: Settings, stage: str) -> GroupCommits:
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         wanted = [TopicPartition(topic, p) for p in partitions]
-        for attempt in range(COMMITTED_ATTEMPTS):
+        deadline = time.monotonic() + COMMITTED_DEADLINE_S
+        while True:
             try:
                 committed = consumer.committed(wanted, timeout=15)
                 break
             except KafkaException:  # a coordinator still loading after a broker start
-                if attempt == COMMITTED_ATTEMPTS - 1:
+                if time.monotonic() > deadline:
                     raise
+                time.sleep(COMMITTED_RETRY_S)
     finally:
         consumer.close()
     positions: dict[int, int] = {}
