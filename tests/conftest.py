@@ -31,9 +31,10 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 BROKER_CHAOS_FILES = frozenset({"tests/e2e/test_pipeline_crash.py", "tests/e2e/test_chaos.py"})
 """The scenarios that kill workers and stop brokers: timing sensitive and the heaviest
-files, so under ``pytest -n N`` (tests/run-suite.sh) they are one unit of work, run one
-after the other by one worker process (while the others run lighter tests), and first:
-the longest unit, started last, would leave one process running alone at the end."""
+files. tests/run-suite.sh (``make test``) runs them alone, before everything else; under a
+plain ``pytest -n N`` they are one unit of work, run one after the other by one worker
+process (while the others run lighter tests), and first: the longest unit, started last,
+would leave one process running alone at the end."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
