@@ -7,7 +7,7 @@
 #    the rest and the local model server (llama.cpp takes a core), the 2 shared cores left
 #    each process an eighth of a core: exactly-once transactions took seconds each, a
 #    worker never got 60 calls in flight within 90 s, broker restarts took 30-60 s
-#    (CI, 2026-12-02, and 4 of 6 local runs at load 10-15).
+#    (CI on 2026-12-02; 5 of 6 local runs that day at load 10-20, beside a CI rehearsal).
 # 2. Then two pytest runs side by side: the real-model tests are bound by the one local
 #    model server (a CPU core, one request at a time), while the rest mostly wait on
 #    Kafka, timeouts and the fake model, so the rest is split again over
