@@ -448,10 +448,13 @@ class TransactionalPublisher:
         producer, self._producer = self._producer, None
         if producer is None:
             return
-        # If this fails, the next init_transactions with the same id aborts it for us.
+        # If this fails, the next init_transactions with the same id aborts it for us. A
+        # fenced producer is in a fatal state: its flush raises too (seen under load in
+        # the takeover test), and the PublishError being raised must not turn into that.
         with contextlib.suppress(KafkaException):
             producer.abort_transaction(self._timeout_s)
-        producer.flush(0)
+        with contextlib.suppress(KafkaException):
+            producer.flush(0)
 
     def close(self) -> None:
         with self._lock:
