@@ -871,23 +871,26 @@ class StageRunner:
 
     async def _send(self, finished: _Finished) -> None:
         """at_least_once: deliver a message's outputs; if the task is cancelled meanwhile,
-        the message stays in transit until the delivery reports tell whether they went."""
+        the message stays in transit until the delivery reports tell whether they went
+        (a future made only then: most sends are never cancelled)."""
         assert self._sender is not None and self._loop is not None
         key = (finished.partition, finished.offset)
-        transit: asyncio.Future[bool] = self._loop.create_future()
+        settled_early = False
 
         def settled(delivered: bool) -> None:
+            nonlocal settled_early
+            settled_early = True
             if delivered:
                 self._delivered_late(finished)
-            if self._in_transit.get(key) is transit:
-                del self._in_transit[key]
-            transit.set_result(delivered)
+            transit = self._in_transit.pop(key, None)
+            if transit is not None:
+                transit.set_result(delivered)
 
         try:
             await self._sender.send(finished.outputs, settled)
         except asyncio.CancelledError:
-            if not transit.done():
-                self._in_transit[key] = transit
+            if not settled_early:
+                self._in_transit[key] = self._loop.create_future()
             raise
 
     async def _delivered_before(self, inbound: Inbound, epoch: int) -> bool:
