@@ -1,31 +1,34 @@
-"""The codec's CPU per message, hot path vs reference, per envelope type, in one process.
+"""The codec's CPU per message, today's against an earlier revision's, in one process.
 
-    python -m bench.codec [--calls 500] [--rounds 21]
+    python -m bench.codec [--against 900edcc] [--calls 300] [--rounds 15]
 
-What the stages exchange on every request (a request in, then a validated request, a
-completion, a result or an escalation) is encoded and decoded with the codec's hot path
-and with its reference (``Codec.record`` written by fastavro's schemaless writer: the
-encoder before the compiled writer, and what the Confluent path still uses). The variants
-alternate within every round, so a noisy neighbour slows both alike; each figure is the
-median over rounds of the process CPU time per call, and the ratio reference / hot path
-is what to read. The load average is printed with the figures: the machine is shared.
-The collector is tuned as a worker tunes it (``tune_gc``), so its cost is a worker's.
+The codec module of ``--against`` (default 900edcc, the codec before issue #18's work:
+``model_dump`` and fastavro's writer, JSON through ``json.loads``) is loaded from git
+beside today's, and both encode and decode what the stages exchange on every request (a
+request in, then a validated request, a completion, a result or an escalation; a request
+also as JSON, as half the benchmark's upstream traffic is). Both must give the same
+bytes and envelopes. The two alternate within every round, so a noisy neighbour slows
+both alike; each figure is the median over rounds of the process CPU time per call, and
+the ratio old / new is what to read. The load average is printed with the figures: the
+machine is shared. The collector is tuned as a worker tunes it (``tune_gc``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import io
+import json
 import os
 import statistics
+import subprocess
 import time
+import types
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-import fastavro
-
-from pipeline.contract.codec import Codec
+from pipeline.config import REPO_ROOT
+from pipeline.contract.codec import JSON, Codec
 from pipeline.contract.envelopes import (
     Completion,
     Envelope,
@@ -119,39 +122,69 @@ def per_call_us(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def reference_encoder(codec: Codec, envelope: Envelope) -> Callable[[], bytes]:
-    name = codec.schema_name(type(envelope))
-    schema = fastavro.parse_schema(codec.registry_schema(name))
-
-    def encode() -> bytes:
-        buffer = io.BytesIO()
-        fastavro.schemaless_writer(buffer, schema, codec.record(envelope))
-        return buffer.getvalue()
-
-    return encode
+def codec_at(revision: str) -> Any:
+    """``pipeline.contract.codec`` as it was at ``revision``, as a module of its own."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:pipeline/contract/codec.py"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType(f"codec_at_{revision}")
+    module.__file__ = str(REPO_ROOT / "pipeline" / "contract" / "codec.py")  # its schemas/
+    exec(compile(source, f"{revision}:pipeline/contract/codec.py", "exec"), module.__dict__)
+    return module
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=500, help="calls per variant per round")
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--against", default="900edcc", help="git revision of the old codec")
+    parser.add_argument("--calls", type=int, default=300, help="calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     tune_gc()
-    codec = Codec()
+    old, new = codec_at(args.against).Codec(), Codec()
     load_before = os.getloadavg()
-    print("| envelope | bytes | encode reference us | encode hot us | ratio |")
-    print("|---|---|---|---|---|")
+    print(f"codec at {args.against} (old) vs this checkout (new), CPU us per call (median)\n")
+    print(
+        "| envelope | bytes | encode old | encode new | ratio | decode old | decode new | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, envelope in samples().items():
-        reference = reference_encoder(codec, envelope)
-        data, _ = codec.encode(envelope)
-        assert data == reference(), f"{name}: the hot path's bytes differ from the reference"
+        data, _ = new.encode(envelope)
+        assert data == old.encode(envelope)[0], f"{name}: the bytes differ"
+        cls = type(envelope)
+        assert new.decode(data, cls) == old.decode(data, cls) == envelope, name
         us = per_call_us(
-            {"reference": reference, "hot": functools.partial(codec.encode, envelope)},
+            {
+                "encode old": functools.partial(old.encode, envelope),
+                "encode new": functools.partial(new.encode, envelope),
+                "decode old": functools.partial(old.decode, data, cls),
+                "decode new": functools.partial(new.decode, data, cls),
+            },
             args.calls,
             args.rounds,
         )
-        ratio = us["reference"] / us["hot"]
-        print(f"| {name} | {len(data)} | {us['reference']:.1f} | {us['hot']:.1f} | {ratio:.2f} |")
+        print(
+            f"| {name} | {len(data)} | {us['encode old']:.1f} | {us['encode new']:.1f} "
+            f"| {us['encode old'] / us['encode new']:.2f} | {us['decode old']:.1f} "
+            f"| {us['decode new']:.1f} | {us['decode old'] / us['decode new']:.2f} |"
+        )
+        if isinstance(envelope, Request):
+            text = json.dumps(envelope.model_dump(mode="json")).encode()
+            us = per_call_us(
+                {
+                    "old": functools.partial(old.decode_fields, text, Request, JSON),
+                    "new": functools.partial(new.decode_fields, text, Request, JSON),
+                },
+                args.calls,
+                args.rounds,
+            )
+            print(
+                f"| Request as JSON (decode_fields) | {len(text)} | | | | {us['old']:.1f} "
+                f"| {us['new']:.1f} | {us['old'] / us['new']:.2f} |"
+            )
     load_after = os.getloadavg()
     print(
         f"\nload average (1, 5, 15 min) before {load_before[0]:.2f} {load_before[1]:.2f} "

@@ -146,7 +146,7 @@ class Codec:
         kind = _detect(data, content_type)
         try:
             if kind == JSON:
-                value = json.loads(data.decode("utf-8"))
+                value = _from_json(data)
                 if not isinstance(value, dict):
                     raise DecodeError("decode_error", "JSON message is not an object")
                 return value
@@ -293,13 +293,25 @@ def _identity(value: Any) -> Any:
 _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _from_json(text: str) -> Any:
-    """orjson first; the standard library for what only it accepts (``NaN``, integers past
-    64 bits, lone surrogate escapes), so a field decodes exactly as ``json.loads`` would."""
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def _from_json(text: str | bytes) -> Any:
+    """What ``json.loads`` gives, through orjson (3-4x faster) wherever orjson gives the
+    same. The standard library reads what orjson refuses (``NaN``, ``Infinity``, lone
+    surrogate escapes, invalid UTF-8, a BOM: with its own error when it refuses too) and
+    every text with a run of 19 digits, because orjson reads an integer past 64 bits (one
+    of 19 digits already, below -2**63) as a float where ``json.loads`` keeps it exact."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
     try:
-        return orjson.loads(text)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        pass
+    else:
+        if _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+            return value
+    return json.loads(text if isinstance(text, str) else text.decode("utf-8"))
 
 
 def _converter(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Convert:

@@ -10,7 +10,7 @@ from typing import Any
 
 import fastavro
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -64,6 +64,8 @@ def test_confluent_wire_format_carries_the_registered_schema_id() -> None:
     [
         (b"not json at all", JSON, "decode_error", "invalid JSON"),
         (b"\xff\xfe\xfa", JSON, "decode_error", "invalid UTF-8"),
+        (b"\xef\xbb\xbf{}", None, "decode_error", "invalid JSON: Unexpected UTF-8 BOM"),
+        (b'{"request_id": "\\ud800\x01"}', JSON, "decode_error", "Invalid control character"),
         (b"[1, 2]", None, "decode_error", "invalid Avro"),
         (b"[1, 2]", JSON, "decode_error", "not an object"),
         (b"{" * 100_000 + b"}" * 100_000, None, "decode_error", ""),
@@ -112,6 +114,41 @@ def test_arbitrary_bytes_never_raise_anything_but_decode_error(
         assert decoded == envelope
         encoded, encoded_type = CODEC.encode(decoded)
         assert CODEC.decode(encoded, cls, encoded_type) == decoded
+
+
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+
+
+@given(any_json, st.booleans())
+@example(2**64, False)
+@example(-(2**63) - 1, False)
+@example(12345678901234567890123, True)
+@example([float("nan"), float("inf"), 1e-400], False)
+@example("lone \ud800 surrogate", True)
+@example("lone \ud800 surrogate", False)
+def test_json_reads_exactly_as_json_loads(value: Any, ascii_only: bool) -> None:
+    """A JSON message, and a JSON-marked Avro field, give what ``json.loads`` gives: same
+    types too (an integer past 64 bits stays an int), or the same error."""
+    fields = {"request_id": "r", "prompt": "p", "variables": {"v": value}}
+    data = json.dumps(fields, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    try:
+        expected = json.dumps(json.loads(data.decode("utf-8")))
+    except UnicodeDecodeError:
+        with pytest.raises(DecodeError, match="invalid UTF-8"):
+            CODEC.decode_fields(data, Request, JSON)
+        return
+    assert json.dumps(CODEC.decode_fields(data, Request, JSON)) == expected
+    request = Request.model_validate(fields)
+    try:
+        encoded, content_type = CODEC.encode(request)
+    except UnicodeEncodeError:
+        return  # a lone surrogate: unencodable in Avro (the runner's dead letter)
+    decoded = CODEC.decode_fields(encoded, Request, content_type)
+    assert json.dumps(decoded["variables"]) == json.dumps(fields["variables"])
 
 
 def _fastavro_bytes(envelope: Envelope) -> bytes:
