@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.observability.redact import Redactor
+from pipeline.observability import redact
+from pipeline.observability.redact import Finding, Redactor
 from tests.observability.personal_data import PERSONAL, SEPARATORS
 
 R = Redactor(extra_patterns=[r"ACME-\d{6}"], extra_fields=["customer_secret"])
@@ -125,3 +128,54 @@ def test_megabyte_look_alikes_come_back_unchanged(text: str) -> None:
 @given(st.emails(), st.text(alphabet=st.characters(blacklist_characters="@"), max_size=40))
 def test_generated_emails_never_survive(email: str, filler: str) -> None:
     assert email not in R.text(f"{filler} {email} {filler}")
+
+
+def _every_pattern(text: str) -> list[Finding]:
+    """What :meth:`Redactor.find` returns with no pre-check at all: every pattern scanned."""
+    text = redact._unescaped_view(text)
+    found = [Finding("secret", m.start(), m.end()) for m in redact.SECRET.finditer(text)]
+    found += [Finding("email", m.start(1), m.end(1)) for m in redact.EMAILS.finditer(text)]
+    found += redact._ibans(text) + redact._cards(text)
+    found += [Finding("ip", m.start(), m.end()) for m in redact.IPV4.finditer(text)]
+    found += [Finding("ip", m.start(), m.end()) for m in redact.IPV6.finditer(text)]
+    found += redact._phones(text)
+    return redact._non_overlapping(found)
+
+
+FRAGMENTS = [
+    *(
+        "sk-",
+        "SK_",
+        "\u017fk-",
+        "p\u212a_",
+        "rk-",
+        "Api_",
+        "AP\u0130-",
+        "ap\u0131_",
+        "KEY-",
+        "tok_",
+    ),
+    *("Bearer ", "bEaReR\t", "AKIA", "ak\u0131a", "ghp_", "GHS_", "gh", "_", "-", "=", "\\n"),
+    *("abcdefghijklmnop", "0123456789abcdefABCDEF0123456789", "IOSFODNN7EXAMPLE", " ", "."),
+    *("1.2.3.4", "192.168.10.4", ":", "fe80:0:0:0:0:0:0:1", "@", "a.b@mail.example.org"),
+    *("4111 1111 1111 1111", "+44 20 7946 0958", "DE75813903081049443300", "2024-01-02"),
+]
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=12).map("".join))
+def test_pre_checks_never_skip_a_scan_that_would_find_something(text: str) -> None:
+    """The pre-checks only save work: the findings are those of scanning every pattern."""
+    assert Redactor().find(text) == _every_pattern(text)
+
+
+@given(st.from_regex(redact.SECRET), st.text(max_size=8), st.text(max_size=8))
+def test_every_secret_shape_passes_its_pre_check(secret: str, before: str, after: str) -> None:
+    assert redact._may_hold_secret(before + secret + after)
+
+
+def test_fold_covers_every_character_ignorecase_matches_to_an_ascii_letter() -> None:
+    letter = re.compile("[a-z]", re.IGNORECASE)
+    matched = {c for c in range(128, sys.maxunicode + 1) if letter.fullmatch(chr(c))}
+    assert matched == set(redact._FOLD)
+    assert all(redact.folded(chr(c)) == chr(c).lower() for c in range(ord("A"), ord("Z") + 1))
