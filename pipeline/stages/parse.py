@@ -17,6 +17,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from pipeline.observability.redact import folded
 from pipeline.prompts.fastcheck import certainly_valid
 from pipeline.prompts.model import PromptVersion
 
@@ -30,6 +31,16 @@ HEDGES = re.compile(
     r"\b(i think|maybe|perhaps|not sure|i'?m not certain|possibly|it seems|might be|probably)\b",
     re.IGNORECASE,
 )
+HEDGE_NEEDLES = (
+    *("i think", "maybe", "perhaps", "not sure", "not certain", "possibly", "it seems"),
+    *("might be", "probably"),
+)
+"""What every match of :data:`HEDGES` contains in :func:`~pipeline.observability.redact.folded`
+text: most answers hold none, and a few substring tests cost a tenth of the
+case-insensitive scan (0.6 against 6 us on a short JSON answer)."""
+_SERIALISE = json.JSONEncoder(ensure_ascii=False).encode
+"""``json.dumps(value, ensure_ascii=False)``, same text: ``dumps`` with any argument builds
+a new encoder on every call, which cost more than the encoding (11 against 4 us)."""
 
 CheckFn = Callable[[dict[str, Any], dict[str, Any]], list[str]]
 
@@ -178,7 +189,7 @@ def rule_errors(
             errors.append(f"{path}: {_short(repr(value), 80)} is not one of {allowed}")
     if rules.banned_phrases:
         checks.append("banned_phrases")
-        serialised = json.dumps(output, ensure_ascii=False).lower()
+        serialised = _SERIALISE(output).lower()
         for phrase in rules.banned_phrases:
             if phrase.lower() in serialised:
                 errors.append(f"output contains the banned phrase {phrase!r}")
@@ -190,6 +201,12 @@ def rule_errors(
             problems = [f"check {ref} raised {type(exc).__name__}: {_short(str(exc), 120)}"]
         errors.extend(problems)
     return errors, checks
+
+
+def hedging(text: str) -> bool:
+    """Whether ``text`` hedges (:data:`HEDGES`), scanned only when it holds a hedge word."""
+    probe = folded(text)
+    return any(needle in probe for needle in HEDGE_NEEDLES) and HEDGES.search(text) is not None
 
 
 def parse_output(
@@ -209,6 +226,6 @@ def parse_output(
         return ParseOutcome(output, errors, warnings, checks, refusal)
     rule_errs, rule_checks = rule_errors(pv, output, variables, resolve_check)
     checks.extend(rule_checks)
-    if HEDGES.search(text):
+    if hedging(text):
         warnings.append("hedging_language")
     return ParseOutcome(output, rule_errs, warnings, checks, refusal)

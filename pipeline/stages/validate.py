@@ -27,7 +27,7 @@ from pipeline.contract.envelopes import (
 )
 from pipeline.contract.topology import ROUTE_FALLBACK, ROUTE_VALIDATED, VALIDATE
 from pipeline.control.state import ControlState
-from pipeline.observability.redact import Redactor
+from pipeline.observability.redact import Redactor, folded
 from pipeline.prompts.errors import (
     TemplateRenderError,
     UnknownPromptError,
@@ -55,11 +55,19 @@ INJECTION_PATTERNS = [re.compile(p, re.IGNORECASE) for p in _INJECTION]
 _INJECTION_LOWER = [re.compile(p) for p in _INJECTION]
 
 
+INJECTION_NEEDLES = ("ignore ", "disregard ", "you are now ", "prompt", "system>", "assistant>")
+"""What every match of one of the patterns contains in
+:func:`~pipeline.observability.redact.folded` text: a request that holds none (most) is
+not scanned five times (substring tests: 1 against 6 us on a ticket)."""
+
+
 def injection_suspected(text: str) -> bool:
     """Whether ``text`` holds one of the prompt-injection phrases, in any letter case."""
+    probe = folded(text)
+    if not any(needle in probe for needle in INJECTION_NEEDLES):
+        return False
     if text.isascii():
-        lowered = text.lower()
-        return any(p.search(lowered) for p in _INJECTION_LOWER)
+        return any(p.search(probe) for p in _INJECTION_LOWER)
     return any(p.search(text) for p in INJECTION_PATTERNS)
 
 
