@@ -1267,6 +1267,38 @@ def _members(settings: Settings, groups: Sequence[str]) -> dict[str, set[str]]:
     return out
 
 
+class Supervised:
+    """A worker restarted whenever it exits, as its supervisor or orchestrator would
+    (``llmpipe worker --processes N``, a Kubernetes restart policy): the fault scenarios
+    check that work survives a worker's exit, which in production is followed by a
+    restart. Each exit is recorded with its code and its ``error:`` lines."""
+
+    def __init__(self, start: Callable[[], Proc], clock: Clock, name: str) -> None:
+        self._start = start
+        self._clock = clock
+        self._name = name
+        self.proc = start()
+        self.exits: list[tuple[int, list[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"supervise-{name}")
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            if self.proc.alive():
+                continue
+            code = self.proc.stop()
+            lines = [x for x in self.proc.log_tail(400).splitlines() if x.startswith("error:")]
+            self.proc = self._start()
+            self.exits.append((code, lines))  # after the restart: a reader sees both
+            self._clock.log(f"{self._name} exited {code} ({'; '.join(lines)[:200]}): restarted")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.proc.stop()
+
+
 def fencing(
     bootstrap: str,
     mode: str = "exactly_once",
@@ -1283,7 +1315,11 @@ def fencing(
     The replacement takes the zombie's static membership (``LLMPIPE_GROUP_INSTANCE_ID``),
     as a rolling restart does, so the partitions move at once instead of after a session
     timeout; the zombie's calls are answered while it is frozen, so on resuming it holds
-    finished work that it will try to commit.
+    finished work that it will try to commit. The replacement runs supervised
+    (:class:`Supervised`): a zombie frozen past its session timeout (a loaded machine)
+    rejoins on resuming and, a static member, fences the replacement's member in that
+    group instead of being fenced (librdkafka#3437); the replacement then exits 1 and is
+    restarted, as it would be in production, and the ledger must stay clean all the same.
     """
     clock = Clock(deadline_s)
     planned = mixed_requests(requests, seed=seed, weights={"valid": 1}, prefix="fence")
@@ -1295,7 +1331,7 @@ def fencing(
         groups = stage_groups(settings)
         with topics_of(settings):
             zombie = _worker(settings, "zombie", env)
-            replacement: Proc | None = None
+            replacement: Supervised | None = None
             try:
                 wait_groups_stable(settings, groups, 1, clock.left(GROUP_TIMEOUT_S))
                 before = _members(settings, list(groups))
@@ -1305,7 +1341,9 @@ def fencing(
                 frozen = fake.server.in_flight_requests()
                 frozen_calls = sum(frozen.values())
                 clock.log(f"zombie frozen with {frozen_calls} calls in flight")
-                replacement = _worker(settings, "replacement", env)
+                replacement = Supervised(
+                    functools.partial(_worker, settings, "replacement", env), clock, "replacement"
+                )
 
                 def moved() -> bool:
                     now = _members(settings, list(groups))
@@ -1336,7 +1374,8 @@ def fencing(
                 zombie_lines = zombie.log_tail(400).splitlines()
                 fence_lines = [line for line in zombie_lines if "fenc" in line.lower()]
                 error_lines = [line for line in zombie_lines if line.startswith("error:")]
-                alive = replacement.alive()
+                alive = replacement.proc.alive()
+                restarts = replacement.exits
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(zombie.pid, signal.SIGCONT)
@@ -1361,6 +1400,7 @@ def fencing(
             "zombie_error_lines": error_lines,
             "zombie_fencing_log_lines": fence_lines[:3],
             "replacement_alive": alive,
+            "replacement_restarts": restarts,
         }
     )
     return outcome

@@ -51,3 +51,31 @@ def test_only_a_changed_reason_on_the_expected_outcome_of_a_half_done_request_is
         "hedge->review/invalid_output": 1,
     }
     assert outcome.details["reasons_changed_by_freeze"] == 1
+
+
+def test_a_supervised_worker_that_exits_is_restarted_and_its_exit_recorded() -> None:
+    """The fault scenarios' stand-in for a supervisor: an exit (a fenced replacement's
+    one ``error:`` line and code 1) is recorded and a new process started."""
+    import os
+    import sys
+
+    from bench.common import Proc, wait_until
+
+    scripts = iter(
+        [
+            "import sys; print('error: fenced by a newer instance', flush=True); sys.exit(1)",
+            "import time; time.sleep(60)",
+        ]
+    )
+
+    def start() -> Proc:
+        return Proc("supervised", [sys.executable, "-c", next(scripts)], dict(os.environ))
+
+    supervised = chaos.Supervised(start, chaos.Clock(), "replacement")
+    try:
+        wait_until(lambda: supervised.exits != [], 10, "the first process to exit")
+        assert supervised.exits == [(1, ["error: fenced by a newer instance"])]
+        assert supervised.proc.alive(), "restarted"
+    finally:
+        supervised.stop()
+    assert not supervised.proc.alive()
