@@ -4,6 +4,10 @@ Outputs are Avro by default because the schemas are the contract; JSON is offere
 many upstream services cannot speak Avro. Decoding never raises anything but
 :class:`DecodeError`, so a stage can turn any bad input into a dead letter with a reason.
 
+Plain Avro is written by a writer compiled per schema from the envelope's attributes
+(:func:`_writer`, the hot path: every stage hop encodes) and read by fastavro; both give
+exactly fastavro's bytes and values (``tests/contract/test_wire_golden.py``).
+
 The Confluent wire format (magic byte, schema id, Avro body) goes through a
 :class:`SchemaWire`, a Schema Registry at the Kafka edge (``pipeline.transport.registry``):
 it writes the registered schema's id, and reads a frame with the schema its id names (the
