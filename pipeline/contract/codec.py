@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import fastavro
-import orjson
 from fastavro.logical_writers import LOGICAL_WRITERS
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.contract.envelopes import Envelope
+from pipeline.contract.jsontext import loads as json_loads
 
 E = TypeVar("E", bound=Envelope)
 
@@ -150,7 +150,7 @@ class Codec:
         kind = _detect(data, content_type)
         try:
             if kind == JSON:
-                value = _from_json(data)
+                value = json_loads(data)
                 if not isinstance(value, dict):
                     raise DecodeError("decode_error", "JSON message is not an object")
                 return value
@@ -297,27 +297,6 @@ def _identity(value: Any) -> Any:
 _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-_NINETEEN_DIGITS = b"0" * 19
-
-
-def _from_json(text: str | bytes) -> Any:
-    """What ``json.loads`` gives, through orjson (3-4x faster) wherever orjson gives the
-    same. The standard library reads what orjson refuses (``NaN``, ``Infinity``, lone
-    surrogate escapes, invalid UTF-8, a BOM: with its own error when it refuses too) and
-    every text with a run of 19 digits, because orjson reads an integer past 64 bits (one
-    of 19 digits already, below -2**63) as a float where ``json.loads`` keeps it exact."""
-    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    else:
-        if _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
-            return value
-    return json.loads(text if isinstance(text, str) else text.decode("utf-8"))
-
-
 def _converter(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Convert:
     """One function per schema between model fields and fastavro records, built once.
 
@@ -341,7 +320,7 @@ def _build(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Con
     if not isinstance(schema, dict):
         return None
     if schema.get(JSON_FIELD_MARK):
-        return _to_json if to_avro else _from_json
+        return _to_json if to_avro else json_loads
     kind = schema["type"]
     if kind == "record":
         fields = [(f["name"], _build(f["type"], raw, to_avro)) for f in schema["fields"]]

@@ -10,8 +10,9 @@ most of it. Against the same instant fake model, httpx spent 0.64-0.76 ms of CPU
 (pool scans, anyio streams, pure-Python h11), aiohttp 0.14-0.18 ms (its request and
 response machinery around a C parser), a raw asyncio loop 0.05 ms
 (``python -m bench.httpclient``). One origin and one method need none of that machinery:
-the pool here is an asyncio protocol around httptools' parser. Bodies go out and come back
-through orjson.
+the pool here is an asyncio protocol around httptools' parser. Bodies go out through orjson
+and come back through :func:`pipeline.contract.jsontext.loads` (orjson, with the standard
+library's exact values).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.contract.jsontext import loads
 from pipeline.llm.http import BodyError, HeaderError, HTTPError, Pool
 from pipeline.llm.protocol import ChatCompletion, ChatRequest, ModelError
 from pipeline.llm.structured import StructuredOutput, response_format
@@ -154,13 +156,6 @@ def dumps(body: Mapping[str, Any]) -> bytes:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def loads(data: bytes) -> Any:
-    """orjson, or the standard library for what only it accepts (``NaN``, lone surrogate
-    escapes), so a response parses exactly as before; raises ``ValueError`` when neither can."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
 
 
 def correlation_headers() -> dict[str, str]:
