@@ -156,8 +156,6 @@ def dumps(body: Mapping[str, Any]) -> bytes:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-
-
 def correlation_headers() -> dict[str, str]:
     """The request id of the message being processed, when it is a valid header value.
 
