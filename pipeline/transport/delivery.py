@@ -595,8 +595,7 @@ class IdempotentDelivery:
             try:
                 await asyncio.sleep(RESEND_WAIT_S)
             except asyncio.CancelledError:
-                if late is not None:
-                    late(False)  # those outputs were not delivered
+                sending.abandon()  # settled, with failures: late hears False
                 raise
 
     async def _produce(

@@ -832,8 +832,8 @@ class StageRunner:
         so does the end of the assignment it was fetched in (``epoch``)."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        if await self._delivered_before(inbound, epoch):
-            return
+        if self._in_transit and await self._delivered_before(inbound, epoch):
+            return  # (the check first: nothing is in transit but after a loss)
         try:
             with self._hooks.message(inbound) as trace:
                 decision = await self._decide(inbound, trace)

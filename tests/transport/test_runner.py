@@ -916,6 +916,16 @@ def test_at_least_once_never_commits_past_an_output_not_yet_acknowledged() -> No
     assert Counter(output_ids(broker)) == Counter(ids)
 
 
+async def lose_with_outputs_queued(clients: FakeClients, count: int) -> Any:
+    """Once ``count`` outputs wait unacknowledged (deliveries held), P0's session ends: the
+    partition is lost with them in transit. Returns the consumer, to give P0 back."""
+    await wait_for(lambda: len(clients.producers[0].pending) == count, "outputs queued")
+    consumer = clients.consumers[0]
+    consumer.events.append(("lost", [P0]))
+    await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+    return consumer
+
+
 def test_at_least_once_outputs_delivered_after_their_partition_was_lost_are_not_redone() -> None:
     """A broker outage ends the session while outputs are queued, unacknowledged: their
     tasks are cancelled with the lost partition, but the outputs go out when the broker
@@ -929,10 +939,7 @@ def test_at_least_once_outputs_delivered_after_their_partition_was_lost_are_not_
         broker.hold_deliveries = True
         runner = make_runner(clients, handler, delivery="at_least_once")
         async with running(runner):
-            await wait_for(lambda: len(clients.producers[0].pending) == 5, "outputs queued")
-            consumer = clients.consumers[0]
-            consumer.events.append(("lost", [P0]))
-            await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+            consumer = await lose_with_outputs_queued(clients, 5)
             broker.hold_deliveries = False
             await wait_for(lambda: len(broker.outputs) == 5, "the queued outputs delivered")
             consumer.events.append(("assign", [P0]))
@@ -961,10 +968,7 @@ def test_at_least_once_a_redo_waits_for_the_outputs_still_in_transit_from_before
         broker.hold_deliveries = True
         runner = make_runner(clients, handler, delivery="at_least_once")
         async with running(runner):
-            await wait_for(lambda: len(clients.producers[0].pending) == 5, "outputs queued")
-            consumer = clients.consumers[0]
-            consumer.events.append(("lost", [P0]))
-            await wait_for(lambda: P0 not in consumer.assignment, "the loss")
+            consumer = await lose_with_outputs_queued(clients, 5)
             consumer.events.append(("assign", [P0]))
             await wait_for(
                 lambda: runner._tracker.in_flight(*P0) == 5, "the messages fetched again"
