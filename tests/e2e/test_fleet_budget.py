@@ -9,7 +9,8 @@ The spend the provider saw is counted at the fake server: every call it started,
 usage it reports for that request's text (the same text always reports the same usage), so
 calls cut off by the kill and redone count twice, as a provider would bill them. It must
 not exceed the budget by more than what was in flight at the kill; and the fleet must
-have stopped calling: the rest of the requests end ``budget_exceeded``.
+have stopped calling: all the requests after the restart but what the rest of the budget
+pays for end ``budget_exceeded``.
 
 Reservations are published within milliseconds of being made (not at the next 100 ms
 flush), so the calls in flight at the kill are known to the restarted fleet, as spent: the
@@ -141,8 +142,9 @@ def test_a_budget_half_spent_survives_sigkilling_every_worker(kafka_bootstrap: s
     assert counts == {"missing": 0, "duplicates": 0, "two_places": 0}, summary
     assert overshoot <= allowed_overshoot, summary
     # The fleet stopped calling: most of the requests after the restart were refused, and
-    # the model answered at most what the remaining half of the budget pays for.
+    # the model answered at most what the remaining half of the budget pays for. Which of
+    # them were answered is not asserted: the partitions are served side by side, and a
+    # call that ends under its reservation (the estimate) frees room a later one may use.
     refused = outcomes[("result:fallback", "budget_exceeded")]
     assert refused >= AFTER_RESTART - (BUDGET - half) // min(usage.values()), summary
-    assert all(ledger.first(r).reason == "budget_exceeded" for r in rest[-20:]), summary
     assert redone <= in_flight_at_kill, summary
