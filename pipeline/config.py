@@ -188,6 +188,15 @@ class Settings(BaseSettings):
         "(queue.buffering.max.kbytes; at least one largest message, 10 MiB, plus headers): "
         "a full buffer makes the stage wait, e.g. through a broker outage.",
     )
+    kafka_stage_linger_ms: int = Field(
+        1,
+        ge=0,
+        le=1_000,
+        description="at_least_once: how long the stages' shared producer waits to batch "
+        "outputs (linger.ms). Each hop sends its outputs as decided, so this is latency added "
+        "per hop; 0 sends at once (lower latency at light load, more CPU per request when "
+        "busy: fewer outputs per produce request).",
+    )
     delivery: Literal["exactly_once", "at_least_once"] = Field(
         "exactly_once",
         description="exactly_once: each hop commits outputs and input offsets in one Kafka "

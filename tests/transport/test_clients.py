@@ -148,3 +148,23 @@ def test_a_producer_buffer_is_bounded_but_holds_the_largest_message() -> None:
     producer.flush(0)
     with pytest.raises(ValueError):
         Settings(kafka_producer_buffer_kbytes=10_240)
+
+
+@pytest.mark.parametrize("linger_ms", [0, 1, 20])
+def test_the_stage_producer_lingers_as_configured(
+    monkeypatch: pytest.MonkeyPatch, linger_ms: int
+) -> None:
+    """LLMPIPE_KAFKA_STAGE_LINGER_MS reaches the shared stage producer's librdkafka
+    configuration (and only its: the other producers keep their own linger)."""
+    configs: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        "pipeline.transport.clients.Producer", lambda config: configs.append(config) or config
+    )
+    clients = KafkaClients(
+        Settings(bootstrap_servers="127.0.0.1:1", kafka_stage_linger_ms=linger_ms)
+    )
+    assert clients.stage_producer() is clients.stage_producer()  # one, shared
+    clients.producer()
+    assert [c["linger.ms"] for c in configs] == [linger_ms, 5]
+    with pytest.raises(ValueError):
+        Settings(kafka_stage_linger_ms=-1)
