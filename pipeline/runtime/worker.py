@@ -11,14 +11,16 @@ With ``LLMPIPE_HEALTH_PORT`` set the process serves ``/healthz``, ``/readyz`` an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
 import os
 import re
 import signal
+import sys
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline.config import Settings
 from pipeline.contract import topology
@@ -43,6 +45,7 @@ from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
 from pipeline.stages.validate import ContentRules, InputLimits
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
+from pipeline.transport.delivery import KafkaFatalError
 from pipeline.transport.registry import codec_for, require_schemas
 from pipeline.transport.runner import Handler, Inbound, StageRunner
 
@@ -50,6 +53,10 @@ log = logging.getLogger("llmpipe.worker")
 
 CALLING_STAGES = frozenset({topology.MODEL, topology.SETTLE})
 """Stages that call models: a worker running one of them joins the fleet on llm.fleet."""
+
+FATAL_TELEMETRY_FLUSH_MS = 5_000
+"""How long a worker ending on a fatal Kafka error waits for its last spans and metrics to
+be exported (see :func:`exit_fatally`)."""
 
 GC_THRESHOLDS = (200_000, 10, 10)
 """CPython's cyclic collector for a worker: young collections after 200,000 net new tracked
@@ -280,8 +287,45 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def exit_fatally(error: KafkaFatalError) -> NoReturn:
+    """End the process with ``error``'s one line and exit code, skipping interpreter
+    shutdown (crash-only): flush the logs, stdio and telemetry, then ``os._exit``.
+
+    Called once :meth:`Worker.run` has returned, that is after the orderly part of the
+    exit: every stage stopped, the stages that could still commit drained and committed
+    (one stage's fatal error stops the others the way SIGTERM does), the consumers closed
+    and the transactional producers flushed, the fleet's last records flushed. The stage
+    that failed holds nothing that may be committed any more: a fenced static member's
+    partitions and a fenced producer's transactional id belong to a newer instance, and
+    the broker refuses their commits; its unfinished messages are redone by whoever owns
+    the partitions now, from the committed offsets. So nothing is lost by not running the
+    rest of an ordinary exit, and the process ends here with exit code 1 and the line
+    saying why.
+
+    What the rest would do is where the hazard is: interpreter teardown while librdkafka
+    threads still run (the fleet's state publisher is never destroyed, and the error's
+    traceback keeps the failed run's frames, and the clients they hold, alive into the
+    teardown) and while the executor threads let go with ``shutdown(wait=False)`` finish
+    exiting. A fenced zombie worker (``tests/e2e/test_chaos.py``) died there once in CI
+    with SIGABRT (glibc's ``tcache_thread_shutdown(): unaligned tcache chunk detected``, a
+    heap check made as a thread exits) instead of exiting 1. The corrupting write was not
+    caught (not reproduced locally, with or without glibc's tcache), so the window is
+    removed rather than one writer fixed.
+    """
+    with contextlib.suppress(Exception):  # the process ends whatever an exporter does
+        configure_observability().force_flush(FATAL_TELEMETRY_FLUSH_MS)
+    logging.shutdown()
+    sys.stdout.flush()
+    # Last, as the CLI prints an LlmpipeError (pipeline.cli.console, which this layer
+    # cannot import): the one line a supervisor or operator reads.
+    sys.stderr.write(f"error: {error}\n")
+    sys.stderr.flush()
+    os._exit(error.exit_code)
+
+
 def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
-    """Blocking entry point for the CLI: SIGTERM and SIGINT stop the worker cleanly."""
+    """Blocking entry point for the CLI: SIGTERM and SIGINT stop the worker cleanly; a
+    fatal Kafka error ends the process crash-only once it has stopped (:func:`exit_fatally`)."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -298,4 +342,7 @@ def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
         log.info("worker starting stages %s", ",".join(worker.stage_names))
         await worker.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KafkaFatalError as exc:
+        exit_fatally(exc)
