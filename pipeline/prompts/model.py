@@ -25,6 +25,7 @@ from jinja2 import TemplateSyntaxError
 from jsonschema import Draft202012Validator, SchemaError
 from jsonschema.exceptions import ValidationError as SchemaValidationError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,6 +47,29 @@ FieldPath = Annotated[str, Field(pattern=r"^[^.\s]+(\.[^.\s]+)*$")]
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 AGREEMENT_RULE_FIELD = "confidence.components.agreement.rule"
+
+
+def _parses_as_reference(reference: str) -> str:
+    parse_reference(reference)
+    return reference
+
+
+FunctionReference = Annotated[str, AfterValidator(_parses_as_reference)]
+"""A ``rules.py:function`` or ``package.module:function`` reference, parsed at load so a
+typo fails there, naming its field, instead of when the function is first needed."""
+
+
+def _patterns_compile(patterns: dict[str, str]) -> dict[str, str]:
+    for field, pattern in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex for {field!r}: {exc}") from exc
+    return patterns
+
+
+RegexByField = Annotated[dict[FieldPath, str], AfterValidator(_patterns_compile)]
+"""Output field path -> regular expression, compiled at load so a bad pattern fails there."""
 
 
 class _Strict(BaseModel):
@@ -119,8 +143,7 @@ class ModelParams(_Strict):
 
     @model_validator(mode="after")
     def _alternates_are_distinct(self) -> ModelParams:
-        seen = [self.model, *self.fallback_models]
-        duplicates = sorted({m for m in seen if seen.count(m) > 1})
+        duplicates = _repeated([self.model, *self.fallback_models])
         if duplicates:
             raise ValueError(f"fallback_models repeats {', '.join(duplicates)}")
         return self
@@ -169,19 +192,12 @@ class OutputRules(_Strict):
     re-ask prompt shows the model.
     """
 
-    regex: dict[FieldPath, str] = Field(default_factory=dict)
+    regex: RegexByField = Field(default_factory=dict)
     max_length: dict[FieldPath, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     min_length: dict[FieldPath, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     enum: dict[FieldPath, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     banned_phrases: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     checks: list[str] = Field(default_factory=list)
-
-    @field_validator("regex")
-    @classmethod
-    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
-        for field, pattern in patterns.items():
-            _compile_pattern(field, pattern)
-        return patterns
 
     @field_validator("checks")
     @classmethod
@@ -220,15 +236,8 @@ class AgreementSpec(_Strict):
     """
 
     fields: KeyFields
-    rule: str | None = None
+    rule: FunctionReference | None = None
     weight: Weight = 1.0
-
-    @field_validator("rule")
-    @classmethod
-    def _reference_parses(cls, rule: str | None) -> str | None:
-        if rule is not None:
-            parse_reference(rule)
-        return rule
 
 
 class GroundingSpec(_Strict):
@@ -405,15 +414,8 @@ class FallbackSpec(_Strict):
     used; with neither, the fallback is always human review.
     """
 
-    rule: str | None = None
+    rule: FunctionReference | None = None
     default: dict[str, Any] | None = None
-
-    @field_validator("rule")
-    @classmethod
-    def _reference_parses(cls, rule: str | None) -> str | None:
-        if rule is not None:
-            parse_reference(rule)
-        return rule
 
 
 class RiskRule(_Strict):
@@ -427,7 +429,7 @@ class RiskRule(_Strict):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     when: str | None = None
-    check: str | None = None
+    check: FunctionReference | None = None
 
     @field_validator("when")
     @classmethod
@@ -435,13 +437,6 @@ class RiskRule(_Strict):
         if when is not None:
             parse_condition(when)
         return when
-
-    @field_validator("check")
-    @classmethod
-    def _reference_parses(cls, check: str | None) -> str | None:
-        if check is not None:
-            parse_reference(check)
-        return check
 
     @model_validator(mode="after")
     def _one_form(self) -> RiskRule:
@@ -504,8 +499,7 @@ class ReviewPolicy(_Strict):
     @field_validator("risk")
     @classmethod
     def _names_unique(cls, risk: list[RiskRule]) -> list[RiskRule]:
-        names = [r.name for r in risk]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = _repeated([r.name for r in risk])
         if duplicates:
             raise ValueError(f"duplicate risk rule names: {', '.join(duplicates)}")
         return risk
@@ -524,16 +518,9 @@ class TestExpectation(_Strict):
     route: Literal["result", "review", "fallback", "dead_letter"] | None = None
     output_equals: dict[FieldPath, Any] = Field(default_factory=dict)
     output_contains: dict[FieldPath, str] = Field(default_factory=dict)
-    output_matches: dict[FieldPath, str] = Field(default_factory=dict)
+    output_matches: RegexByField = Field(default_factory=dict)
     confidence_above: Probability | None = None
     confidence_below: Probability | None = None
-
-    @field_validator("output_matches")
-    @classmethod
-    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
-        for field, pattern in patterns.items():
-            _compile_pattern(field, pattern)
-        return patterns
 
     @model_validator(mode="after")
     def _confidence_window_not_empty(self) -> TestExpectation:
@@ -739,8 +726,7 @@ class PromptSpec(_Strict):
     @field_validator("tests")
     @classmethod
     def _test_names_unique(cls, tests: list[PromptTestCase]) -> list[PromptTestCase]:
-        names = [t.name for t in tests]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = _repeated([t.name for t in tests])
         if duplicates:
             raise ValueError(f"duplicate test names: {', '.join(duplicates)}")
         return tests
@@ -759,11 +745,9 @@ class PromptVersion(PromptSpec):
     code_files: dict[str, str] = Field(default_factory=dict)
 
 
-def _compile_pattern(field: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"invalid regex for {field!r}: {exc}") from exc
+def _repeated(values: list[str]) -> list[str]:
+    """Each value listed more than once, sorted: the load error names every clash at once."""
+    return sorted({v for v in values if values.count(v) > 1})
 
 
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
