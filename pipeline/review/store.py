@@ -209,6 +209,7 @@ _ITEM_COLUMNS = (
 )
 _ITEM_FROM = "review_items i LEFT JOIN review_decisions d ON d.request_id = i.request_id"
 _DECISION_COLUMNS = "decision, state, on_topic, recorded_at_ms, published_at_ms, owner, taken_from"
+_AUDIT_COLUMNS = "at_ms, actor, request_id, action, detail"
 
 
 def open_store(url: str, *, wait_s: float = 30.0, backoff: Backoff | None = None) -> SqlReviewStore:
@@ -375,6 +376,18 @@ class SqlReviewStore:
         cursor.execute(self._dialect.sql(statement), tuple(params))
         return cursor
 
+    def _rows(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of one query outside a transaction: most reads are a single ``SELECT``,
+        and turning rows into records need not hold the connection's lock."""
+        with self._read() as cur:
+            rows: list[Any] = self._exec(cur, statement, params).fetchall()
+        return rows
+
+    def _row(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of one query outside a transaction, or None (see :meth:`_rows`)."""
+        with self._read() as cur:
+            return self._exec(cur, statement, params).fetchone()
+
     def _migrate(self) -> None:
         with self._tx() as cur:
             if self._dialect.migration_lock is not None:
@@ -394,12 +407,10 @@ class SqlReviewStore:
 
     def schema_versions(self) -> list[SchemaVersion]:
         """Every migration applied to this database, oldest first."""
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                "SELECT version, description, applied_at_ms FROM review_schema_version"
-                " ORDER BY version",
-            ).fetchall()
+        rows = self._rows(
+            "SELECT version, description, applied_at_ms FROM review_schema_version"
+            " ORDER BY version",
+        )
         return [SchemaVersion(int(v), str(d), int(a)) for v, d, a in rows]
 
     def close(self) -> None:
@@ -487,33 +498,26 @@ class SqlReviewStore:
                 )
 
     def positions(self) -> dict[tuple[str, int], int]:
-        with self._read() as cur:
-            rows = self._exec(
-                cur, "SELECT topic, kafka_partition, next_offset FROM review_offsets"
-            ).fetchall()
+        rows = self._rows("SELECT topic, kafka_partition, next_offset FROM review_offsets")
         return {(str(t), int(p)): int(o) for t, p, o in rows}
 
     # -- queue and items ----------------------------------------------------------------
 
     def item(self, request_id: str) -> ReviewItem | None:
-        with self._read() as cur:
-            row = self._exec(
-                cur,
-                f"SELECT {_ITEM_COLUMNS} FROM {_ITEM_FROM} WHERE i.request_id = ?",
-                (request_id,),
-            ).fetchone()
+        row = self._row(
+            f"SELECT {_ITEM_COLUMNS} FROM {_ITEM_FROM} WHERE i.request_id = ?",
+            (request_id,),
+        )
         return _item(row) if row is not None else None
 
     def open_items(self, query: QueueFilter, now_ms: int) -> list[ReviewItem]:
         """Undecided items in the filter's order (oldest escalation first by default)."""
         where, params = _filter_sql(query, now_ms)
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                f"SELECT {_ITEM_COLUMNS} FROM {_ITEM_FROM} WHERE {where}"
-                f" ORDER BY {_ORDER[query.sort]} LIMIT ?",
-                (*params, query.limit),
-            ).fetchall()
+        rows = self._rows(
+            f"SELECT {_ITEM_COLUMNS} FROM {_ITEM_FROM} WHERE {where}"
+            f" ORDER BY {_ORDER[query.sort]} LIMIT ?",
+            (*params, query.limit),
+        )
         return [_item(row) for row in rows]
 
     def facets(self) -> QueueFacets:
@@ -584,15 +588,13 @@ class SqlReviewStore:
         answer never reached the browser, e.g. during a database outage, is not stranded
         until its lease ends), then the filter's order, skipping others' live leases."""
         where, params = _filter_sql(query, now_ms)
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                f"SELECT i.request_id FROM {_ITEM_FROM} WHERE {where}"
-                " AND (i.claimed_by IS NULL OR i.lease_until_ms <= ? OR i.claimed_by = ?)"
-                " ORDER BY CASE WHEN i.claimed_by = ? AND i.lease_until_ms > ? THEN 0 ELSE 1 END,"
-                f" {_ORDER[query.sort]} LIMIT ?",
-                (*params, now_ms, reviewer, reviewer, now_ms, query.limit),
-            ).fetchall()
+        rows = self._rows(
+            f"SELECT i.request_id FROM {_ITEM_FROM} WHERE {where}"
+            " AND (i.claimed_by IS NULL OR i.lease_until_ms <= ? OR i.claimed_by = ?)"
+            " ORDER BY CASE WHEN i.claimed_by = ? AND i.lease_until_ms > ? THEN 0 ELSE 1 END,"
+            f" {_ORDER[query.sort]} LIMIT ?",
+            (*params, now_ms, reviewer, reviewer, now_ms, query.limit),
+        )
         return [str(r[0]) for r in rows]
 
     def release(
@@ -641,24 +643,20 @@ class SqlReviewStore:
             return inserted
 
     def decision(self, request_id: str) -> StoredDecision | None:
-        with self._read() as cur:
-            row = self._exec(
-                cur,
-                f"SELECT {_DECISION_COLUMNS} FROM review_decisions WHERE request_id = ?",
-                (request_id,),
-            ).fetchone()
+        row = self._row(
+            f"SELECT {_DECISION_COLUMNS} FROM review_decisions WHERE request_id = ?",
+            (request_id,),
+        )
         return _decision(row) if row is not None else None
 
     def pending_decisions(self, owner: str | None = None) -> list[StoredDecision]:
         """Decisions not yet known to be on Kafka: all, or those ``owner`` delivers."""
         where, params = ("AND owner = ?", (owner,)) if owner is not None else ("", ())
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                f"SELECT {_DECISION_COLUMNS} FROM review_decisions WHERE state = 'pending'"
-                f" {where} ORDER BY recorded_at_ms",
-                params,
-            ).fetchall()
+        rows = self._rows(
+            f"SELECT {_DECISION_COLUMNS} FROM review_decisions WHERE state = 'pending'"
+            f" {where} ORDER BY recorded_at_ms",
+            params,
+        )
         return [_decision(row) for row in rows]
 
     def orphaned_owners(self, instance: str, alive_since_ms: int | None) -> list[str]:
@@ -666,16 +664,14 @@ class SqlReviewStore:
         never registered, or (unless ``alive_since_ms`` is None) silent since before it."""
         silent = " OR i.last_seen_ms < ?" if alive_since_ms is not None else ""
         params = (instance, alive_since_ms) if alive_since_ms is not None else (instance,)
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                "SELECT DISTINCT d.owner FROM review_decisions d"
-                " LEFT JOIN review_instances i ON i.instance = d.owner"
-                " WHERE d.state = 'pending' AND d.owner IS NOT NULL AND d.owner <> ?"
-                f" AND (i.instance IS NULL OR i.stopped_ms IS NOT NULL{silent})"
-                " ORDER BY d.owner",
-                params,
-            ).fetchall()
+        rows = self._rows(
+            "SELECT DISTINCT d.owner FROM review_decisions d"
+            " LEFT JOIN review_instances i ON i.instance = d.owner"
+            " WHERE d.state = 'pending' AND d.owner IS NOT NULL AND d.owner <> ?"
+            f" AND (i.instance IS NULL OR i.stopped_ms IS NOT NULL{silent})"
+            " ORDER BY d.owner",
+            params,
+        )
         return [str(row[0]) for row in rows]
 
     def take_over(self, from_owner: str, to_owner: str, now_ms: int) -> int:
@@ -769,26 +765,21 @@ class SqlReviewStore:
             self._insert_audit(cur, actor, request_id, action, detail, now_ms)
 
     def audit_trail(self, request_id: str) -> list[AuditEntry]:
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                "SELECT at_ms, actor, request_id, action, detail FROM review_audit"
-                " WHERE request_id = ? ORDER BY at_ms, id",
-                (request_id,),
-            ).fetchall()
-        return [AuditEntry(int(a), str(b), str(c), str(d), str(e)) for a, b, c, d, e in rows]
+        rows = self._rows(
+            f"SELECT {_AUDIT_COLUMNS} FROM review_audit WHERE request_id = ? ORDER BY at_ms, id",
+            (request_id,),
+        )
+        return [_audit_entry(row) for row in rows]
 
     def audit_log(self, actor: str | None, limit: int) -> list[AuditEntry]:
         """The newest audit entries across all items, optionally of one actor (admins)."""
         where, params = ("WHERE actor = ?", [actor]) if actor else ("", [])
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                "SELECT at_ms, actor, request_id, action, detail FROM review_audit"
-                f" {where} ORDER BY at_ms DESC, id DESC LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-        return [AuditEntry(int(a), str(b), str(c), str(d), str(e)) for a, b, c, d, e in rows]
+        rows = self._rows(
+            f"SELECT {_AUDIT_COLUMNS} FROM review_audit"
+            f" {where} ORDER BY at_ms DESC, id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_audit_entry(row) for row in rows]
 
     # -- sessions (see pipeline.review.auth.SessionManager) -----------------------------
 
@@ -802,13 +793,11 @@ class SqlReviewStore:
             )
 
     def session_row(self, key: str) -> SessionRow | None:
-        with self._read() as cur:
-            row = self._exec(
-                cur,
-                "SELECT reviewer, fingerprint, created_ms, last_seen_ms FROM review_sessions"
-                " WHERE session_key = ?",
-                (key,),
-            ).fetchone()
+        row = self._row(
+            "SELECT reviewer, fingerprint, created_ms, last_seen_ms FROM review_sessions"
+            " WHERE session_key = ?",
+            (key,),
+        )
         return SessionRow(str(row[0]), str(row[1]), int(row[2]), int(row[3])) if row else None
 
     def touch_session(self, key: str, now_ms: int) -> None:
@@ -840,10 +829,7 @@ class SqlReviewStore:
         return int(purged)
 
     def session_counts(self) -> dict[str, int]:
-        with self._read() as cur:
-            rows = self._exec(
-                cur, "SELECT reviewer, COUNT(*) FROM review_sessions GROUP BY reviewer"
-            ).fetchall()
+        rows = self._rows("SELECT reviewer, COUNT(*) FROM review_sessions GROUP BY reviewer")
         return {str(user): int(count) for user, count in rows}
 
     def set_flash(self, key: str, text: str | None) -> None:
@@ -865,15 +851,13 @@ class SqlReviewStore:
     # -- calibration --------------------------------------------------------------------
 
     def calibration_rows(self, prompt: str) -> list[CalibrationRow]:
-        with self._read() as cur:
-            rows = self._exec(
-                cur,
-                "SELECT i.prompt_version, i.confidence, d.action, i.reason FROM review_items i"
-                " JOIN review_decisions d ON d.request_id = i.request_id"
-                " WHERE i.prompt_name = ? AND i.confidence IS NOT NULL"
-                " ORDER BY i.escalated_at_ms",
-                (prompt,),
-            ).fetchall()
+        rows = self._rows(
+            "SELECT i.prompt_version, i.confidence, d.action, i.reason FROM review_items i"
+            " JOIN review_decisions d ON d.request_id = i.request_id"
+            " WHERE i.prompt_name = ? AND i.confidence IS NOT NULL"
+            " ORDER BY i.escalated_at_ms",
+            (prompt,),
+        )
         return [CalibrationRow(int(v), float(c), str(a), str(r)) for v, c, a, r in rows]
 
     # -- helpers ------------------------------------------------------------------------
@@ -982,6 +966,11 @@ def _item(row: Sequence[Any]) -> ReviewItem:
         lease_until_ms=int(lease_until) if lease_until is not None else None,
         decision=decision,
     )
+
+
+def _audit_entry(row: Sequence[Any]) -> AuditEntry:
+    at_ms, actor, request_id, action, detail = row
+    return AuditEntry(int(at_ms), str(actor), str(request_id), str(action), str(detail))
 
 
 def _decision_summary(decision: ReviewDecision) -> str:
