@@ -270,16 +270,8 @@ class BudgetedClient:
 
 def parse_daily_budgets(raw: str | None) -> dict[str, int]:
     """Parse ``LLMPIPE_PROMPT_DAILY_TOKENS``: a JSON object of prompt name -> tokens/day."""
-    if raw is None or not raw.strip():
-        return {}
-    try:
-        data: Any = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"prompt daily budgets are not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("prompt daily budgets must be a JSON object of prompt -> tokens")
     budgets: dict[str, int] = {}
-    for prompt, tokens in data.items():
+    for prompt, tokens in _prompt_object(raw, "prompt daily budgets", "tokens").items():
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise ValueError(f"daily budget for {prompt!r} must be a positive integer")
         budgets[str(prompt)] = tokens
@@ -288,17 +280,23 @@ def parse_daily_budgets(raw: str | None) -> dict[str, int]:
 
 def parse_daily_costs(raw: str | None) -> dict[str, float]:
     """Parse ``LLMPIPE_PROMPT_DAILY_COST_USD``: a JSON object of prompt name -> USD/day."""
+    budgets: dict[str, float] = {}
+    for prompt, usd in _prompt_object(raw, "prompt daily cost budgets", "USD").items():
+        if isinstance(usd, bool) or not isinstance(usd, int | float) or not usd > 0:
+            raise ValueError(f"daily cost budget for {prompt!r} must be a positive amount")
+        budgets[str(prompt)] = float(usd)
+    return budgets
+
+
+def _prompt_object(raw: str | None, what: str, unit: str) -> dict[str, Any]:
+    """The JSON object of a per-prompt setting (empty when unset): both daily budgets are
+    read alike, so a malformed one fails with the same kind of message."""
     if raw is None or not raw.strip():
         return {}
     try:
         data: Any = json.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"prompt daily cost budgets are not valid JSON: {exc}") from None
+        raise ValueError(f"{what} are not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError("prompt daily cost budgets must be a JSON object of prompt -> USD")
-    budgets: dict[str, float] = {}
-    for prompt, usd in data.items():
-        if isinstance(usd, bool) or not isinstance(usd, int | float) or not usd > 0:
-            raise ValueError(f"daily cost budget for {prompt!r} must be a positive amount")
-        budgets[str(prompt)] = float(usd)
-    return budgets
+        raise ValueError(f"{what} must be a JSON object of prompt -> {unit}")
+    return data
