@@ -174,33 +174,17 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
     """Model, attempts and latency where the envelope has them, plus a short detail."""
     if isinstance(envelope, Completion):
         return {
-            "calls": tuple(envelope.calls),
-            "model": envelope.model,
-            "attempts": envelope.attempts,
+            **_call_fields(envelope),
             "latency_ms": envelope.latency_ms,
-            "cost_usd": envelope.usage.cost_usd,
             "detail": f"finish={envelope.finish_reason} tokens={envelope.usage.total_tokens}",
         }
     if isinstance(envelope, Result):
         detail = f"source={envelope.source} status={envelope.status}"
         if envelope.reviewer:
             detail += f" reviewer={envelope.reviewer}"
-        return {
-            "calls": tuple(envelope.calls),
-            "model": envelope.model,
-            "attempts": envelope.attempts,
-            "latency_ms": envelope.latency_ms,
-            "cost_usd": envelope.usage.cost_usd,
-            "detail": detail,
-        }
+        return {**_call_fields(envelope), "latency_ms": envelope.latency_ms, "detail": detail}
     if isinstance(envelope, Escalation):
-        return {
-            "calls": tuple(envelope.calls),
-            "model": envelope.model,
-            "attempts": envelope.attempts,
-            "cost_usd": envelope.usage.cost_usd,
-            "detail": envelope.detail[:120] or None,
-        }
+        return {**_call_fields(envelope), "detail": envelope.detail[:120] or None}
     if isinstance(envelope, ReviewDecision):
         return {"detail": f"action={envelope.action} reviewer={envelope.reviewer}"}
     if isinstance(envelope, Correction):
@@ -209,6 +193,16 @@ def _envelope_fields(envelope: Envelope) -> dict[str, Any]:
         flags = ",".join(envelope.flags)
         return {"detail": f"flags={flags}" if flags else None}
     return {}
+
+
+def _call_fields(envelope: Completion | Result | Escalation) -> dict[str, Any]:
+    """What every envelope that carries model calls shows alike: calls, model, attempts, cost."""
+    return {
+        "calls": tuple(envelope.calls),
+        "model": envelope.model,
+        "attempts": envelope.attempts,
+        "cost_usd": envelope.usage.cost_usd,
+    }
 
 
 def new_calls(stops: Sequence[Stop]) -> list[tuple[Stop, tuple[ModelCall, ...]]]:
