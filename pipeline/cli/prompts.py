@@ -54,6 +54,10 @@ PromptsDir = Annotated[
 VersionOption = Annotated[
     int | None, typer.Option("--version", help="Version number; default: the newest.")
 ]
+LiveEndpoint = Annotated[
+    str | None,
+    typer.Option("--endpoint", help="OpenAI-compatible base URL for --live (ends in /v1)."),
+]
 
 
 @contextmanager
@@ -191,10 +195,7 @@ def test_command(
             "LLMPIPE_MODEL_BASE_URL when set, else the local SmolLM2 (make model-server).",
         ),
     ] = False,
-    endpoint: Annotated[
-        str | None,
-        typer.Option("--endpoint", help="OpenAI-compatible base URL for --live (ends in /v1)."),
-    ] = None,
+    endpoint: LiveEndpoint = None,
     repeat: Annotated[
         int, typer.Option("--repeat", min=1, help="Live runs per case (models are not stable).")
     ] = 1,
@@ -383,10 +384,7 @@ def eval_command(
             "SmolLM2 server); without it, replay each case's recorded model_answer.",
         ),
     ] = False,
-    endpoint: Annotated[
-        str | None,
-        typer.Option("--endpoint", help="OpenAI-compatible base URL for --live (ends in /v1)."),
-    ] = None,
+    endpoint: LiveEndpoint = None,
     target: Annotated[
         float, typer.Option("--target", help="Delivered error the suggestion must meet.")
     ] = 0.1,
