@@ -46,7 +46,7 @@ from pipeline.prompts.model import BurnInPolicy
 from pipeline.prompts.registry import PromptRegistry
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
-from pipeline.transport.compacted import CompactedFollower, Record
+from pipeline.transport.compacted import CompactedFollower, Record, close_producer
 
 log = logging.getLogger("llmpipe.burn_in")
 
@@ -142,6 +142,8 @@ class KafkaBurnInLedger:
         self._reading: dict[str, list[asyncio.Future[None]]] = {}
         """Claims produced and not read back yet, by record key: their waiters."""
         self._pool = ThreadPoolExecutor(CLAIM_THREADS, thread_name_prefix="burn-in")
+        self._closing = threading.Event()
+        """Set by :meth:`stop`: a claim still waiting for its acknowledgement gives up."""
         self.claimed = 0
         """Claims this process wrote (answers it had to count itself)."""
 
@@ -163,11 +165,26 @@ class KafkaBurnInLedger:
         ) from cause
 
     async def stop(self) -> None:
+        """Stop following and destroy the producer (:func:`close_producer`), on a thread.
+
+        A claim whose stage task was cancelled may still be waiting on a pool thread for
+        its acknowledgement: it gives up within one poll (``_closing``), and the pool is
+        joined before the producer is closed, so no thread uses it while it is destroyed.
+        """
+        if self._closing.is_set():
+            return
+        self._closing.set()
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self._producer.flush, 5)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=True)
+        dropped = close_producer(self._producer)
+        if dropped:
+            log.warning("%d burn-in claims not acknowledged at shutdown; dropped", dropped)
 
     # -- the gate ----------------------------------------------------------------------
 
@@ -224,6 +241,8 @@ class KafkaBurnInLedger:
         )
         deadline = time.monotonic() + CLAIM_TIMEOUT_S
         while not done.is_set():
+            if self._closing.is_set():
+                raise BurnInUnavailable(f"stopping before {self._topic} acknowledged")
             if time.monotonic() > deadline:
                 raise BurnInUnavailable(f"no acknowledgement from {self._topic}")
             self._producer.poll(0.05)

@@ -84,12 +84,19 @@ class FleetLink:
         finally:
             if self._soon is not None:
                 self._soon.cancel()
+            # Unhooked: spend reported from now on has nobody to publish it. This also
+            # drops the state's reference to this link, through which an object frozen
+            # by gc.freeze() kept the link, and its producer, alive to the interpreter's
+            # shutdown.
+            self.state.spend.on_report = None
             if self.ready.is_set():
                 self._publish(self.state.flush())
                 self._publish(self.state.leave())
-                await asyncio.to_thread(self._publisher.flush)
-            stop.set()
-            await asyncio.gather(follow, return_exceptions=True)
+            try:
+                await self._publisher.close()
+            finally:
+                stop.set()
+                await asyncio.gather(follow, return_exceptions=True)
 
     def _publish_spend_soon(self) -> None:
         """Spend (a reservation above all) goes out within ``SPEND_DELAY_S``: a worker

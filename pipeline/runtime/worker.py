@@ -19,6 +19,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, NoReturn
 
@@ -45,6 +47,7 @@ from pipeline.stages.table import RawInput, StageDeps, Step, build_steps
 from pipeline.stages.validate import ContentRules, InputLimits
 from pipeline.transport import headers as h
 from pipeline.transport.clients import KafkaClients
+from pipeline.transport.compacted import close_producer
 from pipeline.transport.delivery import KafkaFatalError
 from pipeline.transport.registry import codec_for, require_schemas
 from pipeline.transport.runner import Handler, Inbound, StageRunner
@@ -54,9 +57,20 @@ log = logging.getLogger("llmpipe.worker")
 CALLING_STAGES = frozenset({topology.MODEL, topology.SETTLE})
 """Stages that call models: a worker running one of them joins the fleet on llm.fleet."""
 
-FATAL_TELEMETRY_FLUSH_MS = 5_000
-"""How long a worker ending on a fatal Kafka error waits for its last spans and metrics to
-be exported (see :func:`exit_fatally`)."""
+LEAVE_TELEMETRY_FLUSH_MS = 5_000
+"""How long a worker that ends without interpreter shutdown waits for its last spans and
+metrics to be exported (see :func:`leave`)."""
+
+THREADS_EXIT_WAIT_S = 3.0
+"""How long a stopped worker waits for its last non-daemon threads before it leaves
+without them (see :func:`run_worker`). By then every wait that matters is over, each with
+its own bound: stages drained and committed, consumers closed, producers flushed and
+destroyed. A thread still alive is either on its way out (an executor thread that was let
+go with ``shutdown(wait=False)`` ends within milliseconds of its last call) or inside a
+call nothing waits for any more (one the delivery watchdog abandoned, a librdkafka call
+stuck in a broker outage), which may never return. Long enough for the first kind on a
+loaded machine; short against a supervisor's grace period (Kubernetes' default is 30 s),
+most of which the drain (``LLMPIPE_REVOKE_GRACE_S``, 10 s) may already have used."""
 
 GC_THRESHOLDS = (200_000, 10, 10)
 """CPython's cyclic collector for a worker: young collections after 200,000 net new tracked
@@ -125,8 +139,11 @@ class Worker:
             await self._run(stop, clients, readiness)
         finally:
             stop.set()
-            if server is not None:
-                await server
+            try:
+                await _close_stage_producer(clients)
+            finally:
+                if server is not None:
+                    await server
 
     async def _run(
         self, stop: asyncio.Event, clients: KafkaClients, readiness: WorkerReadiness
@@ -248,6 +265,24 @@ class Worker:
         }
 
 
+async def _close_stage_producer(clients: KafkaClients) -> None:
+    """Destroy the at-least-once stages' shared producer once they have all stopped (each
+    flushed it on closing), on a thread: left to the garbage collector, it may outlive the
+    event loop into the interpreter's shutdown (see :func:`close_producer`). What it could
+    not deliver was never acknowledged, so its inputs' offsets were not committed: the
+    partitions' next owner redoes them."""
+    producer = clients.take_stage_producer()
+    if producer is None:
+        return
+    dropped = await asyncio.to_thread(close_producer, producer)
+    if dropped:
+        log.warning(
+            "%d stage outputs not delivered at shutdown; dropped (their inputs are redone "
+            "by the partitions' next owner)",
+            dropped,
+        )
+
+
 async def _first(
     awaitable: Awaitable[Any], failing: asyncio.Task[None], stop: asyncio.Event
 ) -> bool:
@@ -287,9 +322,26 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def leave(exit_code: int, line: str | None = None) -> NoReturn:
+    """End the process now, skipping interpreter shutdown: flush telemetry, the logs and
+    stdio, write ``line`` (if any) to stderr last, then ``os._exit(exit_code)``.
+
+    The one way a worker ends without Python's own shutdown, for when that shutdown is the
+    hazard (:func:`exit_fatally`) or would never finish (a thread stuck in a call, which
+    the interpreter would join for ever: :func:`run_worker`)."""
+    with contextlib.suppress(Exception):  # the process ends whatever an exporter does
+        configure_observability().force_flush(LEAVE_TELEMETRY_FLUSH_MS)
+    logging.shutdown()
+    sys.stdout.flush()
+    if line is not None:
+        sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
 def exit_fatally(error: KafkaFatalError) -> NoReturn:
     """End the process with ``error``'s one line and exit code, skipping interpreter
-    shutdown (crash-only): flush the logs, stdio and telemetry, then ``os._exit``.
+    shutdown (crash-only, :func:`leave`).
 
     Called once :meth:`Worker.run` has returned, that is after the orderly part of the
     exit: every stage stopped, the stages that could still commit drained and committed
@@ -303,29 +355,46 @@ def exit_fatally(error: KafkaFatalError) -> NoReturn:
     saying why.
 
     What the rest would do is where the hazard is: interpreter teardown while librdkafka
-    threads still run (the fleet's state publisher is never destroyed, and the error's
-    traceback keeps the failed run's frames, and the clients they hold, alive into the
-    teardown) and while the executor threads let go with ``shutdown(wait=False)`` finish
-    exiting. A fenced zombie worker (``tests/e2e/test_chaos.py``) died there once in CI
-    with SIGABRT (glibc's ``tcache_thread_shutdown(): unaligned tcache chunk detected``, a
-    heap check made as a thread exits) instead of exiting 1. The corrupting write was not
-    caught (not reproduced locally, with or without glibc's tcache), so the window is
-    removed rather than one writer fixed.
+    threads still run (the error's traceback keeps the failed run's frames, and the
+    clients they hold, alive into the teardown) and while the executor threads let go
+    with ``shutdown(wait=False)`` finish exiting. A fenced zombie worker
+    (``tests/e2e/test_chaos.py``) died there once in CI with SIGABRT (glibc's
+    ``tcache_thread_shutdown(): unaligned tcache chunk detected``, a heap check made as a
+    thread exits) instead of exiting 1. The corrupting write was not caught (not
+    reproduced locally, with or without glibc's tcache), so the window is removed rather
+    than one writer fixed.
     """
-    with contextlib.suppress(Exception):  # the process ends whatever an exporter does
-        configure_observability().force_flush(FATAL_TELEMETRY_FLUSH_MS)
-    logging.shutdown()
-    sys.stdout.flush()
-    # Last, as the CLI prints an LlmpipeError (pipeline.cli.console, which this layer
+    # The line is the CLI's for an LlmpipeError (pipeline.cli.console, which this layer
     # cannot import): the one line a supervisor or operator reads.
-    sys.stderr.write(f"error: {error}\n")
-    sys.stderr.flush()
-    os._exit(error.exit_code)
+    leave(error.exit_code, f"error: {error}")
+
+
+def stuck_threads(timeout_s: float = THREADS_EXIT_WAIT_S) -> list[threading.Thread]:
+    """The non-daemon threads (other than this one) still alive after waiting up to
+    ``timeout_s`` in all for them to end: the ones the interpreter's shutdown would join."""
+
+    def others() -> list[threading.Thread]:
+        me = threading.current_thread()
+        return [t for t in threading.enumerate() if t is not me and not t.daemon]
+
+    deadline = time.monotonic() + timeout_s
+    for thread in others():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in others() if t.is_alive()]
 
 
 def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
     """Blocking entry point for the CLI: SIGTERM and SIGINT stop the worker cleanly; a
-    fatal Kafka error ends the process crash-only once it has stopped (:func:`exit_fatally`)."""
+    fatal Kafka error ends the process crash-only once it has stopped (:func:`exit_fatally`).
+
+    A clean stop returns (exit code 0, through the interpreter's ordinary shutdown) unless
+    a non-daemon thread is still alive :data:`THREADS_EXIT_WAIT_S` after the worker
+    stopped: the interpreter would join it for ever (``concurrent.futures`` joins its
+    executors' threads at exit), so a call stuck inside librdkafka during a broker outage
+    would keep a SIGTERMed worker up until it is SIGKILLed. The worker then leaves with
+    exit code 0 anyway (:func:`leave`): the stuck call's result is awaited by nobody, and
+    nothing is lost by not waiting for it, since whatever it held uncommitted is redone
+    from the committed offsets by the partitions' next owner."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -346,3 +415,13 @@ def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
         asyncio.run(main())
     except KafkaFatalError as exc:
         exit_fatally(exc)
+    stuck = stuck_threads()
+    if stuck:
+        log.warning(
+            "worker stopped, but threads %s did not end within %.0fs (a call stuck inside "
+            "Kafka's client, say); leaving without them: nothing is lost, what they held "
+            "uncommitted is redone by the partitions' next owner",
+            ",".join(t.name for t in stuck),
+            THREADS_EXIT_WAIT_S,
+        )
+        leave(0)

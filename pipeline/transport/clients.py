@@ -463,6 +463,14 @@ class KafkaClients:
                 )
             return self._stage_producer
 
+    def take_stage_producer(self) -> Producer | None:
+        """The shared stage producer, handed to its owner (the worker) to close once every
+        stage that sent through it has stopped; None if none was made. A later
+        :meth:`stage_producer` call makes a new one."""
+        with self._stage_producer_lock:
+            producer, self._stage_producer = self._stage_producer, None
+            return producer
+
     def transactional_producer(self, transactional_id: str, **overrides: Any) -> Producer:
         """A producer for exactly-once hops; call ``init_transactions()`` before use.
 
