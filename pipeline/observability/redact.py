@@ -13,6 +13,7 @@ phone number before it) are masked together, never one dropped for the other.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,27 @@ DIGIT_GROUPS = re.compile(r"(?<!\d)\d++(?:[ -]\d++)*+")
 """Digit groups separated by single spaces or dashes: where card numbers live."""
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-IPV6 = re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b")
+IPV6_START = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
+"""How every textual IPv6 address starts: two colons at most four hex digits apart."""
+IPV6 = re.compile(
+    rf"(?={IPV6_START.pattern})(?<!\w)(?<![\w)\]]\[)(?P<run>[0-9A-Fa-f:.]++)"
+    r"(?:%(?P<zone>[\w~-]++(?:\.[\w~-]++)*+))?+"
+)
+"""Where an IPv6 address may be, in any textual form (RFC 4291 2.2, RFC 5952): a run of
+hex digits, colons and dots (the IPv4 tail) that starts as every address does
+(:data:`IPV6_START`), then a zone (``%eth0``; ``%25eth0`` in a URL).
+:func:`_ipv6s` confirms each with :class:`ipaddress.IPv6Address`: at most one ``::``,
+eight groups or fewer, a valid IPv4 tail are rules a pattern spells badly.
+
+That start is tried first: it fails at the first character almost everywhere, so a line
+full of colons (a JSON log line) yields no candidate at all. A run starts only where a
+word does not (``std::vector``, ``foo::bar``, ``ERROR::`` yield none that parses), and
+not after a subscript's ``[`` (``x[1::2]``, ``a[::2]``: ``[`` right after a name or a
+closing bracket), while ``[2001:db8::1]:8080`` and ``http://[::1]/`` have a space or a
+slash before theirs. Runs are possessive: a long run of hex digits and colons is one
+candidate, never rescanned from each of its positions."""
+IPV6_LONGEST = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
+"""No address (zone aside) is longer: a candidate is tried only up to here."""
 DIGIT = re.compile(r"\d")
 r"""What IBANs, card and phone numbers and IPv4 addresses all contain (same ``\d``)."""
 SECRET = re.compile(
@@ -74,6 +95,7 @@ SECRET_WORDS = frozenset({"password", "passwd", "secret", "auth"})
 and settings) is masked whole too. Not
 ``token``: ``prompt_tokens`` is a count, and a bearer token's text is caught by its shape."""
 _WORD = re.compile(r"[^a-z0-9]+")
+_WORD_CHAR = re.compile(r"\w")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -118,9 +140,9 @@ class Redactor:
 
     def find(self, text: str) -> list[Finding]:
         """Every finding in ``text``. A pattern is only run when ``text`` holds what any of
-        its matches must contain (a secret's prefix, an ``@``, a digit, three dots, seven
-        colons): most text has no e-mail, no key and no number, and each pattern is a scan
-        of all of it."""
+        its matches must contain (a secret's prefix, an ``@``, a digit, three dots, a ``::``
+        or six colons): most text has no e-mail, no key and no number, and each pattern is
+        a scan of all of it."""
         text = _unescaped_view(text)
         found: list[Finding] = []
         if _may_hold_secret(text):
@@ -133,8 +155,8 @@ class Redactor:
             found.extend(_cards(text))
             if text.count(".") >= 3:
                 found.extend(Finding("ip", m.start(), m.end()) for m in IPV4.finditer(text))
-        if text.count(":") >= 7:
-            found.extend(Finding("ip", m.start(), m.end()) for m in IPV6.finditer(text))
+        if "::" in text or text.count(":") >= 6:
+            found.extend(_ipv6s(text))
         if digits:
             found.extend(_phones(text))
         for pattern in self._extra:
@@ -238,6 +260,81 @@ def _ibans(text: str) -> list[Finding]:
                 found.append(Finding("iban", m.start(), m.start() + end))
                 break
     return found
+
+
+def _ipv6s(text: str) -> list[Finding]:
+    """Each :data:`IPV6` candidate that :class:`ipaddress.IPv6Address` accepts, or else its
+    longest accepted prefix that ends before a dot or colon: the run may have taken in what
+    follows the address ("2001:db8::1." ending a sentence, "::1:" before a port,
+    "2001:db8::1.95.8.147.3" glued to an IPv4 address). After a prefix, the rest of the run
+    is tried the same way, so "2001:db8::1.2001:db8::2" is two addresses.
+
+    A run glued to a word ("dead::beefy", "abc::def::ghi", "2001:db8::1:zz") is part of
+    that word; only a prefix that ends at a dot (where a sentence or a field ends) may
+    still be an address. Every other valid form is an address, ``dead::beef`` and
+    ``abc::def`` included: they cannot be told from one, and masking a word that looks
+    like an address is the safe mistake. Not ``::`` alone (the unspecified address, no
+    one's): it is Haskell's type annotation, an emoticon, a slice. Not a MAC address
+    (``aa:bb:cc:dd:ee:ff``: six groups, no ``::``): it does not parse. A hex fingerprint
+    with colons is masked eight groups at a time, as before (each is a valid address).
+
+    Only :data:`IPV6_LONGEST` characters of a run are looked at per address: linear on
+    any run.
+    """
+    found: list[Finding] = []
+    for m in IPV6.finditer(text):
+        run, zone = m.group("run"), m.group("zone")
+        glued = _WORD_CHAR.match(text, m.end()) is not None
+        start = 0
+        while True:
+            window = run[start : start + IPV6_LONGEST + 1]
+            whole = start + len(window) == len(run)
+            end = _ipv6_end(window, whole, glued, zone)
+            if end is None:
+                break
+            if whole and end == len(window):
+                found.append(Finding("ip", m.start() + start, m.end()))
+                break
+            found.append(Finding("ip", m.start() + start, m.start() + start + end))
+            start += end + 1
+            if IPV6_START.match(run, start) is None:
+                break
+    return found
+
+
+def _ipv6_end(window: str, whole: bool, glued: bool, zone: str | None) -> int | None:
+    """Where the longest address at the start of ``window`` ends: at its end when it is the
+    rest of a run that no word follows (then with the run's ``zone``), else before one of
+    its dots, or colons when no word follows."""
+    ends = [len(window)] if whole and not glued else []
+    cuts = "." if glued else ".:"
+    ends.extend(i for i in range(len(window) - 1, 0, -1) if window[i] in cuts)
+    for end in ends:
+        address = window[:end]
+        if end > IPV6_LONGEST or not _may_be_ipv6(address):
+            continue
+        if end == len(window) and zone is not None:
+            address = f"{address}%{zone}"
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            continue
+        return end
+    return None
+
+
+def _may_be_ipv6(candidate: str) -> bool:
+    """False when ``candidate`` cannot parse, counted rather than parsed (most prefixes of
+    a run fail here, without the parser's exception): an address has at most eight
+    colons; without ``::`` it has seven, or six and an IPv4 tail; with it, one ``::`` and
+    a digit (``::`` alone is not flagged)."""
+    colons = candidate.count(":")
+    if colons > 8:
+        return False
+    doubles = candidate.count("::")
+    if doubles == 0:
+        return colons in (6, 7)
+    return doubles == 1 and candidate.strip(":") != ""
 
 
 def _phones(text: str) -> list[Finding]:
