@@ -187,6 +187,23 @@ class _PartitionState:
     committed_version: int = -1
 
 
+def _nothing_new(state: _PartitionState, position: int | None) -> bool:
+    """Whether a commit of ``position`` would record nothing the last one did not.
+
+    Also when nothing was ever committed and nothing has finished: the position is then
+    where this assignment started reading, and committing it alone only costs a commit
+    (exactly once, a transaction with no outputs) that the first finished message makes
+    anyway. Without this an idle runner on a never-committed partition had something
+    to commit for ever (it polled and committed every interval), and the first fetch
+    after idling committed the start offset while the messages it fetched were in
+    flight."""
+    if position is None:  # nothing handed out yet
+        return True
+    if state.committed is None:
+        return not state.done and position == state.first
+    return position == state.committed and state.version == state.committed_version
+
+
 class OffsetTracker:
     """Per-partition bookkeeping; start/done are O(log n) in the number in flight."""
 
@@ -254,12 +271,11 @@ class OffsetTracker:
         if state is None:
             return None
         position = self._position(state)
-        if position is None:
-            return None
-        if state.done and min(state.done) < position:
+        if state.done and position is not None and min(state.done) < position:
             state.done = {o for o in state.done if o >= position}
-        if position == state.committed and state.version == state.committed_version:
+        if _nothing_new(state, position):
             return None
+        assert position is not None
         return CommitPoint(position, tuple(sorted(state.done)), state.version)
 
     def changed(self, topic: str, partition: int) -> bool:
@@ -267,10 +283,7 @@ class OffsetTracker:
         state = self._parts.get((topic, partition))
         if state is None:
             return False
-        if state.version != state.committed_version:
-            return True
-        position = self._position(state)
-        return position is not None and position != state.committed
+        return not _nothing_new(state, self._position(state))
 
     def committable(self, topic: str, partition: int) -> int | None:
         """The position to commit, or None when nothing new is safe to commit."""

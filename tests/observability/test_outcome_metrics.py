@@ -138,15 +138,16 @@ def _stuck_call(
 def _run_to_the_end(
     broker: FakeBroker, recorder: Recorder, ids: list[str], fault: Callable[[], None]
 ) -> FakeClients:
-    """``fault`` is injected once the first commit (the assigned position, no outputs)
-    is in, before any message finishes: the next commit is the first carrying outputs."""
+    """``fault`` is injected by the first message's handler, before any message has
+    finished: the first commit, the first carrying outputs, meets it. (A runner commits
+    nothing before a message finishes: an assigned position alone is not a commit.)"""
     injected = False
 
     async def handler(message: Inbound) -> Decision:
         nonlocal injected
-        await wait_for(lambda: bool(broker.commits), "the first commit")
         if not injected:
             injected = True
+            assert not broker.commits, "nothing committed before the first message finished"
             fault()
         return emit(message)
 

@@ -43,7 +43,7 @@ def test_partitions_are_independent_and_forgotten_on_revoke() -> None:
     tracker.start("t", 0, 5)
     tracker.start("t", 1, 7)
     tracker.done("t", 1, 7)
-    assert tracker.committable("t", 0) == 5
+    assert tracker.committable("t", 0) is None  # nothing finished there yet
     assert tracker.committable("t", 1) == 8
     tracker.forget("t", 0)
     assert tracker.committable("t", 0) is None
@@ -59,7 +59,8 @@ def test_committable_is_the_first_unfinished_offset(order: list[int], finished: 
     for offset in order[:finished]:
         tracker.done("t", 0, offset)
     first_unfinished = next((o for o in range(30) if o not in done), 30)
-    assert tracker.committable("t", 0) == first_unfinished
+    # Nothing finished yet: the start offset alone is nothing to commit.
+    assert tracker.committable("t", 0) == (first_unfinished if done else None)
     assert all(o in done for o in range(first_unfinished))
 
 
@@ -178,3 +179,34 @@ def test_the_metadata_is_committed_even_when_the_position_cannot_move() -> None:
     second = tracker.commit_point("t", 0)
     assert second is not None and (second.position, second.done) == (0, (3, 4))
     assert tracker.window("t", 0) == 5
+
+
+def test_a_never_committed_partition_has_nothing_to_commit_until_a_message_finishes() -> None:
+    """Its start offset alone records nothing (a new owner reads from the earliest offset
+    anyway): an idle runner must not commit it every interval, nor the first fetch after
+    idling commit it with its messages still in flight (exactly once: an empty
+    transaction). Once committed, the same position is again nothing new."""
+    tracker = OffsetTracker()
+    tracker.assign("t", 0, None, "")
+    assert not tracker.changed("t", 0) and tracker.commit_point("t", 0) is None
+    tracker.start("t", 0, 0)
+    tracker.start("t", 0, 1)
+    assert not tracker.changed("t", 0) and tracker.commit_point("t", 0) is None
+    tracker.done("t", 0, 1)  # above the first: recorded in the metadata
+    point = tracker.commit_point("t", 0)
+    assert tracker.changed("t", 0) and point is not None
+    assert (point.position, point.done) == (0, (1,))
+    tracker.mark_committed("t", 0, point.position, point.version)
+    assert not tracker.changed("t", 0) and tracker.commit_point("t", 0) is None
+    tracker.done("t", 0, 0)
+    assert tracker.committable("t", 0) == 2
+
+
+def test_a_partition_assigned_with_offsets_done_elsewhere_commits_them() -> None:
+    """Never committed, but some offsets known done (their outputs were delivered before
+    the partition came back): the first message handed out makes them committable."""
+    tracker = OffsetTracker()
+    tracker.assign("t", 0, None, "", also_done=[3])
+    tracker.start("t", 0, 0)
+    point = tracker.commit_point("t", 0)
+    assert point is not None and (point.position, point.done) == (0, (3,))
