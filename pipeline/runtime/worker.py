@@ -162,12 +162,17 @@ class Worker:
         background = [control_task]
         burn_in: KafkaBurnInLedger | None = None
         tasks: list[asyncio.Task[None]] = []
+        # The fleet link stops after the stages: the calls they finish while draining
+        # report spend and quality outcomes, which it publishes before its lease
+        # tombstone. Stopped with them, it left first, and that spend (the final charge
+        # of every call in flight at SIGTERM, in place of its reservation) was dropped.
+        fleet_stop = asyncio.Event()
         try:
             if not await _first(listener.ready.wait(), control_task, stop):
                 return  # stopped while waiting for the broker: nothing started yet
             if self.fleet is not None:
                 link = FleetLink(settings, clients, self.codec, self.fleet, client)
-                fleet_task = asyncio.create_task(link.run(stop))
+                fleet_task = asyncio.create_task(link.run(fleet_stop))
                 background.append(fleet_task)
                 if not await _first(link.ready.wait(), fleet_task, stop):
                     return
@@ -193,12 +198,14 @@ class Worker:
             ]
             readiness.members = self.runners
             tasks = [asyncio.create_task(r.run(stop)) for r in self.runners]
+            background.append(asyncio.create_task(_after(stop, tasks, fleet_stop)))
             await asyncio.gather(*tasks, *background)
         finally:
             stop.set()
             # One stage failing (a fatal Kafka error) stops the others the way SIGTERM
             # does: they drain and commit before the process exits with that error.
             await asyncio.gather(*tasks, return_exceptions=True)
+            fleet_stop.set()
             control_task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await client.aclose()
@@ -281,6 +288,13 @@ async def _close_stage_producer(clients: KafkaClients) -> None:
             "by the partitions' next owner)",
             dropped,
         )
+
+
+async def _after(stop: asyncio.Event, tasks: list[asyncio.Task[None]], then: asyncio.Event) -> None:
+    """Set ``then`` once ``stop`` is set and every one of ``tasks`` has ended."""
+    await stop.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    then.set()
 
 
 async def _first(
@@ -369,6 +383,18 @@ def exit_fatally(error: KafkaFatalError) -> NoReturn:
     leave(error.exit_code, f"error: {error}")
 
 
+def exit_on_bug(error: Exception) -> NoReturn:
+    """End the process after an unexpected exception escaped the worker (a bug): its
+    traceback logged, exit code 1 and one ``error:`` line, crash-only (:func:`leave`) like
+    :func:`exit_fatally` and for the same reasons. The stages have stopped and committed
+    what they could on the way out (``Worker.run``'s ``finally``); the ordinary shutdown
+    would add only its hazards: joining a thread stuck in librdkafka for ever (a
+    SIGTERMed worker up until SIGKILL), and teardown with the clients the traceback
+    keeps alive."""
+    log.critical("worker failed: %s: %s", type(error).__name__, error, exc_info=error)
+    leave(1, f"error: worker failed: {type(error).__name__}: {error}")
+
+
 def stuck_threads(timeout_s: float = THREADS_EXIT_WAIT_S) -> list[threading.Thread]:
     """The non-daemon threads (other than this one) still alive after waiting up to
     ``timeout_s`` in all for them to end: the ones the interpreter's shutdown would join."""
@@ -415,6 +441,8 @@ def run_worker(settings: Settings, stages: Sequence[str] | None = None) -> None:
         asyncio.run(main())
     except KafkaFatalError as exc:
         exit_fatally(exc)
+    except Exception as exc:  # a bug, not a Kafka failure: the same bounded exit
+        exit_on_bug(exc)
     stuck = stuck_threads()
     if stuck:
         log.warning(

@@ -25,12 +25,22 @@ from collections import Counter
 import pytest
 
 from pipeline.contract import topology
+from pipeline.contract.codec import Codec
+from pipeline.contract.envelopes import Completion
 from pipeline.harness.environment import create_topics
 from pipeline.harness.fakellm import running_fake_llm
 from pipeline.harness.ledger import Ledger, read_terminal
 from pipeline.harness.scenarios import PROMPT, SCENARIO_OVERRIDES, TICKETS
+from pipeline.transport import headers as h
 from pipeline.transport.batch import BULK_TIMEOUT_S, produce_batch
-from tests.e2e.fleet_support import Processes, ledger_counts, processes, valid_request
+from pipeline.transport.reader import scan
+from tests.e2e.fleet_support import (
+    Processes,
+    fleet_events,
+    ledger_counts,
+    processes,
+    valid_request,
+)
 from tests.support import make_settings
 
 pytestmark = [pytest.mark.kafka]
@@ -70,6 +80,18 @@ def _done(settings, ids: list[str], workers: Processes) -> Ledger:  # type: igno
     ledger = read_terminal(settings, ids, timeout_s=120, settle_s=1.0)
     assert not ledger.missing, f"missing {len(ledger.missing)}\n{workers.logs()}"
     return ledger
+
+
+def _completions(settings, ids: list[str]) -> dict[str, Completion]:  # type: ignore[no-untyped-def]
+    """The completions on llm.stage.completions by request id."""
+    codec = Codec()
+    found: dict[str, Completion] = {}
+    topic = settings.topic(topology.COMPLETIONS)
+    for record in scan(settings, [topic], deadline_s=30):
+        content_type = h.text(record.headers_map, h.CONTENT_TYPE)
+        completion = codec.decode(record.value or b"", Completion, content_type)
+        found[completion.validated.request.request_id] = completion
+    return {rid: found[rid] for rid in ids if rid in found}
 
 
 def test_a_budget_half_spent_survives_sigkilling_every_worker(kafka_bootstrap: str) -> None:
@@ -148,3 +170,50 @@ def test_a_budget_half_spent_survives_sigkilling_every_worker(kafka_bootstrap: s
     refused = outcomes[("result:fallback", "budget_exceeded")]
     assert refused >= AFTER_RESTART - (BUDGET - half) // min(usage.values()), summary
     assert redone <= in_flight_at_kill, summary
+
+
+def test_a_worker_stopped_with_calls_in_flight_leaves_with_its_spend_settled(
+    kafka_bootstrap: str,
+) -> None:
+    """SIGTERM with calls in flight: the stages drain (the calls finish, are charged and
+    their completions written; settling them is left to the next worker),
+    and only then does the worker publish its spend and delete its lease. Its last spend
+    record must therefore hold the calls' tokens and no reservation: one that still
+    reserved them would hold budget for calls long over, for the rest of the day."""
+    in_flight = MAX_IN_FLIGHT
+    with running_fake_llm(latency=1.5) as fake:
+        settings = make_settings(
+            kafka_bootstrap,
+            model_base_url=fake.url,
+            model_timeout_s=10.0,
+            max_in_flight=in_flight,
+        )
+        create_topics(settings)
+        env = {"LLMPIPE_PROMPT_DAILY_TOKENS": json.dumps({PROMPT: BUDGET})}
+        with processes(settings, env) as workers:
+            process = workers.start("a")
+            ids = _send(settings, "term", in_flight)
+            fake.wait_live_in_flight(in_flight, timeout=60)
+            process.terminate()
+            exit_code = process.wait(60)
+            logs = workers.logs()
+        completions = _completions(settings, ids)
+    assert exit_code == 0, logs
+    assert sorted(completions) == ids, f"the calls in flight finished: {completions}\n{logs}"
+    charged = sum(c.usage.prompt_tokens + c.usage.completion_tokens for c in completions.values())
+    assert charged > 0, f"no completion reports its usage: {completions}"
+    events = fleet_events(settings)
+    left = [key for key, event, _ in events if key.startswith("lease:") and event is None]
+    assert len(left) == 1, f"one lease tombstone expected, got {left}"
+    worker = left[0].removeprefix("lease:")
+    spend = [
+        (event, at)
+        for key, event, at in events
+        if key.startswith("spend:") and key.endswith(f":{worker}") and event is not None
+    ]
+    assert spend, f"worker {worker} published no spend"
+    last, last_at = spend[-1]
+    tombstone_at = next(at for key, event, at in events if key == left[0] and event is None)
+    assert last.value["reserved"] == 0, f"still reserved when it left: {last.value}"
+    assert last.value["tokens"] == charged, f"spend {last.value} vs {charged} charged"
+    assert last_at <= tombstone_at, "the spend went out before the lease tombstone"

@@ -5,8 +5,9 @@ thread left behind), and a real worker SIGTERMed after answering requests.
 A fatal Kafka error (a fenced static member, say) ends the process crash-only
 (:func:`pipeline.runtime.worker.exit_fatally`): exit code 1 and one ``error:`` line, and no
 interpreter shutdown, which is where a fenced zombie worker once died with SIGABRT instead
-(the e2e zombie test). The atexit handler the child registers is the witness: an ordinary
-exit runs it, the crash-only one must not. A thread stuck in a call (inside librdkafka in
+(the e2e zombie test), and so does an unexpected exception (a bug), with its traceback
+logged. The atexit handler the child registers is the witness: an ordinary exit runs it,
+the crash-only one must not. A thread stuck in a call (inside librdkafka in
 a broker outage, say) must not keep a stopped worker up: it leaves after
 :data:`~pipeline.runtime.worker.THREADS_EXIT_WAIT_S`, with exit code 0.
 """
@@ -50,6 +51,10 @@ class StandIn:
         logging.getLogger("llmpipe.test").warning("stand-in worker ending: %s", HOW)
         if HOW == "fatal":
             raise KafkaFatalError("stage model: consumer failed: Static consumer fenced")
+        if HOW == "bug":  # an unexpected exception, with a call stuck on a non-daemon thread
+            threading.Thread(target=NEVER.wait, name="kafka-stuck").start()
+            print("STOPPED-AT", time.monotonic(), flush=True)
+            raise ZeroDivisionError("division by zero in a stage")
         if HOW == "stuck":  # a call that never returns, on a non-daemon thread
             threading.Thread(target=NEVER.wait, name="kafka-stuck").start()
         if HOW == "slow":  # one that returns soon after the stop
@@ -83,6 +88,20 @@ def test_a_fatal_kafka_error_ends_the_process_crash_only_with_exit_code_1_and_on
     # The log written just before the error is out (flushed before os._exit) ...
     assert "stand-in worker ending: fatal" in child.stderr, why
     # ... and the interpreter did not shut down: its atexit handlers never ran.
+    assert "ATEXIT-RAN" not in child.stdout, why
+
+
+def test_a_bug_escaping_the_worker_ends_it_crash_only_with_its_traceback_and_exit_code_1() -> None:
+    """Not a hang: the thread stuck in a call is not joined, as the interpreter's shutdown
+    would (for ever), and the traceback is in the log for whoever fixes the bug."""
+    child = _run("bug")
+    exited_after_s = _stopped_for(child, time.monotonic())
+    why = f"stdout={child.stdout!r} stderr={child.stderr!r}"
+    assert child.returncode == 1, why
+    assert exited_after_s < 10, why
+    errors = [line for line in child.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: worker failed: ZeroDivisionError: division by zero in a stage"], why
+    assert "Traceback" in child.stderr and "in run" in child.stderr, why
     assert "ATEXIT-RAN" not in child.stdout, why
 
 
