@@ -38,7 +38,7 @@ CI runs the short chaos and fuzz versions in `tests/e2e/test_chaos.py` and
 - `python -m bench.peer`: llmpipe vs what a team would write instead (confluent-kafka loop,
   openai SDK, pydantic, commit after delivery; one hop): CPU per request and throughput
 - `python -m bench.slow_model`: 500 ms ± 20 % model, achieved vs ideal (in flight /
-  latency) for 32, 128, 512 and 2,048 calls in flight over `--processes` = cores; CPU
+  latency) for 32, 128, 512 and 2,048 calls in flight, each with `--processes` 1 and = cores; CPU
   per request at each level, what the ideal would need in cores; RSS per process
 - `python -m bench.latency`: p50/p95/p99 of end-to-end minus model time at half of the
   measured maximum load
@@ -113,8 +113,8 @@ def summary(reports: dict[str, Report]) -> list[str]:
         rows.append(
             (
                 "slow model: achieved / ideal (vs min(ideal, CPU)) at "
-                + ", ".join(str(r.get("in_flight", r.get("max_in_flight"))) for r in by)
-                + " in flight",
+                + ", ".join(f"{r['in_flight']}x{r.get('processes', 1)}" for r in by)
+                + " in flight x processes",
                 ", ".join(
                     f"{r['ratio_vs_ideal']} ({r.get('ratio_vs_min_ideal_ceiling')})" for r in by
                 ),
