@@ -113,6 +113,31 @@ CANCEL_WAIT_S = 1.0
 ORPHAN_AFTER_S = 20.0
 ORPHAN_PROBE_S = 5.0
 ORPHAN_PROBE_TIMEOUT_S = 5.0
+# A freeze: the process did not run for FREEZE_GAP_S or more (SIGSTOP, a paused VM or
+# container, a starved machine). Its group may have given its partitions away meanwhile (a
+# replacement with its static membership takes them at once; any member is expelled after
+# the session timeout, clients.SESSION_TIMEOUT_MS), and librdkafka only finds out from its
+# first heartbeat after the freeze, which is due at once (heartbeat.interval.ms is 1 s):
+# measured, the fencing of a SIGSTOPped worker reached the runner 10-60 ms after SIGCONT.
+# Meanwhile the loop would finish every task whose model answer arrived during the freeze
+# and send its outputs, at least once each a duplicate of the new owner's redo (64-110 per
+# bench.chaos fencing run). So at least once, output waits FREEZE_HOLD_S after a freeze
+# (see _frozen): time for that heartbeat's answer to come back and for the loss (on_lost)
+# or the fencing (a fatal error) to cancel the work, as it does for any loss. Nothing is
+# given up on a guess: if the group did not move on (a long loop turn while librdkafka
+# kept heartbeating), the hold only delays output. FREEZE_HOLD_S covers a heartbeat round
+# trip and a full runner's poll interval (FULL_POLL_INTERVAL_S), the longest the loop
+# takes to read what librdkafka reports. The loop notes that it runs every FREEZE_TICK_S
+# while it has messages in flight; the Kafka thread notes a poll that came back a gap late.
+# Why not assume the partitions lost once a gap exceeds the session timeout: a static
+# replacement took them during freezes of 0.7-2.8 s (bench.chaos fencing, 2-core machine),
+# and a loss assumed for a member still in its group strands the partition (librdkafka
+# keeps it assigned and fetched, _accept drops its messages as not owned, and cooperative
+# rebalancing never assigns it again). Freezes under FREEZE_GAP_S (one heartbeat interval)
+# are not told apart from a slow loop turn on a loaded machine, and are not held.
+FREEZE_GAP_S = 1.0
+FREEZE_TICK_S = 0.25
+FREEZE_HOLD_S = 1.5
 
 
 class ConsumerLike(Protocol):
@@ -306,6 +331,17 @@ class StageRunner:
         # read by /readyz's thread, which reports a commit that never returns.
         self.commit_since: float | None = None
         self._orphan_probed = 0.0
+        # at_least_once freezes (see FREEZE_GAP_S): when the loop last ran (the ticker's
+        # note), when the Kafka thread last saw a poll return a gap late, until when
+        # output is held, and the hold's end (set) for the tasks waiting on it.
+        self._alive_at = time.monotonic()
+        self._ticker: asyncio.TimerHandle | None = None
+        self._late_poll_at = 0.0
+        self._freeze_seen_at = 0.0
+        self._held_until = 0.0
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._thaw_timer: asyncio.TimerHandle | None = None
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -353,6 +389,9 @@ class StageRunner:
         finally:
             self._stopping = True
             unwatch_lag()
+            for timer in (self._ticker, self._thaw_timer):
+                if timer is not None:
+                    timer.cancel()
             await self._cancel(set(self._tasks))
             # close() revokes what is still assigned: the callback commits what is done.
             with contextlib.suppress(Exception):
@@ -492,6 +531,7 @@ class StageRunner:
             room = max(count - taken, 1)
             # consume() waits for a full batch or the timeout; poll() returns on the first
             # message, then whatever else is already fetched comes without waiting.
+            asked = time.monotonic()
             messages: list[Any] = [] if drained else consumer.consume(room, 0)
             remaining = deadline - time.monotonic()
             if not messages and remaining > 0:
@@ -500,6 +540,7 @@ class StageRunner:
                     messages = [first]
                     if room > 1:
                         messages += consumer.consume(room - 1, 0)
+            self._note_late_poll(asked, max(remaining, 0.0), rebalances)
             if self._fatal is not None:
                 raise self._fatal
             drained = len(messages) < room
@@ -519,6 +560,16 @@ class StageRunner:
         if not self.joined:
             self._check_orphaned(consumer)
         return messages
+
+    def _note_late_poll(self, asked: float, timeout_s: float, rebalances: int) -> None:
+        """On the Kafka thread: a poll that returned :data:`FREEZE_GAP_S` past its timeout
+        without serving a rebalance callback (which may legitimately take that long) means
+        the process did not run meanwhile; the loop holds output before it takes what this
+        poll fetched (:meth:`_frozen`). It covers a runner with nothing in flight, whose
+        loop notes nothing while it waits for the fetch."""
+        now = time.monotonic()
+        if now - asked - timeout_s >= FREEZE_GAP_S and self._rebalances == rebalances:
+            self._late_poll_at = now
 
     def _check_orphaned(self, consumer: ConsumerLike) -> None:
         """Exit (:class:`KafkaFatalError`) if this consumer has lost every broker.
@@ -767,6 +818,7 @@ class StageRunner:
             self._epochs[key] = self._epochs.get(key, 0) + 1
             if skip:
                 skipped[f"{tp.topic}/{tp.partition}@{position}"] = skip
+        self._end_hold()
         if skipped:  # one line per assignment: a rejoin after an outage assigns them all
             log.info(
                 "stage %s: %d partitions assigned, %d offsets above their committed ones "
@@ -813,7 +865,74 @@ class StageRunner:
             self._clients.health.ok()
         self._spawn_from_backlog()
 
+    def _frozen(self) -> bool:
+        """Whether output must wait (at least once): a freeze (:data:`FREEZE_GAP_S`) was
+        just noticed, or is still held out. Asked before every send and every spawn, and
+        by the ticker, so that whichever of them runs first after a freeze notices it,
+        before anything is sent or started: the hold begins there."""
+        if self._sender is None:
+            return False
+        now = time.monotonic()
+        if self._ticker is not None and now - self._alive_at >= FREEZE_GAP_S:
+            self._hold(now, now - self._alive_at)
+        elif self._late_poll_at > self._freeze_seen_at:
+            self._hold(now, None)
+        return now < self._held_until
+
+    def _hold(self, now: float, gap_s: float | None) -> None:
+        """Hold output for :data:`FREEZE_HOLD_S`: a loss or fencing that librdkafka reports
+        meanwhile cancels the held work (:meth:`_lose`, or :meth:`run` ending on the fatal
+        error); otherwise :meth:`_thaw` lets it go on."""
+        log.warning(
+            "stage %s: the process did not run for %s (stopped, or starved of CPU): output "
+            "held %.1f s, so that a lost membership is reported before anything is sent",
+            self.stage,
+            "a poll's wait" if gap_s is None else f"{gap_s:.1f} s",
+            FREEZE_HOLD_S,
+        )
+        self._alive_at = self._freeze_seen_at = now
+        self._held_until = now + FREEZE_HOLD_S
+        self._thawed.clear()
+        if self._thaw_timer is None:
+            self._thaw_timer = asyncio.get_running_loop().call_later(FREEZE_HOLD_S, self._thaw)
+
+    def _thaw(self) -> None:
+        """The hold is over (unless a later freeze extended it): the held tasks send, the
+        backlog is spawned; stopping, the backlog is left to the partitions' next owner."""
+        self._thaw_timer = None
+        remaining = self._held_until - time.monotonic()
+        if remaining > 0:
+            self._thaw_timer = asyncio.get_running_loop().call_later(remaining, self._thaw)
+            return
+        self._thawed.set()
+        if self._stopping:
+            self._backlog.clear()
+        else:
+            self._spawn_from_backlog()
+        self._progress.set()
+
+    def _end_hold(self) -> None:
+        """librdkafka has reported on the group since the freeze (a rebalance callback,
+        served on the loop): the hold has done its work. After a loss the held work is
+        cancelled already; an assignment or a revocation says the member is in the group."""
+        if self._thaw_timer is None:
+            return
+        self._thaw_timer.cancel()
+        self._held_until = time.monotonic()
+        self._thaw()
+
+    def _tick(self) -> None:
+        """Every :data:`FREEZE_TICK_S` while messages are in flight (at least once): the
+        loop ran. A tick that comes a gap late notices the freeze."""
+        self._frozen()
+        self._alive_at = time.monotonic()
+        self._ticker = None
+        if self._tasks:
+            self._ticker = asyncio.get_running_loop().call_later(FREEZE_TICK_S, self._tick)
+
     def _spawn_from_backlog(self) -> None:
+        if self._frozen():  # the hold's end spawns them, unless their partitions went
+            return
         while self._backlog and len(self._tasks) < self._max_in_flight:
             self._spawn(self._backlog.popleft())
 
@@ -827,6 +946,9 @@ class StageRunner:
         self._tasks[task] = inbound
         self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(self._tasks))
         task.add_done_callback(self._task_done)
+        if self._sender is not None and self._ticker is None:
+            self._alive_at = time.monotonic()
+            self._ticker = asyncio.get_running_loop().call_later(FREEZE_TICK_S, self._tick)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         inbound = self._tasks.pop(task, None)
@@ -875,6 +997,14 @@ class StageRunner:
                 None,
                 epoch,
             )
+        held = False
+        while self._frozen():  # at_least_once, after a freeze: the group may have moved on
+            held = True
+            await self._thawed.wait()
+        if held and self._stopping:
+            # Stopped meanwhile (another stage of the worker fenced, a SIGTERM): this
+            # runner no longer polls, so no loss would reach it; left to the next owner.
+            return
         if self._sender is not None and self._live(finished.partition, epoch):
             # at_least_once: out now; done once acknowledged (a cancelled send is redone,
             # unless its outputs turn out delivered all the same: then it is skipped).
@@ -1158,6 +1288,7 @@ class StageRunner:
             self._forget(tp, remember_done=outcome is Outcome.FAILED)
 
     async def _prepare_revocation(self, revoked: set[Partition]) -> _Plan | None:
+        self._end_hold()  # a member still: what is held may finish within the grace
         await self._release_tasks(revoked, self._revoke_grace_s)
         for tp in revoked:  # what a task left behind finishes from now on counts for nothing
             self._epochs[tp] = self._epochs.get(tp, 0) + 1
@@ -1176,6 +1307,7 @@ class StageRunner:
         for task, inbound in self._tasks.items():
             if (inbound.topic, inbound.partition) in lost:
                 task.cancel()
+        self._end_hold()
 
     async def _release_tasks(self, partitions: set[Partition], grace_s: float) -> None:
         """Let the partitions' in-flight messages finish within ``grace_s``, cancel the rest."""
