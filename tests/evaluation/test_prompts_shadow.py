@@ -6,10 +6,9 @@ import asyncio
 import json
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from typer.testing import CliRunner
@@ -162,7 +161,7 @@ def test_shadow_run_against_real_topics_writes_nothing(kafka_settings: Settings)
             ledger = read_terminal(settings, [p[0].decode() for p in planned], timeout_s=30)
         assert not ledger.missing
         before = topic_counts(settings)
-        groups_before = {g.group_id for g in admin_groups(settings)}
+        groups_before = group_ids(settings)
 
         async def run() -> ShadowReport:
             client = live_client(settings)
@@ -199,9 +198,33 @@ def test_shadow_run_against_real_topics_writes_nothing(kafka_settings: Settings)
         "pass rate (valid model answer)" in cli.stdout and "ticket_triage@1 (shadow)" in cli.stdout
     )
     assert after == before, "a shadow run must not produce to any topic"
-    assert not {g.group_id for g in admin_groups(settings)} - groups_before
+    assert committed_on_run_topics(settings, groups_before), "the workers' own commits are seen"
+    assert not committed_on_run_topics(settings, group_ids(settings) - groups_before), (
+        "a shadow run must not commit offsets for any consumer group"
+    )
 
 
-def admin_groups(settings: Settings) -> list[Any]:
-    groups = AdminClient(settings.kafka_client_config()).list_consumer_groups().result(10)
-    return [g for g in groups.valid if g.group_id.startswith("llmpipe-shadow")]
+def group_ids(settings: Settings) -> set[str]:
+    """Every consumer group on the broker (other tests' groups included)."""
+    admin = AdminClient(settings.kafka_client_config())
+    listed = admin.list_consumer_groups(request_timeout=60).result(90)
+    return {g.group_id for g in listed.valid}
+
+
+def committed_on_run_topics(settings: Settings, groups: set[str]) -> dict[str, list[str]]:
+    """The groups among ``groups`` that committed an offset on one of this run's topics.
+
+    Tests running beside this one create groups of their own; only a commit on
+    a topic under this run's prefix can have come from the shadow run.
+    """
+    admin = AdminClient(settings.kafka_client_config())
+    found: dict[str, list[str]] = {}
+    for group in sorted(groups):
+        futures = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group)], request_timeout=60
+        )
+        offsets = futures[group].result(90).topic_partitions or []
+        ours = [tp.topic for tp in offsets if tp.topic.startswith(settings.topic_prefix)]
+        if ours:
+            found[group] = ours
+    return found
