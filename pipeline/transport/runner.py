@@ -106,6 +106,13 @@ OUTBOX_FACTOR = 8
 # How long a revocation waits for the tasks it cancelled to end (they normally end at
 # once); one still running after it is left behind, its result counting for nothing.
 CANCEL_WAIT_S = 1.0
+# How long a revocation's commit waits for an at-least-once commit still in flight on the
+# committer thread. librdkafka answers an offset commit made from another thread only
+# after the rebalance callback that is running returns (seen on 2.16: the committer's
+# commit, sent just before the revocation, came back only when its request timed out
+# after 60 s), so waiting for it in the callback deadlocked the consumer for that long
+# and held the whole group in PREPARING_REBALANCE.
+REVOKE_COMMIT_WAIT_S = 0.5
 # A consumer out of its group this long while the process's other clients reach the
 # broker asks the broker for metadata (at most every ORPHAN_PROBE_S, waiting up to
 # ORPHAN_PROBE_TIMEOUT_S); if it cannot, it has no broker left (see _check_orphaned).
@@ -741,7 +748,7 @@ class StageRunner:
         if not revoked:
             return
         plan = self._call_loop(self._prepare_revocation(revoked))
-        outcome = self._execute(plan)
+        outcome = self._execute(plan, wait_s=REVOKE_COMMIT_WAIT_S)
         self._call_loop(self._committed(plan, outcome, revoked))
 
     def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
@@ -766,17 +773,24 @@ class StageRunner:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def _execute(self, plan: _Plan | None) -> Outcome | None:
+    def _execute(self, plan: _Plan | None, wait_s: float | None = None) -> Outcome | None:
         """Commit ``plan`` (on the Kafka thread, or the committer's).
 
         One commit at a time, and never an older snapshot after a newer one: a
         revocation's commit waits here for an at-least-once commit still in flight, and
         a partition that a newer plan already committed is left out of an older one (the
         commit queued behind the revocation's), so its committed offset never moves back.
+        A revocation waits at most ``wait_s`` (:data:`REVOKE_COMMIT_WAIT_S`) and then
+        commits beside the one in flight: librdkafka sends a consumer's commits in the
+        order they were made, over its one coordinator connection, so the older still
+        lands first.
         """
         if plan is None or self._delivery is None:
             return None
-        with self._commit_lock:
+        locked = self._commit_lock.acquire(timeout=-1 if wait_s is None else wait_s)
+        if not locked:
+            log.info("stage %s: revocation commits beside a commit still in flight", self.stage)
+        try:
             stale = {tp for tp in plan.versions if self._committed_seq.get(tp, -1) > plan.seq}
             if stale:
                 plan.offsets = [tp for tp in plan.offsets if (tp.topic, tp.partition) not in stale]
@@ -788,8 +802,11 @@ class StageRunner:
                 self.commit_since = None
             if outcome is Outcome.COMMITTED:
                 for tp in plan.versions:
-                    self._committed_seq[tp] = plan.seq
+                    self._committed_seq[tp] = max(self._committed_seq.get(tp, -1), plan.seq)
             return outcome
+        finally:
+            if locked:
+                self._commit_lock.release()
 
     # -- on the loop ---------------------------------------------------------------------
 

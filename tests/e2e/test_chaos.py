@@ -3,8 +3,9 @@ server dies and comes back. Every run ends with the ledger, every sighting check
 
 The scenarios live in :mod:`bench.chaos` (``python -m bench.chaos`` runs the long
 versions in both delivery modes and writes a report); these tests run them small, in the
-default mode (exactly-once hops). The kill and broker-outage runs, in both modes, are in
-``tests/e2e/test_pipeline_crash.py``.
+default mode (exactly-once hops), and scaling at least once too (its commits run beside the
+fetch, which a revocation must not wait for). The kill and broker-outage runs, in both
+modes, are in ``tests/e2e/test_pipeline_crash.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ def test_scaling_up_and_down_under_load_loses_and_repeats_nothing(kafka_bootstra
     assert outcome.details["survivor_alive"], why
     gaps = outcome.details["longest_output_gap_s"]
     assert set(gaps) == {"validate", "model", "settle+fallback"}, why
+
+
+def test_at_least_once_scaling_settles_every_group_while_commits_are_in_flight(
+    kafka_bootstrap: str,
+) -> None:
+    """The same joins and departures at least once, where each stage commits on a thread
+    of its own: a revocation that waited for the commit in flight deadlocked the consumer
+    (librdkafka answers that commit only after the revocation returns) and held its group
+    in PREPARING_REBALANCE for a minute, so ``wait_groups_stable`` timed out here.
+
+    Copies after the SIGKILL are allowed at least once (judged request by request in
+    ``test_pipeline_crash``); lost requests, two terminal places and wrong routes are not.
+    """
+    outcome = chaos.scaling(kafka_bootstrap, "at_least_once", requests=1_200, deadline_s=DEADLINE_S)
+    why = outcome.explain()
+    print(why)
+    assert outcome.missing == 0, why
+    assert outcome.two_places == 0, why
+    assert outcome.wrong_route == 0, why
+    assert len(outcome.details["membership_changes"]) == 4, why
+    assert outcome.details["survivor_alive"], why
 
 
 def test_a_zombie_worker_cannot_commit_after_its_partitions_moved(kafka_bootstrap: str) -> None:

@@ -1046,12 +1046,15 @@ def commit_history(broker: FakeBroker, partition: Partition) -> list[int]:
     return [record[partition][0] for record in broker.commits if partition in record]
 
 
-def test_at_least_once_a_commit_in_flight_holds_neither_the_fetch_nor_the_offset_order() -> None:
+def test_at_least_once_a_commit_in_flight_holds_neither_the_fetch_nor_the_offset_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The offset commit runs off the fetch path: while one is held on its way to the
     broker, new messages are still fetched and delivered. A revocation meanwhile commits
-    only after the held commit is answered, so the partition's committed offset only ever
-    moves forward (a late commit landing after the revocation's would move it back, and
-    the next owner would redo what was done)."""
+    only after the held commit is answered (here within the revocation's bound), so the
+    partition's committed offset only ever moves forward (a late commit landing after the
+    revocation's would move it back, and the next owner would redo what was done)."""
+    monkeypatch.setattr(runner_module, "REVOKE_COMMIT_WAIT_S", 30.0)
     broker = FakeBroker()
     fill(broker, P0, 5)
     fill(broker, P1, 5)
@@ -1067,9 +1070,9 @@ def test_at_least_once_a_commit_in_flight_holds_neither_the_fetch_nor_the_offset
         entered: list[str] = []
         execute = runner._execute
 
-        def counted(plan: Any) -> Any:
+        def counted(plan: Any, wait_s: float | None = None) -> Any:
             entered.append(threading.current_thread().name)
-            return execute(plan)
+            return execute(plan, wait_s)
 
         runner._execute = counted  # type: ignore[method-assign]
         async with running(runner):
@@ -1095,6 +1098,41 @@ def test_at_least_once_a_commit_in_flight_holds_neither_the_fetch_nor_the_offset
         history = commit_history(broker, P0)
         assert history == sorted(history), f"p0's committed offset moved back: {history}"
         assert history[-1] == 10
+
+    asyncio.run(main())
+
+
+def test_at_least_once_a_revocation_does_not_wait_for_a_commit_that_cannot_answer() -> None:
+    """librdkafka answers a commit made on another thread only after the running rebalance
+    callback returns: a revocation that waited for it without bound deadlocked until the
+    request timed out (60 s), and its group stayed in PREPARING_REBALANCE. Past
+    REVOKE_COMMIT_WAIT_S it commits beside the one in flight and lets the partition go."""
+    broker = FakeBroker()
+    fill(broker, P0, 5)
+    clients = FakeClients(broker, [P0])
+    gate = threading.Event()
+    broker.offset_commit_gates.append(gate)
+
+    async def handler(message: Inbound) -> Decision:
+        return emit(message)
+
+    async def main() -> None:
+        runner = make_runner(clients, handler, delivery="at_least_once", commit_interval_ms=10)
+        async with running(runner):
+            try:
+                await wait_for(lambda: runner._commit_in_flight is not None, "a held commit")
+                fill(broker, P0, 5)
+                await wait_for(lambda: len(broker.outputs) == 10, "outputs past the held commit")
+                consumer = clients.consumers[0]
+                started = time.monotonic()
+                broker.revoke(consumer, [P0])
+                await wait_for(lambda: P0 not in consumer.assignment, "the revocation to end")
+                waited = time.monotonic() - started
+                assert not gate.is_set()
+                assert committed(broker, P0) == (10, set()), "the revocation committed all ten"
+                assert waited >= runner_module.REVOKE_COMMIT_WAIT_S, waited
+            finally:
+                gate.set()
 
     asyncio.run(main())
 
