@@ -58,9 +58,10 @@ class OpenAIChatClient:
         """One keep-alive pool of up to ``max_connections`` connections per client.
 
         The pool is made on first use, inside the event loop that uses it (its
-        connections belong to that loop), and made again if a later call runs in another
-        loop (a CLI command or a test that runs ``asyncio.run`` twice). The proxy
-        variables and ``~/.netrc`` are read then, once per pool, not on every call.
+        connections belong to that loop), and made again once that loop is closed (a CLI
+        command or a test that runs ``asyncio.run`` twice): checked without
+        ``asyncio.get_running_loop()``, a ``getpid()`` system call per call on Python 3.11.
+        The proxy variables and ``~/.netrc`` are read then, once per pool, not per call.
         """
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_connections = max_connections
@@ -72,7 +73,7 @@ class OpenAIChatClient:
 
     def _pool(self) -> Pool:
         pool = self._http
-        if pool is None or pool.closed or pool.loop is not asyncio.get_running_loop():
+        if pool is None or pool.closed or pool.loop.is_closed():
             pool = self._http = Pool(
                 self._url,
                 self._headers,

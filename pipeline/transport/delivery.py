@@ -542,6 +542,7 @@ class IdempotentDelivery:
         self._name = f"stage {name}: " if name else ""
         self._producer: ProducerLike | None = None
         self._poller: _ReportPoller | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop sends run on
         self._closed = False
         self._failing = False
         self._send_failing = False
@@ -568,13 +569,17 @@ class IdempotentDelivery:
         """
         producer, poller = self._producer, self._poller
         assert producer is not None and poller is not None, "start() first"
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():  # kept: a getpid() per call on Python 3.11
+            loop = self._loop = asyncio.get_running_loop()
         todo = list(outputs)
         while todo:
             sending = _Sending(loop.create_future(), len(todo), late=late)
             try:
                 for out in todo:
-                    await self._produce(producer, poller, out, sending)
+                    while not self._produce(producer, poller, out, sending, loop):
+                        poller.soon(loop)  # librdkafka's local queue is full: let it drain
+                        await asyncio.sleep(PRODUCE_QUEUE_WAIT_S)
                 if sending.pending <= 0 and not sending.future.done():
                     sending.future.set_result(None)
                 poller.soon(loop)
@@ -598,12 +603,19 @@ class IdempotentDelivery:
                 sending.abandon()  # settled, with failures: late hears False
                 raise
 
-    async def _produce(
-        self, producer: ProducerLike, poller: _ReportPoller, out: Outbound, sending: _Sending
-    ) -> None:
-        headers: list[tuple[str, str | bytes | None]] = list(out.headers)
+    def _produce(
+        self,
+        producer: ProducerLike,
+        poller: _ReportPoller,
+        out: Outbound,
+        sending: _Sending,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bool:
+        """Hand ``out`` to librdkafka; False when its local queue is full (try again).
 
-        loop = asyncio.get_running_loop()
+        Plain, not a coroutine: nearly every output goes at the first try, and a
+        coroutine per output cost more than the produce call itself.
+        """
 
         def settle(error: KafkaError | None) -> None:
             poller.unacknowledged -= 1
@@ -617,24 +629,23 @@ class IdempotentDelivery:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                     loop.call_soon_threadsafe(settle, error)
 
-        while True:
-            try:
-                producer.produce(
-                    out.topic, value=out.value, key=out.key, headers=headers, on_delivery=report
-                )
-                sending.unproduced -= 1
-                poller.unacknowledged += 1
-                return
-            except BufferError:  # librdkafka's local queue is full: let it drain
-                poller.soon(loop)
-                await asyncio.sleep(PRODUCE_QUEUE_WAIT_S)
-            except KafkaException as exc:  # refused before sending: retried like a failure
-                error = _error(exc)
-                if error is None:
-                    raise
-                sending.unproduced -= 1
-                sending.report(out, error)
-                return
+        headers: list[tuple[str, str | bytes | None]] = list(out.headers)
+        try:
+            producer.produce(
+                out.topic, value=out.value, key=out.key, headers=headers, on_delivery=report
+            )
+        except BufferError:
+            return False
+        except KafkaException as exc:  # refused before sending: retried like a failure
+            error = _error(exc)
+            if error is None:
+                raise
+            sending.unproduced -= 1
+            sending.report(out, error)
+            return True
+        sending.unproduced -= 1
+        poller.unacknowledged += 1
+        return True
 
     def commit(
         self,

@@ -944,8 +944,8 @@ class StageRunner:
         self._frozen()
         self._alive_at = time.monotonic()
         self._ticker = None
-        if self._tasks:
-            self._ticker = asyncio.get_running_loop().call_later(FREEZE_TICK_S, self._tick)
+        if self._tasks and self._loop is not None:
+            self._ticker = self._loop.call_later(FREEZE_TICK_S, self._tick)
 
     def _spawn_from_backlog(self) -> None:
         if self._frozen():  # the hold's end spawns them, unless their partitions went
@@ -957,7 +957,11 @@ class StageRunner:
         ordered = inbound.key is not None and h.ORDERED in inbound.headers
         previous = self._key_chains.get(inbound.key) if ordered and inbound.key else None
         epoch = self._epochs.get((inbound.topic, inbound.partition), 0)
-        task = asyncio.create_task(self._process(inbound, previous, epoch))
+        loop = self._loop
+        assert loop is not None, "run() first"
+        # The loop kept by run(), never asyncio.create_task: on Python 3.11 each
+        # get_running_loop() is a getpid() system call, a few per message per stage.
+        task = loop.create_task(self._process(inbound, previous, epoch))
         if ordered and inbound.key is not None:
             self._key_chains[inbound.key] = task
         self._tasks[task] = inbound
@@ -965,7 +969,7 @@ class StageRunner:
         task.add_done_callback(self._task_done)
         if self._sender is not None and self._ticker is None:
             self._alive_at = time.monotonic()
-            self._ticker = asyncio.get_running_loop().call_later(FREEZE_TICK_S, self._tick)
+            self._ticker = loop.call_later(FREEZE_TICK_S, self._tick)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         inbound = self._tasks.pop(task, None)
