@@ -189,13 +189,14 @@ class Settings(BaseSettings):
         "a full buffer makes the stage wait, e.g. through a broker outage.",
     )
     kafka_stage_linger_ms: int = Field(
-        1,
+        5,
         ge=0,
         le=1_000,
         description="at_least_once: how long the stages' shared producer waits to batch "
         "outputs (linger.ms). Each hop sends its outputs as decided, so this is latency added "
-        "per hop; 0 sends at once (lower latency at light load, more CPU per request when "
-        "busy: fewer outputs per produce request).",
+        "per hop; lower sends sooner at more CPU per request (fewer outputs per produce "
+        "request): measured here, 1 ms cost 0.06 ms of librdkafka CPU per request over three "
+        "hops and 5 ms 0.015 ms, for about 3 ms more median latency end to end.",
     )
     delivery: Literal["exactly_once", "at_least_once"] = Field(
         "exactly_once",

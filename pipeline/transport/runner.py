@@ -61,7 +61,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException,
 
 from pipeline.contract.codec import Codec
 from pipeline.contract.decisions import DeadLetter, Decision, Emit
-from pipeline.contract.topology import DLQ
+from pipeline.contract.topology import DLQ, STAGES
 from pipeline.observability.redact import Redactor
 from pipeline.transport import headers as h
 from pipeline.transport.delivery import (
@@ -81,6 +81,10 @@ __all__ = ["Handler", "Inbound", "RunnerClients", "StageRunner"]
 log = logging.getLogger("llmpipe.runner")
 
 T = TypeVar("T")
+
+STAGE_INPUTS = frozenset(stage.input_topic for stage in STAGES.values() if not stage.raw)
+"""Topics a stage decodes with the shared codec: outputs to them are remembered by their
+bytes (:meth:`Codec.encode`), so the next stage in this worker does not decode them again."""
 Handler = Callable[[Inbound], Awaitable[Decision]]
 DeliveryMode = Literal["exactly_once", "at_least_once"]
 Partition = tuple[str, int]
@@ -1129,7 +1133,10 @@ class StageRunner:
         same commit."""
         if isinstance(decision, Emit):
             try:
-                encoded = [self._codec.encode(out.envelope) for out in decision.outputs()]
+                encoded = [
+                    self._codec.encode(out.envelope, remember=out.topic in STAGE_INPUTS)
+                    for out in decision.outputs()
+                ]
             except Exception as exc:  # fastavro raises several unrelated types on bad values
                 message = f"{decision.topic} envelope cannot be encoded: {exc}"[:500]
                 decision = DeadLetter(
