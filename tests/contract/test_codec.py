@@ -46,6 +46,41 @@ def test_json_and_avro_requests_decode_to_the_same_envelope() -> None:
     assert CODEC.decode(avro_bytes, Request, AVRO) == REQUEST
 
 
+def test_bytes_a_stage_just_encoded_decode_to_the_envelope_it_encoded() -> None:
+    """A stage's outputs are remembered by their bytes: the next stage of the worker gets
+    the very envelope back, once, and only as the type and content type it was written
+    as; any other bytes, or the same bytes a second time, are read and validated."""
+    codec = Codec()
+    data, content_type = codec.encode(REQUEST, remember=True)
+    again = bytes(bytearray(data))  # equal bytes, another object: as a consumer hands them
+    assert codec.decode(again, Request, content_type) is REQUEST
+    read = codec.decode(again, Request, content_type)  # taken once: now read
+    assert read == REQUEST and read is not REQUEST
+
+    codec.encode(REQUEST, remember=True)
+    with pytest.raises(DecodeError):
+        codec.decode(data, Result, content_type)  # another type: read, and refused
+    codec.encode(REQUEST, remember=True)
+    with pytest.raises(DecodeError):
+        codec.decode(data, Request, JSON)  # claimed to be JSON: read as JSON, and refused
+    assert codec.decode(data, Request, content_type) is not REQUEST  # and forgotten
+
+    unremembered = Codec()
+    data, content_type = unremembered.encode(REQUEST)
+    assert unremembered.decode(data, Request, content_type) is not REQUEST
+
+
+def test_a_codec_remembers_only_its_latest_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.contract.codec.RECENT_ENCODED", 2)
+    codec = Codec()
+    requests = [REQUEST.model_copy(update={"request_id": f"r-{i}"}) for i in range(3)]
+    encoded = [codec.encode(r, remember=True) for r in requests]
+    decoded = [codec.decode(data, Request, kind) for data, kind in encoded]
+    assert decoded == requests
+    assert decoded[0] is not requests[0]  # the oldest was forgotten
+    assert decoded[1] is requests[1] and decoded[2] is requests[2]
+
+
 def test_confluent_wire_format_carries_the_registered_schema_id() -> None:
     settings = Settings(schema_registry_url="mock://codec-test", output_format="confluent")
     client = registry_client(settings)

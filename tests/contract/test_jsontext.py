@@ -34,9 +34,11 @@ _COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
 keys = st.text(max_size=4) | st.integers() | st.booleans() | st.none() | st.floats()
 written = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.tuples(inner, inner)
-    | st.dictionaries(keys, inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(keys, inner, max_size=3)
+    ),
     max_leaves=6,
 )
 
