@@ -133,9 +133,8 @@ class Codec:
         :data:`RECENT_ENCODED` forgotten first: when this codec decodes those very bytes,
         as the next stage of the same worker does moments later, :meth:`decode` returns
         it instead of reading and validating it again (reading and validating were 9 % of
-        a worker's CPU).
-        Same bytes, same codec: the same envelope (``tests/contract/test_envelopes.py``
-        round-trips every envelope type).
+        a worker's CPU). Same bytes, same codec: the same envelope
+        (``tests/contract/test_envelopes.py`` round-trips every envelope type).
         """
         if self.output_format == "json":
             data, kind = envelope.model_dump_json().encode(), JSON
