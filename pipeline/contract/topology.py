@@ -206,3 +206,9 @@ def stage_reading(topic: str) -> Stage | None:
         if stage.input_topic == topic:
             return stage
     return None
+
+
+def decoded_inputs() -> frozenset[str]:
+    """The topics stages read as envelopes through the codec (every input but a raw
+    stage's): what the runner asks the codec to remember when it encodes outputs."""
+    return frozenset(stage.input_topic for stage in STAGES.values() if not stage.raw)

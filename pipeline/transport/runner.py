@@ -61,7 +61,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException,
 
 from pipeline.contract.codec import Codec
 from pipeline.contract.decisions import DeadLetter, Decision, Emit
-from pipeline.contract.topology import DLQ, STAGES
+from pipeline.contract.topology import DLQ, decoded_inputs
 from pipeline.observability.redact import Redactor
 from pipeline.transport import headers as h
 from pipeline.transport.delivery import (
@@ -82,9 +82,9 @@ log = logging.getLogger("llmpipe.runner")
 
 T = TypeVar("T")
 
-STAGE_INPUTS = frozenset(stage.input_topic for stage in STAGES.values() if not stage.raw)
-"""Topics a stage decodes with the shared codec: outputs to them are remembered by their
-bytes (:meth:`Codec.encode`), so the next stage in this worker does not decode them again."""
+STAGE_INPUTS = decoded_inputs()
+"""Outputs to these are remembered by their bytes (:meth:`Codec.encode`), so the next stage
+in this worker does not decode them again; a frozenset, looked up per output."""
 Handler = Callable[[Inbound], Awaitable[Decision]]
 DeliveryMode = Literal["exactly_once", "at_least_once"]
 Partition = tuple[str, int]
