@@ -58,9 +58,16 @@ _NOT_READY = frozenset(
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
         KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
     }
 )
+"""Errors that say "not yet": a topic created a moment ago whose partitions are not in this
+client's metadata or have no leader yet (CI on 2026-12-03: ``_UNKNOWN_PARTITION`` right
+after ``list_topics`` had named the partition, on a loaded machine), or no broker answering.
+The follower asks again until they pass or the worker stops; any other error is a fault."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,10 @@ class CompactedFollower:
                 partitions = await call(self._partitions, consumer)
             tps = [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions]
             ends = await call(self._ends, consumer, tps)
+            while ends is None:
+                if stop.is_set():
+                    return
+                ends = await call(self._ends, consumer, tps)
             await call(consumer.assign, tps)
             pending = {p for p, end in ends.items() if end > 0}
             if not pending:
@@ -173,24 +184,33 @@ class CompactedFollower:
             consumer.poll(METADATA_TIMEOUT_S)
         raise RuntimeError(f"topic {self._topic} does not exist; run `llmpipe topics apply`")
 
-    def _ends(self, consumer: Any, tps: list[TopicPartition]) -> dict[int, int]:
-        """The end offsets at start: ready means "read at least up to here"."""
+    def _ends(self, consumer: Any, tps: list[TopicPartition]) -> dict[int, int] | None:
+        """The end offsets at start: ready means "read at least up to here".
+
+        None when a partition is still not ready after ``METADATA_ATTEMPTS`` (see
+        ``_NOT_READY``): the caller asks again, between checks of its stop event."""
         ends: dict[int, int] = {}
         for tp in tps:
-            for attempt in range(METADATA_ATTEMPTS):
-                try:
-                    _, high = consumer.get_watermark_offsets(
-                        TopicPartition(tp.topic, tp.partition), timeout=10.0
-                    )
-                    break
-                except KafkaException as exc:  # a new topic's leader may not be elected yet
-                    error = exc.args[0] if exc.args else None
-                    retriable = isinstance(error, KafkaError) and error.code() in _NOT_READY
-                    if not retriable or attempt == METADATA_ATTEMPTS - 1:
-                        raise
-                    consumer.poll(METADATA_TIMEOUT_S)
+            high = self._end(consumer, tp)
+            if high is None:
+                return None
             ends[tp.partition] = high
         return ends
+
+    @staticmethod
+    def _end(consumer: Any, tp: TopicPartition) -> int | None:
+        for _ in range(METADATA_ATTEMPTS):
+            try:
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=10.0
+                )
+                return int(high)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if not (isinstance(error, KafkaError) and error.code() in _NOT_READY):
+                    raise
+                consumer.poll(METADATA_TIMEOUT_S)
+        return None
 
     def _fetch(self, consumer: Any) -> list[Any]:
         messages: list[Any] = consumer.consume(BATCH, 0)
