@@ -19,7 +19,7 @@ PIPELINE = REPO_ROOT / "pipeline"
 # Lowest first. A package may import packages of lower layers only; packages sharing a
 # layer do not import each other.
 LAYERS: list[set[str]] = [
-    {"config", "errors"},
+    {"config", "digits", "errors"},
     {"contract"},
     {"observability"},
     {"llm"},

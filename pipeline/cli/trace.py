@@ -39,6 +39,7 @@ from pipeline.contract.envelopes import (
     ReviewDecision,
     ValidatedRequest,
 )
+from pipeline.digits import ascii_int
 from pipeline.transport import headers as h
 from pipeline.transport.reader import ScanError, SourceRecord, scan
 
@@ -138,7 +139,7 @@ def _stop(codec: Codec, topic: str, record: SourceRecord) -> Stop:
         error = h.text(headers, h.DLQ_ERROR_MESSAGE)
         base["detail"] = f"stage={stage}: {error}" if error else f"stage={stage}"
         attempts = h.text(headers, h.DLQ_ATTEMPTS)
-        base["attempts"] = int(attempts) if attempts and attempts.isdigit() else None
+        base["attempts"] = ascii_int(attempts)
         return Stop(**base)
     try:
         envelope = codec.decode(record.value or b"", spec.envelope, h.text(headers, h.CONTENT_TYPE))
@@ -152,8 +153,9 @@ def _replay_fields(headers: dict[str, bytes], dead_letter: bool) -> dict[str, An
     dead letter keeps the count of replays before it failed again."""
     count = h.text(headers, h.DLQ_REPLAY_COUNT)
     fields: dict[str, Any] = {}
-    if count and count.isdigit() and int(count) > 0:
-        fields["replay_count"] = int(count)
+    replays = ascii_int(count)
+    if replays:
+        fields["replay_count"] = replays
     for name, verb in ((h.DLQ_REPLAY_SOURCE, "replay"), (h.REPARSE_SOURCE, "re-parse")):
         marker = _marker(h.text(headers, name))
         if marker and not dead_letter:

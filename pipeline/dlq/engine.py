@@ -49,6 +49,7 @@ from confluent_kafka import (
 )
 
 from pipeline.config import Settings
+from pipeline.digits import ascii_int
 from pipeline.errors import LlmpipeError
 from pipeline.transport.clients import KafkaClients
 from pipeline.transport.reader import (
@@ -204,9 +205,12 @@ def parse_marker(raw: bytes | None) -> tuple[str, str, int, int] | None:
     if raw is None:
         return None
     parts = raw.decode("utf-8", "replace").rsplit("|", 3)
-    if len(parts) != 4 or not parts[2].isdigit() or not parts[3].isdigit():
+    if len(parts) != 4:
         return None
-    return parts[0], parts[1], int(parts[2]), int(parts[3])
+    partition, offset = ascii_int(parts[2]), ascii_int(parts[3])
+    if partition is None or offset is None:
+        return None
+    return parts[0], parts[1], partition, offset
 
 
 def fingerprint(selector: Selector) -> str:

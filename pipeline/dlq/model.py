@@ -24,6 +24,7 @@ from pipeline.contract.envelopes import (
     Result,
     ValidatedRequest,
 )
+from pipeline.digits import ascii_int
 from pipeline.observability.redact import DEFAULT_REDACTOR
 from pipeline.transport import headers as h
 from pipeline.transport.reader import RawHeaders, SourceRecord
@@ -108,7 +109,7 @@ def split_prompt_ref(ref: str | None) -> tuple[str | None, int | None]:
     if not ref:
         return None, None
     name, _, version = ref.partition("@")
-    return name or None, int(version) if version.isdigit() else None
+    return name or None, ascii_int(version)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ from urllib.request import getproxies, proxy_bypass
 
 import httptools
 
+from pipeline.digits import ascii_int
+
 log = logging.getLogger("pipeline.llm.http")
 
 # RFC 8305's recommended delay before racing the next address family (as aiohttp used).
@@ -643,8 +645,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(BodyError(f"response in an encoding not asked for: {encoding!r}"))
                 return
             self._decoder = _Decoder(encoding)
-        if status == 200 and length is not None and length.isdigit() and int(length) > self._cap:
-            self._fail(BodyError(f"response of {int(length)} bytes"))
+        declared = ascii_int(length)
+        if status == 200 and declared is not None and declared > self._cap:
+            self._fail(BodyError(f"response of {declared} bytes"))
 
     def on_body(self, data: bytes) -> None:
         if self._waiter is None or self._interim:

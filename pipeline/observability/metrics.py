@@ -34,6 +34,7 @@ from opentelemetry.sdk.resources import Resource
 
 from pipeline.contract import topology
 from pipeline.contract.envelopes import PromptRef
+from pipeline.digits import ascii_int
 from pipeline.observability import semconv as sc
 
 log = logging.getLogger("llmpipe.metrics")
@@ -375,8 +376,9 @@ class PipelineMetrics:
     def distribution_shifted(self, prompt_ref: str, signal: str) -> None:
         name, _, version = prompt_ref.partition("@")
         attrs: Attributes = {sc.GEN_AI_PROMPT_NAME: name, sc.MONITOR_SIGNAL: signal}
-        if version.isdigit():
-            attrs[sc.GEN_AI_PROMPT_VERSION] = int(version)
+        number = ascii_int(version)
+        if number is not None:
+            attrs[sc.GEN_AI_PROMPT_VERSION] = number
         self.distribution_shifts.add(1, attrs)
 
     def audit_verdict(self, verdict: str, prompt: PromptRef | None = None) -> None:

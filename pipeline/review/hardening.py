@@ -26,6 +26,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.digits import ascii_int
+
 log = logging.getLogger("llmpipe.review")
 
 CSP = (
@@ -183,9 +185,10 @@ class Hardened:
         limit = self.limits.body_limit(str(scope.get("path", "")))
         length = _header(scope, b"content-length")
         if length is not None:
-            if not length.isdigit() or len(length) > 18:
+            declared = ascii_int(length)
+            if declared is None:
                 raise _Refused(400, "invalid Content-Length")
-            if int(length) > limit:
+            if declared > limit:
                 raise _Refused(413, f"request body over {limit} bytes")
         media = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
         if media.startswith("multipart/"):

@@ -417,3 +417,22 @@ def test_no_cookie_or_header_makes_the_app_answer_500(
         for method, path in (("GET", "/"), ("GET", "/login"), ("POST", "/claim")):
             request = {"method": method, "path": path, "query": b"", "headers": all_headers}
             harness.send({**request, "body": b"request_id=r1", "client": "10.0.0.1"})
+
+
+@pytest.mark.parametrize("length", [b"\xb9", b"\xb2\xb3", b"-1", b" 12", b"1" * 19, b"", b"0x10"])
+def test_a_content_length_that_is_not_ascii_digits_is_a_400(
+    harness: Harness, length: bytes
+) -> None:
+    """Found by the property test above (2026-12-03): ``\\xb9`` is latin-1 for ``¹``, which
+    ``str.isdigit`` accepts and ``int`` refuses, and the app answered 500."""
+    request = {
+        "method": "POST",
+        "path": "/login",
+        "query": b"",
+        "headers": [(b"content-length", length), (b"content-type", b"text/plain")],
+        "body": b"",
+        "client": "127.0.0.1",
+    }
+    sent = harness.send(request)
+    assert sent[0]["status"] == 400, sent
+    assert b"invalid Content-Length" in b"".join(m.get("body", b"") for m in sent)

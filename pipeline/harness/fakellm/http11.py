@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from pipeline.digits import ascii_int
+
 __all__ = ["HttpError", "Request", "RequestParser", "build_response"]
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -136,9 +138,10 @@ class RequestParser:
         raw_length = headers.get("content-length")
         if raw_length is not None:
             values = {v.strip() for v in raw_length.split(",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
+            declared = ascii_int(next(iter(values))) if len(values) == 1 else None
+            if declared is None:
                 raise HttpError(400, "malformed Content-Length")
-            length = int(next(iter(values)))
+            length = declared
             if length > self._max_body:
                 raise HttpError(413, f"request body over {self._max_body} bytes")
         tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}

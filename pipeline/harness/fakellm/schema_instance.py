@@ -20,6 +20,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.digits import ascii_int
+
 __all__ = ["SchemaInstanceError", "minimal_instance"]
 
 _FORMAT_EXAMPLES: dict[str, str] = {
@@ -135,8 +137,10 @@ def _resolve_ref(ref: str, root: Any) -> Any:
         part = raw.replace("~1", "/").replace("~0", "~")
         if isinstance(node, Mapping) and part in node:
             node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
+        elif (
+            isinstance(node, list) and (index := ascii_int(part)) is not None and index < len(node)
+        ):
+            node = node[index]
         else:
             raise SchemaInstanceError(f"unresolvable $ref {ref!r}")
     return node
