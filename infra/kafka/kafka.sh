@@ -17,7 +17,9 @@
 #   LLMPIPE_KAFKA_HOME             jar cache (~/.cache/llmpipe/kafka-VERSION); jars in HOME/libs
 #   LLMPIPE_KAFKA_DATA             config, logs, pid file and log.dirs (~/.cache/llmpipe/kafka-data)
 #   LLMPIPE_KAFKA_HEAP             JVM heap options ("-Xms512m -Xmx2g")
-#   LLMPIPE_KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (60)
+#   LLMPIPE_KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (180; a broker that
+#                                  exits is reported at once, this bounds one that hangs: 4 s idle,
+#                                  over 60 s on a loaded 2-core CI machine on 2026-12-03)
 #
 # Secured listeners, beside the PLAINTEXT one (which the readiness probe and the broker
 # itself keep using); for tests of llmpipe's Kafka security settings:
@@ -45,7 +47,7 @@ CONTROLLER_PORT="${LLMPIPE_KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_HOME="${LLMPIPE_KAFKA_HOME:-${HOME}/.cache/llmpipe/kafka-${KAFKA_VERSION}}"
 KAFKA_DATA="${LLMPIPE_KAFKA_DATA:-${HOME}/.cache/llmpipe/kafka-data}"
 KAFKA_HEAP="${LLMPIPE_KAFKA_HEAP:--Xms512m -Xmx2g}"
-START_TIMEOUT="${LLMPIPE_KAFKA_START_TIMEOUT:-60}"
+START_TIMEOUT="${LLMPIPE_KAFKA_START_TIMEOUT:-180}"
 readonly KAFKA_VERSION KAFKA_PORT CONTROLLER_PORT KAFKA_HOME KAFKA_DATA KAFKA_HEAP START_TIMEOUT
 TLS_DIR="${LLMPIPE_KAFKA_TLS_DIR:-}"
 SSL_PORT="${LLMPIPE_KAFKA_SSL_PORT:-}"
