@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.chaos import free_broker_port
 from bench.common import free_port
@@ -126,10 +128,36 @@ def broker() -> Iterator[SecureBroker]:
         started = kafka("up")
         assert started.returncode == 0, f"secure broker did not start: {started.stderr[-3000:]}"
         try:
+            _warm_up(f"127.0.0.1:{port}")
             yield SecureBroker(pki, f"127.0.0.1:{ssl_port}", f"127.0.0.1:{sasl_port}", provider)
         finally:
             kafka("down")
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _warm_up(plaintext: str) -> None:
+    """The broker's first transaction and consumer group, over PLAINTEXT, with time to
+    spare: they create ``__transaction_state`` and ``__consumer_offsets`` (10 partitions
+    each), which on a loaded CI machine took longer than a worker's 20 s to start its
+    transactional producer (2026-12-03). What the tests below measure is the listeners."""
+    admin = AdminClient({"bootstrap.servers": plaintext})
+    admin.create_topics([NewTopic("warm-up", 1, 1)], operation_timeout=120)["warm-up"].result(120)
+    producer = Producer({"bootstrap.servers": plaintext, "transactional.id": "warm-up"})
+    producer.init_transactions(120)
+    producer.begin_transaction()
+    producer.produce("warm-up", b"x")
+    producer.commit_transaction(120)
+    consumer = Consumer(
+        {"bootstrap.servers": plaintext, "group.id": "warm-up", "auto.offset.reset": "earliest"}
+    )
+    try:
+        consumer.subscribe(["warm-up"])
+        deadline = time.monotonic() + 120
+        while consumer.poll(1.0) is None:
+            assert time.monotonic() < deadline, "the warm-up group never got its record"
+        consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
 
 
 def _settings(listener: dict[str, Any]) -> Settings:
