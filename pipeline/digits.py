@@ -1,4 +1,4 @@
-"""Whole numbers read from untrusted text: headers, HTTP fields, model output.
+"""Whole numbers read from untrusted text: Kafka headers, HTTP fields, replay markers.
 
 ``str.isdigit`` is not a check that ``int`` will accept a string: it is true of
 superscripts and other digit characters (``"¹"``, ``"²"``, ``"①"``) that ``int`` refuses
