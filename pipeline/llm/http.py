@@ -645,8 +645,8 @@ class _Connection(asyncio.Protocol):
                 self._fail(BodyError(f"response in an encoding not asked for: {encoding!r}"))
                 return
             self._decoder = _Decoder(encoding)
-        declared = ascii_int(length)
-        if status == 200 and declared is not None and declared > self._cap:
+        declared = ascii_int(length) if status == 200 else None
+        if declared is not None and declared > self._cap:
             self._fail(BodyError(f"response of {declared} bytes"))
 
     def on_body(self, data: bytes) -> None:

@@ -111,19 +111,23 @@ class CompactedFollower:
         async def call(fn: Any, *args: Any) -> Any:
             return await loop.run_in_executor(thread, fn, *args)
 
+        async def until_answered(fn: Any, *args: Any) -> Any:
+            """``fn``'s answer once it has one (None: not yet, ask again), or None once
+            ``stop`` is set: a broker that does not answer yet is waited for, not a crash."""
+            answer = await call(fn, *args)
+            while answer is None and not stop.is_set():
+                answer = await call(fn, *args)
+            return answer
+
         consumer = await call(self._consumer)
         try:
-            partitions = await call(self._partitions, consumer)
-            while partitions is None:  # no broker answers (yet): wait, do not crash-loop
-                if stop.is_set():
-                    return
-                partitions = await call(self._partitions, consumer)
+            partitions = await until_answered(self._partitions, consumer)
+            if partitions is None:
+                return
             tps = [TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions]
-            ends = await call(self._ends, consumer, tps)
-            while ends is None:
-                if stop.is_set():
-                    return
-                ends = await call(self._ends, consumer, tps)
+            ends = await until_answered(self._ends, consumer, tps)
+            if ends is None:
+                return
             await call(consumer.assign, tps)
             pending = {p for p, end in ends.items() if end > 0}
             if not pending:
