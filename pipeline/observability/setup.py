@@ -128,6 +128,12 @@ class Telemetry:
             return provider.recording
         return not isinstance(provider, trace.NoOpTracerProvider)
 
+    @property
+    def carries_trace_context(self) -> bool:
+        """Whether trace context is read from inputs and carried to outputs: always, but
+        with the SDK disabled (``OTEL_SDK_DISABLED``: no trace ids at all)."""
+        return not isinstance(self.tracer_provider, trace.NoOpTracerProvider)
+
     def force_flush(self, timeout_ms: int = 10_000) -> None:
         for provider in (self.tracer_provider, self.meter_provider):
             flush = getattr(provider, "force_flush", None)

@@ -92,6 +92,7 @@ class _SpanTrace:
         """A context holding ``span``, when the caller made one already."""
         self._started = time.perf_counter()
         self._recording = span.is_recording()
+        self._carried: dict[str, str] | None = None
 
     def decided(self, decision: Decision) -> None:
         """What the stage decided; what the headers already told the span is not set twice."""
@@ -128,12 +129,15 @@ class _SpanTrace:
         Stage, prompt and reason are on its parent (the consumer span) and not repeated:
         the SDK validates and the exporter encodes every attribute of every span, which is
         most of what tracing costs per message. Unrecorded, no span of this hop is ever
-        seen, so none is started for the output: the message's own (consumer) span
-        context is the next hop's parent, the same trace, one span id per hop (a
-        producer span there was 4 % of a worker's CPU for an id nobody reads).
+        seen, so none is started for the output: the message's context (the upstream
+        ``traceparent``, see :class:`_UnrecordedMessage`) is the next hop's parent, formatted
+        once per message however many outputs it has (a producer span there was 4 % of a
+        worker's CPU for an id nobody reads). Callers only read the headers returned.
         """
         if not self._recording:
-            return span_headers(self._span.get_span_context())
+            if self._carried is None:
+                self._carried = span_headers(self._span.get_span_context())
+            return self._carried
         attributes: dict[str, Any] = {
             sc.MESSAGING_SYSTEM: sc.MESSAGING_SYSTEM_KAFKA,
             sc.MESSAGING_OPERATION_TYPE: sc.OPERATION_SEND,
@@ -187,6 +191,7 @@ class StageInstrumentation:
         self.stage = stage
         self.group = group
         self.tracer = telemetry.tracer
+        self.carries_trace_context = telemetry.carries_trace_context
         self.metrics = metrics or telemetry.metrics
 
     def message(self, inbound: Inbound) -> contextlib.AbstractContextManager[MessageTrace]:
@@ -252,12 +257,20 @@ class StageInstrumentation:
 
 
 class _UnrecordedMessage:
-    """:meth:`StageInstrumentation.message` while spans are not recorded (no exporter).
+    """:meth:`StageInstrumentation.message` while spans are not recorded (no exporter, or
+    the SDK disabled).
 
-    The same context as the recorded path (the consumer span's, child of the upstream
-    ``traceparent``, and the message scope), set and reset directly: no attributes, no
-    generator context managers, one context attach. Most messages take this path, so it
-    is kept to what the trace ids on results, log lines and outputs need.
+    No span of this hop would ever be seen, so none is started: the upstream
+    ``traceparent`` stays the current context and goes on unchanged on every output.
+    That keeps a mixed fleet's trace whole: a later hop that does record parents its
+    spans on the last span anyone recorded, where a span id made up here would be the
+    parent of that span and exist nowhere. A request that arrives without one starts a
+    trace here (a root span context), so its results and log lines still carry a trace
+    id. With the SDK disabled nothing is read or carried: no trace ids at all.
+
+    The context and the message scope are set and reset directly: no attributes, no
+    generator context managers, one context attach. Most messages take this path, so
+    it is kept to what the trace ids on results, log lines and outputs need.
     """
 
     __slots__ = ("_context_token", "_inbound", "_owner", "_scope_token")
@@ -269,13 +282,18 @@ class _UnrecordedMessage:
     def __enter__(self) -> MessageTrace:
         owner, inbound = self._owner, self._inbound
         scope = owner.scope(inbound)
-        parent = extract(inbound.headers.items())
-        span = owner.tracer.start_span(
-            sc.consumer_span_name(owner.stage), parent, kind=trace.SpanKind.CONSUMER
-        )
+        if owner.carries_trace_context:
+            context = extract(inbound.headers.items())
+            span = trace.get_current_span(context)
+            if not span.get_span_context().is_valid:
+                span = owner.tracer.start_span(
+                    sc.consumer_span_name(owner.stage), context, kind=trace.SpanKind.CONSUMER
+                )
+                context = trace.set_span_in_context(span, context)
+        else:
+            span, context = trace.INVALID_SPAN, Context()
         owner.metrics.stage_started(owner.stage)
         self._scope_token = enter_scope(scope)
-        context = trace.set_span_in_context(span)
         self._context_token = otel_context.attach(context)
         return _SpanTrace(owner, inbound, span, scope, context)
 
