@@ -40,28 +40,54 @@ def tracer() -> trace.Tracer:
 def extract(headers: Iterable[tuple[str, bytes | None]]) -> Context:
     """The upstream span as a parent context; an absent or malformed header starts a trace.
 
-    The canonical form is parsed here (the propagator's regex search, getter and checks
-    were a third of a message's tracing cost) into exactly the context the propagator
-    builds for it; every other value is the propagator's to accept or reject.
-    """
+    Header names are matched case-insensitively, the last one wins."""
     value: bytes | None = None
     for k, v in headers:
         if v is not None and k.lower() == TRACEPARENT:
             value = v
-    if value is None:
+    return parent_context(value)
+
+
+def parent_context(traceparent: bytes | None) -> Context:
+    """:func:`extract` for a ``traceparent`` value already found (a consumed message's
+    headers are a lower-cased map: no scan).
+
+    The canonical form is parsed here (the propagator's regex search, getter and checks
+    were a third of a message's tracing cost) into exactly the context the propagator
+    builds for it; every other value is the propagator's to accept or reject.
+    """
+    if traceparent is None:
         return Context()
-    match = _CANONICAL.fullmatch(value)
-    if match is not None:
-        trace_id, span_id, flags = match.groups()
-        if trace_id.strip(b"0") and span_id.strip(b"0"):
-            parent = SpanContext(
-                int(trace_id, 16),
-                int(span_id, 16),
-                is_remote=True,
-                trace_flags=TraceFlags(int(flags, 16)),
-            )
-            return trace.set_span_in_context(NonRecordingSpan(parent), Context())
-    return PROPAGATOR.extract({TRACEPARENT: value.decode("latin-1")})
+    parent = _canonical_parent(traceparent)
+    if parent is not None:
+        return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+    return PROPAGATOR.extract({TRACEPARENT: traceparent.decode("latin-1")})
+
+
+def passed_on(traceparent: bytes | None) -> tuple[Context, dict[str, str]]:
+    """For a hop that starts no span of its own: the upstream's context, and the headers
+    that carry it on unchanged (the canonical value as it came, with nothing to format;
+    any other accepted value as the propagator writes it); empty headers when there is
+    no valid upstream span."""
+    if traceparent is not None:
+        parent = _canonical_parent(traceparent)
+        if parent is not None:
+            context = trace.set_span_in_context(NonRecordingSpan(parent), Context())
+            return context, {TRACEPARENT: traceparent.decode("ascii")}
+    context = parent_context(traceparent)
+    return context, span_headers(trace.get_current_span(context).get_span_context())
+
+
+def _canonical_parent(traceparent: bytes) -> SpanContext | None:
+    match = _CANONICAL.fullmatch(traceparent)
+    if match is None:
+        return None
+    trace_id, span_id, flags = match.groups()
+    if not (trace_id.strip(b"0") and span_id.strip(b"0")):
+        return None
+    return SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
+    )
 
 
 def inject(context: Context | None = None) -> dict[str, str]:

@@ -38,7 +38,13 @@ from pipeline.observability.context import (
     parse_prompt_ref,
 )
 from pipeline.observability.metrics import PipelineMetrics, prompt_attributes
-from pipeline.observability.propagation import extract, inject, span_headers
+from pipeline.observability.propagation import (
+    TRACEPARENT,
+    inject,
+    parent_context,
+    passed_on,
+    span_headers,
+)
 from pipeline.observability.setup import current
 from pipeline.transport import headers as h
 from pipeline.transport.message import Inbound
@@ -83,6 +89,7 @@ class _SpanTrace:
         span: Span,
         scope: MessageScope,
         context: Context | None = None,
+        carried: dict[str, str] | None = None,
     ) -> None:
         self._owner = owner
         self._inbound = inbound
@@ -90,9 +97,10 @@ class _SpanTrace:
         self._scope = scope
         self._context = context
         """A context holding ``span``, when the caller made one already."""
+        self._carried = carried
+        """Unrecorded: the headers that carry ``span``'s context on, if known already."""
         self._started = time.perf_counter()
         self._recording = span.is_recording()
-        self._carried: dict[str, str] | None = None
 
     def decided(self, decision: Decision) -> None:
         """What the stage decided; what the headers already told the span is not set twice."""
@@ -130,9 +138,9 @@ class _SpanTrace:
         the SDK validates and the exporter encodes every attribute of every span, which is
         most of what tracing costs per message. Unrecorded, no span of this hop is ever
         seen, so none is started for the output: the message's context (the upstream
-        ``traceparent``, see :class:`_UnrecordedMessage`) is the next hop's parent, formatted
-        once per message however many outputs it has (a producer span there was 4 % of a
-        worker's CPU for an id nobody reads). Callers only read the headers returned.
+        ``traceparent``, see :class:`_UnrecordedMessage`) is the next hop's parent, the
+        same headers for all its outputs (a producer span there was 4 % of a worker's CPU
+        for an id nobody reads). Callers only read the headers returned.
         """
         if not self._recording:
             if self._carried is None:
@@ -214,7 +222,7 @@ class StageInstrumentation:
                 message_scope(scope),
                 self.tracer.start_as_current_span(
                     sc.consumer_span_name(self.stage),
-                    context=extract(inbound.headers.items()),
+                    context=parent_context(inbound.headers.get(TRACEPARENT)),
                     kind=trace.SpanKind.CONSUMER,
                     attributes=self._consumer_attributes(inbound, scope),
                     record_exception=False,
@@ -282,20 +290,23 @@ class _UnrecordedMessage:
     def __enter__(self) -> MessageTrace:
         owner, inbound = self._owner, self._inbound
         scope = owner.scope(inbound)
+        carried: dict[str, str] = {}
         if owner.carries_trace_context:
-            context = extract(inbound.headers.items())
-            span = trace.get_current_span(context)
-            if not span.get_span_context().is_valid:
+            context, carried = passed_on(inbound.headers.get(TRACEPARENT))
+            if carried:
+                span = trace.get_current_span(context)
+            else:
                 span = owner.tracer.start_span(
                     sc.consumer_span_name(owner.stage), context, kind=trace.SpanKind.CONSUMER
                 )
                 context = trace.set_span_in_context(span, context)
+                carried = span_headers(span.get_span_context())
         else:
             span, context = trace.INVALID_SPAN, Context()
         owner.metrics.stage_started(owner.stage)
         self._scope_token = enter_scope(scope)
         self._context_token = otel_context.attach(context)
-        return _SpanTrace(owner, inbound, span, scope, context)
+        return _SpanTrace(owner, inbound, span, scope, context, carried)
 
     def __exit__(self, *exc_info: object) -> None:
         otel_context.detach(self._context_token)

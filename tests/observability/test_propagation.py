@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
-from pipeline.observability.propagation import PROPAGATOR, extract, inject, span_headers
+from pipeline.observability.propagation import (
+    PROPAGATOR,
+    extract,
+    inject,
+    passed_on,
+    span_headers,
+)
 
 LOWER_HEX = "0123456789abcdef"
 VALID = st.builds(
@@ -73,6 +79,25 @@ def test_extract_matches_the_propagator(value: str) -> None:
 @given(st.binary(max_size=80))
 def test_extract_matches_the_propagator_on_any_bytes(value: bytes) -> None:
     assert _ours(value) == _propagator(value.decode("latin-1"))
+
+
+@given(near_valid())
+@example("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+@example("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra")
+def test_passed_on_carries_what_the_propagator_accepts_as_the_propagator_writes_it(
+    value: str,
+) -> None:
+    """A hop that starts no span forwards the upstream's context: its headers are the
+    propagator's own for that context (the canonical value as it came, nothing for a
+    value it rejects)."""
+    context, carried = passed_on(value.encode("latin-1"))
+    accepted = _propagator(value)
+    assert trace.get_current_span(context).get_span_context() == accepted
+    expected: dict[str, str] = {}
+    if accepted.is_valid:
+        PROPAGATOR.inject(expected, trace.set_span_in_context(NonRecordingSpan(accepted)))
+    assert carried == expected
+    assert passed_on(None)[1] == {}
 
 
 def test_extract_takes_the_last_traceparent_and_ignores_other_headers() -> None:
