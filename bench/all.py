@@ -171,6 +171,16 @@ def summary(reports: dict[str, Report]) -> list[str]:
                 f"{cost.get('paired_throughput_cost')}, {cost.get('paired_cpu_cost')}",
             )
         )
+        hot = cost.get("hot_path") or {}
+        if hot:
+            rows.append(
+                (
+                    "telemetry's own code per request, timed without Kafka: default, off, "
+                    "share of the default's CPU per request",
+                    f"{hot.get('default_us_per_request')} us, {hot.get('off_us_per_request')} us, "
+                    f"{hot.get('share_of_default_cpu')}",
+                )
+            )
     if "chaos" in reports:
         res = reports["chaos"].results
         rows.append(

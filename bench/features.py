@@ -10,6 +10,10 @@ is measured either),
 personal-data scan of the variables) against the default ``flag``. Variants are run
 interleaved, so slow drifts of the shared machine's load hit them all alike.
 
+End to end, the telemetry pair (default vs ``OTEL_SDK_DISABLED``) gets more repeats than
+the rest, and the code telemetry adds to each hop is also timed in this process, without
+Kafka (:func:`telemetry_hot_path`): a figure the shared machine's load barely moves.
+
     python -m bench.features [--quick]
 """
 
@@ -17,11 +21,27 @@ from __future__ import annotations
 
 import statistics
 import time
+import timeit
 from typing import Any
+
+from opentelemetry import context as otel_context
 
 from bench.common import FakeLLMProcess, Report, finish, plot_bars, run_main, table
 from bench.runs import Run, measure_pipeline, median_run, valid_requests
+from pipeline.observability.propagation import current_trace_id
+from pipeline.observability.setup import Telemetry, build_telemetry, install
+from pipeline.transport.instrumentation import StageInstrumentation
+from pipeline.transport.message import Inbound
 
+HOT_PATH_LOOPS = 20_000
+HOP_HEADERS = {
+    "x-request-id": b"req-0001",
+    "x-prompt": b"ticket_triage@2",
+    "x-prompt-hash": b"9f2c1e7a5b3d",
+    "x-route": b"valid",
+    "content-type": b"application/vnd.llmpipe.validated+avro",
+}
+FORWARDED = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 DEFAULT = "default (SDK on, no exporter, PII flag)"
 TRACING_OFF = "tracing off (OTEL_SDK_DISABLED)"
 TELEMETRY_PAIR = (DEFAULT, TRACING_OFF)
@@ -43,10 +63,69 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
+def telemetry_hot_path(repeats: int) -> dict[str, float]:
+    """Microseconds of CPU one request spends in what telemetry adds to a stage's runner,
+    default telemetry vs ``OTEL_SDK_DISABLED``, timed here without Kafka.
+
+    Per hop: the message's context and scope set and reset, its output's
+    ``traceparent``, the trace id a result records. A request takes three hops: the
+    first usually arrives without a ``traceparent`` (a new trace starts there), the next
+    two carry one on. Best of ``repeats`` interleaved timings each: the least disturbed.
+    Not in it: the ``traceparent`` header's ~60 bytes through librdkafka and the broker.
+    """
+    root = Inbound("llm.requests", 0, 1, None, b"req-0001", b"{}", dict(HOP_HEADERS))
+    forwarded = Inbound(
+        "llm.stage.validated",
+        0,
+        1,
+        None,
+        b"req-0001",
+        b"{}",
+        {**HOP_HEADERS, "traceparent": FORWARDED},
+    )
+    telemetries = {
+        "default": build_telemetry({}),
+        "off": build_telemetry({"OTEL_SDK_DISABLED": "true"}),
+    }
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(repeats):
+        for name, telemetry in telemetries.items():
+            for kind, inbound in (("root", root), ("forwarded", forwarded)):
+                seconds = _time_hop(telemetry, inbound)
+                best[name, kind] = min(best.get((name, kind), seconds), seconds)
+    per_request = {
+        name: (best[name, "root"] + 2 * best[name, "forwarded"]) * 1e6 for name in telemetries
+    }
+    return {
+        "default_us_per_request": round(per_request["default"], 2),
+        "off_us_per_request": round(per_request["off"], 2),
+        "added_us_per_request": round(per_request["default"] - per_request["off"], 2),
+    }
+
+
+def _time_hop(telemetry: Telemetry, inbound: Inbound) -> float:
+    """Seconds per message through one hop's instrumentation under ``telemetry``."""
+    previous = install(telemetry)
+    token = otel_context.attach(otel_context.Context())
+    try:
+        instrumentation = StageInstrumentation("validate", "bench")
+
+        def hop() -> None:
+            with instrumentation.message(inbound) as message:
+                current_trace_id()
+                message.output_trace("llm.stage.validated", "t", b"k", "valid", "req-0001")
+
+        return timeit.timeit(hop, number=HOT_PATH_LOOPS) / HOT_PATH_LOOPS
+    finally:
+        otel_context.detach(token)
+        if previous is not None:
+            install(previous)
+
+
 def run(quick: bool, bootstrap: str) -> Report:
     started = time.monotonic()
     count = 6_000
-    pair_repeats, repeats = (3, 1) if quick else (5, 3)
+    pair_repeats, repeats = (5, 1) if quick else (9, 3)
     report = Report(
         "features",
         "Cost of features: tracing and redaction on/off (one worker, instant model)",
@@ -56,9 +135,10 @@ def run(quick: bool, bootstrap: str) -> Report:
     runs: dict[str, list[Run]] = {k: [] for k in VARIANTS}
     with FakeLLMProcess() as fake:
         for repeat in range(pair_repeats):
-            for label, env in VARIANTS.items():
+            for label in _order(repeat):
                 if repeat >= repeats and label not in TELEMETRY_PAIR:
                     continue
+                env = VARIANTS[label]
                 runs[label].append(
                     measure_pipeline(
                         bootstrap, planned, fake, label=label, extra_env=env, discard_stdout=True
@@ -93,6 +173,11 @@ def run(quick: bool, bootstrap: str) -> Report:
         ),
         "paired_cpu_cost": round(statistics.median([_cpu(d) / _cpu(o) for d, o in pairs]) - 1, 3),
     }
+    hot = telemetry_hot_path(repeats=7)
+    hot["share_of_default_cpu"] = round(
+        hot["added_us_per_request"] / (default["worker_cpu_ms_per_request"] * 1000), 3
+    )
+    telemetry["hot_path"] = hot
     exported = {
         r["variant"]: round(
             r["worker_cpu_ms_per_request"] / default["worker_cpu_ms_per_request"] - 1, 3
@@ -123,6 +208,13 @@ def run(quick: bool, bootstrap: str) -> Report:
         "of the default (CPU per request): "
         + ", ".join(f"{k} +{v:.0%}" for k, v in exported.items())
         + ".",
+        f"Timed in this process without Kafka (best of 7, {HOT_PATH_LOOPS:,} hops each): "
+        f"what telemetry adds to a request's three hops (context and scope, the outputs' "
+        f"traceparent, the result's trace id) is {hot['default_us_per_request']:.1f} us by "
+        f"default vs {hot['off_us_per_request']:.1f} us with the SDK disabled: "
+        f"{hot['added_us_per_request']:.1f} us more, {hot['share_of_default_cpu']:.1%} of "
+        "the default's worker CPU per request above (the traceparent header's bytes through "
+        "librdkafka and the broker are not in it).",
         "CPU ms per request (steady 10-90 % window) is the steadier figure on a shared "
         "machine: the rate also moves with whatever else is running, the worker's own CPU "
         "time much less.",
@@ -131,6 +223,14 @@ def run(quick: bool, bootstrap: str) -> Report:
         report, "rates", [r["variant"] for r in rows], [r["rate"] for r in rows], "requests/s"
     )
     return finish(report, started, bootstrap)
+
+
+def _order(repeat: int) -> list[str]:
+    """The variants of one repeat: the telemetry pair first, default then off in even
+    repeats and off then default in odd ones, so neither always runs on the broker and
+    page cache the other just warmed."""
+    pair = list(TELEMETRY_PAIR) if repeat % 2 == 0 else list(reversed(TELEMETRY_PAIR))
+    return pair + [k for k in VARIANTS if k not in TELEMETRY_PAIR]
 
 
 def _cpu(run: Run) -> float:
