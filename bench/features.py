@@ -200,11 +200,11 @@ def run(quick: bool, bootstrap: str) -> Report:
         ],
     )
     report.notes += [
-        f"Telemetry cost (default vs OTEL_SDK_DISABLED): {telemetry['throughput_cost']:.1%} "
-        f"of throughput, {telemetry['cpu_cost']:.1%} more CPU per request (median runs); "
-        f"median of the {len(pairs)} back-to-back pairs: "
-        f"{telemetry['paired_throughput_cost']:.1%} of throughput, "
-        f"{telemetry['paired_cpu_cost']:.1%} more CPU per request. Exporting on top "
+        f"Telemetry cost (default vs OTEL_SDK_DISABLED): throughput "
+        f"{-telemetry['throughput_cost']:+.1%}, CPU per request {telemetry['cpu_cost']:+.1%} "
+        f"(median runs); median of the {len(pairs)} back-to-back pairs (alternating which "
+        f"runs first): throughput {-telemetry['paired_throughput_cost']:+.1%}, CPU per "
+        f"request {telemetry['paired_cpu_cost']:+.1%}. Exporting on top "
         "of the default (CPU per request): "
         + ", ".join(f"{k} +{v:.0%}" for k, v in exported.items())
         + ".",
