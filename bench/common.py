@@ -688,8 +688,10 @@ class Report:
     def to_markdown(self, level: int = 2) -> str:
         hashes = "#" * level
         lines = [f"{hashes} {self.title}", ""]
+        cpu = self.machine.get("cpu_model")
+        on = f", on {cpu} x {self.machine.get('cpu_count', '?')}" if cpu else ""
         lines.append(
-            f"_{self.started_at}, {self.duration_s:.0f} s, params: "
+            f"_{self.started_at}, {self.duration_s:.0f} s{on}, params: "
             + ", ".join(f"{k}={v}" for k, v in self.params.items())
             + "_"
         )
