@@ -29,7 +29,7 @@ from opentelemetry import context as otel_context
 from bench.common import FakeLLMProcess, Report, finish, plot_bars, run_main, table
 from bench.runs import Run, measure_pipeline, median_run, valid_requests
 from pipeline.observability.propagation import current_trace_id
-from pipeline.observability.setup import Telemetry, build_telemetry, install
+from pipeline.observability.setup import Telemetry, build_telemetry, current, install
 from pipeline.transport.instrumentation import StageInstrumentation
 from pipeline.transport.message import Inbound
 
@@ -83,6 +83,7 @@ def telemetry_hot_path(repeats: int) -> dict[str, float]:
         b"{}",
         {**HOP_HEADERS, "traceparent": FORWARDED},
     )
+    current()  # the process's own telemetry, configured now so each timing puts it back
     telemetries = {
         "default": build_telemetry({}),
         "off": build_telemetry({"OTEL_SDK_DISABLED": "true"}),
