@@ -104,6 +104,13 @@ QUIET_S = 0.3
 # After a broker outage: from the broker answering again to a worker's next commit (its
 # sessions timed out during the outage, so this includes rejoining every group).
 RECOVERY_TIMEOUT_S = 60.0
+# After its commits resume, a worker may still be recovering from the outage: its other
+# stages' sessions timing out, a transactional call hanging in librdkafka until it is
+# replaced (30 s; librdkafka#5456). Each lane's next fault waits until its worker has
+# logged no warning for this long (within RECOVERY_TIMEOUT_S), so it hits a worker in its
+# stride, not one mid-recovery: a kill 23 s after an outage found finished calls 20 s
+# uncommitted behind that recovery (both lanes, CI rehearsal on 2026-12-04).
+SETTLE_QUIET_S = 10.0
 # A second JVM on a shared machine: smaller than the shared broker's 2 GB.
 OWN_BROKER_HEAP = "-Xms256m -Xmx1g"
 
@@ -848,6 +855,27 @@ def _about_the_worker(line: bytes) -> bool:
     return not (isinstance(record, dict) and "stage" in record)
 
 
+def _warned_within(worker: Proc, seconds: float) -> bool:
+    """Whether the worker's newest warning or error line is less than ``seconds`` old
+    (a line that is not JSON counts as one, stamped now)."""
+    now = time.time()
+    for line in reversed(_log_lines(worker)):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if line.strip():
+                return True
+            continue
+        if not isinstance(record, dict) or record.get("level") not in ("warning", "error"):
+            continue
+        try:
+            stamp = datetime.fromisoformat(str(record.get("ts"))).timestamp()
+        except ValueError:
+            return True
+        return now - stamp < seconds
+    return False
+
+
 def _committed_total(settings: Settings, stage: str) -> int:
     return sum(group_commits(settings, stage).positions.values())
 
@@ -997,7 +1025,34 @@ def _outage(
             # What a liveness probe would do: kill the stuck worker; a new one takes over.
             clock.log(f"[{lane.mode}] the stuck worker is killed and replaced")
             lane.kill(clock, lane.freeze(), kind="sigkill_stuck")
+    for lane in lanes:
+        _await_settled(lane, back_at, clock)
     after()
+
+
+def _await_settled(lane: Lane, back_at: float, clock: Clock) -> None:
+    """Wait until the lane's worker has been quiet for :data:`SETTLE_QUIET_S` (see there);
+    past :data:`RECOVERY_TIMEOUT_S` after the broker came back the run goes on, and the
+    next fault measures whatever the worker still holds back."""
+    worker = lane.worker
+    if worker is None:
+        return
+    started = time.monotonic()
+    try:
+        wait_until(
+            lambda: not worker.alive() or not _warned_within(worker, SETTLE_QUIET_S),
+            max(0.0, clock.left(RECOVERY_TIMEOUT_S - (started - back_at))),
+            f"{worker.name} quiet for {SETTLE_QUIET_S:.0f}s",
+            interval_s=0.5,
+        )
+    except DeadlineExceeded:
+        clock.log(
+            f"[{lane.mode}] still warning {RECOVERY_TIMEOUT_S:.0f}s after the broker came back"
+        )
+        return
+    clock.log(
+        f"[{lane.mode}] quiet for {SETTLE_QUIET_S:.0f}s, {time.monotonic() - started:.1f}s later"
+    )
 
 
 def _chunks(planned: Sequence[PlannedRequest], faults: int) -> list[list[PlannedRequest]]:

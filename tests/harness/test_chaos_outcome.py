@@ -3,6 +3,12 @@ caught half done may change its reason on its expected outcome; nothing else may
 
 from __future__ import annotations
 
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
 from bench import chaos
 from pipeline.harness.fakellm.server import CallTally
 from pipeline.harness.ledger import Ledger, Sighting
@@ -79,3 +85,29 @@ def test_a_supervised_worker_that_exits_is_restarted_and_its_exit_recorded() -> 
     finally:
         supervised.stop()
     assert not supervised.proc.alive()
+
+
+def _line(level: str, seconds_ago: float, **extra: object) -> str:
+    stamp = datetime.fromtimestamp(time.time() - seconds_ago, UTC).isoformat(
+        timespec="milliseconds"
+    )
+    return json.dumps({"ts": stamp, "level": level, "msg": "m", **extra})
+
+
+def test_a_worker_is_settled_once_its_newest_warning_is_older_than_the_quiet_period(
+    tmp_path: Path,
+) -> None:
+    """After an outage the next fault waits for the worker's log to go quiet: only warnings
+    and errors count, and the newest one decides."""
+    log = tmp_path / "worker.log"
+    worker = SimpleNamespace(log_path=log)
+
+    def warned(*lines: str) -> bool:
+        log.write_text("\n".join(lines) + "\n")
+        return chaos._warned_within(worker, 10.0)  # type: ignore[arg-type]
+
+    assert not warned(_line("info", 1), _line("info", 0.1, stage="model"))
+    assert warned(_line("warning", 30), _line("warning", 2), _line("info", 1))
+    assert not warned(_line("error", 40), _line("warning", 12), _line("info", 0.5))
+    assert warned("Traceback (most recent call last):")
+    assert not warned("")
