@@ -58,9 +58,9 @@ def parent_context(traceparent: bytes | None) -> Context:
     """
     if traceparent is None:
         return Context()
-    parent = _canonical_parent(traceparent)
-    if parent is not None:
-        return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+    context = _canonical_context(traceparent)
+    if context is not None:
+        return context
     return PROPAGATOR.extract({TRACEPARENT: traceparent.decode("latin-1")})
 
 
@@ -70,24 +70,26 @@ def passed_on(traceparent: bytes | None) -> tuple[Context, dict[str, str]]:
     any other accepted value as the propagator writes it); empty headers when there is
     no valid upstream span."""
     if traceparent is not None:
-        parent = _canonical_parent(traceparent)
-        if parent is not None:
-            context = trace.set_span_in_context(NonRecordingSpan(parent), Context())
+        context = _canonical_context(traceparent)
+        if context is not None:
             return context, {TRACEPARENT: traceparent.decode("ascii")}
     context = parent_context(traceparent)
     return context, span_headers(trace.get_current_span(context).get_span_context())
 
 
-def _canonical_parent(traceparent: bytes) -> SpanContext | None:
+def _canonical_context(traceparent: bytes) -> Context | None:
+    """The remote parent of a canonical ``traceparent``, as the propagator builds it;
+    None for any other value (the propagator's to judge)."""
     match = _CANONICAL.fullmatch(traceparent)
     if match is None:
         return None
     trace_id, span_id, flags = match.groups()
     if not (trace_id.strip(b"0") and span_id.strip(b"0")):
         return None
-    return SpanContext(
+    parent = SpanContext(
         int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
     )
+    return trace.set_span_in_context(NonRecordingSpan(parent), Context())
 
 
 def inject(context: Context | None = None) -> dict[str, str]:
